@@ -1,0 +1,378 @@
+"""``mergelit demo``: the whole experiment offline, on CPU, in minutes.
+
+    mergelit demo                          # builds everything once, then prints the table
+    mergelit demo --output_dir DIR --seed 1
+
+The published experiment needs the hub (``gpt2``, seven ``tanganke/gpt2_<task>`` checkpoints,
+GLUE). The demo makes a stand-in for each piece, deterministically from ``--seed``, and then
+runs the same commands a user runs on the real pool:
+
+1. data: seven synthetic tasks in the exact GLUE schemas (``mergelit.synthetic.write_glue``);
+2. pretrained: a small GPT-2 with GPT-2's real tokenizer, trained as a causal LM on the
+   training texts (``mergelit.pretrain``): the shared start that makes merging work;
+3. pool: one classifier per task, fine-tuned from it with ``mergelit fit``;
+4. merges: ``mergelit sweep`` over ``Individual`` (the 7x7 cross-task table and its diagonal)
+   and ``mergelit compare -c`` over every method, then one table (markdown, CSV, heatmap).
+
+Steps 1-3 are cached in the output folder (a rerun with the same seed and size only merges and
+evaluates); the configs it writes under ``configs/`` rerun any step by hand. Everything runs
+on CPU, whatever accelerator is present, so that the numbers depend on the seed alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Sequence
+
+import yaml
+
+from mergelit.glue import TASKS
+
+log = logging.getLogger("mergelit.demo")
+
+# Bump when a change here changes what the cached steps build, so that old folders are rebuilt.
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big each stand-in is (the presets below; ``small`` is the test suite's)."""
+
+    num_train: int  # train rows per task (GLUE: 2.5k-364k)
+    num_validation: int  # evaluation rows per task
+    n_layer: int  # the pretrained GPT-2 (gpt2: 12 layers, 768 wide, 12 heads)
+    n_embd: int
+    n_head: int
+    pretrain_epochs: int
+    pretrain_learning_rate: float
+    finetune_epochs: int  # the published pool: 3
+    finetune_learning_rate: float  # the published pool: 5e-5, for a 124M model; small models need more
+    num_statistics_examples: int  # Fisher / RegMean train examples per task (FusionBench: 256)
+    scaling_factors: tuple[float, float]  # λ of Task Arithmetic and TIES (best published: 0.5, 0.6)
+
+
+SIZES: dict[str, DemoSize] = {
+    "full": DemoSize(
+        num_train=2000,
+        num_validation=400,
+        n_layer=2,
+        n_embd=128,
+        n_head=4,
+        pretrain_epochs=1,
+        pretrain_learning_rate=2e-3,
+        finetune_epochs=3,
+        finetune_learning_rate=1e-3,
+        num_statistics_examples=256,
+        scaling_factors=(0.5, 0.6),
+    ),
+    "small": DemoSize(
+        num_train=96,
+        num_validation=48,
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        pretrain_epochs=1,
+        pretrain_learning_rate=2e-3,
+        finetune_epochs=1,
+        finetune_learning_rate=1e-3,
+        num_statistics_examples=32,
+        scaling_factors=(0.5, 0.6),
+    ),
+}
+
+
+# ---- small helpers -----------------------------------------------------------------------
+def _stage(number: int, text: str) -> None:
+    log.info(f"[demo {number}/4] {text}")
+
+
+def _is_done(folder: Path, key: dict) -> bool:
+    marker = folder / "done.json"
+    return marker.is_file() and json.loads(marker.read_text()) == key
+
+
+def _mark_done(folder: Path, key: dict) -> None:
+    (folder / "done.json").write_text(json.dumps(key, indent=2) + "\n")
+
+
+def _fresh(folder: Path) -> Path:
+    # A step that did not finish (or was built from other settings) starts over.
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _write_config(path: Path, comment: str, config: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{comment}\n{yaml.safe_dump(config, sort_keys=False)}")
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Keep the demo's output to progress bars, stage lines and tables.
+
+    Silenced: Lightning's start-up lines (seed, GPU/TPU, tips), transformers' load reports (the
+    freshly initialised score head is expected), and warnings that are true but expected for
+    tiny CPU runs (few batches per epoch, no DataLoader workers).
+    """
+    from datasets.utils import logging as datasets_logging
+    from transformers.utils import logging as transformers_logging
+
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    level, verbosity = lightning_logger.level, transformers_logging.get_verbosity()
+    lightning_logger.setLevel(logging.WARNING)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    datasets_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for message in (
+                ".*does not have many workers.*",
+                ".*smaller than the logging interval.*",
+                ".*module\\(s\\) in eval mode.*",
+                ".*LeafSpec.*",
+                ".*Experiment logs directory.*",
+            ):
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        lightning_logger.setLevel(level)
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
+        datasets_logging.enable_progress_bar()
+
+
+# ---- the steps ---------------------------------------------------------------------------
+def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path]:
+    """Step 1: synthetic GLUE (``root/glue``) and GPT-2's tokenizer (``root/tokenizer``)."""
+    from mergelit.synthetic import write_glue, write_tokenizer
+
+    key = {"format": _FORMAT_VERSION, "seed": seed, "num_train": size.num_train, "num_validation": size.num_validation}
+    if _is_done(root, key):
+        _stage(1, f"Data: reusing {root}")
+    else:
+        _stage(1, f"Data: {len(TASKS)} synthetic GLUE tasks, {size.num_train} train / {size.num_validation} validation rows each -> {root}")
+        _fresh(root)
+        write_glue(root / "glue", seed=seed, num_train=size.num_train, num_validation=size.num_validation)
+        write_tokenizer(root / "tokenizer")
+        _mark_done(root, key)
+    return root / "glue", root / "tokenizer"
+
+
+def build_pretrained(folder: Path, glue: Path, tokenizer: Path, cache: Path, logs: Path, seed: int, size: DemoSize) -> Path:
+    """Step 2: a small GPT-2 trained as a causal LM on every task's training texts."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mergelit.pretrain import CausalLM, GLUECorpusDataModule
+
+    key = {"format": _FORMAT_VERSION, "seed": seed, **asdict(size)}
+    if _is_done(folder, key):
+        _stage(2, f"Pretrained GPT-2: reusing {folder}")
+        return folder
+    _stage(
+        2,
+        f"Pretrained GPT-2: {size.n_layer} layers, {size.n_embd} wide, causal LM on the training texts "
+        f"({size.pretrain_epochs} epoch(s)) -> {folder}",
+    )
+    _fresh(folder)
+    L.seed_everything(seed, verbose=False)
+    data = GLUECorpusDataModule(
+        tokenizer=str(tokenizer), path=str(glue), batch_size=32, shuffle_seed=seed, cache_dir=str(cache)
+    )
+    model = CausalLM(
+        n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head, learning_rate=size.pretrain_learning_rate
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=size.pretrain_epochs,
+        logger=CSVLogger(str(logs), name="pretrain"),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
+    trainer.fit(model, datamodule=data)
+    model.export(folder, data.tokenizer)
+    _mark_done(folder, key)
+    return folder
+
+
+def build_pool(
+    root: Path, pretrained: Path, glue: Path, cache: Path, logs: Path, configs: Path, seed: int, size: DemoSize
+) -> dict[str, str]:
+    """Step 3: one classifier per task, fine-tuned from ``pretrained`` with ``mergelit fit``."""
+    from mergelit.finetune import main as fit_main
+
+    config = _write_config(
+        configs / "finetune.yaml",
+        f"# Fine-tunes the demo's pretrained GPT-2 on one task (what `mergelit demo` ran for each task):\n"
+        f"#   mergelit fit -c {configs / 'finetune.yaml'} --data.task sst2 --export.dirpath DIR",
+        {
+            "seed_everything": seed,
+            "model": {"pretrained": str(pretrained), "learning_rate": size.finetune_learning_rate},
+            "data": {"path": str(glue), "batch_size": 32, "shuffle_seed": seed, "cache_dir": str(cache)},
+            "trainer": {
+                "accelerator": "cpu",
+                "devices": 1,
+                "max_epochs": size.finetune_epochs,
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(logs), "name": "finetune"}},
+                "enable_checkpointing": False,
+                "enable_model_summary": False,
+                "log_every_n_steps": 10,
+            },
+        },
+    )
+    key = {"format": _FORMAT_VERSION, "seed": seed, **asdict(size), "config": config.read_text()}
+    paths = {}
+    for index, task in enumerate(TASKS, 1):
+        folder = root / task
+        paths[task] = str(folder)
+        if _is_done(folder, key):
+            _stage(3, f"Fine-tuned {task} ({index}/{len(TASKS)}): reusing {folder}")
+            continue
+        _stage(3, f"Fine-tuning {task} ({index}/{len(TASKS)}), {size.finetune_epochs} epoch(s) -> {folder}")
+        _fresh(folder)
+        fit_main(["fit", "-c", str(config), "--data.task", task, "--export.dirpath", str(folder)])
+        _mark_done(folder, key)
+    return paths
+
+
+def method_specs(size: DemoSize, statistics_cache: Path) -> list[dict]:
+    """Every method of the table after the individual models, as ``model:`` config values."""
+    ta, ties = size.scaling_factors
+    n = size.num_statistics_examples
+    return [
+        {"class_path": "mergelit.methods.Pretrained"},
+        {"class_path": "mergelit.methods.SimpleAverage"},
+        {"class_path": "mergelit.methods.TaskArithmetic", "init_args": {"scaling_factor": ta}},
+        {"class_path": "mergelit.methods.TiesMerging", "init_args": {"scaling_factor": ties}},
+        {"class_path": "mergelit.methods.FisherMerging", "init_args": {"num_fisher_examples": n, "cache_dir": str(statistics_cache)}},
+        {"class_path": "mergelit.methods.RegMean", "init_args": {"num_regmean_examples": n, "cache_dir": str(statistics_cache)}},
+        {"class_path": "mergelit.methods.SimpleEnsemble"},
+    ]
+
+
+def evaluate(
+    out: Path, pool: dict, glue: Path, cache: Path, statistics_cache: Path, logs: Path, configs: Path, seed: int, size: DemoSize
+) -> tuple[Path, Path]:
+    """Step 4: the 7x7 cross-task sweep and every method, each run as ``mergelit test`` runs."""
+    from mergelit.cli import main as mergelit_main
+
+    base = _write_config(
+        configs / "pool.yaml",
+        f"# The demo's pool and data; combine with any method config, e.g.\n"
+        f"#   mergelit test -c {configs / 'pool.yaml'} -c configs/methods/task_arithmetic.yaml",
+        {
+            "seed_everything": seed,
+            "pool": pool,
+            "data": {"path": str(glue), "batch_size": 64, "cache_dir": str(cache)},
+            "trainer": {
+                "accelerator": "cpu",
+                "devices": 1,
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(logs), "name": "merge"}},
+            },
+        },
+    )
+    individual = _write_config(
+        configs / "individual_7x7.yaml",
+        f"# Each fine-tuned body under every task's head (the 7x7 table; its diagonal is the individual row):\n"
+        f"#   mergelit sweep -c {base} -c {configs / 'individual_7x7.yaml'}",
+        {
+            "model": {"class_path": "mergelit.methods.Individual", "init_args": {"task": TASKS[0]}},
+            "sweep": {"percent": True, "grid": {"model.init_args.task": list(TASKS)}},
+        },
+    )
+    methods = _write_config(
+        configs / "methods.yaml",
+        f"# Every merging method on the demo's pool:\n#   mergelit compare -c {base} -c {configs / 'methods.yaml'}",
+        {"sweep": {"grid": {"model": method_specs(size, statistics_cache)}}},
+    )
+    results = out / "results"
+    if results.exists():
+        shutil.rmtree(results)  # a rerun merges and evaluates again (statistics stay cached)
+    _stage(4, f"Merging: the 7x7 cross-task table, then {len(method_specs(size, statistics_cache))} methods -> {results}")
+    mergelit_main(["sweep", "-c", str(base), "-c", str(individual), "--output_dir", str(results / "individual")])
+    mergelit_main(["compare", "-c", str(base), "-c", str(methods), "--output_dir", str(results / "methods")])
+    return results / "individual", results / "methods"
+
+
+def comparison_rows(individual_folder: Path, methods_folder: Path):
+    """The table's rows: the individual models (7x7 diagonal), then every method in run order."""
+    from mergelit import tables
+
+    rows = tables.sweep_rows(individual_folder)
+    manifest = json.loads((methods_folder / tables.MANIFEST).read_text())
+    for name, point in manifest["points"].items():
+        report = tables.load_report(methods_folder / f"{name}.json", manifest["tasks"])
+        rows.append(tables.Row([tables.method_label(point["model"])], report))
+    return rows
+
+
+def write_comparison(out: Path, rows) -> str:
+    """``table.md``, ``table.csv`` and ``plot.png`` (heatmap) in ``out``; returns the markdown."""
+    from mergelit import tables
+
+    tasks = tables.report_tasks(rows[0].report)
+    md, _ = tables.write_tables(out, rows, tasks, ["Method"], percent=True, mark_best=True)
+    tables.plot_heatmap(out / "plot.png", rows, tasks, title="mergelit demo: merging methods")
+    return md.read_text()
+
+
+def run_demo(
+    output_dir: str = "lightning_logs/demo",
+    seed: int = 0,
+    size: Literal["full", "small"] = "full",
+) -> Path:
+    """Build a small pool offline (cached), merge it with every method, print and save the table.
+
+    Args:
+        output_dir: where everything goes: data, pool, configs, logs, results, table.md/csv, plot.png.
+            A rerun into it with the same seed and size reuses the data and the pool.
+        seed: the one seed of the data, the pretraining, the fine-tuning and the statistics draws.
+        size: ``full`` (the demo, about 5-10 minutes on 2 CPU cores the first time) or ``small``
+            (seconds; numbers near chance, for tests).
+    """
+    if size not in SIZES:
+        raise ValueError(f"Unknown demo size {size!r}; choose one of {', '.join(SIZES)}.")
+    preset = SIZES[size]
+    out = Path(output_dir).absolute()
+    cache, logs, configs = out / "cache" / "tokenized", out / "logs", out / "configs"
+    start = time.monotonic()
+    with _quiet_libraries():
+        glue, tokenizer = build_data(out / "data", seed, preset)
+        pretrained = build_pretrained(out / "pool" / "pretrained", glue, tokenizer, cache, logs, seed, preset)
+        pool = {
+            "pretrained": str(pretrained),
+            "finetuned": build_pool(out / "pool", pretrained, glue, cache, logs, configs, seed, preset),
+        }
+        individual, methods = evaluate(out, pool, glue, cache, out / "cache" / "statistics", logs, configs, seed, preset)
+        markdown = write_comparison(out, comparison_rows(individual, methods))
+    minutes, seconds = divmod(round(time.monotonic() - start), 60)
+    print(
+        f"\nmergelit demo ({size}, seed {seed}): synthetic GLUE, accuracy (%) on each task's validation split, "
+        f"each task scored with its own fine-tuned head.\n\n{markdown}\n"
+        f"Table: {out / 'table.md'} (and table.csv); heatmap: {out / 'plot.png'}; "
+        f"7x7 cross-task table: {individual / 'table.md'}. Took {minutes} min {seconds} s."
+    )
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from jsonargparse import CLI
+
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    CLI(run_demo, args=list(argv) if argv is not None else None, as_positional=False)

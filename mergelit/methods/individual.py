@@ -1,0 +1,30 @@
+"""Individual: no merge. One task's fine-tuned body under every task's own head.
+
+Run once per task to fill one row of the 7x7 cross-task table; with ``task`` equal to the
+task being scored it gives that fine-tuned model's own accuracy (the ceiling).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mergelit.methods.base import MergeMethod
+from mergelit.pool import ModelPool
+
+
+class Individual(MergeMethod):
+    """Individual: θ* = θ_task, one fine-tuned body, scored under every task's own head.
+
+    Args:
+        task: whose fine-tuned body to use (a task of the pool, e.g. ``cola``).
+    """
+
+    def __init__(self, pool: ModelPool, task: str):
+        super().__init__(pool)
+        if task not in pool.tasks:
+            raise ValueError(f"Individual: task {task!r} is not in the pool; choose one of {', '.join(pool.tasks)}.")
+        self.task = task
+        self.save_hyperparameters(ignore=["pool"])
+
+    def merge(self) -> dict[str, Tensor]:
+        return self.pool.finetuned_body(self.task)

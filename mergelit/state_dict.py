@@ -1,0 +1,78 @@
+"""Small pure helpers over state dicts (``dict[str, Tensor]``) used by the merge methods.
+
+None of them modifies its inputs: the pool hands out its cached tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_same_keys_and_shapes(reference: dict[str, Tensor], other: dict[str, Tensor], name: str) -> None:
+    """Raise ``ValueError`` naming the first key (by name) that ``other`` lacks, adds, or shapes differently.
+
+    ``name`` says what ``other`` is in the message, e.g. ``"fine-tuned body 'cola'"``.
+    """
+    for key in sorted(reference.keys() | other.keys()):
+        if key not in other:
+            raise ValueError(f"The {name} has no tensor {key!r}; every body to merge must share one architecture.")
+        if key not in reference:
+            raise ValueError(f"The {name} has a tensor {key!r} the others lack; every body to merge must share one architecture.")
+        if reference[key].shape != other[key].shape:
+            raise ValueError(
+                f"Tensor {key!r} of the {name} has shape {tuple(other[key].shape)}, expected "
+                f"{tuple(reference[key].shape)}; every body to merge must share one architecture."
+            )
+
+
+def check_finetuned(pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]]) -> None:
+    """Check there is at least one fine-tuned body and each has the pretrained body's keys and shapes."""
+    if not finetuned:
+        raise ValueError("No fine-tuned bodies to merge: give at least one task.")
+    for task, body in finetuned.items():
+        check_same_keys_and_shapes(pretrained, body, f"fine-tuned body {task!r}")
+
+
+def task_vector(finetuned: dict[str, Tensor], pretrained: dict[str, Tensor]) -> dict[str, Tensor]:
+    """τ = θ_finetuned − θ_pretrained, tensor by tensor (new tensors)."""
+    return {key: finetuned[key] - pretrained[key] for key in pretrained}
+
+
+def flatten(state_dict: dict[str, Tensor]) -> Tensor:
+    """Every tensor of ``state_dict``, keys sorted by name, concatenated into one new 1-D tensor."""
+    return torch.cat([state_dict[key].reshape(-1) for key in sorted(state_dict)])
+
+
+def unflatten(vector: Tensor, reference: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of ``flatten``: cut ``vector`` into ``reference``'s shapes (keys sorted by name).
+
+    The tensors are views into ``vector``; keys come back in ``reference``'s order.
+    """
+    total = sum(tensor.numel() for tensor in reference.values())
+    if vector.numel() != total:
+        raise ValueError(f"Cannot unflatten a vector of {vector.numel()} entries into a state dict of {total}.")
+    pieces, offset = {}, 0
+    for key in sorted(reference):
+        numel = reference[key].numel()
+        pieces[key] = vector[offset : offset + numel].view(reference[key].shape)
+        offset += numel
+    return {key: pieces[key] for key in reference}
+
+
+def matching_keys(keys: Iterable[str], patterns: Sequence[str]) -> set[str]:
+    """The keys that one of the regular expressions ``patterns`` matches at their start.
+
+    ``re.match``, as FusionBench's ``exclude_param_names_regex``: ``h\\.0\\.`` matches block 0,
+    ``.*bias`` every bias. Raises ``ValueError`` naming a pattern that does not compile.
+    """
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"Invalid regular expression {pattern!r}: {error}.") from None
+    return {key for key in keys if any(regex.match(key) for regex in compiled)}

@@ -1,0 +1,132 @@
+"""Fisher Merging: the merge formula on hand-sized tensors, and `mergelit test` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergelit.cli import main
+from mergelit.glue import TASKS
+from mergelit.methods.fisher import FisherMerging, fisher_merge
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHAPES = {"h.0.attn.c_attn.weight": (2, 3), "h.0.ln_1.bias": (4,), "wte.weight": (3, 2)}
+
+
+def random_state(generator: torch.Generator, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    return {key: scale * torch.randn(shape, generator=generator) for key, shape in SHAPES.items()}
+
+
+@pytest.fixture()
+def pool_tensors():
+    generator = torch.Generator().manual_seed(0)
+    pretrained = random_state(generator)
+    finetuned = {task: random_state(generator) for task in ("a", "b", "c")}
+    # Fishers of very different sizes, so that the normalisation matters; some exact zeros.
+    fishers = {task: {k: v.abs() * s for k, v in random_state(generator).items()} for task, s in zip("abc", (1e-3, 1.0, 50.0))}
+    fishers["a"]["wte.weight"][0] = 0.0
+    return pretrained, finetuned, fishers
+
+
+def spec_merge(finetuned, fishers, keys, eps, normalize):
+    """The spec, written out entry by entry in float64: θ* = Σ ci (Fi + ε) θi / Σ ci (Fi + ε)."""
+    tasks = list(finetuned)
+    n = len(tasks)
+    if normalize:
+        norms = [sum(float((fishers[t][k].double() ** 2).sum()) for k in keys) ** 0.5 for t in tasks]
+        inverse = [1 / (norm + eps) for norm in norms]
+        c = [(1 / n) * x / sum(inverse) for x in inverse]
+    else:
+        c = [1.0] * n
+    merged = {}
+    for k in keys:
+        num = sum(c[i] * (fishers[t][k].double() + eps) * finetuned[t][k].double() for i, t in enumerate(tasks))
+        den = sum(c[i] * (fishers[t][k].double() + eps) for i, t in enumerate(tasks))
+        merged[k] = num / den
+    return merged
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
+def test_merge_equals_the_spec_formula(pool_tensors, normalize, eps):
+    pretrained, finetuned, fishers = pool_tensors
+    merged = fisher_merge(pretrained, finetuned, fishers, minimal_fisher_weight=eps, normalize_fisher_weight=normalize)
+    expected = spec_merge(finetuned, fishers, list(SHAPES), eps, normalize)
+    assert merged.keys() == pretrained.keys()
+    for key in SHAPES:
+        torch.testing.assert_close(merged[key].double(), expected[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_normalisation_changes_the_result(pool_tensors):
+    pretrained, finetuned, fishers = pool_tensors
+    on = fisher_merge(pretrained, finetuned, fishers, normalize_fisher_weight=True)
+    off = fisher_merge(pretrained, finetuned, fishers, normalize_fisher_weight=False)
+    assert not torch.allclose(on["h.0.attn.c_attn.weight"], off["h.0.attn.c_attn.weight"], rtol=1e-3)
+
+
+def test_excluded_tensors_keep_the_pretrained_value_and_leave_the_norms(pool_tensors):
+    pretrained, finetuned, fishers = pool_tensors
+    merged = fisher_merge(pretrained, finetuned, fishers, exclude_param_names_regex=["wte\\."])
+    assert torch.equal(merged["wte.weight"], pretrained["wte.weight"])
+    # ‖Fi‖ is taken over the merged tensors only: the excluded Fisher does not move the rest.
+    fishers["c"]["wte.weight"] *= 1e6
+    again = fisher_merge(pretrained, finetuned, fishers, exclude_param_names_regex=["wte\\."])
+    expected = spec_merge(finetuned, fishers, ["h.0.attn.c_attn.weight", "h.0.ln_1.bias"], 1e-6, True)
+    for key in ("h.0.attn.c_attn.weight", "h.0.ln_1.bias"):
+        torch.testing.assert_close(again[key], merged[key])
+        torch.testing.assert_close(again[key].double(), expected[key], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="Invalid regular expression"):
+        fisher_merge(pretrained, finetuned, fishers, exclude_param_names_regex=["("])
+
+
+def test_invariants(pool_tensors):
+    pretrained, finetuned, fishers = pool_tensors
+    # One model merges to itself.
+    alone = fisher_merge(pretrained, {"a": finetuned["a"]}, {"a": fishers["a"]})
+    assert all(torch.allclose(alone[k], finetuned["a"][k]) for k in SHAPES)
+    # Equal Fishers: every model weighs the same, the plain mean.
+    same = {t: fishers["b"] for t in finetuned}
+    mean = fisher_merge(pretrained, finetuned, same)
+    for k in SHAPES:
+        torch.testing.assert_close(mean[k], sum(finetuned[t][k] for t in finetuned) / 3)
+    with pytest.raises(ValueError, match="Fisher statistics for tasks"):
+        fisher_merge(pretrained, finetuned, {"a": fishers["a"]})
+
+
+def test_merge_without_statistics_says_which_call_to_make(fixtures_root):
+    import yaml
+
+    from mergelit.pool import ModelPool
+
+    pool = ModelPool(**yaml.safe_load((fixtures_root / "config.yaml").read_text())["pool"])
+    with pytest.raises(RuntimeError, match=r"prepare\(trainer, datamodule\)"):
+        FisherMerging(pool).merge()
+    with pytest.raises(ValueError, match="batch_size"):
+        FisherMerging(pool, batch_size=0)
+
+
+def run(config: Path, tmp_path: Path, name: str) -> dict:
+    report = tmp_path / f"{name}.json"
+    main([
+        "test", "-c", str(config), "-c", str(CONFIGS / "methods" / "fisher_merging.yaml"),
+        "--model.init_args.num_fisher_examples", "16", "--model.init_args.batch_size", "8",
+        "--report_save_path", str(report),
+    ])
+    return json.loads(report.read_text())
+
+
+def test_end_to_end_then_served_from_the_cache(fixtures_root, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    first = run(fixtures_root / "config.yaml", tmp_path, "first")
+    assert list(first) == [*TASKS, "average"]
+    assert all(0 <= first[t]["accuracy"] <= 1 and first[t]["loss"] > 0 for t in TASKS)
+    files = sorted((tmp_path / "lightning_logs/cache/statistics/fisher").iterdir())
+    assert [f.name.split("-")[0] for f in files] == list(TASKS)
+    assert capfd.readouterr().err.count("loaded from the cache") == 0
+
+    second = run(fixtures_root / "config.yaml", tmp_path, "second")
+    assert capfd.readouterr().err.count("loaded from the cache") == len(TASKS)  # the log says so
+    assert second == first

@@ -1,0 +1,82 @@
+"""ModelPool: lazy loading, body/head split, and clear errors on a bad pool."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
+
+from mergelit.glue import TASKS
+from mergelit.pool import ModelPool
+
+
+def make_pool(pool_paths, **overrides) -> ModelPool:
+    finetuned = {**pool_paths["finetuned"], **overrides}
+    return ModelPool(pool_paths["pretrained"], finetuned, pool_paths["tokenizer"])
+
+
+def test_bodies_and_heads(pool_paths):
+    pool = make_pool(pool_paths)
+    assert pool.tasks == list(TASKS)
+    theta0 = pool.pretrained_body()
+    assert "wte.weight" in theta0 and "h.0.attn.c_attn.weight" in theta0
+    assert not any(k.startswith(("transformer.", "lm_head")) for k in theta0)
+    for task in TASKS:
+        model = GPT2ForSequenceClassification.from_pretrained(pool_paths["finetuned"][task])
+        body = pool.finetuned_body(task)
+        assert body.keys() == theta0.keys()
+        for key, value in model.transformer.state_dict().items():
+            assert torch.equal(body[key], value)
+        assert torch.equal(pool.head(task), model.score.weight)
+        assert pool.head(task).shape[0] == (3 if task == "mnli" else 2)
+    assert pool.body_config().pad_token_id == 50256  # the real gpt2 config has none
+
+
+def test_nothing_is_loaded_until_asked(pool_paths):
+    pool = ModelPool("/does/not/exist", {"cola": "/nor/this"})
+    assert pool.tasks == ["cola"]
+    with pytest.raises(FileNotFoundError, match="/does/not/exist"):
+        pool.pretrained_body()
+
+
+def test_bare_gpt2model_pretrained_checkpoint(pool_paths, tmp_path):
+    body = GPT2Model.from_pretrained(pool_paths["pretrained"])
+    body.save_pretrained(tmp_path / "bare")
+    pool = ModelPool(str(tmp_path / "bare"), pool_paths["finetuned"], pool_paths["tokenizer"])
+    reference = make_pool(pool_paths).pretrained_body()
+    for key, value in pool.pretrained_body().items():
+        assert torch.equal(value, reference[key])
+
+
+def test_unknown_task_is_named(pool_paths):
+    with pytest.raises(ValueError, match="'sst'"):
+        make_pool(pool_paths, sst="x")
+
+
+def test_shape_mismatch_names_the_first_tensor(pool_paths, tmp_path):
+    config = GPT2Config.from_pretrained(pool_paths["finetuned"]["rte"])
+    config.n_positions = 256  # wpe.weight differs (and is the first differing key by name)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rte")
+    pool = make_pool(pool_paths, rte=str(tmp_path / "rte"))
+    with pytest.raises(ValueError, match=r"'wpe\.weight'.*\(256, .*\(512, "):
+        pool.check()
+
+
+def test_checkpoint_without_safetensors_is_refused(pool_paths, tmp_path):
+    folder = tmp_path / "cola"
+    shutil.copytree(pool_paths["finetuned"]["cola"], folder)
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    torch.save({}, folder / "pytorch_model.bin")
+    pool = make_pool(pool_paths, cola=str(folder))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        pool.finetuned_body("cola")
+
+
+def test_head_with_wrong_number_of_labels_is_refused(pool_paths):
+    # The mrpc checkpoint (2 labels) given as mnli (3 labels).
+    pool = make_pool(pool_paths, mnli=pool_paths["finetuned"]["mrpc"])
+    with pytest.raises(ValueError, match="'mnli'.*2 labels.*3"):
+        pool.check()
