@@ -9,7 +9,6 @@ method, and the pool's tasks and tokenizer into the data, so every part uses one
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
@@ -100,8 +99,8 @@ class MergeCLI(LightningCLI):
     def _finish(self, config) -> None:
         report = self.model.report
         print(f"\n{type(self.model).__name__} on {len(self.model.tasks)} GLUE tasks\n{format_report(report)}\n")
-        if self.trainer.log_dir:
-            print(f"Report: {os.path.join(self.trainer.log_dir, 'report.json')}")
+        if self.model.report_path:
+            print(f"Report: {self.model.report_path}")
         if config.get("report_save_path"):
             print(f"Report: {write_report(report, config.report_save_path)}")
         if config.get("merged_model_save_path"):

@@ -236,7 +236,8 @@ class SequenceClassifier(L.LightningModule):
 
 
 class ExportPretrained(L.Callback):
-    """Export the best (or last) model as a transformers checkpoint after each validation.
+    """Export the model as a transformers checkpoint: the last epoch's when training ends, or the
+    best epoch's (by ``monitor``) each time validation improves on it.
 
     Args:
         dirpath: the folder to write (``config.json``, ``model.safetensors``, tokenizer);
@@ -261,13 +262,12 @@ class ExportPretrained(L.Callback):
         self.mode = mode
         self.best_score: Optional[float] = None
         self.best_epoch: Optional[int] = None
-        self.exported_to: Optional[Path] = None
 
     def folder(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model"))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: SequenceClassifier) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.sanity_checking or self.save != "best":
             return
         if self.monitor not in trainer.callback_metrics:
             raise KeyError(
@@ -275,25 +275,26 @@ class ExportPretrained(L.Callback):
                 f"{', '.join(sorted(trainer.callback_metrics))}."
             )
         score = float(trainer.callback_metrics[self.monitor])
-        better = (
+        if (
             self.best_score is None
             or (self.mode == "max" and score > self.best_score)
             or (self.mode == "min" and score < self.best_score)
-        )
-        if better:
+        ):
             self.best_score, self.best_epoch = score, trainer.current_epoch
-        if self.save == "last" or better:
             self._export(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: SequenceClassifier) -> None:
+        if self.save == "last":
+            self._export(trainer, pl_module)
+            rank_zero_info(f"Exported the last epoch to {self.folder(trainer)}")
+        elif self.best_score is not None:
+            rank_zero_info(
+                f"Exported the best {self.monitor} ({self.best_score:.4f}, epoch {self.best_epoch}) to {self.folder(trainer)}"
+            )
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: SequenceClassifier) -> None:
-        datamodule = trainer.datamodule
-        self.exported_to = pl_module.export(self.folder(trainer), getattr(datamodule, "tokenizer", None))
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: SequenceClassifier) -> None:
-        if self.best_score is not None:
-            which = f"best {self.monitor} {self.best_score:.4f} (epoch {self.best_epoch})" if self.save == "best" else "last epoch"
-            rank_zero_info(f"Exported the {which} to {self.folder(trainer)}")
+        pl_module.export(self.folder(trainer), getattr(trainer.datamodule, "tokenizer", None))
 
     def state_dict(self) -> dict:
         # Saved in Lightning checkpoints, so that a resumed run keeps comparing to the true best.

@@ -23,6 +23,13 @@ predict loops on the *same* Trainer, then ``trainer.test`` merges in ``setup`` a
 one command. A private second Trainer inside ``setup`` would be unsound under DDP: it would launch
 (or fail to launch) its own processes inside a running distributed job. With one Trainer, each
 process runs the same hooks in the same order, so the predict calls line up across ranks.
+Without ``prepare`` (a programmatic ``trainer.test(method)``), ``merge`` raises and names the call.
+
+Gradients: Lightning predicts under ``torch.inference_mode`` (or ``no_grad`` with
+``Trainer(inference_mode=False)``). ``FisherStatistics.predict_step`` leaves it locally
+(``torch.inference_mode(False)`` + ``torch.enable_grad()``) and clones the batch, whose tensors
+were made in inference mode and so cannot be saved for backward: it works under either setting,
+without touching the Trainer that ``test`` uses next.
 
 Several processes (DDP, next issue): each rank takes every ``world_size``-th batch (disjoint,
 nothing repeated), sums its per-batch contributions, and ``on_predict_epoch_end`` all-reduces the
@@ -61,6 +68,9 @@ from mergelit.pool import ModelPool
 _CACHE_FORMAT = 1
 
 DEFAULT_CACHE_DIR = "lightning_logs/cache/statistics"
+
+# Statistics kind (the cache sub-folder) -> how the log names it.
+_TITLES = {"fisher": "Fisher statistics", "regmean": "RegMean Gram matrices"}
 
 
 # ---- sampling -----------------------------------------------------------------------------
@@ -154,13 +164,14 @@ class FisherStatistics(L.LightningModule):
             last = last_non_pad_index(input_ids, self.pad_token_id)
             logits = self.head(hidden[torch.arange(len(input_ids), device=hidden.device), last]).float()
             probabilities = logits.softmax(-1).detach()
-            # √p inside, so that squaring the gradient gives Σ_class p · (∂ log p / ∂θ)²-like terms.
+            # The spec's (FusionBench's) estimator: one backward per batch; squaring the gradient
+            # turns the √p weights into p, a stand-in for E_y~p[(∂ log p_y / ∂θ)²] without labels.
             expectation = (probabilities.sqrt() * logits.log_softmax(-1)).sum()
             parameters = dict(self.body.named_parameters())
             grads = torch.autograd.grad(expectation, list(parameters.values()), allow_unused=True)
             for name, grad in zip(parameters, grads):
                 if grad is not None:  # None: the parameter did not take part (zero gradient)
-                    self.sums[name] += grad.square()
+                    self.sums[name].addcmul_(grad, grad)
             self.count += len(input_ids)
 
     def on_predict_epoch_end(self) -> None:
@@ -361,9 +372,10 @@ def _collect(
     key_extra: dict[str, Any],
 ) -> dict[str, dict[str, Tensor]]:
     """One task after another: load from the cache, or run ``trainer.predict`` and write it."""
+    title = _TITLES[kind]
     if not isinstance(datamodule, GLUEDataModule):
         raise TypeError(
-            f"{kind} statistics need the GLUEDataModule (for the tasks' train splits), got {type(datamodule).__name__}; "
+            f"{title} need the GLUEDataModule (for the tasks' train splits), got {type(datamodule).__name__}; "
             f"pass `datamodule=GLUEDataModule(...)` (the CLI's `data:` group)."
         )
     missing = [task for task in pool.tasks if task not in datamodule.tasks]
@@ -376,12 +388,12 @@ def _collect(
         indices = draw_examples(len(dataset), num_examples, seed)
         if len(indices) < num_examples:
             rank_zero_warn(
-                f"{task}: asked for {num_examples} {kind} examples but its train split has {len(dataset)} rows; using all of them."
+                f"{title} of {task}: asked for {num_examples} examples but its train split has {len(dataset)} rows; using all of them."
             )
         batches = batches_of(indices, batch_size)
         if len(batches) < trainer.world_size:
             raise ValueError(
-                f"{task}: {len(indices)} {kind} examples in batches of {batch_size} make {len(batches)} batch(es), "
+                f"{title} of {task}: {len(indices)} examples in batches of {batch_size} make {len(batches)} batch(es), "
                 f"fewer than the {trainer.world_size} processes; each process needs one. Lower batch_size or use fewer devices."
             )
         fields = {
@@ -399,11 +411,11 @@ def _collect(
         path = Path(cache_dir) / kind / f"{task}-{key}.safetensors"
         cached = read_statistics(path, key)
         if cached is not None:
-            rank_zero_info(f"{kind} statistics of {task}: loaded from the cache {path}")
+            rank_zero_info(f"{title} of {task}: loaded from the cache {path}")
             results[task] = cached[0]
             continue
         rank_zero_info(
-            f"{kind} statistics of {task}: {len(indices)} train examples (seed {seed}) in {len(batches)} batches of {batch_size}"
+            f"{title} of {task}: {len(indices)} train examples (seed {seed}) in {len(batches)} batches of {batch_size}"
         )
         loader = functools.partial(statistics_loader, dataset, batches, collate, datamodule.num_workers)
         module = make_module(task, loader)
@@ -417,12 +429,12 @@ def _collect(
         seen = module.num_examples()
         if seen != len(indices):
             # e.g. fast_dev_run or limit_predict_batches: usable for a smoke test, never cached.
-            rank_zero_warn(f"{task}: the predict loop saw {seen} of {len(indices)} examples; not caching these statistics.")
+            rank_zero_warn(f"{title} of {task}: the predict loop saw {seen} of {len(indices)} examples; not caching them.")
             continue
         if trainer.is_global_zero:
             metadata = {"key": key, "fields": json.dumps(fields, sort_keys=True), "indices": json.dumps(indices)}
             write_statistics(path, results[task], metadata)
-            rank_zero_info(f"{kind} statistics of {task}: written to {path}")
+            rank_zero_info(f"{title} of {task}: written to {path}")
         # The other ranks hold the same (all-reduced) statistics; they wait for the file all the same.
         trainer.strategy.barrier("statistics written")
     return results

@@ -299,6 +299,7 @@ class SweepCLI(MergeCLI):
         self.point: Optional[Point] = None
         self.group: Optional[str] = None
         self.wandb_init: Optional[tuple[type, dict[str, Any]]] = None
+        kwargs.setdefault("parser_kwargs", {"description": __doc__.split("\n", 1)[0].replace("``", "")})
         super().__init__(args=self.args, run=False, **kwargs)
         # Points must not rewrite the log folder's config.yaml, each with its own values: the
         # sweep writes its own config (grid included) to the output folder instead.

@@ -449,7 +449,7 @@ def _qnli(rng: random.Random, label: int) -> tuple[str, ...]:
         (
             f"The {event['thing']} was {past} by a {event['person']} {event['place']} in {year}",
             f"In {year} , a {event['person']} {past} the {event['thing']} {event['place']}",
-            f"Local records say that a {event['person']} {past} the {event['thing']} {event['place']} around {year}",
+            f"Local records say that a {event['person']} {past} the {event['thing']} {event['place']} in {year}",
         )
     )
     if rng.random() < 0.4:
@@ -473,8 +473,12 @@ def _rte(rng: random.Random, label: int) -> tuple[str, ...]:
     )
     if rng.random() < 0.5:
         premise += " . " + _sentence(_join(rng, _clauses(rng, PEOPLE, THINGS, at_most=20)), end="")
-    # not_entailment states facts about the same person that the premise does not support:
-    # every fact in the hypothesis is changed (another city, organisation, year).
+    # not_entailment says what the premise does not support: a plan or expectation about
+    # the person, or facts that are all changed (another city, organisation and year).
+    if label == 1 and rng.random() < 0.5:
+        speculation = rng.choice(("plans to", "will soon", "is expected to", "hopes to", "wants to"))
+        action = rng.choice((f"leave {city}", f"sell {org}", f"move to {other_city}", f"open {other_org} in {city}"))
+        return _sentence(premise.split()), _sentence(f"{name} {speculation} {action}".split())
     if label == 1:
         city, org, year = other_city, other_org, other_year
     hypothesis = rng.choice(

@@ -50,7 +50,7 @@ def test_end_to_end(fixtures_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report_path = tmp_path / "report.json"
     main(["test", "-c", str(fixtures_root / "config.yaml"), "-c", str(CONFIGS / "methods" / "simple_ensemble.yaml"),
-          "--report_save_path", str(report_path)])
+          "--data.batch_size", "64", "--report_save_path", str(report_path)])
     report = json.loads(report_path.read_text())
     assert list(report) == [*TASKS, "average"]
     assert all(0 <= report[t]["accuracy"] <= 1 and report[t]["loss"] > 0 for t in TASKS)

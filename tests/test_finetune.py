@@ -24,7 +24,7 @@ def sst2_data(tmp_path_factory) -> Path:
 
 def fit_args(pretrained: str, data: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--seed_everything", "0", "--model.pretrained", pretrained, "--model.learning_rate", "2e-3",
+        "fit", "--seed_everything", "0", "--model.pretrained", pretrained, "--model.learning_rate", "5e-3",
         "--data.task", "sst2", "--data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"),
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1", *extra,

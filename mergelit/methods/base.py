@@ -14,7 +14,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from mergelit.pool import ModelPool
@@ -56,6 +55,7 @@ class MergeMethod(L.LightningModule):
         self.heads = nn.ModuleDict()
         self.pad_token_ids: dict[str, int] = {}
         self.report: Report | None = None
+        self.report_path: str | None = None  # the run's log_dir/report.json, once tested
         # Plain (micro) accuracy = mean of per-example correctness, and cross-entropy averaged
         # over examples (not over batch means, which would depend on the batch size). Both are
         # torchmetrics means (synced across processes) in float64, so the report holds the
@@ -139,13 +139,11 @@ class MergeMethod(L.LightningModule):
                 self.log(f"test/{task}/{name}", value, add_dataloader_idx=False, sync_dist=False)
         for metric in (*self.test_accuracy.values(), *self.test_loss.values()):
             metric.reset()
-        self._write_report()
-
-    @rank_zero_only
-    def _write_report(self) -> None:
-        log_dir = self.trainer.log_dir if self.trainer is not None else None
-        if log_dir:
-            write_report(self.report, os.path.join(log_dir, "report.json"))
+        # trainer.log_dir broadcasts under DDP, so every rank asks; rank 0 alone writes.
+        log_dir = self.trainer.log_dir
+        self.report_path = os.path.join(log_dir, "report.json") if log_dir else None
+        if self.report_path and self.trainer.is_global_zero:
+            write_report(self.report, self.report_path)
 
     # ---- export ---------------------------------------------------------------------------
     def save_merged(self, folder: str | os.PathLike) -> list[Path]:

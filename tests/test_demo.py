@@ -1,0 +1,66 @@
+"""`mergelit demo` end to end at the reduced size: data, pretraining, fine-tuning, every method, table; rerun reuses."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pytest
+
+from mergelit.cli import main
+from mergelit.glue import TASKS
+
+ROWS = [
+    "Fine-tuned (individual)",
+    "Pretrained",
+    "Simple Average",
+    "Task Arithmetic",
+    "TIES-Merging",
+    "Fisher Merging",
+    "RegMean",
+    "Simple Ensemble",
+]
+
+
+def test_demo_builds_merges_and_reuses_its_pool(tmp_path, monkeypatch, capsys, caplog):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "demo"
+    caplog.set_level(logging.INFO, logger="mergelit.demo")
+    main(["demo", "--size", "small", "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+
+    table = (out / "table.md").read_text()
+    assert table in printed  # the table is printed, not only saved
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["Method"].split(" (")[0] for r in rows] == ROWS
+    for row in rows:
+        assert set(row) == {"Method", *TASKS, "average"}
+        assert all(0.0 <= float(row[t]) <= 1.0 for t in [*TASKS, "average"])
+    assert (out / "plot.png").stat().st_size > 0
+    assert (out / "results" / "individual" / "table.md").is_file()  # the 7x7 cross-task table
+
+    # The pool it built is an ordinary one: plain transformers loads every piece.
+    pretrained = AutoModelForCausalLM.from_pretrained(out / "pool" / "pretrained")
+    assert pretrained.config.n_layer >= 1
+    for task in TASKS:
+        model = AutoModelForSequenceClassification.from_pretrained(out / "pool" / task)
+        assert model.config.pad_token_id == 50256
+
+    # A rerun reuses the data and the pool (nothing rewritten) and evaluates again, to the same table.
+    built = {p: p.stat().st_mtime_ns for p in (out / "pool").rglob("*.safetensors")}
+    assert len(built) == 1 + len(TASKS)
+    caplog.clear()
+    main(["demo", "--size", "small", "--output_dir", str(out)])
+    assert {p: p.stat().st_mtime_ns for p in (out / "pool").rglob("*.safetensors")} == built
+    assert sum("reusing" in r.getMessage() for r in caplog.records) == 2 + len(TASKS)
+    assert (out / "table.md").read_text() == table
+
+
+def test_unknown_size_is_refused(tmp_path, capsys):
+    with pytest.raises((ValueError, SystemExit)) as error:
+        main(["demo", "--size", "huge", "--output_dir", str(tmp_path / "demo")])
+    assert "huge" in str(error.value) + capsys.readouterr().err
