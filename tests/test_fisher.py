@@ -27,7 +27,8 @@ def pool_tensors():
     pretrained = random_state(generator)
     finetuned = {task: random_state(generator) for task in ("a", "b", "c")}
     # Fishers of very different sizes, so that the normalisation matters; some exact zeros.
-    fishers = {task: {k: v.abs() * s for k, v in random_state(generator).items()} for task, s in zip("abc", (1e-3, 1.0, 50.0))}
+    scales = {"a": 1e-3, "b": 1.0, "c": 50.0}
+    fishers = {task: {k: v.abs() * s for k, v in random_state(generator).items()} for task, s in scales.items()}
     fishers["a"]["wte.weight"][0] = 0.0
     return pretrained, finetuned, fishers
 

@@ -54,7 +54,8 @@ def test_merge_equals_the_closed_form(pool_tensors, r):
         mask = r * torch.ones(dim, dim, dtype=torch.float64) + (1 - r) * torch.eye(dim, dtype=torch.float64)
         scaled = {t: grams[t][module] * mask for t in finetuned}
         # W* = (Σ G̃i)⁻¹ Σ G̃i Wi, W stored [in, out]: no transpose.
-        expected = torch.inverse(sum(scaled.values())) @ sum(scaled[t] @ finetuned[t][f"{module}.weight"].double() for t in finetuned)
+        weights = {t: finetuned[t][f"{module}.weight"].double() for t in finetuned}
+        expected = torch.inverse(sum(scaled.values())) @ sum(scaled[t] @ weights[t] for t in finetuned)
         torch.testing.assert_close(merged[f"{module}.weight"].double(), expected, rtol=1e-5, atol=1e-6)
         assert merged[f"{module}.weight"].dtype == torch.float32
     # Every other tensor: the plain mean of the fine-tuned bodies.

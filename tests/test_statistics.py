@@ -225,7 +225,8 @@ def one_task(fixtures_root):
 
     config = yaml.safe_load((fixtures_root / "config.yaml").read_text())
     tasks = ["rte"]
-    pool = ModelPool(config["pool"]["pretrained"], {t: config["pool"]["finetuned"][t] for t in tasks}, config["pool"].get("tokenizer"))
+    finetuned = {t: config["pool"]["finetuned"][t] for t in tasks}
+    pool = ModelPool(config["pool"]["pretrained"], finetuned, config["pool"].get("tokenizer"))
     data = GLUEDataModule(tasks=tasks, tokenizer=pool.tokenizer_path, path=config["data"]["path"], cache_dir=None)
     return pool, data
 
@@ -281,5 +282,7 @@ def test_gram_cache_is_keyed_by_the_padding_mode_and_a_damaged_file_is_recompute
 def test_loops_cut_short_are_not_cached(one_task, tmp_path):
     pool, data = one_task
     with pytest.warns(UserWarning, match="saw 4 of 12 examples; not caching"):
-        statistics.fisher_statistics(trainer(limit_predict_batches=1), data, pool, num_examples=12, batch_size=4, cache_dir=tmp_path)
+        statistics.fisher_statistics(
+            trainer(limit_predict_batches=1), data, pool, num_examples=12, batch_size=4, cache_dir=tmp_path
+        )
     assert not (tmp_path / "fisher").exists() or not list((tmp_path / "fisher").iterdir())

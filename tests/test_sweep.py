@@ -66,8 +66,9 @@ def wandb_runs(folder: Path) -> list[dict]:
         run = {"history": {}, "config": {}}
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
-            if kind == "run":
+            if kind == "run":  # config set before the run record was written travels inside it
                 run.update(name=record.run.display_name, group=record.run.run_group, job_type=record.run.job_type)
+                run["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
             elif kind == "history":
                 run["history"].update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
             elif kind == "config":

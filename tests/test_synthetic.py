@@ -176,22 +176,6 @@ def test_each_task_is_learnable(learnability_data, task):
     assert accuracy >= chance + 0.25, f"{task}: accuracy {accuracy:.2f} (chance {chance:.2f})"
 
 
-def test_tasks_are_distinct(learnability_data):
-    """Tasks differ in vocabulary and style, so no task's data passes for another's."""
-    vocabularies = {}
-    for task in TASKS:
-        rows = datasets.load_from_disk(str(learnability_data / task))["train"]
-        vocabularies[task] = Counter(w for f in HUB_COLUMNS[task][:-2] for text in rows[f] for w in _words(text))
-    for a in TASKS:
-        for b in TASKS:
-            if a < b:
-                common = sum((vocabularies[a] & vocabularies[b]).values())
-                total = min(sum(vocabularies[a].values()), sum(vocabularies[b].values()))
-                # cola and mnli share the everyday-scene vocabulary; their rules differ.
-                limit = 0.9 if {a, b} == {"cola", "mnli"} else 0.6
-                assert common / total < limit, f"{a} and {b} share {common / total:.0%} of their words"
-
-
 # ---- pool ---------------------------------------------------------------------------------
 def test_pool_loads_as_the_hub_checkpoints_do(pool_paths):
     assert list(pool_paths["finetuned"]) == list(TASKS)

@@ -17,11 +17,12 @@ from mergelit.pool import ModelPool
 
 
 class SimpleEnsemble(MergeMethod):
-    """Simple Ensemble: all n fine-tuned bodies run on every batch, their last hidden states are
-    averaged, and the evaluated task's own head is applied (= the mean of the n models' logits).
+    """Simple Ensemble: every fine-tuned body runs on each batch (all n kept in memory); mean of logits.
 
-    Keeps every fine-tuned body in memory (n bodies, ~0.5 GB each for GPT-2 in float32) and costs
-    n forward passes per batch. There is no merged body, so ``--merged_model_save_path`` does not apply.
+    The n bodies' last hidden states are averaged and the evaluated task's own head is applied,
+    which equals the mean of the n models' logits. Keeps every fine-tuned body in memory (n
+    bodies, ~0.5 GB each for GPT-2 in float32) and costs n forward passes per batch. There is no
+    merged body, so ``--merged_model_save_path`` does not apply.
     """
 
     def __init__(self, pool: ModelPool):

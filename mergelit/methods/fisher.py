@@ -91,12 +91,12 @@ def fisher_merge(
 
 
 class FisherMerging(MergeMethod):
-    """Fisher Merging: each body entry is the average of the fine-tuned entries weighted by
-    their (normalised) diagonal Fisher information, estimated on each task's train split.
+    """Fisher Merging: per-entry mean of the fine-tuned bodies weighted by their diagonal Fisher.
 
-    The statistics run as ``trainer.predict`` loops before testing (``prepare``), with a progress
-    bar per task, and are cached under ``cache_dir``: a second run with the same models, data and
-    sampling arguments loads them (the log says so).
+    Each task's Fisher is estimated on its train split (labels unused). The statistics run as
+    ``trainer.predict`` loops before testing (``prepare``), with a progress bar per task, and are
+    cached under ``cache_dir``: a second run with the same models, data and sampling arguments
+    loads them (the log says so).
 
     Args:
         num_fisher_examples: train examples per task used to estimate the Fisher (FusionBench: 256).

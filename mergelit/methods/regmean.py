@@ -66,12 +66,16 @@ def regmean_merge(
         exclude_param_names_regex: tensors whose name one of these matches (``re.match``) keep θ0.
     """
     r = _check_ratio(reduce_non_diagonal_ratio)
+    if not finetuned:
+        raise ValueError("No fine-tuned bodies to merge: give at least one task.")
     if set(grams) != set(finetuned):
         raise ValueError(f"Gram statistics for tasks {sorted(grams)} but bodies for {sorted(finetuned)}.")
     tasks = list(finetuned)
     excluded = matching_keys(next(iter(finetuned.values())), exclude_param_names_regex)
     if excluded and pretrained is None:
-        raise ValueError(f"Excluded tensors keep the pretrained value: pass `pretrained` (excluded: {sorted(excluded)[:3]}...).")
+        raise ValueError(
+            f"Excluded tensors keep the pretrained value: pass `pretrained` (excluded: {sorted(excluded)[:3]}...)."
+        )
     if pretrained is not None:
         check_finetuned(pretrained, finetuned)
 
@@ -87,18 +91,16 @@ def regmean_merge(
         if key in excluded:
             continue
         weight_dim = finetuned[tasks[0]][key].shape[0]
-        summed_gram = summed_product = None
         for task in tasks:
-            gram = grams[task][module].to(torch.float64)
-            if gram.shape != (weight_dim, weight_dim):
+            if grams[task][module].shape != (weight_dim, weight_dim):
                 raise ValueError(
-                    f"The Gram of {module!r} for {task!r} is {tuple(gram.shape)}; its weight {key!r} has {weight_dim} inputs."
+                    f"The Gram of {module!r} for {task!r} is {tuple(grams[task][module].shape)}; "
+                    f"its weight {key!r} has {weight_dim} inputs."
                 )
-            gram = reduce_non_diagonal(gram, r)
-            # Conv1D: W is [in, out] and y = xW + b, so G̃ W needs no transpose.
-            product = gram @ finetuned[task][key].to(torch.float64)
-            summed_gram = gram if summed_gram is None else summed_gram + gram
-            summed_product = product if summed_product is None else summed_product + product
+        scaled = [reduce_non_diagonal(grams[task][module].to(torch.float64), r) for task in tasks]
+        summed_gram = sum(scaled)
+        # Conv1D: W is [in, out] and y = xW + b, so G̃ W needs no transpose.
+        summed_product = sum(gram @ finetuned[task][key].to(torch.float64) for gram, task in zip(scaled, tasks))
         try:
             solution = torch.linalg.solve(summed_gram, summed_product)
         except torch.linalg.LinAlgError:
@@ -116,12 +118,12 @@ def regmean_merge(
 
 
 class RegMean(MergeMethod):
-    """RegMean: each Conv1D weight is the least-squares merge W* = (Σ G̃i)⁻¹ Σ G̃i Wi, from the
-    Gram matrices of its inputs on each task's train examples; other tensors are averaged.
+    """RegMean: each Conv1D weight W* = (Σ G̃i)⁻¹ Σ G̃i Wi from its input Grams; other tensors averaged.
 
-    The statistics run as ``trainer.predict`` loops before testing (``prepare``), with a progress
-    bar per task, and are cached under ``cache_dir``: a second run with the same models, data and
-    sampling arguments loads them (the log says so).
+    The Grams Gi of each Conv1D's inputs come from each task's train examples. The statistics
+    run as ``trainer.predict`` loops before testing (``prepare``), with a progress bar per task,
+    and are cached under ``cache_dir``: a second run with the same models, data and sampling
+    arguments loads them (the log says so).
 
     Args:
         num_regmean_examples: train examples per task for the Gram matrices (FusionBench: 256).
