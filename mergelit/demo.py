@@ -130,9 +130,10 @@ def _quiet_libraries() -> Iterator[None]:
     from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as transformers_logging
 
-    lightning_logger = logging.getLogger("lightning.pytorch")
-    level, verbosity = lightning_logger.level, transformers_logging.get_verbosity()
-    lightning_logger.setLevel(logging.WARNING)
+    lightning_loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels, verbosity = [logger.level for logger in lightning_loggers], transformers_logging.get_verbosity()
+    for logger in lightning_loggers:
+        logger.setLevel(logging.WARNING)
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     datasets_logging.disable_progress_bar()
@@ -148,7 +149,8 @@ def _quiet_libraries() -> Iterator[None]:
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
-        lightning_logger.setLevel(level)
+        for logger, level in zip(lightning_loggers, levels):
+            logger.setLevel(level)
         transformers_logging.set_verbosity(verbosity)
         transformers_logging.enable_progress_bar()
         datasets_logging.enable_progress_bar()
@@ -358,7 +360,7 @@ def run_demo(
     Args:
         output_dir: where everything goes: data, pool, configs, logs, results, table.md/csv, plot.png.
             A rerun into it with the same seed and size reuses the data and the pool.
-        seed: the one seed of the data, the pretraining, the fine-tuning and the statistics draws.
+        seed: the seed of the data, the pretraining and the fine-tuning (heads, batch order).
         size: ``full`` (the demo, about 5-10 minutes on 2 CPU cores the first time) or ``small``
             (seconds; numbers near chance, for tests).
     """
@@ -395,4 +397,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    CLI(run_demo, args=list(argv) if argv is not None else None, as_positional=False)
+    CLI(run_demo, args=list(argv) if argv is not None else None, as_positional=False, prog="mergelit demo")

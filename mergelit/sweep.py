@@ -133,7 +133,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _value_name(key: str, value: Any) -> str:
+def _value_name(value: Any) -> str:
     if isinstance(value, dict) and "class_path" in value:
         # A whole method: TaskArithmetic(scaling_factor=0.5), its arguments that are not defaults.
         args = ",".join(f"{k}={tables.format_value(v)}" for k, v in tables.changed_args(value).items())
@@ -155,7 +155,7 @@ def grid_points(grid: dict[str, list[Any]]) -> list[Point]:
     for values in itertools.product(*grid.values()):
         overrides = dict(zip(grid, values))
         parts = [
-            _value_name(key, value) if key == "model" else f"{label}={_value_name(key, value)}"
+            _value_name(value) if key == "model" else f"{label}={_value_name(value)}"
             for (key, value), label in zip(overrides.items(), labels)
         ]
         name = _file_safe(",".join(parts))

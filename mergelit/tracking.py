@@ -10,14 +10,11 @@ them later. With a key, nothing changes (online).
 
 from __future__ import annotations
 
-import logging
 import netrc
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
-
-log = logging.getLogger(__name__)
 
 
 def has_wandb_key() -> bool:

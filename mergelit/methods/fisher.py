@@ -27,15 +27,21 @@ a multiple of ``batch_size`` uses exactly that many examples (FusionBench fills 
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from torch import Tensor
 
+from mergelit import statistics  # the module: mergelit.statistics imports mergelit.methods.base
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, matching_keys
-# The module, not its names: mergelit.statistics imports mergelit.methods.base in turn.
-from mergelit import statistics
+
+
+def _global_norm(tensors: dict[str, Tensor], keys: list[str]) -> float:
+    """The L2 norm of all entries of ``tensors[k]`` for k in ``keys``, as one vector (float64)."""
+    return math.sqrt(sum(torch.linalg.vector_norm(tensors[k], dtype=torch.float64).item() ** 2 for k in keys))
 
 
 def fisher_merge(
@@ -67,13 +73,10 @@ def fisher_merge(
     n = len(tasks)
     if normalize_fisher_weight:
         # ‖Fi‖: L2 norm over all of model i's merged Fisher entries (raw, before ε).
-        norms = torch.stack(
-            [torch.linalg.vector_norm(torch.stack([fishers[t][k].norm() for k in merged_keys])) for t in tasks]
-        ) if merged_keys else torch.zeros(n)
-        inverse = 1.0 / (norms + minimal_fisher_weight)
-        coefficients = (inverse / inverse.sum()) / n  # ci = (1/n) · ni
+        inverse = [1.0 / (_global_norm(fishers[t], merged_keys) + minimal_fisher_weight) for t in tasks]
+        coefficients = [(x / sum(inverse)) / n for x in inverse]  # ci = (1/n) · ni
     else:
-        coefficients = torch.full((n,), 1.0 / n)
+        coefficients = [1.0 / n] * n
 
     merged = {}
     for key in pretrained:
@@ -82,7 +85,7 @@ def fisher_merge(
             continue
         numerator = torch.zeros_like(pretrained[key])
         denominator = torch.zeros_like(pretrained[key])
-        for c, task in zip(coefficients.tolist(), tasks):
+        for c, task in zip(coefficients, tasks):
             weight = c * (fishers[task][key] + minimal_fisher_weight)
             numerator += weight * finetuned[task][key]
             denominator += weight
