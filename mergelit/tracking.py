@@ -71,3 +71,6 @@ def log_summary(
     experiment.log(payload)
     experiment.summary["sweep/table_markdown"] = markdown
     finish(logger)
+    # finish() returns before W&B's service has written everything (offline files too); wait for
+    # it here, so that the runs are complete when the command returns (in-process callers, tests).
+    wandb.teardown()
