@@ -108,11 +108,27 @@ class MergeCLI(LightningCLI):
             print(f"Merged model exported to {config.merged_model_save_path} ({len(folders)} task checkpoints)")
 
 
+USAGE = """mergelit: model merging for GPT-2 GLUE classifiers.
+
+commands:
+  mergelit test -c RUN.yaml -c METHOD.yaml     merge the pool with one method and score it
+  mergelit sweep -c ... -c SWEEP.yaml          a grid of test runs in one process: reports, table, plot
+  mergelit compare RUNS... | -c ...            the comparison table across methods
+  mergelit fit -c FINETUNE.yaml                fine-tune one GPT-2 classifier on a GLUE task
+  mergelit demo                                offline demo: build a small pool, merge, print the table
+
+`mergelit COMMAND --help` lists each command's options.
+"""
+
+
 def main(args: Optional[list[str]] = None) -> None:
     from mergelit.tracking import default_wandb_mode
 
     default_wandb_mode()  # a WandbLogger without an API key logs offline instead of failing
     argv = sys.argv[1:] if args is None else list(args)
+    if argv in ([], ["-h"], ["--help"]):
+        print(USAGE)
+        return
     if argv[:1] in (["sweep"], ["compare"]):
         # Grids of test runs in one process: not Trainer methods, so not LightningCLI subcommands
         # (see mergelit/sweep.py).

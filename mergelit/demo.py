@@ -70,7 +70,7 @@ SIZES: dict[str, DemoSize] = {
         pretrain_epochs=1,
         pretrain_learning_rate=2e-3,
         finetune_epochs=3,
-        finetune_learning_rate=1e-3,
+        finetune_learning_rate=5e-4,
         num_statistics_examples=256,
         scaling_factors=(0.5, 0.6),
     ),

@@ -133,3 +133,10 @@ def test_individual_with_a_task_outside_the_pool_is_named(fixtures_root, tmp_pat
     call = lambda: main(["test", "-c", str(fixtures_root / "config.yaml"), "-c",  # noqa: E731
                          str(CONFIGS / "methods" / "individual.yaml"), "--model.init_args.task", "wnli"])
     assert_refused(call, "wnli", capsys)
+
+
+def test_top_level_help_lists_every_command(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("mergelit test", "mergelit sweep", "mergelit compare", "mergelit fit", "mergelit demo"):
+        assert command in out
