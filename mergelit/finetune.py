@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from mergelit.cli import _tokenizer_of
 from mergelit.glue import GLUE_TASKS, GLUEDataModule, ordered_tasks
 from mergelit.pool import PAD_TOKEN_ID, _check_safetensors
 
@@ -226,13 +227,15 @@ class SequenceClassifier(L.LightningModule):
     def configure_optimizers(self):
         return adamw_linear_schedule(self, self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.warmup_steps)
 
-    def export(self, folder: str | os.PathLike, tokenizer=None) -> Path:
-        """Write the classifier as a transformers checkpoint (safetensors, config, tokenizer)."""
-        folder = Path(folder)
-        self.model.save_pretrained(folder, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        return folder
+
+
+def export_checkpoint(model, folder: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a transformers model as a checkpoint folder: config, safetensors, and the tokenizer."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 class ExportPretrained(L.Callback):
@@ -294,7 +297,7 @@ class ExportPretrained(L.Callback):
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: SequenceClassifier) -> None:
-        pl_module.export(self.folder(trainer), getattr(trainer.datamodule, "tokenizer", None))
+        export_checkpoint(pl_module.model, self.folder(trainer), getattr(trainer.datamodule, "tokenizer", None))
 
     def state_dict(self) -> dict:
         # Saved in Lightning checkpoints, so that a resumed run keeps comparing to the true best.
@@ -313,10 +316,6 @@ FIT_TRAINER_DEFAULTS = {
     # batches for validation); Lightning's wrapper would pad validation with repeated rows.
     "use_distributed_sampler": False,
 }
-
-
-def _tokenizer_of(pretrained: str, tokenizer: Optional[str]) -> str:
-    return tokenizer or pretrained
 
 
 class FineTuneCLI(LightningCLI):

@@ -13,8 +13,6 @@ down, at ~20x the cost on CPU. The saved model is a complete ``GPT2LMHeadModel``
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import lightning as L
@@ -151,11 +149,3 @@ class CausalLM(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw_linear_schedule(self, self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.warmup_steps)
-
-    def export(self, folder: str | os.PathLike, tokenizer=None) -> Path:
-        """Write the ``GPT2LMHeadModel`` (safetensors, config) and the tokenizer."""
-        folder = Path(folder)
-        self.model.save_pretrained(folder, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        return folder

@@ -92,12 +92,13 @@ def _defaults(class_path: str) -> dict[str, Any]:
 
 
 def changed_args(spec: dict[str, Any]) -> dict[str, Any]:
-    """The ``init_args`` of a method spec that differ from its class's defaults (the pool left out)."""
+    """The ``init_args`` of a method spec that differ from its class's defaults (the pool left out,
+    and ``cache_dir``: where statistics are cached is no part of what a method computes)."""
     defaults = _defaults(spec["class_path"])
     return {
         k: v
         for k, v in (spec.get("init_args") or {}).items()
-        if k != "pool" and not (k in defaults and _same(defaults[k], v))
+        if k not in ("pool", "cache_dir") and not (k in defaults and _same(defaults[k], v))
     }
 
 
