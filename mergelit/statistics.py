@@ -290,8 +290,12 @@ def tensors_fingerprint(tensors: dict[str, Tensor], digest=None) -> str:
 
 def _model_fingerprint(pool: ModelPool, task: str) -> str:
     # The content, not the path: copying or re-downloading the same weights still hits the cache.
-    head = {"score.weight": pool.head(task)}
-    return tensors_fingerprint({**pool.finetuned_body(task), **head}) + f"|pad={pool.task_config(task).pad_token_id}"
+    # Hashed once per pool: a sweep's points and both statistics kinds reuse it.
+    def compute() -> str:
+        head = {"score.weight": pool.head(task)}
+        return tensors_fingerprint({**pool.finetuned_body(task), **head}) + f"|pad={pool.task_config(task).pad_token_id}"
+
+    return pool.cached(("model_fingerprint", task), compute)
 
 
 def _data_fingerprint(dataset, indices: Sequence[int]) -> str:

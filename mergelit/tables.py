@@ -228,6 +228,11 @@ def plot_sweep(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="best")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | os.PathLike) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (folders made) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,12 +263,7 @@ def plot_heatmap(
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ---- reading runs ------------------------------------------------------------------------
