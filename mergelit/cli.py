@@ -1,24 +1,27 @@
-"""The ``mergelit`` command: a LightningCLI over merge methods, the GLUE DataModule and a pool.
+"""``MergeCLI``: the LightningCLI parser and instantiation of ``mergelit test`` (and of each sweep point).
 
     mergelit test -c configs/gpt2_glue.yaml -c configs/methods/task_arithmetic.yaml
 
 Config groups: ``pool:`` (ModelPool), ``model:`` (a MergeMethod subclass, ``class_path`` +
 ``init_args``), ``data:`` (GLUEDataModule), ``trainer:``. The pool is linked into the
 method, and the pool's tasks and tokenizer into the data, so every part uses one task order.
+
+``MergeCLI`` only parses and instantiates (LightningCLI's ``run=False``); ``test_command``
+then runs the flow of one ``mergelit test`` top to bottom (``mergelit.run.run_test``).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
 
-from mergelit.glue import GLUEDataModule, ordered_tasks
-from mergelit.methods.base import MergeMethod
-from mergelit.pool import ModelPool
-from mergelit.report import format_report, write_report
+from mergelit.glue import GLUEDataModule
+from mergelit.methods import MergeMethod, method_classes
+from mergelit.pool import ModelPool, fusionbench_pool_args, is_fusionbench_pool, tokenizer_path
+from mergelit.run import run_test
+from mergelit.tasks import ordered_tasks
+from mergelit.tracking import wandb_logger, wandb_logger_class
 
 TRAINER_DEFAULTS = {
     # Logs, config.yaml and report.json go to ./lightning_logs/version_N/.
@@ -30,48 +33,99 @@ TRAINER_DEFAULTS = {
 }
 
 
-def _tasks_of(finetuned: dict) -> list[str]:
+def _yaml_file(value: str):
+    import os
+
+    import yaml
+
+    if not os.path.isfile(value):
+        return None
+    with open(value) as f:
+        return yaml.safe_load(f)
+
+
+def fusionbench_args(args):
+    """Command-line arguments with FusionBench pool files turned into mergelit's ``pool:`` group.
+
+    ``--pool FILE`` whose content is a FusionBench pool (``models: [{name: _pretrained_, path: gpt2},
+    ...]``), and ``-c FILE`` holding such a pool under ``pool:``, become the same values in mergelit's
+    form (``pool.fusionbench_pool_args``), given as the YAML strings jsonargparse accepts in place of
+    a file. Everything else passes unchanged (dicts and Namespaces too).
+    """
+    import json
+
+    if not isinstance(args, (list, tuple)):
+        return args
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--pool", "-c", "--config") and (eq or i + 1 < len(args)):
+            value = value if eq else args[i + 1]
+            content = _yaml_file(value)
+            if name == "--pool" and is_fusionbench_pool(content):
+                value = json.dumps(fusionbench_pool_args(content))
+            elif name != "--pool" and isinstance(content, dict) and is_fusionbench_pool(content.get("pool")):
+                value = json.dumps({**content, "pool": fusionbench_pool_args(content["pool"])})
+            out.extend([f"{name}={value}"] if eq else [name, value])
+            i += 1 if eq else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def tasks_of(finetuned: dict) -> list[str]:
+    """``data.tasks`` from ``pool.finetuned``: its task names in the canonical order."""
     return ordered_tasks(list(finetuned or {}))
 
 
-def _tokenizer_of(pretrained: str, tokenizer: Optional[str]) -> str:
-    return tokenizer or pretrained
-
-
 class MergeCLI(LightningCLI):
-    """LightningCLI with a ``pool:`` group, linked into ``model`` and ``data``."""
+    """LightningCLI over a ``MergeMethod``, the GLUE DataModule and a ``pool:`` group (parse + instantiate).
 
-    def __init__(self, args=None, run: bool = True, **kwargs):
+    Args:
+        args: the command line after ``mergelit test`` (default: ``sys.argv[2:]``), or a dict/Namespace.
+    """
+
+    def __init__(self, args=None, **kwargs):
+        method_classes()  # import every method, so that short class names (`--model TiesMerging`) resolve
+        args = fusionbench_args(args)  # FusionBench pool files work as the pool
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a rerun into the same log dir
         super().__init__(
             model_class=MergeMethod,
             subclass_mode_model=True,
             datamodule_class=GLUEDataModule,
-            # A rerun into the same log dir must not abort on an existing config.yaml.
-            save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            # Methods are configured by the YAML, never restored from Lightning checkpoints.
+            load_from_checkpoint_support=False,
             args=args,
-            run=run,
+            run=False,
             **kwargs,
         )
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"test": {"model", "dataloaders", "datamodule"}}
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # As LightningCLI's, minus its warning about args given while sys.argv has some:
+        # the `mergelit` command passes the arguments after `test`, on purpose.
+        self.config = parser.parse_args(args)
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "test":
-            # Lightning's own results table repeats every metric once per task loader;
-            # after_test prints one compact table instead (`--verbose true` brings it back).
-            parser.set_defaults(verbose=False)
-        return parser
+    def instantiators(self) -> list[tuple]:
+        """jsonargparse instantiators for this CLI's classes: a WandbLogger without an API key (and
+        no mode chosen) logs offline instead of failing."""
+        return [(wandb_logger, wandb_logger_class(), True)]
+
+    def instantiate_classes(self) -> None:
+        # As LightningCLI's, through jsonargparse's `instantiate` with this CLI's instantiators.
+        self.config_init = self.parser.instantiate(self.config, instantiators=self.instantiators())
+        self.datamodule = self.config_init.get("data")
+        self.model = self.config_init.get("model")
+        self.trainer = self.instantiate_trainer()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(ModelPool, "pool")
         parser.link_arguments("pool", "model.init_args.pool", apply_on="instantiate")
-        parser.link_arguments("pool.finetuned", "data.tasks", compute_fn=_tasks_of)
-        parser.link_arguments(("pool.pretrained", "pool.tokenizer"), "data.tokenizer", compute_fn=_tokenizer_of)
+        parser.link_arguments("pool.finetuned", "data.tasks", compute_fn=tasks_of)
+        parser.link_arguments(("pool.pretrained", "pool.tokenizer"), "data.tokenizer", compute_fn=tokenizer_path)
         parser.add_argument(
             "--report_save_path",
             type=Optional[str],
@@ -86,67 +140,31 @@ class MergeCLI(LightningCLI):
             help="Export the merged model: DIR/<task>/ is a complete GPT2ForSequenceClassification "
             "checkpoint (merged body + that task's head, config, tokenizer, safetensors).",
         )
-
-    def before_test(self) -> None:
-        # Statistics (Fisher, RegMean) need trainer.predict, which cannot run inside trainer.test:
-        # run it first on the same Trainer (every DDP process runs this hook in the same order).
-        self.model.prepare(self.trainer, self.datamodule)
-
-    def after_test(self) -> None:
-        self._finish(self.config[self.subcommand])
-
-    @rank_zero_only
-    def _finish(self, config) -> None:
-        report = self.model.report
-        print(f"\n{type(self.model).__name__} on {len(self.model.tasks)} GLUE tasks\n{format_report(report)}\n")
-        if self.model.report_path:
-            print(f"Report: {self.model.report_path}")
-        if config.get("report_save_path"):
-            print(f"Report: {write_report(report, config.report_save_path)}")
-        if config.get("merged_model_save_path"):
-            folders = self.model.save_merged(config.merged_model_save_path)
-            print(f"Merged model exported to {config.merged_model_save_path} ({len(folders)} task checkpoints)")
+        parser.add_argument(
+            "--save_predictions",
+            type=bool,
+            default=False,
+            help="Also write per-example predictions (idx, label, predicted class, logits), one JSON-lines "
+            "file per task, to predictions/<task>.jsonl next to the report (log dir and --report_save_path).",
+        )
+        parser.add_argument(
+            "--verbose",
+            type=bool,
+            default=False,
+            help="Also print Lightning's own results table (every metric once per task loader).",
+        )
 
 
-USAGE = """mergelit: model merging for GPT-2 GLUE classifiers.
-
-commands:
-  mergelit test -c RUN.yaml -c METHOD.yaml     merge the pool with one method and score it
-  mergelit sweep -c ... -c SWEEP.yaml          a grid of test runs in one process: reports, table, plot
-  mergelit compare RUNS... | -c ...            the comparison table across methods
-  mergelit fit -c FINETUNE.yaml                fine-tune one GPT-2 classifier on a GLUE task
-  mergelit demo                                offline demo: build a small pool, merge, print the table
-
-`mergelit COMMAND --help` lists each command's options.
-"""
-
-
-def main(args: Optional[list[str]] = None) -> None:
-    from mergelit.tracking import default_wandb_mode
-
-    default_wandb_mode()  # a WandbLogger without an API key logs offline instead of failing
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv in ([], ["-h"], ["--help"]):
-        print(USAGE)
-        return
-    if argv[:1] in (["sweep"], ["compare"]):
-        # Grids of test runs in one process: not Trainer methods, so not LightningCLI subcommands
-        # (see mergelit/sweep.py).
-        from mergelit.sweep import main as sweep_main
-
-        return sweep_main(argv)
-    if argv[:1] == ["fit"]:
-        # Fine-tuning is its own LightningCLI (another model and datamodule): mergelit/finetune.py.
-        from mergelit.finetune import FineTuneCLI
-
-        FineTuneCLI(args=args)  # args None: LightningCLI reads sys.argv itself, `fit` included
-        return
-    if argv[:1] == ["demo"]:
-        from mergelit.demo import main as demo_main
-
-        return demo_main(argv[1:])
-    MergeCLI(args=args)
-
-
-if __name__ == "__main__":
-    main()
+def test_command(args: Optional[list[str]] = None):
+    """``mergelit test ARGS``: parse and instantiate, then run the test flow; returns the report."""
+    cli = MergeCLI(args)
+    config = cli.config
+    return run_test(
+        cli.trainer,
+        cli.model,
+        cli.datamodule,
+        report_save_path=config.get("report_save_path"),
+        merged_model_save_path=config.get("merged_model_save_path"),
+        verbose=config.get("verbose", False),
+        save_predictions=config.get("save_predictions", False),
+    )

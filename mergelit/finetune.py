@@ -24,27 +24,22 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mergelit.cli import _tokenizer_of
-from mergelit.glue import GLUE_TASKS, GLUEDataModule, ordered_tasks
-from mergelit.pool import PAD_TOKEN_ID, _check_safetensors
+from mergelit.glue import GLUEDataModule
+from mergelit.pool import check_checkpoint_folder, tokenizer_path
+from mergelit.tasks import GLUE_TASKS, PAD_TOKEN_ID, ordered_tasks
 
 
 def adamw_linear_schedule(module: L.LightningModule, learning_rate: float, weight_decay: float, warmup_steps: int) -> dict:
-    """AdamW with a linear warm-up to ``learning_rate``, then a linear decay reaching 0 after the
-    last step (HF Trainer's default schedule), stepped every optimizer step."""
+    """AdamW with transformers' linear schedule: warm-up to ``learning_rate`` over ``warmup_steps``,
+    then a linear decay reaching 0 after the last step (HF Trainer's default), stepped every step."""
+    from transformers import get_linear_schedule_with_warmup
+
     # The fused kernel updates every tensor in one pass: on CPU the per-tensor loop over the
     # 50,257-row embedding otherwise costs as much as the forward and backward of a small model.
     fused = module.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay, fused=fused)
     total = max(1, int(module.trainer.estimated_stepping_batches))
-    warmup = min(warmup_steps, total)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup_steps, total), total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -96,7 +91,7 @@ class GLUETaskDataModule(GLUEDataModule):
         """The dataset's label names in label-id order (the ``ClassLabel`` feature)."""
         feature = self.raw(self.task, GLUE_TASKS[self.task].train_split).features["label"]
         names = getattr(feature, "names", None)
-        return list(names) if names else [f"LABEL_{i}" for i in range(GLUE_TASKS[self.task].num_labels)]
+        return list(names) if names else list(GLUE_TASKS[self.task].label_names)
 
     def prepare_data(self) -> None:
         self.check(("train", "eval"))
@@ -133,7 +128,7 @@ def load_classifier(pretrained: str, num_labels: int, label_names: Optional[list
     """
     from transformers import AutoConfig, GPT2ForSequenceClassification
 
-    _check_safetensors(pretrained)
+    check_checkpoint_folder(pretrained)
     names = list(label_names or [f"LABEL_{i}" for i in range(num_labels)])
     if len(names) != num_labels:
         raise ValueError(f"{len(names)} label names {names} for {num_labels} labels.")
@@ -342,8 +337,9 @@ class FineTuneCLI(LightningCLI):
         parser.add_lightning_class_args(ExportPretrained, "export")
         # One task argument (data.task) and one model path decide the labels and the tokenizer.
         parser.link_arguments("data.task", "model.task")
-        parser.link_arguments(("model.pretrained", "model.tokenizer"), "data.tokenizer", compute_fn=_tokenizer_of)
+        parser.link_arguments(("model.pretrained", "model.tokenizer"), "data.tokenizer", compute_fn=tokenizer_path)
 
 
-def main(args: Optional[list[str]] = None) -> None:
-    FineTuneCLI(args=args)
+def fit_command(args: Optional[list[str]] = None) -> None:
+    """``mergelit fit ARGS``: fine-tune one classifier (``args``: the command line after ``fit``)."""
+    FineTuneCLI(args=["fit", *(args or [])])

@@ -1,4 +1,4 @@
-"""GLUE: the task table and the evaluation/statistics DataModule.
+"""GLUE: the evaluation/statistics DataModule (the task table is ``mergelit.tasks``).
 
 Tokenization follows the spec exactly (what "the same experiment" means): GPT-2 BPE,
 no template, prompt, separator, BOS or EOS; a pair is ``tokenizer(a, b)`` (the two
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -24,43 +24,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
-"""Every task, in the one order used everywhere: pools, loaders, reports, tables."""
-
-
-@dataclass(frozen=True)
-class GLUETask:
-    text_fields: tuple[str, ...]
-    num_labels: int
-    eval_split: str = "validation"
-    train_split: str = "train"
-
-
-GLUE_TASKS: dict[str, GLUETask] = {
-    "cola": GLUETask(("sentence",), 2),
-    "mnli": GLUETask(("premise", "hypothesis"), 3, eval_split="validation_matched"),
-    "mrpc": GLUETask(("sentence1", "sentence2"), 2),
-    "qnli": GLUETask(("question", "sentence"), 2),
-    "qqp": GLUETask(("question1", "question2"), 2),
-    "rte": GLUETask(("sentence1", "sentence2"), 2),
-    "sst2": GLUETask(("sentence",), 2),
-}
+from mergelit.errors import BadData, FileMissing, KeyMissing, MergelitError
+from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks
 
 # Bump when the tokenized layout changes, so that old cache files are not trusted.
-_CACHE_FORMAT = 1
-
-
-def ordered_tasks(tasks: Sequence[str]) -> list[str]:
-    """Check task names and return them in the canonical order (``TASKS``)."""
-    tasks = list(tasks)
-    unknown = [t for t in tasks if t not in GLUE_TASKS]
-    if unknown:
-        raise ValueError(f"Unknown GLUE task {unknown[0]!r}; the tasks are {', '.join(TASKS)}.")
-    if not tasks:
-        raise ValueError(f"No task given; choose among {', '.join(TASKS)}.")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"Task listed twice in {tasks}.")
-    return [t for t in TASKS if t in tasks]
+_CACHE_FORMAT = 2  # 2: the row's ``idx`` is kept
 
 
 def load_tokenizer(path: str):
@@ -82,6 +50,35 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(f"pad={tokenizer.pad_token_id}".encode())
     return digest.hexdigest()[:16]
+
+
+def data_fingerprint(dataset: datasets.Dataset) -> str:
+    """A hash of a raw split's content: its Arrow files' bytes (or, in memory, its rows) and features."""
+    digest = hashlib.sha256(f"rows={len(dataset)}|{dataset.features}".encode())
+    files = [entry["filename"] for entry in dataset.cache_files]
+    if files:
+        for name in files:
+            with open(name, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 22), b""):
+                    digest.update(chunk)
+    else:
+        digest.update(repr(dataset.to_dict()).encode())
+    return digest.hexdigest()[:20]
+
+
+def check_labels(dataset: datasets.Dataset, task: str, split: str, path: str) -> None:
+    """Refuse an empty split, or labels outside ``[0, num_labels)`` (GLUE's unlabelled test rows are ``-1``)."""
+    if len(dataset) == 0:
+        raise BadData(f"Task {task!r} split {split!r} in {path!r} is empty; nothing to score or to draw from.")
+    num_labels = GLUE_TASKS[task].num_labels
+    labels = dataset.with_format("numpy")["label"]
+    bad = [int(x) for x in labels if not 0 <= int(x) < num_labels][:3]
+    if bad:
+        hint = " (-1 marks GLUE's unlabelled test rows: score the validation split)" if -1 in bad else ""
+        raise BadData(
+            f"Task {task!r} split {split!r} in {path!r} has label(s) {bad} outside 0..{num_labels - 1}{hint}; "
+            f"{task} labels are {', '.join(GLUE_TASKS[task].label_names)}."
+        )
 
 
 class LengthSortedBatches(Sampler[list[int]]):
@@ -119,6 +116,21 @@ class GLUEDataModule(L.LightningDataModule):
             instead of to the batch's longest row. Predictions are the same either way.
         cache_dir: where tokenized splits are cached. The key includes the tokenizer, the
             max length and the raw data's fingerprint.
+        extra_eval_splits: also score the extra evaluation splits the data has (MNLI
+            ``validation_mismatched``, with the MNLI head), as separate report entries
+            (``mnli_mismatched``) outside the 7-task average.
+        dev_size: rows per task of the labeled **dev split**, carved from ``train`` (never from
+            validation) for choosing hyperparameters without the validation labels
+            (``mergelit sweep --sweep.select_on dev|agreement``). A split of ``n`` rows gives
+            ``min(dev_size, n // 2)`` dev rows, so that at least half of it is left for statistics.
+            0: no dev split.
+        dev_seed: seed of the dev draw: the dev rows are the first ``dev_size`` of
+            ``torch.randperm(n)`` under this seed (``dev_indices``, recorded in ``sweep.json``).
+        hold_out_dev: statistics (Fisher, RegMean) skip the dev rows, so dev and statistics rows are
+            disjoint. Off by default: statistics then draw from the whole train split exactly as
+            before (same rows, same numbers, same cache). A sweep with ``select_on`` other than
+            ``none`` turns it on (as ``--data.hold_out_dev true``, so each point's report equals a
+            ``mergelit test`` run with that flag).
     """
 
     def __init__(
@@ -131,13 +143,24 @@ class GLUEDataModule(L.LightningDataModule):
         max_length: int = 512,
         pad_to_max_length: bool = False,
         cache_dir: str = "lightning_logs/cache/tokenized",
+        extra_eval_splits: bool = True,
+        dev_size: int = 500,
+        dev_seed: int = 0,
+        hold_out_dev: bool = False,
     ):
         super().__init__()
         self.tasks = ordered_tasks(tasks)
+        if dev_size < 0:
+            raise ValueError(f"dev_size must be >= 0 (0: no dev split), got {dev_size}.")
+        if hold_out_dev and dev_size == 0:
+            raise ValueError("hold_out_dev needs a dev split: set dev_size > 0, or hold_out_dev false.")
+        self.dev_size = dev_size
+        self.dev_seed = dev_seed
+        self.hold_out_dev = hold_out_dev
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise MergelitError(f"batch_size must be >= 1, got {batch_size}.")
         if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}.")
+            raise MergelitError(f"max_length must be >= 1, got {max_length}.")
         self.tokenizer_path = tokenizer
         self.path = path
         self.batch_size = batch_size
@@ -145,6 +168,7 @@ class GLUEDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.pad_to_max_length = pad_to_max_length
         self.cache_dir = cache_dir
+        self.extra_eval_splits = extra_eval_splits
         self._tokenizer = None
         self._raw: dict[str, datasets.DatasetDict] = {}
         self._tokenized: dict[tuple[str, str], datasets.Dataset] = {}
@@ -161,8 +185,7 @@ class GLUEDataModule(L.LightningDataModule):
         """
         for task in self.tasks:
             for role in splits:
-                self._split_name(task, role)
-                self.raw(task, self._split_name(task, role))
+                check_labels(self.raw(task, self._split_name(task, role)), task, self._split_name(task, role), self.path)
 
     def _split_name(self, task: str, role: str) -> str:
         info = GLUE_TASKS[task]
@@ -174,25 +197,25 @@ class GLUEDataModule(L.LightningDataModule):
             if self.is_local:
                 folder = Path(self.path) / task
                 if not folder.is_dir():
-                    raise FileNotFoundError(
+                    raise FileMissing(
                         f"Data folder {self.path!r} has no {task!r} task folder ({folder}); write one with "
                         f"DatasetDict.save_to_disk, or use mergelit.synthetic to make one."
                     )
                 loaded = datasets.load_from_disk(str(folder))
                 if not isinstance(loaded, datasets.DatasetDict):
-                    raise ValueError(f"{folder} holds a single Dataset; save a DatasetDict with the GLUE splits.")
+                    raise MergelitError(f"{folder} holds a single Dataset; save a DatasetDict with the GLUE splits.")
             else:
                 loaded = datasets.load_dataset(self.path, task)
             self._raw[task] = loaded
         splits = self._raw[task]
         if split not in splits:
-            raise KeyError(
+            raise KeyMissing(
                 f"Task {task!r} in {self.path!r} has no {split!r} split (it has {', '.join(splits)})."
             )
         dataset = splits[split]
         missing = [c for c in (*GLUE_TASKS[task].text_fields, "label") if c not in dataset.column_names]
         if missing:
-            raise KeyError(f"Task {task!r} split {split!r} in {self.path!r} lacks column(s) {missing}.")
+            raise KeyMissing(f"Task {task!r} split {split!r} in {self.path!r} lacks column(s) {missing}.")
         return dataset
 
     # ---- tokenization ---------------------------------------------------------------------
@@ -217,30 +240,45 @@ class GLUEDataModule(L.LightningDataModule):
                 "|".join(
                     map(
                         str,
-                        (_CACHE_FORMAT, task, split, tokenizer_fingerprint(tokenizer), self.max_length, raw._fingerprint),
+                        (_CACHE_FORMAT, task, split, tokenizer_fingerprint(tokenizer), self.max_length, data_fingerprint(raw)),
                     )
                 ).encode()
             ).hexdigest()[:20]
 
-            def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            def tokenize(batch: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:
                 texts = [batch[f] for f in fields]
                 # Pairs: tokenizer(a, b) concatenates the two token lists, no separator.
                 encoded = tokenizer(*texts, truncation=True, max_length=self.max_length)
                 ids = encoded["input_ids"]
-                return {"input_ids": ids, "length": [len(x) for x in ids]}
+                # The row's id (GLUE's `idx`, else its row number) travels to per-example predictions.
+                return {"input_ids": ids, "length": [len(x) for x in ids], "idx": list(batch.get("idx", rows))}
 
             cache_file = None
             if self.cache_dir:
                 os.makedirs(self.cache_dir, exist_ok=True)
                 cache_file = os.path.join(self.cache_dir, f"{task}-{split}-{cache_key}.arrow")
-            self._tokenized[key] = raw.map(
-                tokenize,
-                batched=True,
-                remove_columns=[c for c in raw.column_names if c != "label"],
-                cache_file_name=cache_file,
-                new_fingerprint=cache_key,
-                desc=f"Tokenizing {task}/{split}",
-            )
+            def tokenize_split() -> datasets.Dataset:
+                return raw.map(
+                    tokenize,
+                    batched=True,
+                    with_indices=True,
+                    remove_columns=[c for c in raw.column_names if c != "label"],
+                    cache_file_name=cache_file,
+                    new_fingerprint=cache_key,
+                    desc=f"Tokenizing {task}/{split}",
+                )
+
+            try:
+                tokenized = tokenize_split()
+                if cache_file and os.path.exists(cache_file):
+                    len(tokenized["length"])  # read it all: a damaged cache file fails here, not mid-evaluation
+            except Exception as error:  # pyarrow's errors for a damaged file share no narrower base
+                if not (cache_file and os.path.exists(cache_file)):
+                    raise
+                warnings.warn(f"Tokenized cache file {cache_file} is damaged ({type(error).__name__}: {error}); rebuilding it.")
+                os.remove(cache_file)
+                tokenized = tokenize_split()
+            self._tokenized[key] = tokenized
         return self._tokenized[key]
 
     def eval_dataset(self, task: str) -> datasets.Dataset:
@@ -248,6 +286,33 @@ class GLUEDataModule(L.LightningDataModule):
 
     def train_dataset(self, task: str) -> datasets.Dataset:
         return self.tokenized(task, GLUE_TASKS[task].train_split)
+
+    # ---- the dev split (carved from train) ---------------------------------------------------
+    def dev_indices(self, task: str) -> list[int]:
+        """The train rows of ``task``'s dev split, sorted: the first ``min(dev_size, n // 2)`` of a
+        ``dev_seed`` permutation of the ``n`` train rows (their labels are the dev labels)."""
+        n = len(self.raw(task, GLUE_TASKS[task].train_split))
+        size = min(self.dev_size, n // 2)
+        generator = torch.Generator().manual_seed(self.dev_seed)
+        return sorted(torch.randperm(n, generator=generator)[:size].tolist())
+
+    def statistics_excluded(self, task: str) -> list[int]:
+        """Train rows that statistics must not draw: the dev rows under ``hold_out_dev``, else none."""
+        return self.dev_indices(task) if self.hold_out_dev else []
+
+    def dev_dataset(self, task: str) -> datasets.Dataset:
+        """The dev rows of ``task``, tokenized (``input_ids``, ``label``, ``length``), in ``dev_indices`` order."""
+        indices = self.dev_indices(task)
+        if not indices:
+            raise ValueError(f"{task} has no dev rows (dev_size {self.dev_size}, train rows "
+                             f"{len(self.train_dataset(task))}); set data.dev_size > 0.")
+        return self.train_dataset(task).select(indices)
+
+    def dev_dataloader(self, task: str) -> DataLoader:
+        """The dev rows of ``task`` in length-sorted batches, on one process (every rank sees all of them)."""
+        dataset = self.dev_dataset(task)
+        sampler = LengthSortedBatches(dataset["length"], self.batch_size)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers)
 
     # ---- batching -------------------------------------------------------------------------
     def collate(self, rows: list[dict[str, Any]], pad_to_max_length: bool | None = None) -> dict[str, torch.Tensor]:
@@ -266,7 +331,10 @@ class GLUEDataModule(L.LightningDataModule):
             input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
             attention_mask[i, :n] = 1
         labels = torch.as_tensor([r["label"] for r in rows], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if all("idx" in r for r in rows):
+            batch["idx"] = torch.as_tensor([r["idx"] for r in rows], dtype=torch.long)
+        return batch
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -274,8 +342,8 @@ class GLUEDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
-    def eval_dataloader(self, task: str) -> DataLoader:
-        dataset = self.eval_dataset(task)
+    def eval_dataloader(self, task: str, split: str | None = None) -> DataLoader:
+        dataset = self.eval_dataset(task) if split is None else self.tokenized(task, split)
         num_replicas, rank = self._world()
         sampler = LengthSortedBatches(dataset["length"], self.batch_size, num_replicas, rank)
         return DataLoader(
@@ -288,10 +356,35 @@ class GLUEDataModule(L.LightningDataModule):
         self.check(("eval",))
         for task in self.tasks:
             self.eval_dataset(task)
+        for task, split in self.extra_test_splits():
+            self.tokenized(task, split)
 
     def setup(self, stage: str | None = None) -> None:
         self.check(("eval",))
 
+    def extra_test_splits(self) -> list[tuple[str, str]]:
+        """``(task, split)`` of the extra evaluation splits the data has (``extra_eval_splits``:
+        MNLI ``validation_mismatched``), in task order; none when ``extra_eval_splits`` is off."""
+        if not self.extra_eval_splits:
+            return []
+        found = []
+        for task in self.tasks:
+            for split in GLUE_TASKS[task].extra_eval_splits:
+                try:
+                    self.raw(task, split)
+                except KeyError:  # the data has no such split (or lacks a column): scored without it
+                    continue
+                found.append((task, split))
+        return found
+
+    def test_splits(self) -> list[tuple[str, str]]:
+        """``(task, split)`` of every test loader: dataloader_idx i < len(tasks) is tasks[i]'s
+        evaluation split; the extra splits come after them."""
+        return [(task, GLUE_TASKS[task].eval_split) for task in self.tasks] + self.extra_test_splits()
+
     def test_dataloader(self) -> list[DataLoader]:
-        """The validation loaders of ``tasks``, in task order (dataloader_idx i = tasks[i])."""
-        return [self.eval_dataloader(task) for task in self.tasks]
+        """The validation loaders of ``tasks``, in task order (dataloader_idx i = tasks[i]), then
+        the extra splits' loaders (``test_splits``)."""
+        return [self.eval_dataloader(task) for task in self.tasks] + [
+            self.eval_dataloader(task, split) for task, split in self.extra_test_splits()
+        ]

@@ -9,28 +9,138 @@ are ``GPT2Model`` state dicts; heads are the ``score`` weights of each
 from __future__ import annotations
 
 import glob
+import math
 import os
-from typing import Any, Callable, Hashable
+import warnings
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from mergelit.glue import GLUE_TASKS, load_tokenizer, ordered_tasks
-from mergelit.state_dict import check_same_keys_and_shapes
+from mergelit.errors import BadCheckpoint, FileMissing, KeyMissing
+from mergelit.glue import load_tokenizer
+from mergelit.state_dict import check_same_keys_and_shapes, tensors_fingerprint
+from mergelit.tasks import GLUE_TASKS, PAD_TOKEN_ID, ordered_tasks
 
-PAD_TOKEN_ID = 50256  # <|endoftext|>: the spec pads with it, the real `gpt2` config has no pad token
+
+def tokenizer_path(pretrained: str, tokenizer: Optional[str] = None) -> str:
+    """The tokenizer a pool (or a fine-tuning run) uses: ``tokenizer`` if given, else ``pretrained``'s."""
+    return tokenizer or pretrained
 
 
-def _check_safetensors(path: str) -> None:
-    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(path)):
-        raise FileNotFoundError(f"Checkpoint folder {path!r} does not exist.")
-    # A local folder without safetensors would make from_pretrained fall back to nothing
-    # useful (we never unpickle .bin files): say so by name. Hub ids are checked by the hub.
-    if os.path.isdir(path) and not glob.glob(os.path.join(path, "*.safetensors")):
-        raise FileNotFoundError(
-            f"Checkpoint folder {path!r} has no *.safetensors file; mergelit loads safetensors only. "
-            f"Convert it with `model.save_pretrained(folder, safe_serialization=True)`."
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+
+
+def _looks_local(path: str) -> bool:
+    """Whether ``path`` is meant as a folder rather than a hub id (``owner/name`` or ``name``)."""
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+        return True
+    first = path.split("/", 1)[0]
+    return "/" in path and os.path.isdir(first)
+
+
+def check_checkpoint_folder(path: str, name: str = "checkpoint") -> None:
+    """Fail, naming ``name`` (``fine-tuned model 'sst2'``) and ``path``, unless ``path`` is a usable checkpoint.
+
+    A missing local folder (absolute or relative) is named as such, not reported as a network
+    error; a hub id while ``HF_HUB_OFFLINE=1`` is only accepted if the hub cache has it (checked by
+    the loader). Pickle-only folders (``pytorch_model.bin``, ``*.pt``) are refused: mergelit never
+    unpickles. Every ``*.safetensors`` header is read (a truncated or corrupt file fails here).
+    """
+    expanded = os.path.expanduser(path)
+    if os.path.isfile(expanded):
+        raise FileMissing(f"The {name} path {path!r} is a file; give the checkpoint's folder (config.json + *.safetensors).")
+    if not os.path.isdir(expanded):
+        if _looks_local(path):
+            raise FileMissing(f"The {name} folder {path!r} does not exist (relative paths are read from {os.getcwd()}).")
+        return  # a hub id: the loader reports it (see _from_pretrained)
+    safetensors_files = sorted(glob.glob(os.path.join(expanded, "*.safetensors")))
+    if not safetensors_files:
+        pickles = sorted(os.path.basename(f) for f in glob.glob(os.path.join(expanded, "*.bin")) + glob.glob(os.path.join(expanded, "*.pt")) + glob.glob(os.path.join(expanded, "*.pth")))
+        found = f" (it has only pickle weights: {', '.join(pickles)}, which mergelit never unpickles)" if pickles else ""
+        raise FileMissing(
+            f"The {name} folder {path!r} has no *.safetensors file{found}; mergelit loads safetensors only. "
+            f"Convert it once where you trust the file: `AutoModelForSequenceClassification.from_pretrained(folder)"
+            f".save_pretrained(folder, safe_serialization=True)`."
         )
+    for file in safetensors_files:
+        _check_safetensors(file, name)
+
+
+def _check_safetensors(file: str, name: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as handle:
+            keys = list(handle.keys())
+            dtypes = {handle.get_slice(key).get_dtype() for key in keys}
+    except Exception as error:  # SafetensorError (truncated, corrupt header) has no narrower base
+        raise BadCheckpoint(
+            f"The {name} file {file!r} is not a readable safetensors file ({error}); re-download or re-export it."
+        ) from None
+    if not any(key.endswith("h.0.attn.c_attn.weight") for key in keys):
+        raise BadCheckpoint(
+            f"The {name} file {file!r} holds no GPT-2 body (no 'h.0.attn.c_attn.weight' among its "
+            f"{len(keys)} tensors, e.g. {', '.join(keys[:3]) or 'none'}); point at a GPT-2 checkpoint."
+        )
+    low = sorted(d for d in dtypes if d in ("F16", "BF16"))
+    if low and file not in _CAST_WARNED:
+        _CAST_WARNED.add(file)
+        warnings.warn(f"The {name} in {file!r} is stored in {'/'.join(low)}; mergelit casts it to float32.", stacklevel=3)
+
+
+_CAST_WARNED: set[str] = set()
+
+
+def _from_pretrained(cls, path: str, name: str):
+    """``cls.from_pretrained(path)`` in fp32 from safetensors, with short errors naming ``name`` and ``path``."""
+    try:
+        model, info = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32, output_loading_info=True)
+    except OSError as error:
+        if os.path.isdir(os.path.expanduser(path)):
+            raise BadCheckpoint(f"The {name} in {path!r} cannot be loaded: {error}") from None
+        if _hub_offline():
+            raise FileMissing(
+                f"The {name} {path!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no cached "
+                f"copy; download it first, or point at a local folder."
+            ) from None
+        raise FileMissing(
+            f"The {name} {path!r} is neither a local folder nor a reachable hub model ({str(error).splitlines()[0]})."
+        ) from None
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing:
+        raise BadCheckpoint(
+            f"The {name} in {path!r} lacks {len(missing)} tensor(s) of a {cls.__name__} (e.g. {missing[0]!r}); "
+            f"they would be random. Point at a complete checkpoint."
+        )
+    return model
+
+
+def _check_label_names(task: str, path: str, labels: list) -> None:
+    """A head named with another task's labels (two checkpoints swapped) is refused; generic
+    ``LABEL_i`` names pass; other names that differ from the task table's only warn."""
+    if not all(isinstance(label, str) for label in labels) or all(label.upper().startswith("LABEL_") for label in labels):
+        return
+    names = tuple(label.lower() for label in labels)
+    expected = GLUE_TASKS[task].label_names
+    if names == expected:
+        return
+    others = [other for other, info in GLUE_TASKS.items() if info.label_names == names]
+    if others:
+        raise BadCheckpoint(
+            f"The {task!r} head in {path!r} has the label names of {'/'.join(others)} ({list(labels)}), not {task}'s "
+            f"{list(expected)}: are two tasks' checkpoints swapped? Point `pool.finetuned.{task}` at a {task} classifier."
+        )
+    warnings.warn(f"The {task!r} head in {path!r} names its labels {list(labels)}; GLUE {task} calls them {list(expected)}.", stacklevel=3)
+
+
+def check_finite(state: dict[str, Tensor], name: str) -> None:
+    """Refuse a state dict holding NaN or inf, naming ``name`` and the first such tensor."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BadCheckpoint(f"The {name} has {bad} NaN/inf value(s) in tensor {key!r}; mergelit refuses non-finite weights.")
 
 
 class ModelPool:
@@ -48,11 +158,15 @@ class ModelPool:
         self.tasks = ordered_tasks(list(finetuned))
         self.pretrained_path = pretrained
         self.finetuned_paths = {task: finetuned[task] for task in self.tasks}
-        self.tokenizer_path = tokenizer or pretrained
+        self.tokenizer_path = tokenizer_path(pretrained, tokenizer)
         self._pretrained_body: dict[str, Tensor] | None = None
         self._config = None
         self._finetuned: dict[str, tuple[dict[str, Tensor], Tensor, Any]] = {}
-        self._cached: dict[Hashable, Any] = {}
+        self._heads: dict[str, tuple[Tensor, Any]] = {}  # task -> (head, config): checked without the body
+        self._checkpoints: dict[str, _Checkpoint | None] = {}  # path -> its safetensors files (None: a hub id)
+        self._body_shapes: dict[str, torch.Size] | None = None
+        self._finite_checked: set[tuple] = set()
+        self._fingerprints: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"ModelPool(pretrained={self.pretrained_path!r}, tasks={self.tasks})"
@@ -65,7 +179,7 @@ class ModelPool:
 
             config = AutoConfig.from_pretrained(self.pretrained_path)
             if config.model_type != "gpt2":
-                raise ValueError(f"{self.pretrained_path!r} is a {config.model_type!r} model; mergelit merges GPT-2.")
+                raise BadCheckpoint(f"{self.pretrained_path!r} is a {config.model_type!r} model; mergelit merges GPT-2.")
             if config.pad_token_id is None:
                 config.pad_token_id = PAD_TOKEN_ID
             self._config = config
@@ -76,17 +190,50 @@ class ModelPool:
         if self._pretrained_body is None:
             from transformers import GPT2Model
 
-            _check_safetensors(self.pretrained_path)
+            name = "pretrained model (pool.pretrained)"
+            check_checkpoint_folder(self.pretrained_path, name)
             # GPT2Model.from_pretrained drops the `transformer.` prefix and the LM head of a
             # GPT2LMHeadModel checkpoint (as `gpt2` on the hub is).
-            model = GPT2Model.from_pretrained(self.pretrained_path, use_safetensors=True, dtype=torch.float32)
-            self._pretrained_body = _detached(model.state_dict())
+            model = _from_pretrained(GPT2Model, self.pretrained_path, name)
+            body = _detached(model.state_dict())
+            check_finite(body, f"{name} {self.pretrained_path!r}")
+            self._pretrained_body = body
         return self._pretrained_body
 
     # ---- fine-tuned -----------------------------------------------------------------------
     def _check_task(self, task: str) -> None:
         if task not in self.finetuned_paths:
-            raise KeyError(f"Task {task!r} is not in the pool; its tasks are {', '.join(self.tasks)}.")
+            raise KeyMissing(f"Task {task!r} is not in the pool; its tasks are {', '.join(self.tasks)}.")
+
+    def _head_and_config(self, task: str) -> tuple[Tensor, Any]:
+        """``task``'s head and config, its labels and body shapes checked, without loading its body."""
+        self._check_task(task)
+        if task in self._finetuned:
+            return self._finetuned[task][1:]
+        checkpoint = self._checkpoint(self.finetuned_paths[task])
+        if checkpoint is None:  # a hub id: load the whole model once (cached) as before
+            return self._load(task)[1:]
+        if task not in self._heads:
+            from transformers import AutoConfig
+
+            path = self.finetuned_paths[task]
+            config = AutoConfig.from_pretrained(path)
+            head = checkpoint.tensor("score.weight")
+            expected = GLUE_TASKS[task].num_labels
+            if config.num_labels != expected or head.shape[0] != expected:
+                raise BadCheckpoint(
+                    f"The {task!r} head in {path!r} has {head.shape[0]} labels; "
+                    f"GLUE {task} has {expected}. Point `pool.finetuned.{task}` at a {task} classifier."
+                )
+            labels = [config.id2label.get(i, config.id2label.get(str(i))) for i in range(expected)]
+            _check_label_names(task, path, labels)
+            check_finite({"score.weight": head}, f"fine-tuned model for {task!r} ({path})")
+            shapes = {key: checkpoint.shape(_FINETUNED_PREFIX + key) for key in self.keys() if checkpoint.has(_FINETUNED_PREFIX + key)}
+            check_same_keys_and_shapes(_meta(self.body_shapes()), _meta(shapes), f"fine-tuned body {task!r} ({path})")
+            if config.pad_token_id is None:
+                config.pad_token_id = PAD_TOKEN_ID
+            self._heads[task] = (head, config)
+        return self._heads[task]
 
     def _load(self, task: str) -> tuple[dict[str, Tensor], Tensor, Any]:
         self._check_task(task)
@@ -94,16 +241,20 @@ class ModelPool:
             from transformers import GPT2ForSequenceClassification
 
             path = self.finetuned_paths[task]
-            _check_safetensors(path)
-            model = GPT2ForSequenceClassification.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+            name = f"fine-tuned model for {task!r} (pool.finetuned.{task})"
+            check_checkpoint_folder(path, name)
+            model = _from_pretrained(GPT2ForSequenceClassification, path, name)
             expected = GLUE_TASKS[task].num_labels
             if model.config.num_labels != expected or model.score.weight.shape[0] != expected:
-                raise ValueError(
+                raise BadCheckpoint(
                     f"The {task!r} head in {path!r} has {model.score.weight.shape[0]} labels; "
                     f"GLUE {task} has {expected}. Point `pool.finetuned.{task}` at a {task} classifier."
                 )
+            labels = [model.config.id2label.get(i, model.config.id2label.get(str(i))) for i in range(expected)]
+            _check_label_names(task, path, labels)
             body = _detached(model.transformer.state_dict())
             check_same_keys_and_shapes(self.pretrained_body(), body, f"fine-tuned body {task!r} ({path})")
+            check_finite({**body, "score.weight": model.score.weight.detach()}, f"fine-tuned model for {task!r} ({path})")
             config = model.config
             if config.pad_token_id is None:
                 config.pad_token_id = PAD_TOKEN_ID
@@ -120,32 +271,252 @@ class ModelPool:
 
     def head(self, task: str) -> Tensor:
         """``task``'s classification head weight, shape [num_labels, n_embd] (no bias)."""
-        return self._load(task)[1]
+        return self._head_and_config(task)[0]
 
     def task_config(self, task: str):
         """The config of ``task``'s fine-tuned classifier (labels, pad token id)."""
-        return self._load(task)[2]
+        return self._head_and_config(task)[1]
 
     def check(self) -> None:
-        """Load every model once and check labels and shapes (raises on the first problem)."""
+        """Check every model's labels and shapes (raises on the first problem).
+
+        Local safetensors checkpoints are checked from their headers: no body is loaded.
+        """
         for task in self.tasks:
-            self._load(task)
+            self._head_and_config(task)
+
+    # ---- tensor by tensor (streaming) -----------------------------------------------------
+    def _checkpoint(self, path: str) -> "_Checkpoint | None":
+        if path not in self._checkpoints:
+            check_checkpoint_folder(path)
+            self._checkpoints[path] = _Checkpoint(path) if os.path.isdir(path) else None
+        return self._checkpoints[path]
+
+    def body_shapes(self) -> dict[str, torch.Size]:
+        """Body key -> shape, in ``GPT2Model.state_dict()`` order (from the config: nothing loaded)."""
+        if self._body_shapes is None:
+            from transformers import GPT2Model
+
+            with torch.device("meta"):
+                model = GPT2Model(self.body_config())
+            self._body_shapes = {key: value.shape for key, value in model.state_dict().items()}
+        return self._body_shapes
+
+    def keys(self) -> list[str]:
+        """The body's tensor names (``wte.weight``, ``h.0.attn.c_attn.weight``, ...), in state-dict order."""
+        return list(self.body_shapes())
+
+    def pretrained_tensor(self, key: str, rows: slice | None = None) -> Tensor:
+        """θ0[key] (or its ``rows``, a slice of dim 0), read alone from the memory-mapped safetensors.
+
+        fp32, equal to ``pretrained_body()[key][rows]``. A new tensor each call unless the whole
+        body is already loaded (then a view of the cached one): never modify it in place.
+        """
+        if self._pretrained_body is not None:
+            return _rows(self._pretrained_body[key], rows)
+        checkpoint = self._checkpoint(self.pretrained_path)
+        if checkpoint is None:
+            return _rows(self.pretrained_body()[key], rows)
+        self._check_key(key)
+        # A GPT2LMHeadModel checkpoint stores `transformer.<key>`; a bare GPT2Model stores `<key>`.
+        name = _FINETUNED_PREFIX + key if checkpoint.has(_FINETUNED_PREFIX + key) else key
+        if not checkpoint.has(name):
+            raise ValueError(f"The pretrained checkpoint {self.pretrained_path!r} has no tensor {key!r}.")
+        return self._finite(checkpoint.tensor(name, rows), key, rows, "pretrained model (pool.pretrained)", self.pretrained_path)
+
+    def _finite(self, tensor: Tensor, key: str, rows: slice | None, name: str, path: str) -> Tensor:
+        # As loading a whole body does, refuse NaN/inf; each piece is checked on its first read only.
+        seen = (path, key, None if rows is None else (rows.start, rows.stop))
+        if seen not in self._finite_checked:
+            check_finite({key: tensor}, f"{name} {path!r}")
+            self._finite_checked.add(seen)
+        return tensor
+
+    def finetuned_tensor(self, task: str, key: str, rows: slice | None = None) -> Tensor:
+        """θ_task[key] (or its ``rows``), read alone from the memory-mapped safetensors
+        (fp32; equal to ``finetuned_body(task)[key][rows]``; never modify it in place)."""
+        self._check_task(task)
+        if task in self._finetuned:
+            return _rows(self._finetuned[task][0][key], rows)
+        checkpoint = self._checkpoint(self.finetuned_paths[task])
+        if checkpoint is None:
+            return _rows(self.finetuned_body(task)[key], rows)
+        self._check_key(key)
+        self._head_and_config(task)  # labels and shapes checked once
+        path = self.finetuned_paths[task]
+        return self._finite(checkpoint.tensor(_FINETUNED_PREFIX + key, rows), key, rows, f"fine-tuned model for {task!r}", path)
+
+    def _check_key(self, key: str) -> None:
+        if key not in self.body_shapes():
+            raise KeyError(f"{key!r} is not a GPT2Model body tensor; the body's tensors are pool.keys().")
 
     def load_tokenizer(self):
         return load_tokenizer(self.tokenizer_path)
 
-    def cached(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        """``compute()`` the first time ``key`` is asked for, the stored result after that.
+    def fingerprint(self, task: str) -> str:
+        """A hash of ``task``'s fine-tuned weights (body and head) and its read-out pad id.
 
-        For what several methods or sweep points derive from the same models (Σ τi, the TIES
-        merged task vector): a λ sweep then only rescales it. The models never change, so a
-        result never goes stale; ``key`` must name everything else it depends on (arguments).
+        The content, not the path: copying the same weights elsewhere gives the same hash, and
+        replacing a checkpoint at the same path changes it. Computed once per task (the models
+        of a pool never change once loaded).
         """
-        if key not in self._cached:
-            self._cached[key] = compute()
-        return self._cached[key]
+        if task not in self._fingerprints:
+            head = {"score.weight": self.head(task)}
+            digest = tensors_fingerprint({**self.finetuned_body(task), **head})
+            self._fingerprints[task] = f"{digest}|pad={self.task_config(task).pad_token_id}"
+        return self._fingerprints[task]
 
 
 def _detached(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in state.items()}
 
+
+
+_FINETUNED_PREFIX = "transformer."  # GPT2ForSequenceClassification / GPT2LMHeadModel keys of the body
+
+
+def can_stream(pool: Any) -> bool:
+    """Whether ``pool`` offers the tensor-by-tensor API (a ``ModelPool``; test stubs may hold whole bodies only)."""
+    return hasattr(pool, "finetuned_tensor") and hasattr(pool, "body_shapes")
+
+
+def row_chunks(shape: torch.Size, max_entries: int = 1 << 21) -> list[slice | None]:
+    """Slices of dim 0 cutting a tensor of ``shape`` into pieces of at most ~``max_entries`` entries
+    (``[None]``, the whole tensor, when it is small): streaming merges work one piece at a time so
+    that N pieces of ``wte`` (a third of GPT-2's body) never sit in memory together."""
+    numel = math.prod(shape)
+    if len(shape) == 0 or numel <= max_entries:
+        return [None]
+    step = max(1, max_entries // max(1, numel // shape[0]))
+    return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
+def _rows(tensor: Tensor, rows: slice | None) -> Tensor:
+    return tensor if rows is None else tensor[rows]
+
+
+def _meta(shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+    return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+
+
+class _Checkpoint:
+    """The safetensors file(s) of one local checkpoint folder, read one tensor at a time.
+
+    A sharded checkpoint (``model.safetensors.index.json``) maps each name to its shard. Each read
+    opens the file memory-mapped, copies the one tensor out and closes it, so no mapping (and no
+    page of the file) stays resident: reading a whole body tensor by tensor holds one tensor.
+    """
+
+    def __init__(self, folder: str):
+        import json
+
+        from safetensors import safe_open
+
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as file:
+                weight_map = json.load(file)["weight_map"]
+            files = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+        else:
+            single = os.path.join(folder, "model.safetensors")
+            paths = [single] if os.path.exists(single) else sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            files = {}
+            for path in paths:
+                with safe_open(path, framework="pt") as handle:
+                    files.update({name: path for name in handle.keys()})
+        self.files = files
+        self._shapes: dict[str, torch.Size] = {}
+        for path in sorted(set(files.values())):
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():
+                    self._shapes[name] = torch.Size(handle.get_slice(name).get_shape())
+
+    def has(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> torch.Size:
+        return self._shapes[name]
+
+    def tensor(self, name: str, rows: slice | None = None) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as handle:
+            tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
+        # from_pretrained(dtype=float32) casts stored fp16/bf16 to fp32 the same way.
+        return tensor.to(torch.float32) if tensor.dtype != torch.float32 else tensor
+
+
+# ---- FusionBench's pool files --------------------------------------------------------------
+FUSIONBENCH_PRETRAINED = "_pretrained_"
+"""FusionBench's model name of the pretrained model in a pool file."""
+
+
+def is_fusionbench_pool(config: Any) -> bool:
+    """Whether ``config`` is a FusionBench model pool (``models:`` list or mapping) rather than
+    mergelit's ``{pretrained, finetuned, tokenizer}``."""
+    return isinstance(config, dict) and "models" in config and "pretrained" not in config and "finetuned" not in config
+
+
+def _model_path(name: str, spec: Any) -> str:
+    # FusionBench writes a model as a bare path, {name, path}, or {_target_, pretrained_model_name_or_path}.
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict):
+        for key in ("path", "pretrained_model_name_or_path"):
+            if isinstance(spec.get(key), str):
+                return spec[key]
+    raise ValueError(f"FusionBench pool model {name!r}: {spec!r} gives no path (expected `path:` or a string).")
+
+
+def fusionbench_pool_args(config: dict[str, Any]) -> dict[str, Any]:
+    """``ModelPool`` arguments from a FusionBench pool file's content::
+
+        type: HF_GPT2ForSequenceClassification        # or _target_: ...; not needed by mergelit
+        models:
+          - {name: _pretrained_, path: gpt2}
+          - {name: cola, path: tanganke/gpt2_cola}   # ... one per task
+
+    (or ``models: {_pretrained_: gpt2, cola: tanganke/gpt2_cola, ...}``). Paths are kept as written,
+    as FusionBench passes them to ``from_pretrained``: hub ids as they are, relative folders from the
+    current directory. A ``tokenizer:`` (a path, or a mapping with one) is kept; other keys are
+    FusionBench's own (``_target_``, ``_recursive_``, ``type``, dataset settings) and ignored.
+    """
+    models = config.get("models")
+    if isinstance(models, dict):
+        entries = list(models.items())
+    elif isinstance(models, list):
+        entries = []
+        for model in models:
+            if not isinstance(model, dict) or "name" not in model:
+                raise ValueError(f"FusionBench pool `models:` entry {model!r} has no `name:`.")
+            entries.append((model["name"], model))
+    else:
+        raise ValueError(f"A FusionBench pool's `models:` is a list of {{name, path}} or a mapping, not {models!r}.")
+    paths = {str(name): _model_path(str(name), spec) for name, spec in entries}
+    if FUSIONBENCH_PRETRAINED not in paths:
+        raise ValueError(f"The FusionBench pool names no `{FUSIONBENCH_PRETRAINED}` model (the pretrained GPT-2).")
+    pretrained = paths.pop(FUSIONBENCH_PRETRAINED)
+    # FusionBench names task models after the task, sometimes with a prefix (gpt2_cola): keep GLUE names.
+    finetuned = {}
+    for name, path in paths.items():
+        task = name if name in GLUE_TASKS else name.rsplit("_", 1)[-1]
+        if task not in GLUE_TASKS:
+            raise ValueError(f"FusionBench pool model {name!r} is no GLUE task; the tasks are {', '.join(GLUE_TASKS)}.")
+        finetuned[task] = path
+    args: dict[str, Any] = {"pretrained": pretrained, "finetuned": {t: finetuned[t] for t in ordered_tasks(list(finetuned))}}
+    tokenizer = config.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        tokenizer = tokenizer.get("pretrained_model_name_or_path") or tokenizer.get("path")
+    if isinstance(tokenizer, str):
+        args["tokenizer"] = tokenizer
+    return args
+
+
+def from_fusionbench(config: dict[str, Any] | str | os.PathLike) -> ModelPool:
+    """A ``ModelPool`` from a FusionBench pool file (path) or its parsed content."""
+    if not isinstance(config, dict):
+        import yaml
+
+        with open(config) as f:
+            config = yaml.safe_load(f)
+    return ModelPool(**fusionbench_pool_args(config))

@@ -1,8 +1,14 @@
-"""Reports: FusionBench-compatible JSON files and the per-task table printed after a run.
+"""Reports: FusionBench-compatible JSON files, the callback that writes them, and the per-task table.
 
 Report format (accuracy as a fraction, loss = cross-entropy averaged over examples)::
 
-    {"cola": {"accuracy": a, "loss": l}, ..., "average": {"accuracy": mean, "loss": mean}}
+    {"cola": {"accuracy": a, "loss": l, "mcc": m}, ..., "average": {"accuracy": mean, "loss": mean},
+     "mnli_mismatched": {"accuracy": ..., "loss": ...}, "protocol": {...}}
+
+The task entries and ``average`` are FusionBench's (readers that look up task names keep working);
+extra metrics are extra keys of a task's entry, never in place of accuracy. Entries that are not
+one of the 7 tasks: ``average``; an extra evaluation split such as ``mnli_mismatched`` (scored with
+the MNLI head, not in the average); ``protocol`` (what was measured and what the merge cost).
 """
 
 from __future__ import annotations
@@ -11,18 +17,48 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
-Report = dict[str, dict[str, float]]
+from lightning.pytorch import Callback
+
+from mergelit.tasks import GLUE_TASKS
+
+Report = dict[str, dict[str, Any]]
+
+PROTOCOL = "protocol"
+"""The report entry that records the protocol and the costs (no task, no accuracy: readers skip it)."""
+
+EXTRA_METRICS: dict[str, str] = {"cola": "mcc", "mrpc": "f1", "qqp": "f1"}
+"""Task -> the metric papers also report beside accuracy: CoLA Matthews correlation, MRPC/QQP F1 of class 1."""
 
 
-def make_report(per_task: Mapping[str, Mapping[str, float]]) -> Report:
-    """Add the ``average`` entry: the unweighted mean of the tasks' values."""
+def extra_entry(task: str, split: str) -> str:
+    """The report entry of an extra evaluation split: ``mnli`` + ``validation_mismatched`` -> ``mnli_mismatched``."""
+    return f"{task}_{split.removeprefix('validation_')}"
+
+
+EXTRA_ENTRIES: dict[str, tuple[str, str]] = {
+    extra_entry(task, split): (task, split) for task, info in GLUE_TASKS.items() for split in info.extra_eval_splits
+}
+"""Entry name -> (task whose head scores it, split), e.g. ``mnli_mismatched`` -> (``mnli``, ``validation_mismatched``)."""
+
+NON_TASK_ENTRIES = ("average", PROTOCOL, *EXTRA_ENTRIES)
+"""Report keys that are not one of the averaged tasks."""
+
+
+def make_report(per_task: Mapping[str, Mapping[str, float]], extra: Mapping[str, Mapping[str, float]] | None = None,
+                protocol: Mapping[str, Any] | None = None) -> Report:
+    """Add the ``average`` entry (the unweighted mean of the tasks' accuracy and loss), then the
+    ``extra`` entries (``mnli_mismatched``: not averaged) and the ``protocol`` entry."""
     report: Report = {task: {k: float(v) for k, v in values.items()} for task, values in per_task.items()}
     tasks = list(per_task)
     report["average"] = {
         key: sum(report[t][key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
     }
+    for name, values in (extra or {}).items():
+        report[name] = {k: float(v) for k, v in values.items()}
+    if protocol is not None:
+        report[PROTOCOL] = dict(protocol)
     return report
 
 
@@ -53,9 +89,74 @@ def read_report(path: str | os.PathLike) -> Report:
         return json.load(f)
 
 
-def format_report(report: Report) -> str:
-    """A markdown table: one row per task and the average, accuracy in percent."""
-    lines = ["| task | accuracy (%) | loss |", "|---|---|---|"]
+def format_report(report: Report, extra_metrics: bool = True) -> str:
+    """A markdown table: one row per task, the average, then extra splits (``mnli_mismatched``),
+    accuracy in percent; ``extra_metrics``: also a column of the task's extra metric (MCC, F1) in percent."""
+    header = "| task | accuracy (%) | loss |" + (" other metric (%) |" if extra_metrics else "")
+    lines = [header, "|---|---|---|" + ("---|" if extra_metrics else "")]
     for task, values in report.items():
-        lines.append(f"| {task} | {100 * values['accuracy']:.2f} | {values['loss']:.4f} |")
+        if task == PROTOCOL or not isinstance(values, dict) or "accuracy" not in values:
+            continue
+        line = f"| {task} | {100 * values['accuracy']:.2f} | {values['loss']:.4f} |"
+        if extra_metrics:
+            metric = EXTRA_METRICS.get(task)
+            line += f" {metric.upper()} {100 * values[metric]:.2f} |" if metric and metric in values else " |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def prediction_lines(rows: Iterable[Mapping[str, Any]]) -> str:
+    """JSON lines, one per example: ``{"idx", "label", "prediction", "logits", "loss"}``."""
+    return "".join(json.dumps(dict(row)) + "\n" for row in rows)
+
+
+def write_predictions(predictions: Mapping[str, list[Mapping[str, Any]]], folder: str | os.PathLike) -> list[Path]:
+    """Write ``folder/<entry>.jsonl`` for every entry (task or ``mnli_mismatched``), atomically."""
+    return [atomic_write_text(Path(folder) / f"{entry}.jsonl", prediction_lines(rows)) for entry, rows in predictions.items()]
+
+
+def read_predictions(folder: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+    """``folder/<entry>.jsonl`` files -> ``{entry: [row, ...]}``."""
+    out = {}
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        out[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+class ReportWriter(Callback):
+    """A Lightning callback that writes the method's report after ``trainer.test`` (rank 0 only).
+
+    Args:
+        log_dir: also write ``report.json`` into the run's log folder (``trainer.log_dir``).
+        path: also write the report to this file (``--report_save_path``).
+        save_predictions: also write the method's per-example predictions, ``predictions/<task>.jsonl``
+            next to each report (``--save_predictions``).
+
+    After the test, ``written`` lists the files it wrote.
+    """
+
+    def __init__(self, log_dir: bool = True, path: str | os.PathLike | None = None, save_predictions: bool = False):
+        self.log_dir = log_dir
+        self.path = path
+        self.save_predictions = save_predictions
+        self.written: list[Path] = []
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        report = getattr(pl_module, "report", None)
+        # trainer.log_dir broadcasts under DDP, so every rank asks; rank 0 alone writes.
+        log_dir = trainer.log_dir if self.log_dir else None
+        if report is None or not trainer.is_global_zero:
+            return
+        self.written = []
+        folders = []
+        if log_dir:
+            self.written.append(write_report(report, os.path.join(log_dir, "report.json")))
+            folders.append(Path(log_dir))
+        if self.path:
+            self.written.append(write_report(report, self.path))
+            folders.append(Path(self.path).parent)
+        predictions = getattr(pl_module, "predictions", None)
+        if self.save_predictions and predictions:
+            # predictions/<task>.jsonl next to each report (gathered from every rank by the method).
+            for folder in dict.fromkeys(f.resolve() for f in folders):
+                self.written.extend(write_predictions(predictions, folder / "predictions"))

@@ -5,6 +5,7 @@ None of them modifies its inputs: the pool hands out its cached tensors.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Iterable, Sequence
 
@@ -76,3 +77,18 @@ def matching_keys(keys: Iterable[str], patterns: Sequence[str]) -> set[str]:
         except re.error as error:
             raise ValueError(f"Invalid regular expression {pattern!r}: {error}.") from None
     return {key for key in keys if any(regex.match(key) for regex in compiled)}
+
+
+def add_scaled(pretrained: dict[str, Tensor], task_vector: dict[str, Tensor], scaling_factor: float) -> dict[str, Tensor]:
+    """θ0 + λ τ, tensor by tensor (new tensors): how every task-vector method applies its λ."""
+    return {key: pretrained[key] + scaling_factor * task_vector[key] for key in pretrained}
+
+
+def tensors_fingerprint(tensors: dict[str, Tensor], digest=None) -> str:
+    """SHA-256 of names, dtypes, shapes and bytes of ``tensors`` (keys sorted)."""
+    digest = digest or hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

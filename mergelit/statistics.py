@@ -15,6 +15,9 @@ Sampling: ``draw_examples`` permutes the train split with an explicit seed and k
 ``num_examples`` rows; consecutive groups of ``batch_size`` of them, in that drawn order, are the
 batches (Fisher squares the gradient of a batch *sum*, so the grouping changes the result). The
 drawn indices are stored beside the statistics (``read_statistics(path)[1]["indices"]``).
+Under the data's ``hold_out_dev`` (a sweep that selects on the dev split) the rows of the dev
+split are skipped in that same permuted order (``exclude``), so dev and statistics rows are
+disjoint; without it (the default) the draw is exactly the plain one, numbers and cache unchanged.
 
 Why the merge methods call these in ``prepare`` and not in ``setup`` (the design):
 ``trainer.predict`` cannot run inside a running ``trainer.test``, and ``setup`` runs inside it.
@@ -61,8 +64,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from mergelit.glue import GLUEDataModule
-from mergelit.methods.base import build_body, last_non_pad_index
+from mergelit.gpt2 import build_body, build_head, last_non_pad_index
 from mergelit.pool import ModelPool
+from mergelit.state_dict import tensors_fingerprint
 
 # Bump when what a statistics file holds changes, so that older files are not trusted.
 _CACHE_FORMAT = 1
@@ -74,16 +78,21 @@ _TITLES = {"fisher": "Fisher statistics", "regmean": "RegMean Gram matrices"}
 
 
 # ---- sampling -----------------------------------------------------------------------------
-def draw_examples(num_rows: int, num_examples: int, seed: int) -> list[int]:
-    """The first ``num_examples`` of a seeded random permutation of ``range(num_rows)``.
+def draw_examples(num_rows: int, num_examples: int, seed: int, exclude: Sequence[int] = ()) -> list[int]:
+    """The first ``num_examples`` of a seeded random permutation of ``range(num_rows)``, skipping ``exclude``.
 
     Asking for more rows than the split has gives every row (in shuffled order), as
-    FusionBench's loop stops at the end of the data.
+    FusionBench's loop stops at the end of the data. ``exclude`` (the dev rows) leaves the
+    permutation as it is and drops those rows from it: with no exclusion the draw is unchanged.
     """
     if num_examples < 1:
         raise ValueError(f"The number of statistics examples must be >= 1, got {num_examples}.")
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_rows, generator=generator)[:num_examples].tolist()
+    order = torch.randperm(num_rows, generator=generator).tolist()
+    if exclude:
+        skipped = set(exclude)
+        order = [i for i in order if i not in skipped]
+    return order[:num_examples]
 
 
 def batches_of(indices: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -137,8 +146,7 @@ class FisherStatistics(L.LightningModule):
     def __init__(self, body: nn.Module, head: Tensor, pad_token_id: int, loader: Callable[..., DataLoader]):
         super().__init__()
         self.body = body.requires_grad_(True)
-        self.head = nn.Linear(head.shape[1], head.shape[0], bias=False).requires_grad_(False)
-        self.head.weight.data.copy_(head)
+        self.head = build_head(head)
         self.pad_token_id = pad_token_id
         self.loader = loader
         self.sums: dict[str, Tensor] = {}
@@ -274,30 +282,6 @@ class GramStatistics(L.LightningModule):
 
 
 # ---- cache --------------------------------------------------------------------------------
-def _tensor_bytes(tensor: Tensor):
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def tensors_fingerprint(tensors: dict[str, Tensor], digest=None) -> str:
-    """SHA-256 of names, dtypes, shapes and bytes of ``tensors`` (keys sorted)."""
-    digest = digest or hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(_tensor_bytes(tensor))
-    return digest.hexdigest()
-
-
-def _model_fingerprint(pool: ModelPool, task: str) -> str:
-    # The content, not the path: copying or re-downloading the same weights still hits the cache.
-    # Hashed once per pool: a sweep's points and both statistics kinds reuse it.
-    def compute() -> str:
-        head = {"score.weight": pool.head(task)}
-        return tensors_fingerprint({**pool.finetuned_body(task), **head}) + f"|pad={pool.task_config(task).pad_token_id}"
-
-    return pool.cached(("model_fingerprint", task), compute)
-
-
 def _data_fingerprint(dataset, indices: Sequence[int]) -> str:
     # The token ids of the drawn rows, in drawn order: exactly what the statistics read.
     digest = hashlib.sha256(f"rows={len(dataset)}|".encode())
@@ -389,7 +373,8 @@ def _collect(
     results: dict[str, dict[str, Tensor]] = {}
     for task in pool.tasks:
         dataset = datamodule.train_dataset(task)
-        indices = draw_examples(len(dataset), num_examples, seed)
+        excluded = datamodule.statistics_excluded(task)  # the dev rows under data.hold_out_dev, else none
+        indices = draw_examples(len(dataset), num_examples, seed, exclude=excluded)
         if len(indices) < num_examples:
             rank_zero_warn(
                 f"{title} of {task}: asked for {num_examples} examples but its train split has "
@@ -406,7 +391,7 @@ def _collect(
             "format": _CACHE_FORMAT,
             "kind": kind,
             "task": task,
-            "model": _model_fingerprint(pool, task),
+            "model": pool.fingerprint(task),
             "data": _data_fingerprint(dataset, indices),
             "num_examples": len(indices),
             "seed": seed,

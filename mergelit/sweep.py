@@ -42,14 +42,9 @@ Design, and why:
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import itertools
 import json
 import os
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -60,228 +55,26 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from mergelit import tables, tracking
 from mergelit.cli import MergeCLI
-from mergelit.pool import ModelPool
-from mergelit.report import atomic_write_text, write_report
-
-# The sweep's base config needs *a* model even when the grid lists whole methods (``model: [...]``);
-# this placeholder is never run: a sweep that does not sweep ``model`` must name one.
-PLACEHOLDER_MODEL = "mergelit.methods.MergeMethod"
-
-# Settings that cannot change a report: left out of the fingerprint, so a resumed sweep may change them.
-NOT_IN_FINGERPRINT = (
-    "config",
-    "sweep",
-    "output_dir",
-    "overwrite",
-    "report_save_path",
-    "merged_model_save_path",
-    "trainer.logger",
-    "trainer.callbacks",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.default_root_dir",
-    "data.num_workers",
-    "data.cache_dir",
+from mergelit.grid import (
+    ALL_METHODS,
+    MANIFEST_FORMAT,
+    PLACEHOLDER_MODEL,
+    Point,
+    Sweep,
+    check_grid,
+    file_safe,
+    fingerprint,
+    fingerprint_config,
+    grid_points,
+    is_complete,
+    plain,
+    prepare_folder,
 )
-
-_MANIFEST_FORMAT = 1
-
-
-@dataclass
-class Sweep:
-    """A grid of config values; every combination is one point, run as one ``mergelit test``.
-
-    Args:
-        grid: config key -> list of values, e.g. ``model.init_args.scaling_factor: [0.0, 0.1]``. Keys
-            are the dotted names ``--print_config`` shows; ``model`` takes whole methods
-            (``{class_path: ..., init_args: ...}``). Several keys: their cartesian product,
-            the first key varying slowest.
-        name: the sweep's name: the W&B group, and the output folder ``lightning_logs/sweeps/NAME``
-            when there is no CSV logger. Default: the method, the swept keys and the config's fingerprint.
-        percent: tables in percent with one decimal (as the published 7x7 and methods tables)
-            instead of fractions with six digits (as the published λ tables).
-        mark_best: bold the best value of each table column (as the methods table).
-    """
-
-    grid: dict[str, list[Any]]
-    name: Optional[str] = None
-    percent: bool = False
-    mark_best: bool = False
-
-
-@dataclass(frozen=True)
-class Point:
-    """One grid point: its file-safe name and the config values it sets."""
-
-    name: str
-    overrides: dict[str, Any]
-
-    def cli_args(self) -> list[str]:
-        """``--KEY=VALUE`` flags, as a user (or ``wandb agent``) would append them to ``mergelit test``."""
-        return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in self.overrides.items()]
-
-
-# ---- the grid ----------------------------------------------------------------------------
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _plain(value: Any) -> Any:
-    # jsonargparse hands nested mappings of an ``Any`` value over as Namespaces: plain dicts here.
-    if hasattr(value, "as_dict"):
-        return value.as_dict()
-    return value
-
-
-def _value_name(value: Any) -> str:
-    if isinstance(value, dict) and "class_path" in value:
-        # A whole method: TaskArithmetic(scaling_factor=0.5), its arguments that are not defaults.
-        args = ",".join(f"{k}={tables.format_value(v)}" for k, v in tables.changed_args(value).items())
-        name = value["class_path"].rsplit(".", 1)[-1]
-        return f"{name}({args})" if args else name
-    return tables.format_value(value)
-
-
-def _file_safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,()+-]", "_", name)
-
-
-def grid_points(grid: dict[str, list[Any]]) -> list[Point]:
-    """Every combination of the grid's values, in order, named ``key=value,key=value`` after the
-    last part of each key (``scaling_factor=0.3``; a swept ``model`` is named by its class)."""
-    shorts = [tables.short_key(key) for key in grid]
-    labels = [key if shorts.count(short) > 1 else short for key, short in zip(grid, shorts)]
-    points, seen = [], {}
-    for values in itertools.product(*grid.values()):
-        overrides = dict(zip(grid, values))
-        parts = [
-            _value_name(value) if key == "model" else f"{label}={_value_name(value)}"
-            for (key, value), label in zip(overrides.items(), labels)
-        ]
-        name = _file_safe(",".join(parts))
-        if name in seen:
-            raise ValueError(
-                f"sweep.grid gives the point {name!r} twice ({seen[name]} and {overrides}); list each value once."
-            )
-        seen[name] = overrides
-        points.append(Point(name, overrides))
-    return points
-
-
-def _known_keys(config) -> list[str]:
-    keys = set()
-    for key in config.keys():
-        # The sweep's own settings are not sweepable; model.init_args.pool is linked from `pool:`.
-        if key.split(".")[0] in ("config", "sweep", "output_dir", "overwrite") or key == "model.init_args.pool":
-            continue
-        parts = key.split(".")
-        keys.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return sorted(keys)
-
-
-def check_grid(grid: dict[str, list[Any]], config) -> None:
-    """Fail before any work on a grid that cannot run: no keys, a key the config lacks (with
-    close matches), an empty value list, or a non-number for a key that holds a number."""
-    if not grid:
-        raise ValueError(
-            "sweep.grid is empty: give at least one config key and its values, e.g. "
-            "`sweep: {grid: {model.init_args.scaling_factor: [0.0, 0.5, 1.0]}}`."
-        )
-    known = _known_keys(config)
-    for key, values in grid.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=5, cutoff=0.6)
-            close += [k for k in known if tables.short_key(k) == tables.short_key(key) and k not in close]
-            hint = f" Close matches: {', '.join(close)}." if close else ""
-            if key.startswith("model.init_args.") and config.model.class_path == PLACEHOLDER_MODEL:
-                hint += " No method is configured: add its config, e.g. -c configs/methods/task_arithmetic.yaml."
-            raise ValueError(
-                f"sweep.grid key {key!r} is not a key of this config.{hint} `--print_config` lists every key."
-            )
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"sweep.grid[{key!r}] is {values!r}: give a non-empty list of values.")
-        current = config.get(key)
-        if _is_number(current):
-            bad = [v for v in values if not _is_number(v)]
-            if bad:
-                raise ValueError(
-                    f"sweep.grid[{key!r}] must list numbers ({key} is {current!r} in the config), "
-                    f"but holds {bad[0]!r} ({type(bad[0]).__name__})."
-                )
-
-
-# ---- the output folder -------------------------------------------------------------------
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        flat = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: value}
-
-
-def _excluded(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def fingerprint_config(dumped: dict[str, Any], swept: Sequence[str]) -> dict[str, Any]:
-    """The flattened config that decides the reports: without the swept keys and ``NOT_IN_FINGERPRINT``."""
-    flat = _flatten(dumped)
-    return {k: flat[k] for k in sorted(flat) if not _excluded(k, (*NOT_IN_FINGERPRINT, *swept))}
-
-
-def fingerprint(config: dict[str, Any], swept: Sequence[str]) -> str:
-    text = json.dumps({"config": config, "swept": sorted(swept)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-    lines = [f"  {k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} now" for k in keys[:limit]]
-    if len(keys) > limit:
-        lines.append(f"  ... and {len(keys) - limit} more")
-    return "\n".join(lines)
-
-
-def is_complete(path: Path, tasks: Sequence[str]) -> bool:
-    """Whether ``path`` is a valid report with every task and the average (so the point is done)."""
-    try:
-        tables.load_report(path, tasks)
-    except ValueError:
-        return False
-    return True
-
-
-def prepare_folder(folder: Path, manifest: dict[str, Any], points: Sequence[Point], overwrite: bool) -> None:
-    """Check that ``folder`` holds nothing but this sweep's results (or clear it with ``overwrite``),
-    then write the manifest. Raises ``FileExistsError`` naming the differences otherwise."""
-    path = folder / tables.MANIFEST
-    names = {f"{p.name}.json" for p in points}
-    conflict = None
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("fingerprint") != manifest["fingerprint"]:
-            conflict = f"{folder} holds a sweep of another config:\n" + _differences(
-                {"sweep keys": old.get("grid_keys"), **(old.get("config") or {})},
-                {"sweep keys": manifest["grid_keys"], **manifest["config"]},
-            )
-            names |= {f"{n}.json" for n in old.get("points", {})}
-    else:
-        reports = sorted(n for n in names if (folder / n).exists())
-        if reports:
-            conflict = f"{folder} holds reports ({', '.join(reports[:3])}) that no sweep manifest ({tables.MANIFEST}) vouches for."
-    if conflict:
-        if not overwrite:
-            raise FileExistsError(
-                f"{conflict}\nRefusing to mix results: choose another --output_dir, or pass --overwrite to replace them."
-            )
-        for name in sorted(names) + ["table.md", "table.csv", "plot.png", tables.MANIFEST]:
-            (folder / name).unlink(missing_ok=True)
-    atomic_write_text(path, json.dumps(manifest, indent=2, default=str) + "\n")
-
+from mergelit.methods import method_classes
+from mergelit.pool import ModelPool
+from mergelit.report import ReportWriter, atomic_write_text
+from mergelit.run import run_test
+from mergelit import selection
 
 # ---- the command -------------------------------------------------------------------------
 class SweepCLI(MergeCLI):
@@ -296,19 +89,18 @@ class SweepCLI(MergeCLI):
         self.args = list(sys.argv[2:] if args is None else args)
         self.compare = compare
         self.shared: list[tuple[type, dict[str, Any], Any]] = []
+        self.kept: dict[tuple, Any] = {}  # reusable merge parts, by (method class, pool, reusable_key)
+        # Each point's report goes to the sweep folder only: the log folder's report.json would
+        # only ever hold the last point's numbers.
+        self.writer = ReportWriter(log_dir=False)
         self.point: Optional[Point] = None
         self.group: Optional[str] = None
         self.wandb_init: Optional[tuple[type, dict[str, Any]]] = None
         kwargs.setdefault("parser_kwargs", {"description": __doc__.split("\n", 1)[0].replace("``", "")})
-        super().__init__(args=self.args, run=False, **kwargs)
         # Points must not rewrite the log folder's config.yaml, each with its own values: the
         # sweep writes its own config (grid included) to the output folder instead.
-        self.save_config_callback = None
-
-    def parse_arguments(self, parser, args) -> None:
-        # As LightningCLI's, minus its warning about args given while sys.argv has some:
-        # `mergelit sweep ...` passes the arguments after `sweep`, on purpose.
-        self.config = parser.parse_args(args)
+        kwargs.setdefault("save_config_callback", None)
+        super().__init__(args=self.args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
@@ -331,19 +123,13 @@ class SweepCLI(MergeCLI):
             parser.set_defaults({"sweep.percent": True, "sweep.mark_best": True})
 
     # ---- instantiation: share what a point does not change --------------------------------
+    def instantiators(self) -> list[tuple]:
+        # Reuse (or make per point) the shared parts; a new W&B logger per point.
+        return [(self._reuse, ModelPool, True), (self._reuse, LightningDataModule, True), (self._logger, Logger, True)]
+
     def instantiate_classes(self) -> None:
-        # LightningCLI's, with instantiators that reuse (or make per point) the shared parts.
-        self.config_init = self.parser.instantiate_classes(
-            self.config,
-            instantiators=[
-                (self._reuse, ModelPool, True),
-                (self._reuse, LightningDataModule, True),
-                (self._logger, Logger, True),
-            ],
-        )
-        self.datamodule = self._get(self.config_init, "data")
-        self.model = self._get(self.config_init, "model")
-        self.trainer = self.instantiate_trainer()
+        super().instantiate_classes()
+        self.trainer.callbacks.append(self.writer)
 
     def _reuse(self, class_type: type, *args, **kwargs):
         """The instance made before from equal arguments, else a new one (kept for later points)."""
@@ -363,7 +149,7 @@ class SweepCLI(MergeCLI):
         self.wandb_init = (class_type, dict(kwargs))
         if self.point is not None:
             kwargs = {**kwargs, **self._wandb_run(self.point.name, "sweep-point", kwargs)}
-        return class_type(*args, **kwargs)
+        return tracking.wandb_logger(class_type, *args, **kwargs)
 
     def _wandb_run(self, name: str, job_type: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "group": kwargs.get("group") or self.group, "job_type": kwargs.get("job_type") or job_type}
@@ -379,23 +165,41 @@ class SweepCLI(MergeCLI):
         finally:
             self.parser.exit_on_error = True
 
-    def run_point(self, point: Point, config) -> dict:
-        """Run one point as ``mergelit test`` runs: seed, instantiate, ``before_test``, ``trainer.test``."""
+    def run_point(self, point: Point, config, report_path: Path, validate: bool = True, criterion: bool = False) -> dict:
+        """Run one point as ``mergelit test`` runs: seed, instantiate, then the test flow (``run_test``).
+
+        ``criterion``: also score it on ``sweep.select_on`` (dev rows only) and write
+        ``<point>.criterion.json``; ``validate=False``: only that (a resumed point whose report is done).
+        """
         self.config, self.point = config, point
-        # Lightning's model instantiator records hyperparameters from this dump: make it the point's.
-        self.__dict__.pop("config_dump", None)
         self._set_seed()
         self.instantiate_classes()
+        method = self.model
+        # Reuse, explicitly: the part of the merge a method declares λ-independent (Σ τi, TIES's τm)
+        # is handed from an earlier point with the same class, pool and key.
+        key = method.reusable_key()
+        kept_key = (type(method), id(method.pool), key)
+        if key is not None:
+            method.reusable = self.kept.get(kept_key)
         loggers = tracking.wandb_loggers(self.trainer)
         for logger in loggers:
             logger.log_hyperparams({"sweep/point": point.name, "sweep/group": self.group, **point.overrides})
+        report = None
         try:
-            self.before_test()
-            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            if validate:
+                report = run_test(self.trainer, method, self.datamodule, report_save_path=report_path, quiet=True)
+            else:
+                method.prepare(self.trainer, self.datamodule)  # statistics come from their cache
         finally:
-            for logger in loggers:
-                tracking.finish(logger)
-        return self.model.report
+            if loggers:
+                tracking.finish()
+        if criterion:
+            scored = {**self.scorer.score(method, self.datamodule), "dev_sha256": self.dev["sha256"]}
+            if rank_zero_only.rank == 0:
+                atomic_write_text(criterion_path(report_path), json.dumps(scored, indent=2) + "\n")
+        if key is not None:
+            self.kept[kept_key] = method.reusable
+        return report
 
     def default_output_dir(self, name: str) -> str:
         logger = self.trainer.logger
@@ -408,7 +212,9 @@ class SweepCLI(MergeCLI):
     def plan(self) -> tuple[dict[str, list[Any]], list[Point], list]:
         """Check the grid and parse every point's config, before anything runs: ``(grid, points, configs)``."""
         base = self.config
-        grid = {key: [_plain(v) for v in values] if isinstance(values, list) else values for key, values in base.sweep.grid.items()}
+        grid = {key: [plain(v) for v in values] if isinstance(values, list) else values for key, values in base.sweep.grid.items()}
+        if grid.get("model") == ALL_METHODS:
+            grid["model"] = every_method()
         check_grid(grid, base)
         if "model" not in grid and base.model.class_path == PLACEHOLDER_MODEL:
             raise ValueError(
@@ -426,8 +232,10 @@ class SweepCLI(MergeCLI):
 
     def run(self) -> Path:
         """Run the points not done yet; write reports, tables, plot; return the output folder."""
-        base = self.config
         sweep: Sweep = self.config_init.sweep
+        if sweep.select_on != "none":
+            self.hold_out_dev()
+        base = self.config
         grid, points, configs = self.plan()
         tasks = list(self.config_init.pool.tasks)
         dumped = yaml.safe_load(self.parser.dump(base, skip_none=False))
@@ -435,10 +243,10 @@ class SweepCLI(MergeCLI):
         stamp = fingerprint(config, list(grid))
         method = "Merging methods" if "model" in grid else tables.method_name(base.model.class_path)
         keys = "-".join(tables.short_key(k) for k in grid)
-        self.group = sweep.name or _file_safe(f"{method.replace(' ', '-')}-{keys}-{stamp[:8]}")
+        self.group = sweep.name or file_safe(f"{method.replace(' ', '-')}-{keys}-{stamp[:8]}")
         folder = Path(base.output_dir or self.default_output_dir(self.group))
         manifest = {
-            "format": _MANIFEST_FORMAT,
+            "format": MANIFEST_FORMAT,
             "fingerprint": stamp,
             "name": self.group,
             "grid_keys": list(grid),
@@ -456,6 +264,14 @@ class SweepCLI(MergeCLI):
             atomic_write_text(folder / "config.yaml", self.parser.dump(base, skip_none=False))
 
         todo = [(p, c) for p, c in zip(points, configs) if not is_complete(folder / f"{p.name}.json", tasks)]
+        unscored: set[str] = set()
+        if sweep.select_on != "none":
+            self.scorer = selection.CriterionScorer(sweep.select_on)
+            self.dev = selection.dev_record(self.datamodule, tasks)
+            unscored = {p.name for p in points if read_criterion(folder / f"{p.name}.json", sweep.select_on, self.dev) is None}
+            todo_names = {p.name for p, _ in todo}
+            # Done on validation but not yet on the criterion (e.g. a sweep resumed with selection).
+            todo += [(p, c) for p, c in zip(points, configs) if p.name in unscored and p.name not in todo_names]
         from tqdm.auto import tqdm
 
         with tqdm(
@@ -464,19 +280,24 @@ class SweepCLI(MergeCLI):
         ) as bar:
             for point, config_ in todo:
                 bar.set_postfix_str(point.name)
-                report = self.run_point(point, config_)
-                log_dir = self.trainer.log_dir  # on every rank: it is a collective call under DDP
-                if rank_zero_only.rank == 0:
-                    write_report(report, folder / f"{point.name}.json")
-                    if log_dir:
-                        # The method also wrote the report to the log folder as report.json, where
-                        # it would only ever hold the last point's numbers.
-                        Path(log_dir, "report.json").unlink(missing_ok=True)
+                path = folder / f"{point.name}.json"  # the report, written atomically
+                self.run_point(point, config_, path, validate=not is_complete(path, tasks), criterion=point.name in unscored)
                 bar.update()
         self.config, self.point = base, None
         if rank_zero_only.rank == 0:
             self.write_results(folder, points, grid, tasks, sweep, method, ran=len(todo))
         return folder
+
+    def hold_out_dev(self) -> None:
+        """Selection reads the dev rows: run every point with ``--data.hold_out_dev true`` (statistics skip them)."""
+        if not self.config.data.dev_size:
+            raise ValueError(
+                f"--sweep.select_on {self.config.sweep.select_on} needs a dev split, but data.dev_size is 0; "
+                f"set --data.dev_size (e.g. 500 rows per task, carved from train)."
+            )
+        if not self.config.data.hold_out_dev:
+            self.args.append("--data.hold_out_dev=true")
+            self.config = self.parser.parse_args(self.args)  # the base of every point's config and fingerprint
 
     def write_results(
         self, folder: Path, points: Sequence[Point], grid: dict, tasks: list[str], sweep: Sweep, method: str, ran: int
@@ -485,27 +306,115 @@ class SweepCLI(MergeCLI):
             tables.Row([tables.format_value(v) for v in p.overrides.values()], tables.load_report(folder / f"{p.name}.json", tasks))
             for p in points
         ]
-        headers = [tables.header_of(key) for key in grid]
+        headers = [tables.header_of(key, self.config.model.class_path) for key in grid]
+        plot_rows = rows
+        if sweep.select_on != "none":
+            rows, headers = self.record_selection(folder, points, rows, headers, tasks, sweep)
         md, _ = tables.write_tables(folder, rows, tasks, headers, percent=sweep.percent, mark_best=sweep.mark_best)
         values = next(iter(grid.values()))
         if len(grid) == 1 and tables.is_numeric(values):
-            plot = tables.plot_sweep(folder / "plot.png", values, rows, tasks, xlabel=headers[0], title=method)
+            plot = tables.plot_sweep(folder / "plot.png", values, plot_rows, tasks, xlabel=headers[0], title=method)
         else:
-            plot = tables.plot_heatmap(folder / "plot.png", rows, tasks, title=method, ylabel=", ".join(headers))
+            plot = tables.plot_heatmap(folder / "plot.png", plot_rows, tasks, title=method, ylabel=", ".join(headers[: len(grid)]))
         markdown = md.read_text()
         if self.wandb_init is not None:
             class_type, kwargs = self.wandb_init
             kwargs = {**kwargs, **self._wandb_run(f"{self.group}/summary", "sweep-summary", kwargs)}
             columns = [*headers, *tasks, "average"]
             data = [[*r.labels, *(r.report[c]["accuracy"] for c in [*tasks, "average"])] for r in rows]
-            tracking.log_summary(class_type(**kwargs), columns, data, plot, markdown)
+            tracking.log_summary(tracking.wandb_logger(class_type, **kwargs), columns, data, plot, markdown)
         print(
             f"\n{method}: {len(points)} points ({ran} run now, {len(points) - ran} already done)\n\n{markdown}\n"
             f"Reports, table.md, table.csv, plot.png: {folder}"
         )
 
 
-def compare_main(args: Sequence[str]) -> None:
+    def record_selection(
+        self, folder: Path, points: Sequence[Point], rows: list, headers: list[str], tasks: list[str], sweep: Sweep
+    ) -> tuple[list, list[str]]:
+        """Select each method's point from the criterion values alone; record it in ``sweep.json`` and in
+        the selected report's ``protocol``; return the table rows (a criterion column, then per method a
+        **selected** and an **oracle** row) and headers."""
+        select_on = sweep.select_on
+        values = {p.name: read_criterion(folder / f"{p.name}.json", select_on, self.dev)["value"] for p in points}
+        groups: dict[str, list[Point]] = {}
+        for point in points:  # one selection per method: the swept `model`, else the sweep's one method
+            model = point.overrides.get("model")
+            groups.setdefault(tables.method_label(model) if model else "", []).append(point)
+        chosen = {label: selection.select([p.name for p in group], values) for label, group in groups.items()}
+        by_name = {p.name: p for p in points}
+        info = {"select_on": select_on, "labels_used": selection.LABELS_USED[select_on], "split": "dev (from train)",
+                "dev_size": self.dev["size"], "dev_seed": self.dev["seed"], "dev_sha256": self.dev["sha256"]}
+        for point in points:
+            path = folder / f"{point.name}.json"
+            report = json.loads(path.read_text())
+            protocol = report.get("protocol") if isinstance(report.get("protocol"), dict) else {}
+            if point.name in chosen.values():
+                protocol["selection"] = {**info, "criterion": values[point.name]}
+            elif "selection" not in protocol:
+                continue
+            else:
+                protocol.pop("selection")
+            report["protocol"] = protocol
+            atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+        manifest_path = folder / tables.MANIFEST
+        manifest = json.loads(manifest_path.read_text())
+        picked = [by_name[name].overrides for name in chosen.values()]
+        manifest.update(
+            select_on=select_on,
+            labels_used=selection.LABELS_USED[select_on],
+            selected=picked[0] if len(picked) == 1 else picked,
+            selected_points=list(chosen.values()),
+            criterion=values,
+            dev=self.dev,
+        )
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+
+        def shown(value: float) -> str:
+            return f"{100 * value:.1f}" if sweep.percent else repr(round(value, 6))
+
+        table = [tables.Row([*r.labels, shown(values[p.name])], r.report) for r, p in zip(rows, points)]
+        blank = [""] * (len(headers) - 1)
+        for label, group in groups.items():
+            oracle = max(group, key=lambda p: tables.load_report(folder / f"{p.name}.json", tasks)["average"]["accuracy"])
+            for kind, point in ((f"**selected** on {select_on}", by_name[chosen[label]]), (f"**oracle** (best of {len(group)})", oracle)):
+                name = f"{label}, " if label else ""
+                table.append(tables.Row([f"{name}{kind}: {point.name}", *blank, shown(values[point.name])],
+                                        tables.load_report(folder / f"{point.name}.json", tasks)))
+        return table, [*headers, selection.TITLES[select_on]]
+
+
+def criterion_path(report_path: Path) -> Path:
+    """``scaling_factor=0.3.json`` -> ``scaling_factor=0.3.criterion.json`` (the point's criterion value)."""
+    return report_path.with_name(report_path.name.removesuffix(".json") + tables.CRITERION_SUFFIX)
+
+
+def read_criterion(report_path: Path, select_on: str, dev: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The point's stored criterion, or None when missing or computed for another criterion or dev split."""
+    path = criterion_path(report_path)
+    try:
+        scored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if scored.get("select_on") != select_on or scored.get("dev_sha256") != dev["sha256"]:
+        return None
+    return scored
+
+
+def every_method() -> list[dict[str, Any]]:
+    """``sweep.grid.model: all``: every method of ``mergelit.methods`` meant for comparison, each with
+    its ``recommended`` arguments, as ``model:`` config values (a new method file joins by itself)."""
+    specs = []
+    for cls in method_classes():
+        if cls.comparison:
+            spec: dict[str, Any] = {"class_path": f"mergelit.methods.{cls.__name__}"}
+            if cls.recommended:
+                spec["init_args"] = dict(cls.recommended)
+            specs.append(spec)
+    return specs
+
+
+def compare_command(args: Sequence[str]) -> None:
     """``mergelit compare PATH ...`` (reports, runs, sweeps) or ``mergelit compare -c ...`` (run the methods)."""
     args = list(args)
     if any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
@@ -528,10 +437,6 @@ def compare_main(args: Sequence[str]) -> None:
         print(f"table.md, table.csv, plot.png: {ns.output_dir}")
 
 
-def main(args: Sequence[str]) -> None:
-    """``args`` starts with ``sweep`` or ``compare``."""
-    command, rest = args[0], list(args[1:])
-    if command == "compare":
-        compare_main(rest)
-    else:
-        SweepCLI(rest).run()
+def sweep_command(args: Sequence[str]) -> Path:
+    """``mergelit sweep ARGS``: run the grid; returns the output folder."""
+    return SweepCLI(list(args)).run()

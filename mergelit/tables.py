@@ -13,7 +13,10 @@ has a CSV twin with full-precision fractions.
 ``compare`` reads, for each path: a report JSON; a run's log folder (``report.json``, labelled
 from its ``config.yaml``); a sweep folder (``sweep.json``: its best point by average accuracy,
 or, for a sweep of ``Individual`` over every task, the diagonal "Fine-tuned (individual)"
-row); or a folder of such runs (``lightning_logs/``: each run in it).
+row); or a folder of such runs (``lightning_logs/``: each run in it). A sweep run with
+``--sweep.select_on dev|agreement`` gives each method's *selected* point, labelled "selected on
+dev (of N)"; one without selection gives its best point, labelled "best of N (oracle)": that
+point was chosen by reading the very validation labels it is reported on.
 """
 
 from __future__ import annotations
@@ -30,17 +33,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelit.glue import TASKS
-from mergelit.report import Report, atomic_write_text, make_report, read_report
+from mergelit.tasks import TASKS, task_title
+from mergelit.report import (
+    EXTRA_METRICS,
+    NON_TASK_ENTRIES,
+    PROTOCOL,
+    Report,
+    atomic_write_text,
+    make_report,
+    read_predictions,
+    read_report,
+)
 
-TASK_NAMES = {"cola": "CoLA", "mnli": "MNLI", "mrpc": "MRPC", "qnli": "QNLI", "qqp": "QQP", "rte": "RTE", "sst2": "SST-2"}
-"""The published tables' column names."""
-
-# Column headers and labels for config keys (the last part of a dotted key), as the papers write them.
-SYMBOLS = {"scaling_factor": "λ", "task": "Model", "model": "Method"}
+# Column headers for the config keys that are not a method's own arguments (those take the
+# method class's ``symbols``, as the papers write them).
+KEY_HEADERS = {"task": "Model", "model": "Method"}
 
 MANIFEST = "sweep.json"
 """The file that makes a folder a sweep folder (written by ``mergelit.sweep``)."""
+
+CRITERION_SUFFIX = ".criterion.json"
+"""A sweep point's selection criterion value sits beside its report: ``<point>.criterion.json``."""
 
 
 @dataclass
@@ -57,8 +70,25 @@ def short_key(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def header_of(key: str) -> str:
-    return SYMBOLS.get(short_key(key), short_key(key))
+def method_class(class_path: str) -> Optional[type]:
+    """The class a ``class_path`` names, or None if it cannot be imported."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def symbol(name: str, class_path: Optional[str] = None) -> str:
+    """An argument's symbol as the method's class declares it (``scaling_factor`` -> ``λ``), else its name."""
+    cls = method_class(class_path) if class_path else None
+    return getattr(cls, "symbols", {}).get(name, name)
+
+
+def header_of(key: str, class_path: Optional[str] = None) -> str:
+    """A sweep table's column header for a swept config key (the method's symbol for its arguments)."""
+    short = short_key(key)
+    return KEY_HEADERS.get(short) or symbol(short, class_path)
 
 
 def format_value(value: Any) -> str:
@@ -71,34 +101,27 @@ def format_value(value: Any) -> str:
 
 
 def method_name(class_path: str) -> str:
-    """The name a method's docstring opens with ("Task Arithmetic: ..."), else its class name."""
-    class_name = class_path.rsplit(".", 1)[-1]
-    try:
-        module = importlib.import_module(class_path.rsplit(".", 1)[0])
-        doc = inspect.getdoc(getattr(module, class_name)) or ""
-    except (ImportError, AttributeError, ValueError):
-        return class_name
-    head = doc.split("\n", 1)[0]
-    return head.split(":", 1)[0].strip() if ":" in head else class_name
+    """The method class's ``display_name`` ("Task Arithmetic"), else its class name."""
+    cls = method_class(class_path)
+    return getattr(cls, "display_name", None) or class_path.rsplit(".", 1)[-1]
 
 
 def _defaults(class_path: str) -> dict[str, Any]:
     try:
-        module = importlib.import_module(class_path.rsplit(".", 1)[0])
-        signature = inspect.signature(getattr(module, class_path.rsplit(".", 1)[-1]).__init__)
-    except (ImportError, AttributeError, ValueError, TypeError):
+        signature = inspect.signature(method_class(class_path).__init__)
+    except (AttributeError, ValueError, TypeError):
         return {}
     return {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def changed_args(spec: dict[str, Any]) -> dict[str, Any]:
     """The ``init_args`` of a method spec that differ from its class's defaults (the pool left out,
-    and ``cache_dir``: where statistics are cached is no part of what a method computes)."""
+    and ``cache_dir`` / ``coefficients_path``: where results are cached is no part of what a method computes)."""
     defaults = _defaults(spec["class_path"])
     return {
         k: v
         for k, v in (spec.get("init_args") or {}).items()
-        if k not in ("pool", "cache_dir") and not (k in defaults and _same(defaults[k], v))
+        if k not in ("pool", "cache_dir", "coefficients_path") and not (k in defaults and _same(defaults[k], v))
     }
 
 
@@ -108,7 +131,7 @@ def method_label(spec: dict[str, Any]) -> str:
     Only the arguments that differ from the class's defaults are shown, so a default run reads
     as the bare method name.
     """
-    args = [f"{SYMBOLS['scaling_factor'] if k == 'scaling_factor' else k}={format_value(v)}" for k, v in changed_args(spec).items()]
+    args = [f"{symbol(k, spec['class_path'])}={format_value(v)}" for k, v in changed_args(spec).items()]
     name = method_name(spec["class_path"])
     return f"{name} ({', '.join(args)})" if args else name
 
@@ -121,7 +144,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _display(label: str, percent: bool) -> str:
     # The published percent tables write task names as CoLA, SST-2 (row labels of the 7x7 table too).
-    return TASK_NAMES.get(label, label) if percent else label
+    return task_title(label) if percent else label
 
 
 # ---- tables ------------------------------------------------------------------------------
@@ -250,7 +273,7 @@ def plot_heatmap(
     values = [[100 * _accuracy(r.report, c) for c in columns] for r in rows]
     fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2.5, 0.55 * len(rows) + 1.8))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(columns)), [TASK_NAMES.get(c, c) for c in tasks] + ["Avg."])
+    ax.set_xticks(range(len(columns)), [task_title(c) for c in tasks] + ["Avg."])
     ax.set_yticks(range(len(rows)), [", ".join(_display(label, True) for label in r.labels) for r in rows])
     low, high = image.get_clim()
     for i, row in enumerate(values):
@@ -272,7 +295,7 @@ def check_report(report: Any, tasks: Optional[Sequence[str]] = None) -> Report:
     average, each with a finite accuracy and loss: a complete report."""
     if not isinstance(report, dict):
         raise ValueError("a report is a JSON object {task: {accuracy, loss}, ..., average: {...}}")
-    tasks = list(tasks) if tasks is not None else [k for k in report if k != "average"]
+    tasks = list(tasks) if tasks is not None else [k for k in report if k not in NON_TASK_ENTRIES]
     if not tasks:
         raise ValueError("the report names no task")
     for key in [*tasks, "average"]:
@@ -287,16 +310,29 @@ def check_report(report: Any, tasks: Optional[Sequence[str]] = None) -> Report:
 
 
 def load_report(path: str | os.PathLike, tasks: Optional[Sequence[str]] = None) -> Report:
-    """Read and check a report file; the error names the file."""
+    """Read and check a report file; the error names the file. A FusionBench report without an
+    ``average`` entry gets one (the unweighted mean of its tasks)."""
     try:
-        return check_report(read_report(path), tasks)
+        report = read_report(path)
+        if isinstance(report, dict) and "average" not in report:
+            report = with_average(report)
+        return check_report(report, tasks)
     except (OSError, json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{path} is not a complete mergelit/FusionBench report: {error}") from None
 
 
+def with_average(report: dict[str, Any]) -> Report:
+    """``report`` with the ``average`` entry made from its tasks (FusionBench may not write one)."""
+    tasks = [k for k in report if k not in NON_TASK_ENTRIES]
+    others = {k: v for k, v in report.items() if k in NON_TASK_ENTRIES and k != PROTOCOL}
+    check_report({**{t: report[t] for t in tasks}, "average": {"accuracy": 0.0, "loss": 0.0}})
+    return make_report({t: report[t] for t in tasks}, others, report.get(PROTOCOL))
+
+
 def report_tasks(report: Report) -> list[str]:
-    """The report's tasks in the one task order (unknown names last, as written)."""
-    names = [k for k in report if k != "average"]
+    """The report's tasks in the one task order (unknown names last, as written); the non-task
+    entries (``average``, ``mnli_mismatched``, ``protocol``) left out."""
+    names = [k for k in report if k not in NON_TASK_ENTRIES]
     return [t for t in TASKS if t in names] + [t for t in names if t not in TASKS]
 
 
@@ -342,13 +378,21 @@ def sweep_rows(folder: Path) -> list[Row]:
     diagonal = individual_diagonal(manifest, reports)
     if diagonal is not None:
         return [Row(["Fine-tuned (individual)"], diagonal)]
+    def label_of(name: str) -> str:
+        point = manifest["points"][name]
+        label = method_label(point["model"]) if point.get("model") else name
+        others = [f"{header_of(k)}={format_value(v)}" for k, v in point["overrides"].items() if not k.startswith("model")]
+        return f"{label} ({', '.join(others)})" if others else label
+
+    selected = manifest.get("selected_points") if manifest.get("select_on", "none") != "none" else None
+    if selected:  # chosen on the criterion (mergelit.selection), never on the validation labels
+        missing = [name for name in selected if name not in reports]
+        if missing:
+            raise ValueError(f"Sweep folder {folder}: the selected point(s) {missing} have no complete report.")
+        return [Row([f"{label_of(name)}, selected on {manifest['select_on']} (of {len(manifest['points'])})"], reports[name])
+                for name in selected]
     best = max(reports, key=lambda name: reports[name]["average"]["accuracy"])
-    point = manifest["points"][best]
-    label = method_label(point["model"]) if point.get("model") else best
-    others = [f"{header_of(k)}={format_value(v)}" for k, v in point["overrides"].items() if not k.startswith("model")]
-    if others:
-        label = f"{label} ({', '.join(others)})"
-    return [Row([f"{label}, best of {len(manifest['points'])}"], reports[best])]
+    return [Row([f"{label_of(best)}, best of {len(manifest['points'])} (oracle)"], reports[best])]
 
 
 def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
@@ -375,12 +419,188 @@ def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
     return rows
 
 
-def compare(paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.PathLike] = None) -> str:
-    """The methods table ("Experimental Results") of ``paths``; written to ``output_dir`` if given
-    (``table.md``, ``table.csv``, ``plot.png`` as a heatmap). Returns the markdown."""
-    rows = collect_rows(paths)
+# ---- per-example predictions -------------------------------------------------------------
+def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy, loss and ``task``'s extra metric (``report.EXTRA_METRICS``) of prediction rows
+    (``idx``, ``label``, ``prediction``, ``logits``): the report's numbers, from the file alone.
+
+    Accuracy, MCC and F1 come from counts, so they equal the report's exactly; the loss is the mean
+    of the rows' ``loss`` (the float64 cross-entropy the report averaged; recomputed from the logits
+    where a row has none), summed in another order: equal to ~1e-15.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torchmetrics.functional.classification import binary_f1_score, binary_matthews_corrcoef
+
     if not rows:
-        raise ValueError("Nothing to compare: give report files, run folders or sweep folders.")
+        raise ValueError(f"no prediction rows for {task!r}")
+    labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+    predicted = torch.tensor([r["prediction"] for r in rows], dtype=torch.long)
+    logits = torch.tensor([r["logits"] for r in rows], dtype=torch.float32)  # stored from float32: exact
+    values = {
+        "accuracy": (predicted == labels).double().sum().item() / len(rows),
+        "loss": (
+            torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
+            if all("loss" in r for r in rows)
+            else F.cross_entropy(logits, labels, reduction="none").double()
+        ).mean().item(),
+    }
+    metric = EXTRA_METRICS.get(task)
+    if metric == "mcc":
+        values["mcc"] = binary_matthews_corrcoef(predicted, labels).item()
+    elif metric == "f1":
+        values["f1"] = binary_f1_score(predicted, labels).item()
+    return values
+
+
+def metrics_from_predictions(folder: str | os.PathLike) -> Report:
+    """Re-score a ``predictions/`` folder (``<task>.jsonl`` per entry, written by ``--save_predictions``)
+    into a report: every task's metrics, the average of the 7 tasks, and the extra entries."""
+    predictions = read_predictions(folder)
+    if not predictions:
+        raise ValueError(f"{folder} holds no <task>.jsonl prediction file; run `mergelit test ... --save_predictions true`.")
+    from mergelit.report import EXTRA_ENTRIES
+
+    scored = {entry: score_predictions(EXTRA_ENTRIES.get(entry, (entry, ""))[0], rows) for entry, rows in predictions.items()}
+    tasks = [t for t in TASKS if t in scored] + [t for t in scored if t not in TASKS and t not in NON_TASK_ENTRIES]
+    extra = {e: v for e, v in scored.items() if e in NON_TASK_ENTRIES}
+    return make_report({t: scored[t] for t in tasks}, extra)
+
+
+# ---- the leaderboard ---------------------------------------------------------------------
+EXTRA_COLUMNS: list[tuple[str, str, str]] = [
+    ("CoLA-MCC", "cola", "mcc"),
+    ("MRPC-F1", "mrpc", "f1"),
+    ("QQP-F1", "qqp", "f1"),
+    ("MNLI-mm", "mnli_mismatched", "accuracy"),
+]
+"""The leaderboard's extra-metric columns: (header, report entry, metric)."""
+
+COST_COLUMNS: list[tuple[str, str]] = [
+    ("merge s", "merge_seconds"),
+    ("peak GB", "merge_peak_rss_gb"),
+    ("prep s", "prepare_seconds"),
+]
+"""The leaderboard's cost columns: (header, key of the report's ``protocol.costs``)."""
+
+PROTOCOL_COLUMNS: list[tuple[str, str]] = [("bodies", "bodies_at_inference"), ("data", "data"), ("kind", "kind")]
+
+
+def _extra_value(report: Report, entry: str, metric: str) -> Optional[float]:
+    value = (report.get(entry) or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _protocol(report: Report) -> dict[str, Any]:
+    protocol = report.get(PROTOCOL)
+    return protocol if isinstance(protocol, dict) else {}
+
+
+def _cost(report: Report, key: str) -> Optional[float]:
+    value = (_protocol(report).get("costs") or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _seconds(value: Optional[float]) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def leaderboard_columns(rows: Sequence[Row], extra_metrics: bool = True) -> list[tuple[str, str, str]]:
+    """The extra-metric columns at least one row has (MNLI-mm only where the data had it)."""
+    if not extra_metrics:
+        return []
+    return [c for c in EXTRA_COLUMNS if any(_extra_value(r.report, c[1], c[2]) is not None for r in rows)]
+
+
+def leaderboard_cells(row: Row, extra: Sequence[tuple[str, str, str]]) -> tuple[list[Optional[float]], list[str]]:
+    """A row's extra metrics (fractions, None where missing) and its cost/protocol cells as text."""
+    metrics = [_extra_value(row.report, entry, metric) for _, entry, metric in extra]
+    protocol = _protocol(row.report)
+    bodies = protocol.get("bodies_at_inference")
+    peak = _cost(row.report, "merge_peak_rss_gb")
+    cells = [
+        _seconds(_cost(row.report, "merge_seconds")),
+        "–" if peak is None else f"{peak:.2f}",
+        _seconds(_cost(row.report, "prepare_seconds")),
+        "–" if not isinstance(bodies, (int, float)) else f"{bodies:g}" if float(bodies).is_integer() else f"{bodies:.2f}",
+        str(protocol.get("data", "–")),
+        str(protocol.get("kind", "–")),
+    ]
+    return metrics, cells
+
+
+def leaderboard_markdown(rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True) -> str:
+    """The methods table with costs: Method, accuracy per task (%), Avg., the extra metrics (%: CoLA
+    MCC, MRPC/QQP F1, MNLI mismatched accuracy), merge seconds, peak memory (GB), prepare seconds,
+    bodies kept at inference, data used and kind. Best accuracy and extra metric per column in bold."""
+    extra = leaderboard_columns(rows, extra_metrics)
+    table = markdown_table(rows, tasks, ["Method"], percent=True, mark_best=True).splitlines()
+    headers = [h for h, _, _ in extra] + [h for h, _ in COST_COLUMNS] + [h for h, _ in PROTOCOL_COLUMNS]
+    lines = [table[0] + " " + " | ".join(headers) + " |", table[1] + "---|" * len(headers)]
+    values = [leaderboard_cells(row, extra) for row in rows]
+    best = [max((v[0][j] for v in values if v[0][j] is not None), default=None) for j in range(len(extra))]
+    for line, (metrics, cells) in zip(table[2:], values):
+        texts = []
+        for j, value in enumerate(metrics):
+            text = "–" if value is None else f"{100 * value:.1f}"
+            texts.append(f"**{text}**" if value is not None and value == best[j] else text)
+        lines.append(line + " " + " | ".join([*texts, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def leaderboard_csv(rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True) -> str:
+    """The leaderboard as CSV: fractions and seconds at full precision, empty where missing."""
+    extra = leaderboard_columns(rows, extra_metrics)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["Method", *tasks, "average", *(h for h, _, _ in extra), *(k for _, k in COST_COLUMNS), *(k for _, k in PROTOCOL_COLUMNS)])
+    for row in rows:
+        protocol = _protocol(row.report)
+        writer.writerow([
+            *row.labels,
+            *(repr(_accuracy(row.report, c)) for c in [*tasks, "average"]),
+            *("" if v is None else repr(v) for v in (_extra_value(row.report, e, m) for _, e, m in extra)),
+            *("" if v is None else repr(v) for v in (_cost(row.report, k) for _, k in COST_COLUMNS)),
+            *(protocol.get(k, "") for _, k in PROTOCOL_COLUMNS),
+        ])
+    return out.getvalue()
+
+
+def plot_costs(path: str | os.PathLike, rows: Sequence[Row], title: str = "") -> Path:
+    """Average accuracy (%) against merge wall time, one labelled point per method (no merge: at 0)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        x = _cost(row.report, "merge_seconds") or 0.0
+        y = 100 * _accuracy(row.report, "average")
+        kind = _protocol(row.report).get("kind", "merged")
+        marker = {"merged": "o", "task-aware": "s", "ensemble": "^"}.get(kind, "D")
+        ax.plot([x], [y], marker=marker, markersize=8, linestyle="none")
+        ax.annotate(row.labels[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("merge wall time (s; o merged, s task-aware, ^ ensemble)")
+    ax.set_ylabel("average accuracy (%)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def write_leaderboard(
+    folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True, title: str = "Merging methods"
+) -> tuple[Path, Path, Path]:
+    """Write ``folder/table.md``, ``table.csv`` (the leaderboard) and ``plot.png`` (average accuracy
+    against merge cost); return their paths."""
+    folder = Path(folder)
+    md = atomic_write_text(folder / "table.md", leaderboard_markdown(rows, tasks, extra_metrics))
+    csv_path = atomic_write_text(folder / "table.csv", leaderboard_csv(rows, tasks, extra_metrics))
+    return md, csv_path, plot_costs(folder / "plot.png", rows, title=title)
+
+
+def check_same_tasks(rows: Sequence[Row]) -> list[str]:
+    """The rows' common tasks; ``ValueError`` if two rows score different tasks."""
     tasks = report_tasks(rows[0].report)
     for row in rows[1:]:
         if report_tasks(row.report) != tasks:
@@ -388,7 +608,19 @@ def compare(paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.Pa
                 f"{row.labels[0]!r} scores {report_tasks(row.report)} but {rows[0].labels[0]!r} scores {tasks}; "
                 f"a table compares runs on the same tasks."
             )
+    return tasks
+
+
+def compare(
+    paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.PathLike] = None, extra_metrics: bool = True
+) -> str:
+    """The leaderboard of ``paths`` (accuracy per task, average, extra metrics unless ``extra_metrics``
+    is off, costs, data, kind); written to ``output_dir`` if given (``table.md``, ``table.csv``,
+    ``plot.png``: average accuracy against merge cost). Returns the markdown."""
+    rows = collect_rows(paths)
+    if not rows:
+        raise ValueError("Nothing to compare: give report files, run folders or sweep folders.")
+    tasks = check_same_tasks(rows)
     if output_dir is not None:
-        write_tables(output_dir, rows, tasks, ["Method"], percent=True, mark_best=True)
-        plot_heatmap(Path(output_dir) / "plot.png", rows, tasks, title="Merging methods", ylabel="Method")
-    return markdown_table(rows, tasks, ["Method"], percent=True, mark_best=True)
+        write_leaderboard(output_dir, rows, tasks, extra_metrics)
+    return leaderboard_markdown(rows, tasks, extra_metrics)

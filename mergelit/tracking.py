@@ -2,60 +2,56 @@
 
 W&B is used through Lightning's ``WandbLogger`` (``--trainer.logger
 lightning.pytorch.loggers.WandbLogger``, or in YAML), never imported by the rest of mergelit.
-Without an API key ``wandb.init`` fails at once, so ``default_wandb_mode`` picks offline
-mode when the user has neither ``WANDB_API_KEY`` nor a ``wandb login`` entry in their netrc
-and has not chosen a mode: runs go to ``./wandb/offline-run-*`` and ``wandb sync`` uploads
-them later. With a key, nothing changes (online).
+Without an API key ``wandb.init`` fails at once, so ``wandb_logger`` builds the logger with
+``offline=True`` when the user has chosen neither a mode (``WANDB_MODE``, ``offline:``) nor
+logged in (W&B's own lookup: ``WANDB_API_KEY``, or the entry ``wandb login`` writes): runs go
+to ``./wandb/offline-run-*`` and ``wandb sync`` uploads them later. With a key, nothing changes.
 """
 
 from __future__ import annotations
 
-import netrc
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
-from urllib.parse import urlparse
+
+from lightning.pytorch.utilities import rank_zero_info
 
 
 def has_wandb_key() -> bool:
-    """Whether W&B would find an API key: ``WANDB_API_KEY``, or the netrc entry ``wandb login`` writes."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+    """Whether W&B finds credentials (environment, settings or netrc), asking W&B itself; no prompt, no network."""
+    import wandb
+
+    return bool(wandb.login(prompt=False, verify=False))
 
 
-def default_wandb_mode() -> Optional[str]:
-    """Set ``WANDB_MODE=offline`` when no mode is chosen and no key is found; return the mode set."""
-    if os.environ.get("WANDB_MODE") or has_wandb_key():
-        return None
-    os.environ["WANDB_MODE"] = "offline"
-    return "offline"
+def wandb_logger(class_type: type, *args: Any, **kwargs: Any):
+    """A jsonargparse instantiator for ``WandbLogger``: offline when no mode is chosen and no key is found."""
+    if not kwargs.get("offline") and not os.environ.get("WANDB_MODE") and not has_wandb_key():
+        kwargs["offline"] = True
+        rank_zero_info("W&B: no API key found, logging offline to ./wandb (upload later with `wandb sync`).")
+    return class_type(*args, **kwargs)
+
+
+def wandb_logger_class() -> type:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger
 
 
 def is_wandb_logger_class(class_type: type) -> bool:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return issubclass(class_type, WandbLogger)
-
-
-def is_wandb_logger(logger: Any) -> bool:
-    return is_wandb_logger_class(type(logger))
+    return issubclass(class_type, wandb_logger_class())
 
 
 def wandb_loggers(trainer) -> list:
-    return [logger for logger in trainer.loggers if is_wandb_logger(logger)]
+    return [logger for logger in trainer.loggers if isinstance(logger, wandb_logger_class())]
 
 
-def finish(logger) -> None:
-    """End the logger's W&B run (if it started one), so that the next point starts its own
-    (a WandbLogger made while a run is active would join that run)."""
-    experiment = getattr(logger, "_experiment", None)  # not `.experiment`: that would start a run
-    if experiment is not None:
-        experiment.finish()
+def finish() -> None:
+    """End the active W&B run, so that the next point starts its own (a WandbLogger made while a run
+    is active would join that run)."""
+    import wandb
+
+    wandb.finish()
 
 
 def log_summary(
@@ -70,7 +66,7 @@ def log_summary(
         payload["sweep/plot"] = wandb.Image(str(plot))
     experiment.log(payload)
     experiment.summary["sweep/table_markdown"] = markdown
-    finish(logger)
+    finish()
     # finish() returns before W&B's service has written everything (offline files too); wait for
     # it here, so that the runs are complete when the command returns (in-process callers, tests).
     wandb.teardown()

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelit.cli import MergeCLI, main
-from mergelit.glue import GLUE_TASKS, TASKS
+from mergelit.__main__ import main
+from mergelit.cli import MergeCLI
+from mergelit.tasks import GLUE_TASKS, TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRUNK_METHODS = ["pretrained", "individual", "simple_average", "task_arithmetic", "ties_merging"]
@@ -90,7 +91,7 @@ def test_every_method_config_parses():
     """Each shipped method file combines with the real-hub run config (nothing is loaded)."""
     for method in sorted((CONFIGS / "methods").glob("*.yaml")):
         assert method.read_text().startswith("#"), f"{method.name} must open with the command that runs it"
-        cli = MergeCLI(args=["-c", str(CONFIGS / "gpt2_glue.yaml"), "-c", str(method)], run=False)
+        cli = MergeCLI(args=["-c", str(CONFIGS / "gpt2_glue.yaml"), "-c", str(method)])
         assert cli.model.pool.tasks == list(TASKS)
         assert cli.datamodule.tasks == list(TASKS)
         assert cli.datamodule.tokenizer_path == "gpt2"
@@ -124,7 +125,7 @@ def test_unknown_task_in_pool_is_named(fixtures_root, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     config = fixtures_root / "config.yaml"
     call = lambda: MergeCLI(args=["-c", str(config), "-c", str(CONFIGS / "methods" / "pretrained.yaml"),  # noqa: E731
-                                  "--pool.finetuned", '{"colaa": "x"}'], run=False)
+                                  "--pool.finetuned", '{"colaa": "x"}'])
     assert_refused(call, "colaa", capsys)
 
 

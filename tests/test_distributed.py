@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelit.cli import main
-from mergelit.glue import TASKS
+from mergelit.__main__ import main
+from mergelit.tasks import TASKS
 from mergelit.statistics import read_statistics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,7 +43,7 @@ def run(fixtures_root: Path, method: str, workdir: Path, devices: int, *extra: s
             os.chdir(cwd)
     else:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
-        command = [sys.executable, "-m", "mergelit.cli", *args]
+        command = [sys.executable, "-m", "mergelit", *args]
         result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     reports = list(workdir.glob("lightning_logs/version_*/report.json"))

@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from mergelit.cli import main
-from mergelit.glue import TASKS, GLUEDataModule
+from mergelit.__main__ import main
+from mergelit.glue import GLUEDataModule
+from mergelit.tasks import TASKS
 from mergelit.methods.ensemble import SimpleEnsemble
 from mergelit.pool import ModelPool
 
@@ -43,7 +44,7 @@ def test_logits_are_the_mean_of_each_bodys_logits(fixtures_root):
         # Not a single body's logits (the ensemble really mixes them).
         assert not torch.allclose(logits, per_body[0], atol=1e-4)
     with pytest.raises(NotImplementedError, match="no merged body"):
-        ensemble.save_merged(fixtures_root / "never")
+        ensemble.merged_state_dict()
 
 
 def test_end_to_end(fixtures_root, tmp_path, monkeypatch):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelit.cli import main
+from mergelit.__main__ import main
 from mergelit.finetune import FineTuneCLI, GLUETaskDataModule, load_classifier
-from mergelit.glue import GLUE_TASKS
-from mergelit.synthetic import LABEL_NAMES, write_glue
+from mergelit.tasks import GLUE_TASKS
+from mergelit.synthetic import write_glue
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -52,7 +52,7 @@ def test_fit_learns_and_exports_a_checkpoint_for_the_pool(pool_paths, sst2_data,
     assert type(model).__name__ == "GPT2ForSequenceClassification"
     assert model.config.pad_token_id == 50256
     assert model.config.num_labels == GLUE_TASKS["sst2"].num_labels
-    assert [model.config.id2label[i] for i in range(2)] == list(LABEL_NAMES["sst2"])
+    assert [model.config.id2label[i] for i in range(2)] == list(GLUE_TASKS["sst2"].label_names)
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert tokenizer.pad_token_id == 50256
 

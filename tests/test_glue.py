@@ -8,7 +8,8 @@ import datasets
 import pytest
 import torch
 
-from mergelit.glue import GLUE_TASKS, TASKS, GLUEDataModule, LengthSortedBatches, load_tokenizer
+from mergelit.glue import GLUEDataModule, LengthSortedBatches, load_tokenizer
+from mergelit.tasks import GLUE_TASKS, TASKS
 from mergelit.methods import TaskArithmetic
 from mergelit.pool import ModelPool
 

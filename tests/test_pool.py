@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
 
-from mergelit.glue import TASKS
+from mergelit.tasks import TASKS
 from mergelit.pool import ModelPool
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelit.cli import main
-from mergelit.glue import TASKS
+from mergelit.__main__ import main
+from mergelit.tasks import TASKS
 from mergelit.methods.regmean import RegMean, reduce_non_diagonal, regmean_merge
 from mergelit.statistics import read_statistics
 

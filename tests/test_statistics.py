@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
 
 from mergelit import statistics
 from mergelit.glue import GLUEDataModule
-from mergelit.methods.base import build_body
+from mergelit.gpt2 import build_body
 from mergelit.pool import ModelPool
 from mergelit.statistics import (
     FisherStatistics,

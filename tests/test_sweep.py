@@ -13,10 +13,12 @@ import yaml
 
 from mergelit import sweep as sweep_module
 from mergelit import tables
-from mergelit.cli import MergeCLI, main
-from mergelit.glue import TASKS
-from mergelit.sweep import SweepCLI, prepare_folder
-from mergelit.tracking import default_wandb_mode
+from mergelit.__main__ import main
+from mergelit.cli import MergeCLI
+from mergelit.tasks import TASKS, task_title
+from mergelit.grid import prepare_folder
+from mergelit.sweep import SweepCLI
+from mergelit.tracking import has_wandb_key, wandb_logger
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -93,7 +95,7 @@ def test_three_point_sweep_in_one_process(fixtures_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    loads = count_calls(monkeypatch, pool_module, "_check_safetensors")  # once per checkpoint loaded
+    loads = count_calls(monkeypatch, pool_module, "check_checkpoint_folder")  # once per checkpoint loaded
     tokenized = count_calls(monkeypatch, datasets.Dataset, "map")
     merged_tau = count_calls(monkeypatch, ties, "ties_task_vector")
     out = tmp_path / "ties"
@@ -144,11 +146,11 @@ def test_an_interrupted_sweep_resumes_with_the_missing_points(fixtures_root, tmp
                       "--trainer.limit_test_batches", "1")
     run_point, ran = SweepCLI.run_point, []
 
-    def killed_after_the_first(self, point, config):
+    def killed_after_the_first(self, point, config, report_path):
         if ran:
             raise KeyboardInterrupt  # as Ctrl-C (or a crash) in the middle of the sweep
         ran.append(point.name)
-        return run_point(self, point, config)
+        return run_point(self, point, config, report_path)
 
     monkeypatch.setattr(SweepCLI, "run_point", killed_after_the_first)
     with pytest.raises(KeyboardInterrupt):
@@ -158,9 +160,9 @@ def test_an_interrupted_sweep_resumes_with_the_missing_points(fixtures_root, tmp
     before = (first.read_bytes(), first.stat().st_mtime_ns)
     (out / "scaling_factor=1.0.json").write_text('{"cola": {"accuracy": 0.5')  # a partial report: not trusted
 
-    def counted(self, point, config):
+    def counted(self, point, config, report_path):
         ran.append(point.name)
-        return run_point(self, point, config)
+        return run_point(self, point, config, report_path)
 
     ran.clear()
     monkeypatch.setattr(SweepCLI, "run_point", counted)
@@ -191,7 +193,7 @@ def test_individual_sweep_is_the_cross_task_table(fixtures_root, fixtures_config
     markdown = (out / "table.md").read_text()
     assert markdown.splitlines()[0] == "| Model | CoLA | MRPC | RTE | Avg. |"
     for row, (task, rep) in zip(table_rows(markdown), reports.items()):
-        assert row == [tables.TASK_NAMES[task], *(f"{100 * rep[k]['accuracy']:.1f}" for k in [*tasks, "average"])]
+        assert row == [task_title(task), *(f"{100 * rep[k]['accuracy']:.1f}" for k in [*tasks, "average"])]
     assert (out / "plot.png").read_bytes()[:8] == PNG
     # `compare` reads the diagonal: each task under its own fine-tuned body.
     (row,) = tables.collect_rows([out])
@@ -277,26 +279,26 @@ def test_wandb_sweep_configs_call_mergelit_test_with_cli_arguments(path, monkeyp
         assert spec["values"]
         for value in spec["values"]:
             flags = create_sweep_command_args({"args": {key: {"value": value}}})["args"]
-            cli = MergeCLI(args=[*command[3:-1], *flags], run=False)  # `test` itself: run=False has no subcommand
+            cli = MergeCLI(args=[*command[3:-1], *flags])  # the arguments after `test`
             assert cli.config[key] == value
             assert type(cli.trainer.logger).__name__ == "WandbLogger"
 
 
-def test_wandb_defaults_to_offline_without_a_key(tmp_path, monkeypatch):
+def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
+    """The WandbLogger instantiator: offline when W&B finds no key and no mode is chosen, else as configured."""
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    assert default_wandb_mode() == "offline"
-    import os
-
-    assert os.environ["WANDB_MODE"] == "offline"
-    monkeypatch.delenv("WANDB_MODE")
-    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
-    (tmp_path / "netrc").chmod(0o600)
-    assert default_wandb_mode() is None and "WANDB_MODE" not in os.environ  # `wandb login` was run: online
-    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    assert not has_wandb_key()
+    assert wandb_logger(Recorder, project="p").kwargs == {"project": "p", "offline": True}
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert default_wandb_mode() is None and "WANDB_MODE" not in os.environ
+    assert has_wandb_key() and wandb_logger(Recorder, project="p").kwargs == {"project": "p"}  # a key: online
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert default_wandb_mode() is None and os.environ["WANDB_MODE"] == "disabled"  # the user's choice stands
+    assert wandb_logger(Recorder).kwargs == {}  # the user's choice stands

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from mergelit import synthetic
-from mergelit.synthetic import TASKS, tokenizer_files, write_fixtures, write_glue, write_pool
+from mergelit.synthetic.__main__ import main as synthetic_main
+from mergelit.synthetic import tokenizer_files, write_fixtures, write_glue, write_pool
+from mergelit.tasks import TASKS
 
 # What `datasets.load_dataset("nyu-mll/glue", task)` gives: splits, then columns in order.
 HUB_SPLITS = {task: ["train", "validation", "test"] for task in TASKS}
@@ -248,7 +249,7 @@ def test_write_fixtures_config_and_reuse(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    synthetic.main([str(tmp_path), "--seed", "1", "--tasks", "rte", "--num-train", "4", "--num-validation", "3"])
+    synthetic_main([str(tmp_path), "--seed", "1", "--tasks", "[rte]", "--num_train", "4", "--num_validation", "3"])
     printed = capsys.readouterr().out.strip()
     assert printed == str(tmp_path / "config.yaml")
     assert len(datasets.load_from_disk(str(tmp_path / "glue" / "rte"))["validation"]) == 3

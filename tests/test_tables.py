@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mergelit import tables
-from mergelit.cli import main
+from mergelit.__main__ import main
 from mergelit.report import make_report, write_report
 
 TASKS = ["cola", "mrpc", "rte"]

@@ -1,24 +1,45 @@
-"""Merge methods. Each is a ``MergeMethod`` subclass picked by ``class_path`` in a config;
-these explicit imports are the whole catalogue (no registry)."""
+"""Merge methods: one file each, a ``MergeMethod`` subclass picked by ``class_path`` in a config.
+
+There is no list to keep: every ``MergeMethod`` subclass defined in a module of this package is
+a method, found by ``method_classes()`` and reachable as ``mergelit.methods.<ClassName>``
+(``class_path: mergelit.methods.TiesMerging``). Tests, the demo and ``compare`` of every method
+use ``method_classes()``, so a new method file is picked up everywhere by itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from mergelit.methods.base import MergeMethod
-from mergelit.methods.ensemble import SimpleEnsemble
-from mergelit.methods.fisher import FisherMerging
-from mergelit.methods.individual import Individual
-from mergelit.methods.pretrained import Pretrained
-from mergelit.methods.regmean import RegMean
-from mergelit.methods.simple_average import SimpleAverage
-from mergelit.methods.task_arithmetic import TaskArithmetic
-from mergelit.methods.ties import TiesMerging
 
-__all__ = [
-    "FisherMerging",
-    "Individual",
-    "MergeMethod",
-    "Pretrained",
-    "RegMean",
-    "SimpleAverage",
-    "SimpleEnsemble",
-    "TaskArithmetic",
-    "TiesMerging",
-]
+
+def method_classes() -> list[type[MergeMethod]]:
+    """Every method class of the package, in the order of its modules' names, then definition order."""
+    classes: list[type[MergeMethod]] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, MergeMethod)
+                and value is not MergeMethod
+                and value.__module__ == module.__name__
+                and value not in classes
+            ):
+                classes.append(value)
+    return classes
+
+
+def __getattr__(name: str) -> type[MergeMethod]:
+    # `mergelit.methods.TiesMerging` (a config's class_path) without importing every method up front.
+    for cls in method_classes():
+        if cls.__name__ == name:
+            globals()[name] = cls
+            return cls
+    raise AttributeError(f"module {__name__!r} has no method {name!r}")
+
+
+__all__ = ["MergeMethod", "method_classes"]

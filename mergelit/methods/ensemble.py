@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mergelit.methods.base import MergeMethod, build_body
+from mergelit.gpt2 import build_body, build_head
+from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 
 
@@ -25,6 +26,9 @@ class SimpleEnsemble(MergeMethod):
     merged body, so ``--merged_model_save_path`` does not apply.
     """
 
+    display_name = "Simple Ensemble"
+    kind = "ensemble"
+
     def __init__(self, pool: ModelPool):
         super().__init__(pool)
         self.bodies: nn.ModuleList | None = None
@@ -36,7 +40,7 @@ class SimpleEnsemble(MergeMethod):
         self.pool.check()
         config = self.pool.body_config()
         self.bodies = nn.ModuleList([build_body(config, self.pool.finetuned_body(task)) for task in self.tasks])
-        self.heads = nn.ModuleDict({task: self._head(task) for task in self.tasks})
+        self.heads = nn.ModuleDict({task: build_head(self.pool.head(task)) for task in self.tasks})
         self.pad_token_ids = {task: self.pool.task_config(task).pad_token_id for task in self.tasks}
 
     def merge(self) -> dict[str, Tensor]:

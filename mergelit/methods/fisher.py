@@ -33,10 +33,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from mergelit import statistics  # the module: mergelit.statistics imports mergelit.methods.base
+from mergelit.errors import MergeFailed
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, matching_keys
+from mergelit.statistics import DEFAULT_CACHE_DIR, fisher_statistics
 
 
 def _global_norm(tensors: dict[str, Tensor], keys: list[str]) -> float:
@@ -69,6 +70,17 @@ def fisher_merge(
     tasks = list(finetuned)
     excluded = matching_keys(pretrained, exclude_param_names_regex)
     merged_keys = [key for key in pretrained if key not in excluded]
+    for task in tasks:
+        # An all-zero estimate (no gradient reached the body: e.g. a zero head) would give that
+        # model the weight of ε alone everywhere and, normalised, the largest weight of all.
+        if merged_keys and all(not bool(fishers[task][key].any()) for key in merged_keys):
+            raise MergeFailed(
+                f"Fisher Merging: the Fisher estimate of the {task!r} model is zero everywhere (no gradient reached "
+                f"its body: check its head, or use more/other examples); refusing to merge with it."
+            )
+        for key in merged_keys:
+            if not bool(torch.isfinite(fishers[task][key]).all()):
+                raise MergeFailed(f"Fisher Merging: the Fisher estimate of the {task!r} model has NaN/inf in {key!r}.")
 
     n = len(tasks)
     if normalize_fisher_weight:
@@ -115,6 +127,9 @@ class FisherMerging(MergeMethod):
         cache_dir: folder of the statistics cache.
     """
 
+    display_name = "Fisher Merging"
+    data = "train inputs"
+
     def __init__(
         self,
         pool: ModelPool,
@@ -124,14 +139,14 @@ class FisherMerging(MergeMethod):
         normalize_fisher_weight: bool = True,
         exclude_param_names_regex: list[str] = [],
         seed: int = 42,
-        cache_dir: str = "lightning_logs/cache/statistics",
+        cache_dir: str = DEFAULT_CACHE_DIR,
     ):
         super().__init__(pool)
         if num_fisher_examples < 1:
             raise ValueError(f"num_fisher_examples must be >= 1, got {num_fisher_examples}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if not minimal_fisher_weight >= 0:
+        if not 0 <= minimal_fisher_weight < math.inf:
             raise ValueError(f"minimal_fisher_weight (ε) must be >= 0, got {minimal_fisher_weight}.")
         matching_keys([], exclude_param_names_regex)  # fail now on a pattern that does not compile
         self.num_fisher_examples = num_fisher_examples
@@ -145,7 +160,7 @@ class FisherMerging(MergeMethod):
         self.save_hyperparameters(ignore=["pool"])
 
     def prepare(self, trainer: L.Trainer, datamodule) -> None:
-        self.fishers = statistics.fisher_statistics(
+        self.fishers = fisher_statistics(
             trainer,
             datamodule,
             self.pool,

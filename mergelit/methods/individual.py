@@ -19,6 +19,10 @@ class Individual(MergeMethod):
         task: whose fine-tuned body to use (a task of the pool, e.g. ``cola``).
     """
 
+    display_name = "Individual"
+    symbols = {"task": "Model"}
+    comparison = False  # one row per task: the 7x7 sweep (configs/sweeps/individual_7x7.yaml)
+
     def __init__(self, pool: ModelPool, task: str):
         super().__init__(pool)
         if task not in pool.tasks:

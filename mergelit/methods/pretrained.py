@@ -14,6 +14,8 @@ from mergelit.pool import ModelPool
 class Pretrained(MergeMethod):
     """Pretrained: θ* = θ0, the pretrained body, scored under each task's fine-tuned head."""
 
+    display_name = "Pretrained"
+
     def __init__(self, pool: ModelPool):
         super().__init__(pool)
 

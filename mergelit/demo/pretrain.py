@@ -22,9 +22,10 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from mergelit.finetune import adamw_linear_schedule
-from mergelit.glue import TASKS, GLUEDataModule
+from mergelit.glue import GLUEDataModule
+from mergelit.tasks import PAD_TOKEN_ID, TASKS
 
-EOS_TOKEN_ID = 50256
+EOS_TOKEN_ID = PAD_TOKEN_ID  # <|endoftext|>: GPT-2's bos = eos (and the spec's pad)
 
 
 class GLUECorpusDataModule(GLUEDataModule):

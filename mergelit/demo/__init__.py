@@ -1,4 +1,4 @@
-"""``mergelit demo``: the whole experiment offline, on CPU, in minutes.
+"""``mergelit demo``: the whole experiment offline, on CPU, in minutes (the driver; pretraining in ``pretrain.py``).
 
     mergelit demo                          # builds everything once, then prints the table
     mergelit demo --output_dir DIR --seed 1
@@ -12,7 +12,8 @@ runs the same commands a user runs on the real pool:
    training texts (``mergelit.pretrain``): the shared start that makes merging work;
 3. pool: one classifier per task, fine-tuned from it with ``mergelit fit``;
 4. merges: ``mergelit sweep`` over ``Individual`` (the 7x7 cross-task table and its diagonal)
-   and ``mergelit compare -c`` over every method, then one table (markdown, CSV, heatmap).
+   and ``mergelit compare -c`` over every method, then one leaderboard (markdown, CSV, plot of
+   average accuracy against merge cost).
 
 Steps 1-3 are cached in the output folder (a rerun with the same seed and size only merges and
 evaluates); the configs it writes under ``configs/`` rerun any step by hand. Everything runs
@@ -34,8 +35,8 @@ from typing import Iterator, Literal, Optional, Sequence
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
-from mergelit.glue import TASKS
-from mergelit.synthetic import _FORMAT_VERSION as _SYNTHETIC_FORMAT
+from mergelit.synthetic import FORMAT_VERSION as SYNTHETIC_FORMAT
+from mergelit.tasks import TASKS
 
 log = logging.getLogger("mergelit.demo")
 
@@ -57,7 +58,7 @@ class DemoSize:
     finetune_epochs: int  # the published pool: 3
     finetune_learning_rate: float  # the published pool: 5e-5, for a 124M model; small models need more
     num_statistics_examples: int  # Fisher / RegMean train examples per task (FusionBench: 256)
-    scaling_factors: tuple[float, float]  # λ of Task Arithmetic and TIES (best published: 0.5, 0.6)
+    adaptation_steps: int  # AdaMerging's steps (the paper: 500)
 
 
 SIZES: dict[str, DemoSize] = {
@@ -74,7 +75,7 @@ SIZES: dict[str, DemoSize] = {
         # (smaller task vectors interfere less), as on real pools.
         finetune_learning_rate=5e-4,
         num_statistics_examples=256,
-        scaling_factors=(0.5, 0.6),
+        adaptation_steps=100,
     ),
     "small": DemoSize(
         num_train=96,
@@ -87,7 +88,7 @@ SIZES: dict[str, DemoSize] = {
         finetune_epochs=1,
         finetune_learning_rate=1e-3,
         num_statistics_examples=32,
-        scaling_factors=(0.5, 0.6),
+        adaptation_steps=5,
     ),
 }
 
@@ -169,7 +170,7 @@ def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path, dict]
 
     # The generators' version too: new data from the same seed must not meet an old pool.
     key = {
-        "format": [_FORMAT_VERSION, _SYNTHETIC_FORMAT],
+        "format": [_FORMAT_VERSION, SYNTHETIC_FORMAT],
         "seed": seed,
         "num_train": size.num_train,
         "num_validation": size.num_validation,
@@ -192,8 +193,8 @@ def build_pretrained(
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
+    from mergelit.demo.pretrain import CausalLM, GLUECorpusDataModule
     from mergelit.finetune import export_checkpoint
-    from mergelit.pretrain import CausalLM, GLUECorpusDataModule
 
     architecture = dict(n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head)
     key = {
@@ -235,7 +236,7 @@ def build_pool(
     root: Path, pretrained: Path, pretrained_key: dict, glue: Path, cache: Path, logs: Path, configs: Path, seed: int, size: DemoSize
 ) -> dict[str, str]:
     """Step 3: one classifier per task, fine-tuned from ``pretrained`` with ``mergelit fit``."""
-    from mergelit.finetune import main as fit_main
+    from mergelit.finetune import fit_command
 
     config = _write_config(
         configs / "finetune.yaml",
@@ -266,31 +267,42 @@ def build_pool(
             continue
         _stage(3, f"Fine-tuning {task} ({index}/{len(TASKS)}), {size.finetune_epochs} epoch(s) -> {folder}")
         _fresh(folder)
-        fit_main(["fit", "-c", str(config), "--data.task", task, "--export.dirpath", str(folder)])
+        fit_command(["-c", str(config), "--data.task", task, "--export.dirpath", str(folder)])
         _mark_done(folder, key)
     return paths
 
 
-def method_specs(size: DemoSize, statistics_cache: Path) -> list[dict]:
-    """Every method of the table after the individual models, as ``model:`` config values."""
-    ta, ties = size.scaling_factors
+# Demo-sized values for method arguments of these names, wherever a method has one.
+def demo_arguments(size: DemoSize, statistics_cache: Path) -> dict:
     n = size.num_statistics_examples
-    return [
-        {"class_path": "mergelit.methods.Pretrained"},
-        {"class_path": "mergelit.methods.SimpleAverage"},
-        {"class_path": "mergelit.methods.TaskArithmetic", "init_args": {"scaling_factor": ta}},
-        {"class_path": "mergelit.methods.TiesMerging", "init_args": {"scaling_factor": ties}},
-        {"class_path": "mergelit.methods.FisherMerging", "init_args": {"num_fisher_examples": n, "cache_dir": str(statistics_cache)}},
-        {"class_path": "mergelit.methods.RegMean", "init_args": {"num_regmean_examples": n, "cache_dir": str(statistics_cache)}},
-        {"class_path": "mergelit.methods.SimpleEnsemble"},
-    ]
+    # AdaMerging's adaptation steps: a demo-sized budget.
+    return {"cache_dir": str(statistics_cache), "num_fisher_examples": n, "num_regmean_examples": n, "max_steps": size.adaptation_steps}
+
+
+def method_specs(size: DemoSize, statistics_cache: Path) -> list[dict]:
+    """Every method meant for comparison (``mergelit.methods``, found by itself), as ``model:`` config
+    values with its recommended arguments and the demo's sizes for the arguments it has."""
+    import inspect
+
+    from mergelit.sweep import every_method
+    from mergelit.tables import method_class
+
+    overrides = demo_arguments(size, statistics_cache)
+    specs = []
+    for spec in every_method():
+        parameters = inspect.signature(method_class(spec["class_path"]).__init__).parameters
+        extra = {k: v for k, v in overrides.items() if k in parameters}
+        if extra:
+            spec = {**spec, "init_args": {**spec.get("init_args", {}), **extra}}
+        specs.append(spec)
+    return specs
 
 
 def evaluate(
     out: Path, pool: dict, glue: Path, cache: Path, statistics_cache: Path, logs: Path, configs: Path, seed: int, size: DemoSize
 ) -> tuple[Path, Path]:
     """Step 4: the 7x7 cross-task sweep and every method, each run as ``mergelit test`` runs."""
-    from mergelit.cli import main as mergelit_main
+    from mergelit.sweep import compare_command, sweep_command
 
     base = _write_config(
         configs / "pool.yaml",
@@ -325,8 +337,8 @@ def evaluate(
     if results.exists():
         shutil.rmtree(results)  # a rerun merges and evaluates again (statistics stay cached)
     _stage(4, f"Merging: the 7x7 cross-task table, then {len(method_specs(size, statistics_cache))} methods -> {results}")
-    mergelit_main(["sweep", "-c", str(base), "-c", str(individual), "--output_dir", str(results / "individual")])
-    mergelit_main(["compare", "-c", str(base), "-c", str(methods), "--output_dir", str(results / "methods")])
+    sweep_command(["-c", str(base), "-c", str(individual), "--output_dir", str(results / "individual")])
+    compare_command(["-c", str(base), "-c", str(methods), "--output_dir", str(results / "methods")])
     return results / "individual", results / "methods"
 
 
@@ -343,12 +355,12 @@ def comparison_rows(individual_folder: Path, methods_folder: Path):
 
 
 def write_comparison(out: Path, rows) -> str:
-    """``table.md``, ``table.csv`` and ``plot.png`` (heatmap) in ``out``; returns the markdown."""
+    """The leaderboard: ``table.md``, ``table.csv`` (accuracy, extra metrics, costs, data, kind) and
+    ``plot.png`` (average accuracy against merge cost) in ``out``; returns the markdown."""
     from mergelit import tables
 
-    tasks = tables.report_tasks(rows[0].report)
-    md, _ = tables.write_tables(out, rows, tasks, ["Method"], percent=True, mark_best=True)
-    tables.plot_heatmap(out / "plot.png", rows, tasks, title="mergelit demo: merging methods")
+    tasks = tables.check_same_tasks(rows)
+    md, _, _ = tables.write_leaderboard(out, rows, tasks, title="mergelit demo: accuracy against merge cost")
     return md.read_text()
 
 
@@ -385,18 +397,19 @@ def run_demo(
     print(
         f"\nmergelit demo ({size}, seed {seed}): synthetic GLUE, accuracy (%) on each task's validation split, "
         f"each task scored with its own fine-tuned head.\n\n{markdown}\n"
-        f"Table: {out / 'table.md'} (and table.csv); heatmap: {out / 'plot.png'}; "
+        f"Table: {out / 'table.md'} (and table.csv); accuracy against merge cost: {out / 'plot.png'}; "
         f"7x7 cross-task table: {individual / 'table.md'}. Took {minutes} min {seconds} s."
     )
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    from jsonargparse import CLI
+def demo_command(argv: Optional[Sequence[str]] = None) -> None:
+    """``mergelit demo ARGS``."""
+    from jsonargparse import auto_cli
 
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    CLI(run_demo, args=list(argv) if argv is not None else None, as_positional=False, prog="mergelit demo")
+    auto_cli(run_demo, args=list(argv) if argv is not None else None, as_positional=False, prog="mergelit demo")

@@ -1,0 +1,124 @@
+"""The ``mergelit`` command: dispatches to each command's module, importing only what that command uses.
+
+    mergelit test -c configs/gpt2_glue.yaml -c configs/methods/task_arithmetic.yaml
+    python -m mergelit test ...
+
+A user's mistake (a ``mergelit.errors.MergelitError``, or a ``ValueError``/``KeyError``/``OSError``
+raised by mergelit's own checks) prints one line, ``mergelit: error: <message>``, and exits with
+status 2; ``--debug`` (anywhere on the line) or ``MERGELIT_DEBUG=1`` shows the traceback instead.
+Any other exception is an internal error and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from mergelit.errors import MergelitError
+
+PACKAGE = Path(__file__).resolve().parent
+
+USAGE = """mergelit: model merging for GPT-2 GLUE classifiers.
+
+commands:
+  mergelit test -c RUN.yaml -c METHOD.yaml     merge the pool with one method and score it
+  mergelit sweep -c ... -c SWEEP.yaml          a grid of test runs in one process: reports, table, plot
+  mergelit compare RUNS... | -c ...            the comparison table across methods
+  mergelit fit -c FINETUNE.yaml                fine-tune one GPT-2 classifier on a GLUE task
+  mergelit demo                                offline demo: build a small pool, merge, print the table
+
+`mergelit COMMAND --help` lists each command's options.
+"""
+
+COMMANDS = ("test", "sweep", "compare", "fit", "demo")
+
+
+def _raised_by_mergelit(error: BaseException) -> bool:
+    """Whether ``error`` was raised by a ``raise`` in mergelit's own code (its innermost frame is ours)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    try:
+        Path(frames[-1].filename).resolve().relative_to(PACKAGE)
+    except ValueError:
+        return False
+    return True
+
+
+def user_error(error: BaseException) -> Optional[BaseException]:
+    """The user mistake behind ``error`` (unwrapping jsonargparse's and Lightning's re-raises), or None.
+
+    jsonargparse re-raises an error from a class ``__init__`` as a ``ValueError`` holding every
+    Union subtype's message; the original is in the ``__cause__``/``__context__`` chain.
+    """
+    chain, seen = [], set()
+    current: Optional[BaseException] = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for candidate in reversed(chain):  # the innermost (original) first
+        if isinstance(candidate, MergelitError):
+            return candidate
+        if isinstance(candidate, (ValueError, KeyError, OSError)) and _raised_by_mergelit(candidate):
+            return candidate
+    return None
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, KeyError) and not isinstance(error, MergelitError) and error.args:
+        return str(error.args[0])
+    return str(error)
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Run ``mergelit ARGS`` (default: ``sys.argv[1:]``); a user mistake exits 2 with one line on stderr."""
+    argv = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in argv or os.environ.get("MERGELIT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        _dispatch(argv)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        mistake = user_error(error)
+        if mistake is None or debug:
+            raise
+        sys.stderr.write(f"mergelit: error: {_message(mistake)}\n(run with --debug or MERGELIT_DEBUG=1 for the traceback)\n")
+        raise SystemExit(2) from None
+
+
+def _dispatch(argv: list[str]) -> None:
+    if argv in ([], ["-h"], ["--help"]):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        sys.stderr.write(f"mergelit: unknown command {command!r}; the commands are {', '.join(COMMANDS)}.\n\n{USAGE}")
+        raise SystemExit(2)
+
+    if command == "test":
+        from mergelit.cli import test_command
+
+        test_command(rest)
+    elif command in ("sweep", "compare"):
+        # Grids of test runs in one process: mergelit/sweep.py.
+        from mergelit.sweep import compare_command, sweep_command
+
+        (sweep_command if command == "sweep" else compare_command)(rest)
+    elif command == "fit":
+        # Fine-tuning is its own LightningCLI (another model and datamodule): mergelit/finetune.py.
+        from mergelit.finetune import fit_command
+
+        fit_command(rest)
+    else:
+        from mergelit.demo import demo_command
+
+        demo_command(rest)
+
+
+if __name__ == "__main__":
+    main()

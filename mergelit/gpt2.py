@@ -1,0 +1,30 @@
+"""GPT-2 building blocks shared by scoring, statistics and adaptation: bodies from state dicts,
+classification heads, and the read-out at the last non-pad token."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def last_non_pad_index(input_ids: Tensor, pad_token_id: int) -> Tensor:
+    """Index of the rightmost token that is not the pad id, per row (GPT-2's read-out)."""
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
+
+
+def build_body(config, state: dict[str, Tensor]) -> nn.Module:
+    """A frozen ``GPT2Model`` holding ``state`` (built on the meta device: no random init)."""
+    from transformers import GPT2Model
+
+    with torch.device("meta"):
+        body = GPT2Model(config)
+    body.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+    return body.eval().requires_grad_(False)
+
+
+def build_head(weight: Tensor) -> nn.Linear:
+    """A frozen classification head (``score``: Linear n_embd -> num_labels, no bias) holding ``weight``."""
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    head.weight.data.copy_(weight)
+    return head.requires_grad_(False)

@@ -1,0 +1,254 @@
+"""Sweep grids and sweep folders: naming the points, checking the grid, the manifest and resume.
+
+A grid is ``sweep: {grid: {KEY: [values]}}``; every combination is a ``Point`` named after its
+values (``scaling_factor=0.3``). A sweep folder holds one report per point and the manifest
+``sweep.json``, whose fingerprint covers the config without the swept keys: a rerun resumes,
+a folder of another config is refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from mergelit import tables
+from mergelit.report import atomic_write_text
+
+# The sweep's base config needs *a* model even when the grid lists whole methods (``model: [...]``);
+# this placeholder is never run: a sweep that does not sweep ``model`` must name one.
+PLACEHOLDER_MODEL = "mergelit.methods.MergeMethod"
+
+# Settings that cannot change a report: left out of the fingerprint, so a resumed sweep may change them.
+NOT_IN_FINGERPRINT = (
+    "config",
+    "sweep",
+    "output_dir",
+    "overwrite",
+    "report_save_path",
+    "merged_model_save_path",
+    "trainer.logger",
+    "trainer.callbacks",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.default_root_dir",
+    "data.num_workers",
+    "data.cache_dir",
+)
+
+MANIFEST_FORMAT = 1
+
+ALL_METHODS = "all"
+"""``sweep.grid.model: all`` lists every method meant for comparison (``mergelit.sweep.every_method``)."""
+
+
+@dataclass
+class Sweep:
+    """A grid of config values; every combination is one point, run as one ``mergelit test``.
+
+    Args:
+        grid: config key -> list of values, e.g. ``model.init_args.scaling_factor: [0.0, 0.1]``. Keys
+            are the dotted names ``--print_config`` shows; ``model`` takes whole methods
+            (``{class_path: ..., init_args: ...}``). Several keys: their cartesian product,
+            the first key varying slowest.
+        name: the sweep's name: the W&B group, and the output folder ``lightning_logs/sweeps/NAME``
+            when there is no CSV logger. Default: the method, the swept keys and the config's fingerprint.
+        percent: tables in percent with one decimal (as the published 7x7 and methods tables)
+            instead of fractions with six digits (as the published λ tables).
+        mark_best: bold the best value of each table column (as the methods table).
+        select_on: choose each method's point without the validation labels (``mergelit.selection``):
+            ``dev`` (accuracy on the labeled dev split carved from train, ``data.dev_size`` rows per
+            task), ``agreement`` (label-free: agreement of the merged model's predictions with each
+            task's fine-tuned model on the dev rows' texts), or ``none`` (today's table only). Every
+            point is still scored on validation: the table then has a **selected** row (validation
+            accuracy at the chosen point) and an **oracle** row (the best validation accuracy of the
+            grid, what published tables report), and ``sweep.json`` records the choice.
+    """
+
+    grid: dict[str, Any]
+    name: Optional[str] = None
+    percent: bool = False
+    mark_best: bool = False
+    select_on: Literal["none", "dev", "agreement"] = "none"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its file-safe name and the config values it sets."""
+
+    name: str
+    overrides: dict[str, Any]
+
+    def cli_args(self) -> list[str]:
+        """``--KEY=VALUE`` flags, as a user (or ``wandb agent``) would append them to ``mergelit test``."""
+        return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in self.overrides.items()]
+
+
+# ---- the grid ----------------------------------------------------------------------------
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plain(value: Any) -> Any:
+    # jsonargparse hands nested mappings of an ``Any`` value over as Namespaces: plain dicts here.
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return value
+
+
+def _value_name(value: Any) -> str:
+    if isinstance(value, dict) and "class_path" in value:
+        # A whole method: TaskArithmetic(scaling_factor=0.5), its arguments that are not defaults.
+        args = ",".join(f"{k}={tables.format_value(v)}" for k, v in tables.changed_args(value).items())
+        name = value["class_path"].rsplit(".", 1)[-1]
+        return f"{name}({args})" if args else name
+    return tables.format_value(value)
+
+
+def file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,()+-]", "_", name)
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[Point]:
+    """Every combination of the grid's values, in order, named ``key=value,key=value`` after the
+    last part of each key (``scaling_factor=0.3``; a swept ``model`` is named by its class)."""
+    shorts = [tables.short_key(key) for key in grid]
+    labels = [key if shorts.count(short) > 1 else short for key, short in zip(grid, shorts)]
+    points, seen = [], {}
+    for values in itertools.product(*grid.values()):
+        overrides = dict(zip(grid, values))
+        parts = [
+            _value_name(value) if key == "model" else f"{label}={_value_name(value)}"
+            for (key, value), label in zip(overrides.items(), labels)
+        ]
+        name = file_safe(",".join(parts))
+        if name in seen:
+            raise ValueError(
+                f"sweep.grid gives the point {name!r} twice ({seen[name]} and {overrides}); list each value once."
+            )
+        seen[name] = overrides
+        points.append(Point(name, overrides))
+    return points
+
+
+def _known_keys(config) -> list[str]:
+    keys = set()
+    for key in config.keys():
+        # The sweep's own settings are not sweepable; model.init_args.pool is linked from `pool:`.
+        if key.split(".")[0] in ("config", "sweep", "output_dir", "overwrite") or key == "model.init_args.pool":
+            continue
+        parts = key.split(".")
+        keys.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(keys)
+
+
+def check_grid(grid: dict[str, list[Any]], config) -> None:
+    """Fail before any work on a grid that cannot run: no keys, a key the config lacks (with
+    close matches), an empty value list, or a non-number for a key that holds a number."""
+    if not grid:
+        raise ValueError(
+            "sweep.grid is empty: give at least one config key and its values, e.g. "
+            "`sweep: {grid: {model.init_args.scaling_factor: [0.0, 0.5, 1.0]}}`."
+        )
+    known = _known_keys(config)
+    for key, values in grid.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=5, cutoff=0.6)
+            close += [k for k in known if tables.short_key(k) == tables.short_key(key) and k not in close]
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            if key.startswith("model.init_args.") and config.model.class_path == PLACEHOLDER_MODEL:
+                hint += " No method is configured: add its config, e.g. -c configs/methods/task_arithmetic.yaml."
+            raise ValueError(
+                f"sweep.grid key {key!r} is not a key of this config.{hint} `--print_config` lists every key."
+            )
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"sweep.grid[{key!r}] is {values!r}: give a non-empty list of values.")
+        current = config.get(key)
+        if _is_number(current):
+            bad = [v for v in values if not _is_number(v)]
+            if bad:
+                raise ValueError(
+                    f"sweep.grid[{key!r}] must list numbers ({key} is {current!r} in the config), "
+                    f"but holds {bad[0]!r} ({type(bad[0]).__name__})."
+                )
+
+
+# ---- the output folder -------------------------------------------------------------------
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _excluded(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def fingerprint_config(dumped: dict[str, Any], swept: Sequence[str]) -> dict[str, Any]:
+    """The flattened config that decides the reports: without the swept keys and ``NOT_IN_FINGERPRINT``."""
+    flat = _flatten(dumped)
+    return {k: flat[k] for k in sorted(flat) if not _excluded(k, (*NOT_IN_FINGERPRINT, *swept))}
+
+
+def fingerprint(config: dict[str, Any], swept: Sequence[str]) -> str:
+    text = json.dumps({"config": config, "swept": sorted(swept)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    lines = [f"  {k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} now" for k in keys[:limit]]
+    if len(keys) > limit:
+        lines.append(f"  ... and {len(keys) - limit} more")
+    return "\n".join(lines)
+
+
+def is_complete(path: Path, tasks: Sequence[str]) -> bool:
+    """Whether ``path`` is a valid report with every task and the average (so the point is done)."""
+    try:
+        tables.load_report(path, tasks)
+    except ValueError:
+        return False
+    return True
+
+
+def prepare_folder(folder: Path, manifest: dict[str, Any], points: Sequence[Point], overwrite: bool) -> None:
+    """Check that ``folder`` holds nothing but this sweep's results (or clear it with ``overwrite``),
+    then write the manifest. Raises ``FileExistsError`` naming the differences otherwise."""
+    path = folder / tables.MANIFEST
+    names = {f"{p.name}.json" for p in points}
+    conflict = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("fingerprint") != manifest["fingerprint"]:
+            conflict = f"{folder} holds a sweep of another config:\n" + _differences(
+                {"sweep keys": old.get("grid_keys"), **(old.get("config") or {})},
+                {"sweep keys": manifest["grid_keys"], **manifest["config"]},
+            )
+            names |= {f"{n}.json" for n in old.get("points", {})}
+    else:
+        reports = sorted(n for n in names if (folder / n).exists())
+        if reports:
+            conflict = f"{folder} holds reports ({', '.join(reports[:3])}) that no sweep manifest ({tables.MANIFEST}) vouches for."
+    if conflict:
+        if not overwrite:
+            raise FileExistsError(
+                f"{conflict}\nRefusing to mix results: choose another --output_dir, or pass --overwrite to replace them."
+            )
+        criteria = [n.replace(".json", tables.CRITERION_SUFFIX) for n in sorted(names)]
+        for name in sorted(names) + criteria + ["table.md", "table.csv", "plot.png", tables.MANIFEST]:
+            (folder / name).unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(manifest, indent=2, default=str) + "\n")
+
+

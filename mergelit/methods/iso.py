@@ -1,0 +1,399 @@
+"""Iso-C and Iso-CTS: isotropic merging in the common (and task-specific) subspaces.
+
+Marczak et al. 2025, "No Task Left Behind: Isotropic Model Merging with Common and
+Task-Specific Subspaces", ICML 2025, https://arxiv.org/abs/2502.04959.
+
+With τi = θi − θ0 and n tasks, per tensor; θ* = θ0 + α τm on every key.
+
+**Iso-C.** 2-D tensors: Σ = Σi τi = U diag(s) Vᵀ, s̄ = the mean of all k = min(rows, cols)
+singular values, τm = s̄ U Vᵀ (the spectrum of the sum flattened to its mean). Other tensors:
+τm = Σi τi / n.
+
+**Iso-CTS.** 2-D tensors, with common-space fraction f:
+1. sizes: c = int(k·f), t = round((k − c)/n)·n (Python's round, half to even), c = k − t,
+   d = t/n (GPT-2 small, n = 7, f = 0.8: c = 614, d = 22, 614 + 7·22 = 768);
+2. common subspace: the top c singular triplets (Uc, sc, Vcᵀ) of Σ = Σi τi;
+3. task-specific subspaces: wi = τi − Uc (Ucᵀ τi), the common column space projected out, and
+   the top d triplets of each wi;
+4. concatenate: task i's d triplets into slots [i·d, (i+1)·d), the common ones into [n·d, k);
+5. orthogonalise both sides by their polar factors (as TSV-M), flatten the spectrum:
+   τm = s̄ P_U P_Vᵀ, s̄ the mean of all k concatenated singular values.
+Other tensors: the running mean (as TSV-M). With f = 1, d = 0 and Iso-CTS is Iso-C.
+
+What differs from FusionBench (``iso_c`` / ``iso_cts``), and why:
+- Iso-CTS is not transpose-equivariant: step 3 removes the common subspace from one side. On
+  GPT-2's Conv1D weights, stored [in, out], FusionBench's code removes the common **input**
+  subspace; the paper's code ran on nn.Linear weights ([out, in]) and removes the common
+  **output** subspace. ``projection_side: fusionbench`` (default) keeps FusionBench's numbers;
+  ``paper`` transposes the 48 Conv1D weights to [out, in], merges, and transposes back (wte
+  and wpe, which have no [out, in] form, are merged as stored either way). Iso-C does not
+  depend on the side.
+- The projection is computed as Uc (Ucᵀ wi): FusionBench's ``Uc @ Uc.T @ w`` builds the
+  rows × rows projector first, 9.4 GiB for wte. Same values up to rounding.
+- ``svd_keys: conv1d`` (an option) SVDs only the Conv1D weights and averages wte and wpe. The
+  default ``all_2d`` (FusionBench) lifts every zero singular value of Σ τ_wpe to s̄ along
+  arbitrary, device-dependent directions when τ_wpe is rank-deficient (positions no training
+  text reached): mergelit warns (``IllPosedMergeWarning``) naming the tensor.
+- Unknown ``exclude_keys`` raise instead of being ignored; a common-space fraction so small that
+  c would be negative raises (FusionBench would fail on a shape mismatch).
+
+Cost (``benchmarks/svd_method_cost.py``): Iso-C one thin SVD per SVD'd tensor; Iso-CTS n + 3
+(the sum, each task's residual, two polar factors), about TSV-M's cost plus the projections.
+
+The maths is per key (``iso_c_merge_tensor``, ``iso_cts_merge_tensor``; ``svd_applies`` decides
+which keys take them), so a streaming merge can feed one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from mergelit.methods.base import MergeMethod
+from mergelit.methods.tsv_merging import (
+    SVD_KEYS,
+    LazyTaskVectors,
+    check_exclude_keys,
+    is_conv1d_weight,
+    numerical_rank,
+    polar_factor,
+    running_mean,
+    svd_applies,
+    thin_svd,
+    warn_rank_deficient,
+)
+from mergelit.pool import ModelPool
+from mergelit.state_dict import add_scaled, check_finetuned
+
+PROJECTION_SIDES = ("fusionbench", "paper")
+
+_ADVICE = "Use svd_keys='conv1d' (averages wte and wpe) or exclude_keys for this tensor."
+
+
+def _summed(tensors: Sequence[Tensor]) -> Tensor:
+    """t1 + t2 + ... in order (Python's ``sum`` as FusionBench calls it), a new tensor; reads each once."""
+    total = None
+    for tensor in tensors:
+        total = tensor.clone() if total is None else total.add_(tensor)
+    return total
+
+
+# ---- Iso-C -----------------------------------------------------------------------------------
+
+
+def iso_c_merge_tensor(task_vectors: Sequence[Tensor], name: str = "tensor") -> Tensor:
+    """τm = s̄ U Vᵀ for one 2-D tensor, U diag(s) Vᵀ = Σ τi and s̄ = mean(s).
+
+    Args:
+        task_vectors: τ1..τn for this tensor, all the same 2-D shape (not modified).
+        name: the tensor's key, for the rank-deficiency warning.
+    """
+    n = len(task_vectors)
+    # FusionBench averages every key first and multiplies the 2-D ones back by n: (Σ/n)·n, not Σ bitwise.
+    total = _summed(task_vectors) / n * n
+    u, s, vh = thin_svd(total)
+    # Every singular value becomes s̄, the zero ones too: their (arbitrary) vectors then count.
+    warn_rank_deficient("Iso-C", name, s.numel(), {"Σ τi": numerical_rank(s, total.shape)}, _ADVICE)
+    merged = u.mul_(s.mean()) @ vh  # U diag(s̄·1) Vᵀ
+    return merged.to(total.dtype).contiguous()
+
+
+def iso_c_task_vector(
+    pretrained: dict[str, Tensor],
+    finetuned: dict[str, dict[str, Tensor]],
+    exclude_keys: Sequence[str] = (),
+    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+) -> dict[str, Tensor]:
+    """Iso-C's τm for every key: s̄ U Vᵀ of Σ τi on the SVD keys, Σ τi / n elsewhere (before α)."""
+    check_finetuned(pretrained, finetuned)
+    check_exclude_keys(pretrained, exclude_keys)
+    merged = {}
+    for key, base in pretrained.items():
+        # τi = θi − θ0, computed when read: about one task vector in memory at a time.
+        task_vectors = LazyTaskVectors(base, [body[key] for body in finetuned.values()])
+        if svd_applies(key, base, svd_keys, exclude_keys):
+            merged[key] = iso_c_merge_tensor(task_vectors, key)
+        else:
+            merged[key] = _summed(task_vectors) / len(task_vectors)
+    return merged
+
+
+def iso_c_merge(
+    pretrained: dict[str, Tensor],
+    finetuned: dict[str, dict[str, Tensor]],
+    scaling_factor: float = 1.0,
+    exclude_keys: Sequence[str] | None = None,
+    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+) -> dict[str, Tensor]:
+    """Iso-C: θ* = θ0 + α τm.
+
+    Args:
+        pretrained: θ0, the pretrained body's state dict.
+        finetuned: task -> θi, the fine-tuned bodies' state dicts.
+        scaling_factor: α.
+        exclude_keys: exact keys averaged instead of SVD'd (None: none).
+        svd_keys: ``all_2d`` (FusionBench) or ``conv1d`` (wte and wpe averaged).
+    """
+    _check_arguments(scaling_factor, svd_keys=svd_keys)
+    merged_tau = iso_c_task_vector(pretrained, finetuned, list(exclude_keys or []), svd_keys)
+    return add_scaled(pretrained, merged_tau, scaling_factor)
+
+
+# ---- Iso-CTS ---------------------------------------------------------------------------------
+
+
+def iso_cts_sizes(k: int, n: int, common_space_fraction: float) -> tuple[int, int]:
+    """(c, d): the common subspace size and each task's subspace size, c + n·d = k.
+
+    c = int(k·f) is moved so that the rest divides by n: t = round((k − c)/n)·n with Python's
+    ``round`` (half to even: 2.5 → 2), c = k − t, d = t/n. k = 768, n = 7, f = 0.8 → (614, 22).
+    """
+    common = int(k * common_space_fraction)
+    task_total = round((k - common) / n) * n
+    common = k - task_total
+    if common < 0:
+        raise ValueError(
+            f"common_space_fraction {common_space_fraction} leaves a negative common subspace ({common}) for a "
+            f"tensor of rank {k} and {n} tasks; raise common_space_fraction."
+        )
+    return common, int((k - common) / n)
+
+
+def iso_cts_merge_tensor(
+    task_vectors: Sequence[Tensor],
+    common_space_fraction: float = 0.8,
+    name: str = "tensor",
+    tasks: Sequence[str] | None = None,
+) -> Tensor:
+    """Iso-CTS's τm for one 2-D tensor, projecting the common subspace out of the row-index side as stored.
+
+    Args:
+        task_vectors: τ1..τn for this tensor, all the same 2-D shape (not modified).
+        common_space_fraction: f, the share of the k = min(rows, cols) slots given to the common subspace.
+        name: the tensor's key, for the rank-deficiency warning.
+        tasks: the task names, for the warning (default "task 1", "task 2", ...).
+    """
+    n = len(task_vectors)
+    names = list(tasks) if tasks is not None else [f"task {i + 1}" for i in range(n)]
+    total = _summed(task_vectors)
+    shape, dtype = total.shape, total.dtype
+    # 1. Sizes.
+    c, d = iso_cts_sizes(min(shape), n, common_space_fraction)
+    # 2. Common subspace: the top c singular triplets of the sum.
+    u, s, vh = thin_svd(total)
+    del total
+    warn_rank_deficient("Iso-CTS", name, c, {"Σ τi": numerical_rank(s, shape)}, _ADVICE)
+    u_common = u[:, :c]
+    u_hat, s_hat, vh_hat = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
+    # 3. Task-specific subspaces (none when d = 0, i.e. f = 1: Iso-C).
+    ranks = {}
+    for i, tau in enumerate(task_vectors if d > 0 else []):  # a second pass: LazyTaskVectors recomputes τi
+        tau = tau.to(u.dtype)
+        # wi = τi − Uc Ucᵀ τi, evaluated as Uc (Ucᵀ τi): never the rows × rows projector.
+        specific = tau - u_common @ (u_common.T @ tau)
+        u_i, s_i, vh_i = thin_svd(specific)
+        ranks[names[i]] = numerical_rank(s_i, shape)
+        # 4. Concatenate: task i's top d triplets into slots [i·d, (i+1)·d).
+        u_hat[:, i * d : (i + 1) * d] = u_i[:, :d]
+        s_hat[i * d : (i + 1) * d] = s_i[:d]
+        vh_hat[i * d : (i + 1) * d, :] = vh_i[:d, :]
+        del tau, specific, u_i, s_i, vh_i
+    warn_rank_deficient("Iso-CTS", name, d, ranks, _ADVICE)
+    # ... and the common triplets into slots [n·d, k).
+    u_hat[:, n * d :] = u_common
+    s_hat[n * d :] = s[:c]
+    vh_hat[n * d :, :] = vh[:c, :]
+    del u, vh, u_common
+    # 5. Orthogonalise both sides, flatten the spectrum to its mean: τm = s̄ P_U P_Vᵀ.
+    merged = polar_factor(u_hat).mul_(s_hat.mean()) @ polar_factor(vh_hat)
+    return merged.to(dtype).contiguous()
+
+
+def iso_cts_task_vector(
+    pretrained: dict[str, Tensor],
+    finetuned: dict[str, dict[str, Tensor]],
+    common_space_fraction: float = 0.8,
+    exclude_keys: Sequence[str] = (),
+    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    projection_side: Literal["fusionbench", "paper"] = "fusionbench",
+) -> dict[str, Tensor]:
+    """Iso-CTS's τm for every key: ``iso_cts_merge_tensor`` on the SVD keys, the running mean elsewhere (before α).
+
+    ``projection_side: paper`` runs the Conv1D weights as [out, in] (transposed and back), so the
+    common output subspace is projected out; ``fusionbench`` runs them as stored ([in, out]).
+    """
+    check_finetuned(pretrained, finetuned)
+    check_exclude_keys(pretrained, exclude_keys)
+    tasks = list(finetuned)
+    merged = {}
+    for key, base in pretrained.items():
+        # τi = θi − θ0, computed when read (twice here): about one task vector in memory at a time.
+        task_vectors = LazyTaskVectors(base, [body[key] for body in finetuned.values()])
+        if not svd_applies(key, base, svd_keys, exclude_keys):
+            merged[key] = running_mean(task_vectors)
+        elif projection_side == "paper" and is_conv1d_weight(key):
+            # GPT-2's Conv1D stores W as [in, out]; the paper's nn.Linear weights are [out, in].
+            transposed = task_vectors.transposed()
+            merged[key] = iso_cts_merge_tensor(transposed, common_space_fraction, key, tasks).T.contiguous()
+        else:
+            merged[key] = iso_cts_merge_tensor(task_vectors, common_space_fraction, key, tasks)
+    return merged
+
+
+def iso_cts_merge(
+    pretrained: dict[str, Tensor],
+    finetuned: dict[str, dict[str, Tensor]],
+    scaling_factor: float = 1.0,
+    common_space_fraction: float = 0.8,
+    exclude_keys: Sequence[str] | None = None,
+    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    projection_side: Literal["fusionbench", "paper"] = "fusionbench",
+) -> dict[str, Tensor]:
+    """Iso-CTS: θ* = θ0 + α τm.
+
+    Args:
+        pretrained: θ0, the pretrained body's state dict.
+        finetuned: task -> θi, the fine-tuned bodies' state dicts.
+        scaling_factor: α.
+        common_space_fraction: f, in (0, 1].
+        exclude_keys: exact keys averaged instead of SVD'd (None: none).
+        svd_keys: ``all_2d`` (FusionBench) or ``conv1d`` (wte and wpe averaged).
+        projection_side: ``fusionbench`` (Conv1D as stored: common input subspace removed) or
+            ``paper`` (common output subspace removed).
+    """
+    _check_arguments(scaling_factor, common_space_fraction, svd_keys, projection_side)
+    merged_tau = iso_cts_task_vector(
+        pretrained, finetuned, common_space_fraction, list(exclude_keys or []), svd_keys, projection_side
+    )
+    return add_scaled(pretrained, merged_tau, scaling_factor)
+
+
+def _check_arguments(
+    scaling_factor: float,
+    common_space_fraction: float = 1.0,
+    svd_keys: str = "all_2d",
+    projection_side: str = "fusionbench",
+) -> None:
+    if isinstance(scaling_factor, bool) or not math.isfinite(scaling_factor):
+        raise ValueError(f"scaling_factor (α) must be a finite number, got {scaling_factor}.")
+    if not 0 < common_space_fraction <= 1:
+        raise ValueError(
+            f"common_space_fraction (f) must be in (0, 1], got {common_space_fraction} "
+            f"(1 gives Iso-C; FusionBench's default is 0.8)."
+        )
+    if svd_keys not in SVD_KEYS:
+        raise ValueError(f"svd_keys must be one of {', '.join(SVD_KEYS)}; got {svd_keys!r}.")
+    if projection_side not in PROJECTION_SIDES:
+        raise ValueError(f"projection_side must be one of {', '.join(PROJECTION_SIDES)}; got {projection_side!r}.")
+
+
+class IsoC(MergeMethod):
+    """Iso-C: θ* = θ0 + α s̄ U Vᵀ, with U diag(s) Vᵀ = Σ τi and s̄ = mean(s): the summed task
+    vector with its singular value spectrum flattened to the mean.
+
+    Args:
+        scaling_factor: α, multiplies the merged task vector on every key (FusionBench's default
+            1.0; the paper picks it on validation data from 0.1..3.0).
+        exclude_keys: exact state-dict keys (e.g. ``wpe.weight``) averaged instead of SVD'd.
+        svd_keys: which 2-D tensors are SVD'd. ``all_2d`` (default, FusionBench): wte, wpe and
+            the 48 Conv1D weights. ``conv1d``: only the Conv1D weights; wte and wpe take the
+            mean × α, which avoids lifting a rank-deficient τ_wpe along arbitrary directions.
+    """
+
+    display_name = "Iso-C"
+    symbols = {"scaling_factor": "α"}
+    recommended = {"scaling_factor": 1.0}
+    kind = "merged"
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        scaling_factor: float = 1.0,
+        exclude_keys: list[str] | None = None,
+        svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    ):
+        super().__init__(pool)
+        _check_arguments(scaling_factor, svd_keys=svd_keys)
+        self.scaling_factor = float(scaling_factor)
+        self.exclude_keys = list(exclude_keys or [])
+        self.svd_keys = svd_keys
+        self.save_hyperparameters(ignore=["pool"])
+
+    def reusable_key(self) -> tuple:
+        # τm depends on the pool, exclude_keys and svd_keys, not on α: an α sweep computes it once.
+        return ("iso_c_task_vector", tuple(sorted(self.exclude_keys)), self.svd_keys)
+
+    def merge(self) -> dict[str, Tensor]:
+        pretrained = self.pool.pretrained_body()
+        if self.reusable is None:
+            finetuned = self.pool.finetuned_bodies()
+            self.reusable = iso_c_task_vector(pretrained, finetuned, self.exclude_keys, self.svd_keys)
+        return add_scaled(pretrained, self.reusable, self.scaling_factor)
+
+
+class IsoCTS(MergeMethod):
+    """Iso-CTS: θ* = θ0 + α s̄ P_U P_Vᵀ over the common subspace of Σ τi plus each task's own
+    subspace orthogonal to it, orthogonalised, with a flat spectrum.
+
+    Args:
+        scaling_factor: α, multiplies the merged task vector on every key (FusionBench's default 1.0).
+        common_space_fraction: f in (0, 1], the share of each tensor's k = min(rows, cols)
+            directions taken from the sum's top singular vectors; the rest is split equally
+            among the tasks (0.8: 614 common + 7 × 22 task directions of 768). 1 gives Iso-C.
+        exclude_keys: exact state-dict keys averaged instead of SVD'd.
+        svd_keys: ``all_2d`` (default, FusionBench: wte, wpe and the 48 Conv1D weights) or
+            ``conv1d`` (wte and wpe take the running mean × α).
+        projection_side: which side of a Conv1D weight loses the common subspace before the
+            task SVDs. ``fusionbench`` (default): the input side, as FusionBench's code does on
+            GPT-2's [in, out] storage. ``paper``: the output side, as the paper's code does on
+            nn.Linear ([out, in]) weights. wte and wpe are merged as stored either way.
+    """
+
+    display_name = "Iso-CTS"
+    symbols = {"scaling_factor": "α", "common_space_fraction": "f"}
+    recommended = {"scaling_factor": 1.0, "common_space_fraction": 0.8}
+    kind = "merged"
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        scaling_factor: float = 1.0,
+        common_space_fraction: float = 0.8,
+        exclude_keys: list[str] | None = None,
+        svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+        projection_side: Literal["fusionbench", "paper"] = "fusionbench",
+    ):
+        super().__init__(pool)
+        _check_arguments(scaling_factor, common_space_fraction, svd_keys, projection_side)
+        self.scaling_factor = float(scaling_factor)
+        self.common_space_fraction = float(common_space_fraction)
+        self.exclude_keys = list(exclude_keys or [])
+        self.svd_keys = svd_keys
+        self.projection_side = projection_side
+        self.save_hyperparameters(ignore=["pool"])
+
+    def reusable_key(self) -> tuple:
+        # τm depends on the pool and every argument but α: an α sweep computes it once.
+        return (
+            "iso_cts_task_vector",
+            self.common_space_fraction,
+            tuple(sorted(self.exclude_keys)),
+            self.svd_keys,
+            self.projection_side,
+        )
+
+    def merge(self) -> dict[str, Tensor]:
+        pretrained = self.pool.pretrained_body()
+        if self.reusable is None:
+            self.reusable = iso_cts_task_vector(
+                pretrained,
+                self.pool.finetuned_bodies(),
+                self.common_space_fraction,
+                self.exclude_keys,
+                self.svd_keys,
+                self.projection_side,
+            )
+        return add_scaled(pretrained, self.reusable, self.scaling_factor)

@@ -1,0 +1,165 @@
+"""The flow of one ``mergelit test``, top to bottom (a sweep point runs the same function).
+
+1. ``method.prepare(trainer, datamodule)``: statistics (``trainer.predict``) or adaptation
+   (``trainer.fit``) of data-driven methods; nothing for the others.
+2. ``trainer.test(method, datamodule)``: ``method.setup`` merges the pool once, ``test_step``
+   scores every task with its own head, ``on_test_epoch_end`` computes the report, and the
+   ``ReportWriter`` callback writes it (rank 0).
+3. The table is printed, and the merged model exported if asked.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from mergelit.errors import MergelitError, NotWritable
+from mergelit.export import save_merged
+from mergelit.methods.base import MergeMethod
+from mergelit.report import Report, ReportWriter, format_report
+
+
+def report_writer(trainer: L.Trainer) -> ReportWriter:
+    """The trainer's ``ReportWriter``, added (writing to the log dir) if it has none."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ReportWriter):
+            return callback
+    writer = ReportWriter()
+    trainer.callbacks.append(writer)
+    return writer
+
+
+def run_test(
+    trainer: L.Trainer,
+    method: MergeMethod,
+    datamodule: Optional[L.LightningDataModule],
+    report_save_path: Optional[str] = None,
+    merged_model_save_path: Optional[str] = None,
+    verbose: bool = False,
+    quiet: bool = False,
+    save_predictions: bool = False,
+) -> Report:
+    """Prepare, merge and score ``method``; write and print its report; export it if asked.
+
+    ``save_predictions``: also write ``predictions/<task>.jsonl`` (idx, label, predicted class,
+    logits per example) next to the report. The time ``prepare`` takes (statistics, adaptation)
+    goes into the report's ``protocol.costs.prepare_seconds``.
+    """
+    writer = report_writer(trainer)
+    writer.path = report_save_path
+    writer.save_predictions = save_predictions
+    method.save_predictions = save_predictions
+    check_inputs(trainer, method, datamodule, report_save_path, merged_model_save_path)
+    start = time.perf_counter()
+    method.prepare(trainer, datamodule)
+    method.prepare_seconds = time.perf_counter() - start
+    trainer.test(method, datamodule=datamodule, verbose=verbose)
+    if not quiet:
+        _print_report(method, writer.written)
+    if merged_model_save_path:
+        _export(method, merged_model_save_path)
+    return method.report
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Fail, naming ``what`` and ``path``, unless ``path`` (a file or folder to be written) can be created there."""
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != target and not existing.is_dir():
+        raise NotWritable(f"The {what} {str(path)!r} cannot be written: {str(existing)!r} is a file, not a folder.")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise NotWritable(f"The {what} {str(path)!r} cannot be written: no write permission in {str(folder)!r}.")
+
+
+def check_inputs(
+    trainer: L.Trainer,
+    method: MergeMethod,
+    datamodule: Optional[L.LightningDataModule],
+    report_save_path: Optional[str] = None,
+    merged_model_save_path: Optional[str] = None,
+) -> None:
+    """Everything knowable before the heavy work (statistics, adaptation, the merge, evaluation).
+
+    Every output path is checked for writability; every model of the pool is loaded and checked
+    (labels, shapes, finite weights); every split the method reads is checked (present, columns,
+    labels in range, not empty); the tokenizer must agree with the heads' pad id and fit the
+    embedding; ``max_length`` must fit the model's positions.
+    """
+    for path, what in (
+        (report_save_path, "report path (--report_save_path)"),
+        (merged_model_save_path, "export folder (--merged_model_save_path)"),
+        (getattr(trainer.logger, "save_dir", None) if trainer.logger else None, "log folder (trainer.logger's save_dir)"),
+        (getattr(datamodule, "cache_dir", None), "tokenized-data cache folder (data.cache_dir)"),
+        (getattr(method, "cache_dir", None), "statistics cache folder (model.init_args.cache_dir)"),
+    ):
+        if path:
+            check_writable(path, what)
+    if merged_model_save_path and method.kind == "ensemble":
+        raise MergelitError(
+            f"{type(method).__name__} has no merged body to export; drop --merged_model_save_path, or export a merging method."
+        )
+    pool = method.pool
+    pool.check()
+    if datamodule is None or not hasattr(datamodule, "check"):
+        return
+    if list(getattr(datamodule, "tasks", pool.tasks)) != list(pool.tasks):
+        raise MergelitError(
+            f"The data's tasks {list(datamodule.tasks)} differ from the pool's {list(pool.tasks)}; "
+            f"set data.tasks to the pool's (the CLI links them)."
+        )
+    roles = ["eval"]
+    if "train" in str(getattr(method, "data", "none")):
+        roles.append("train")
+    datamodule.check(tuple(roles))
+    config = pool.body_config()
+    max_length = getattr(datamodule, "max_length", None)
+    if isinstance(max_length, int) and max_length > config.n_positions:
+        raise MergelitError(
+            f"data.max_length {max_length} exceeds the model's n_positions {config.n_positions} (its position "
+            f"embedding); set data.max_length <= {config.n_positions}."
+        )
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is None:
+        return
+    rows = pool.pretrained_body()["wte.weight"].shape[0]
+    if len(tokenizer) > rows:
+        raise MergelitError(
+            f"The tokenizer {getattr(datamodule, 'tokenizer_path', '')!r} has {len(tokenizer)} tokens but the model's "
+            f"embedding has {rows} rows; use the pool's own tokenizer (pool.tokenizer)."
+        )
+    for task in pool.tasks:
+        head_pad = pool.task_config(task).pad_token_id
+        if head_pad != tokenizer.pad_token_id:
+            raise MergelitError(
+                f"The tokenizer's pad id is {tokenizer.pad_token_id} but the {task!r} head reads out at pad_token_id "
+                f"{head_pad} (its config.json): predictions would be read at padding. Use the tokenizer the heads "
+                f"were trained with, or fix pad_token_id in {pool.finetuned_paths[task]}/config.json."
+            )
+
+
+@rank_zero_only
+def _print_report(method: MergeMethod, written: list[Path]) -> None:
+    print(f"\n{method.display_name} on {len(method.tasks)} GLUE tasks\n{format_report(method.report)}\n")
+    for path in written:
+        if path.suffix != ".jsonl":
+            print(f"Report: {path}")
+    for folder in dict.fromkeys(path.parent for path in written if path.suffix == ".jsonl"):
+        print(f"Predictions: {folder}/<task>.jsonl")
+
+
+@rank_zero_only
+def _export(method: MergeMethod, folder: str) -> None:
+    if method.kind == "ensemble":
+        raise ValueError(
+            f"{type(method).__name__} has no merged body to export; drop --merged_model_save_path, or export a merging method."
+        )
+    folders = save_merged(folder, method.pool, method.merge_task if method.kind == "task-aware" else lambda task: method.merged_state_dict())
+    print(f"Merged model exported to {folder} ({len(folders)} task checkpoints)")
