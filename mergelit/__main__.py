@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from mergelit.errors import MergelitError
+from mergelit.errors import FileMissing, MergelitError
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -68,10 +68,50 @@ def user_error(error: BaseException) -> Optional[BaseException]:
     return None
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Each ``-c/--config FILE``: it exists, is not empty, and is valid YAML (named errors, before parsing)."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag not in ("-c", "--config") or value.lstrip().startswith(("{", "[")) or "\n" in value:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise FileMissing(f"Config file {value!r} does not exist.")
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise MergelitError(f"Config file {value!r} is not valid YAML{line}: {problem}.") from None
+        if loaded is None:
+            raise MergelitError(f"Config file {value!r} is empty; give it some settings, or drop `{flag} {value}`.")
+        if not isinstance(loaded, dict):
+            raise MergelitError(f"Config file {value!r} holds a {type(loaded).__name__}, not a mapping of settings (key: value).")
+
+
 def _message(error: BaseException) -> str:
     if isinstance(error, KeyError) and not isinstance(error, MergelitError) and error.args:
         return str(error.args[0])
     return str(error)
+
+
+def is_merge_config(args: list[str]) -> bool:
+    """Whether ``mergelit fit ARGS`` configures a merge (a ``pool:`` group) rather than a fine-tuning run."""
+    import yaml
+
+    if any(arg == "--pool" or arg.startswith(("--pool.", "--pool=")) for arg in args):
+        return True
+    for flag, value in zip(args, args[1:]):
+        if flag in ("-c", "--config"):
+            try:
+                with open(value) as file:
+                    if "pool" in (yaml.safe_load(file) or {}):
+                        return True
+            except (OSError, yaml.YAMLError, TypeError):
+                continue  # the CLI itself reports a file it cannot read
+    return False
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -80,6 +120,7 @@ def main(args: Optional[list[str]] = None) -> None:
     debug = "--debug" in argv or os.environ.get("MERGELIT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
+        check_config_files(argv)
         _dispatch(argv)
     except (SystemExit, KeyboardInterrupt):
         raise
@@ -109,6 +150,11 @@ def _dispatch(argv: list[str]) -> None:
         from mergelit.sweep import compare_command, sweep_command
 
         (sweep_command if command == "sweep" else compare_command)(rest)
+    elif command == "fit" and is_merge_config(rest):
+        # A merge config (with a `pool:` group): run the method's adaptation (AdaMerging) alone.
+        from mergelit.cli import adapt_command
+
+        adapt_command(rest)
     elif command == "fit":
         # Fine-tuning is its own LightningCLI (another model and datamodule): mergelit/finetune.py.
         from mergelit.finetune import fit_command

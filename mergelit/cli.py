@@ -168,3 +168,23 @@ def test_command(args: Optional[list[str]] = None):
         verbose=config.get("verbose", False),
         save_predictions=config.get("save_predictions", False),
     )
+
+
+def adapt_command(args: Optional[list[str]] = None) -> None:
+    """``mergelit fit`` with a merge config (one with a ``pool:`` group): run only the method's data-driven
+    step, ``method.prepare`` (AdaMerging's ``trainer.fit``; Fisher/RegMean's statistics), and keep its
+    result for later ``mergelit test`` runs (AdaMerging's coefficients file; the statistics cache)."""
+    import os
+
+    cli = MergeCLI(args)
+    method = cli.model
+    if type(method).prepare is MergeMethod.prepare:
+        raise ValueError(
+            f"{type(method).__name__} has nothing to fit: it merges from the weights alone. Run `mergelit test` instead."
+        )
+    if getattr(method, "coefficients_path", "unset") is None:
+        # AdaMerging without a file named: keep the learned coefficients in the run's log folder.
+        method.coefficients_path = os.path.join(cli.trainer.log_dir or ".", "adamerging_coefficients.json")
+    method.prepare(cli.trainer, cli.datamodule)
+    if getattr(method, "coefficients_path", None):
+        print(f"Coefficients: {method.coefficients_path} (reuse with --model.init_args.coefficients_path)")

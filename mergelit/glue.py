@@ -270,8 +270,9 @@ class GLUEDataModule(L.LightningDataModule):
 
             try:
                 tokenized = tokenize_split()
-                if cache_file and os.path.exists(cache_file):
-                    len(tokenized["length"])  # read it all: a damaged cache file fails here, not mid-evaluation
+                if cache_file and os.path.exists(cache_file) and len(tokenized["length"]) != len(raw):
+                    # A truncated Arrow stream reads as fewer rows, without an error: count them.
+                    raise ValueError(f"{len(tokenized)} rows cached for {len(raw)} raw rows")
             except Exception as error:  # pyarrow's errors for a damaged file share no narrower base
                 if not (cache_file and os.path.exists(cache_file)):
                     raise

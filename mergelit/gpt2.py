@@ -28,3 +28,12 @@ def build_head(weight: Tensor) -> nn.Linear:
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     head.weight.data.copy_(weight)
     return head.requires_grad_(False)
+
+
+CONV1D_WEIGHT_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+"""The 48 Conv1D weights of GPT-2 small (4 per block), stored [in, out]: y = x W + b."""
+
+
+def is_conv1d_weight(key: str) -> bool:
+    """Whether a body tensor name is a Conv1D weight (``h.3.mlp.c_fc.weight``), stored [in, out]."""
+    return key.endswith(CONV1D_WEIGHT_SUFFIXES)

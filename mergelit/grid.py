@@ -198,6 +198,21 @@ def fingerprint_config(dumped: dict[str, Any], swept: Sequence[str]) -> dict[str
     return {k: flat[k] for k in sorted(flat) if not _excluded(k, (*NOT_IN_FINGERPRINT, *swept))}
 
 
+def weights_fingerprint(pool: Any) -> dict[str, str]:
+    """``{"weights.<model>": content hash}`` of every model of ``pool``, for the sweep fingerprint.
+
+    The content (SHA-256 of every tensor), not the path: a checkpoint replaced at the same path
+    changes the fingerprint, so a resumed sweep refuses to mix old and new points. It loads the
+    pool (the sweep needs it anyway); hashing costs about a second per GPT-2-small model.
+    """
+    from mergelit.state_dict import tensors_fingerprint
+
+    weights = {"weights.pretrained": tensors_fingerprint(pool.pretrained_body())[:16]}
+    for task in pool.tasks:
+        weights[f"weights.{task}"] = pool.fingerprint(task)[:16]
+    return weights
+
+
 def fingerprint(config: dict[str, Any], swept: Sequence[str]) -> str:
     text = json.dumps({"config": config, "swept": sorted(swept)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

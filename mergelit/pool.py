@@ -96,6 +96,8 @@ _CAST_WARNED: set[str] = set()
 def _from_pretrained(cls, path: str, name: str):
     """``cls.from_pretrained(path)`` in fp32 from safetensors, with short errors naming ``name`` and ``path``."""
     try:
+        if not hasattr(cls, "base_model_prefix"):  # a config class (AutoConfig): no weights
+            return cls.from_pretrained(path)
         model, info = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32, output_loading_info=True)
     except OSError as error:
         if os.path.isdir(os.path.expanduser(path)):
@@ -177,7 +179,8 @@ class ModelPool:
         if self._config is None:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(self.pretrained_path)
+            self._checkpoint(self.pretrained_path, "pretrained model (pool.pretrained)")  # named errors first
+            config = _from_pretrained(AutoConfig, self.pretrained_path, "pretrained model (pool.pretrained)")
             if config.model_type != "gpt2":
                 raise BadCheckpoint(f"{self.pretrained_path!r} is a {config.model_type!r} model; mergelit merges GPT-2.")
             if config.pad_token_id is None:
@@ -210,14 +213,14 @@ class ModelPool:
         self._check_task(task)
         if task in self._finetuned:
             return self._finetuned[task][1:]
-        checkpoint = self._checkpoint(self.finetuned_paths[task])
+        checkpoint = self._checkpoint(self.finetuned_paths[task], f"fine-tuned model for {task!r} (pool.finetuned.{task})")
         if checkpoint is None:  # a hub id: load the whole model once (cached) as before
             return self._load(task)[1:]
         if task not in self._heads:
             from transformers import AutoConfig
 
             path = self.finetuned_paths[task]
-            config = AutoConfig.from_pretrained(path)
+            config = _from_pretrained(AutoConfig, path, f"fine-tuned model for {task!r} (pool.finetuned.{task})")
             head = checkpoint.tensor("score.weight")
             expected = GLUE_TASKS[task].num_labels
             if config.num_labels != expected or head.shape[0] != expected:
@@ -286,9 +289,9 @@ class ModelPool:
             self._head_and_config(task)
 
     # ---- tensor by tensor (streaming) -----------------------------------------------------
-    def _checkpoint(self, path: str) -> "_Checkpoint | None":
+    def _checkpoint(self, path: str, name: str = "checkpoint") -> "_Checkpoint | None":
         if path not in self._checkpoints:
-            check_checkpoint_folder(path)
+            check_checkpoint_folder(path, name)
             self._checkpoints[path] = _Checkpoint(path) if os.path.isdir(path) else None
         return self._checkpoints[path]
 
@@ -314,7 +317,7 @@ class ModelPool:
         """
         if self._pretrained_body is not None:
             return _rows(self._pretrained_body[key], rows)
-        checkpoint = self._checkpoint(self.pretrained_path)
+        checkpoint = self._checkpoint(self.pretrained_path, "pretrained model (pool.pretrained)")
         if checkpoint is None:
             return _rows(self.pretrained_body()[key], rows)
         self._check_key(key)
@@ -338,7 +341,7 @@ class ModelPool:
         self._check_task(task)
         if task in self._finetuned:
             return _rows(self._finetuned[task][0][key], rows)
-        checkpoint = self._checkpoint(self.finetuned_paths[task])
+        checkpoint = self._checkpoint(self.finetuned_paths[task], f"fine-tuned model for {task!r} (pool.finetuned.{task})")
         if checkpoint is None:
             return _rows(self.finetuned_body(task)[key], rows)
         self._check_key(key)

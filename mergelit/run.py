@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mergelit.errors import MergelitError, NotWritable
 from mergelit.export import save_merged
 from mergelit.methods.base import MergeMethod
+from mergelit.pool import can_stream, row_chunks
 from mergelit.report import Report, ReportWriter, format_report
 
 
@@ -79,6 +80,18 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         raise NotWritable(f"The {what} {str(path)!r} cannot be written: no write permission in {str(folder)!r}.")
 
 
+def check_weights_finite(pool) -> None:
+    """Read every weight of the pool once, piece by piece, so that a NaN/inf anywhere fails now
+    (naming the model and tensor), not after statistics or in a report of NaN losses."""
+    if not can_stream(pool):
+        return
+    for key in pool.keys():
+        for rows in row_chunks(pool.body_shapes()[key]):
+            pool.pretrained_tensor(key, rows)
+            for task in pool.tasks:
+                pool.finetuned_tensor(task, key, rows)
+
+
 def check_inputs(
     trainer: L.Trainer,
     method: MergeMethod,
@@ -108,6 +121,7 @@ def check_inputs(
         )
     pool = method.pool
     pool.check()
+    check_weights_finite(pool)
     if datamodule is None or not hasattr(datamodule, "check"):
         return
     if list(getattr(datamodule, "tasks", pool.tasks)) != list(pool.tasks):

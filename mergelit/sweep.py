@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -69,6 +69,7 @@ from mergelit.grid import (
     is_complete,
     plain,
     prepare_folder,
+    weights_fingerprint,
 )
 from mergelit.methods import method_classes
 from mergelit.pool import ModelPool
@@ -172,7 +173,9 @@ class SweepCLI(MergeCLI):
         ``<point>.criterion.json``; ``validate=False``: only that (a resumed point whose report is done).
         """
         self.config, self.point = config, point
-        self._set_seed()
+        seed = config.get("seed_everything")
+        if seed is not False:  # as LightningCLI seeds a run (True: a random seed)
+            seed_everything(None if seed is True else seed, workers=True)
         self.instantiate_classes()
         method = self.model
         # Reuse, explicitly: the part of the merge a method declares λ-independent (Σ τi, TIES's τm)
@@ -240,6 +243,7 @@ class SweepCLI(MergeCLI):
         tasks = list(self.config_init.pool.tasks)
         dumped = yaml.safe_load(self.parser.dump(base, skip_none=False))
         config = fingerprint_config(dumped, list(grid))
+        config.update(weights_fingerprint(self.config_init.pool))  # a checkpoint replaced at the same path
         stamp = fingerprint(config, list(grid))
         method = "Merging methods" if "model" in grid else tables.method_name(base.model.class_path)
         keys = "-".join(tables.short_key(k) for k in grid)

@@ -316,3 +316,29 @@ def test_config_parses():
     import inspect
 
     assert set(config["model"]["init_args"]) <= set(inspect.signature(AdaMerging.__init__).parameters)
+
+
+def test_mergelit_fit_adapts_alone_and_test_reuses_the_coefficients(fixtures_root, tmp_path, monkeypatch):
+    """`mergelit fit` with a merge config runs only the adaptation and saves λ; `mergelit test` with that
+    file loads it (no second fit) and scores the merge the coefficients give."""
+    monkeypatch.chdir(tmp_path)
+    coefficients = tmp_path / "lambda.json"
+    common = ["-c", str(fixtures_root / "config.yaml"), "-c", str(CONFIGS / "methods" / "adamerging.yaml"),
+              "--model.init_args.max_steps", "2", "--model.init_args.batch_size", "8",
+              "--model.init_args.coefficients_path", str(coefficients), "--trainer.enable_progress_bar", "false"]
+    main(["fit", *common])
+    assert coefficients.is_file() and not list(tmp_path.rglob("report.json"))  # adapted, nothing scored
+    saved = coefficients.read_text()
+    before = coefficients.stat().st_mtime_ns
+    main(["test", *common, "--report_save_path", str(tmp_path / "report.json")])
+    assert coefficients.read_text() == saved and coefficients.stat().st_mtime_ns == before  # loaded, not re-adapted
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert all(0 <= report[t]["accuracy"] <= 1 for t in TASKS)
+
+
+def test_mergelit_fit_refuses_a_method_without_a_data_step(fixtures_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "-c", str(fixtures_root / "config.yaml"), "-c", str(CONFIGS / "methods" / "task_arithmetic.yaml")])
+    assert exit_.value.code != 0
+    assert "TaskArithmetic has nothing to fit" in capsys.readouterr().err

@@ -88,7 +88,8 @@ def test_end_to_end_predictions_rescore_exactly(fixtures_root, tmp_path):
     for entry in [*TASKS, "mnli_mismatched"]:
         for metric, value in report[entry].items():
             if metric == "loss":
-                assert rescored[entry][metric] == pytest.approx(value, rel=1e-12), entry
+                # The report's loss mean is float32-accurate (its running state; see the report docstring).
+                assert rescored[entry][metric] == pytest.approx(value, rel=1e-6), entry
             else:
                 assert rescored[entry][metric] == value, (entry, metric)  # counts: exact
     assert rescored["average"]["accuracy"] == report["average"]["accuracy"]

@@ -175,12 +175,13 @@ def test_select_on_none_keeps_todays_sweep(fixtures_root, tmp_path):
     assert ", best of 3 (oracle)" in tables.compare([out])
 
 
-def test_resuming_a_plain_sweep_with_selection_scores_only_the_criterion(fixtures_root, tmp_path, monkeypatch):
+def test_resuming_a_plain_sweep_with_selection_scores_only_the_criterion(fixtures_root, tmp_path, monkeypatch, capsys):
     # hold_out_dev is part of the config: a plain sweep's folder is another config ...
     out = tmp_path / "s"
     run_sweep(fixtures_root, out, "none")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit):
         run_sweep(fixtures_root, out, "dev")
+    assert "data.hold_out_dev" in capsys.readouterr().err
     # ... unless the plain sweep held the dev rows out already: then only the criterion runs.
     out = tmp_path / "t"
     run_sweep(fixtures_root, out, "none", "--data.hold_out_dev", "true")

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mergelit.gpt2 import is_conv1d_weight
+
 from mergelit.methods.cart import CART, cart_components, cart_merge, cart_rank
 from mergelit.methods.iso import (
     IsoC,
@@ -26,7 +28,6 @@ from mergelit.methods.tsv_merging import (
     IllPosedMergeWarning,
     LazyTaskVectors,
     TaskSingularVectorMerging,
-    is_conv1d_weight,
     tsv_merge,
     tsv_merge_tensor,
 )

@@ -45,6 +45,13 @@ def _peak_rss_gb() -> float:
     return peak * (1 if peak > 1 << 40 else 1024) / 1e9
 
 
+def _partial_evaluation(trainer: Any) -> bool:
+    if trainer is None:
+        return False
+    limit = getattr(trainer, "limit_test_batches", 1.0)
+    return bool(getattr(trainer, "fast_dev_run", False)) or not (isinstance(limit, float) and limit == 1.0)
+
+
 def check_merged_finite(state: dict[str, Tensor], name: str) -> None:
     """A merge of finite weights must be finite: refuse to score one that is not, naming the tensor."""
     for key, tensor in state.items():
@@ -184,6 +191,9 @@ class MergeMethod(L.LightningModule):
             "kind": self.kind,
             "data": self.data,
             "bodies_at_inference": self.inference_bodies(),
+            # A run with limit_test_batches / fast_dev_run scores only part of each split: the report
+            # says so, and tables.check_report (compare, sweep resume) never takes it as complete.
+            "partial": _partial_evaluation(getattr(self, "_trainer", None)),
             "splits": {entry: split for entry, _, split in self.test_entries},
             "metrics": {entry: ["accuracy", "loss", *([EXTRA_METRICS[entry]] if entry in self.test_extra else [])]
                         for entry, _, _ in self.test_entries},

@@ -40,12 +40,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mergelit.gpt2 import is_conv1d_weight
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import add_scaled, check_finetuned
 
-# GPT-2's Conv1D weights, stored [in, out] (nn.Linear stores [out, in]).
-CONV1D_WEIGHT_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def _check_arguments(scaling_factor: float, keep_fraction: float, outlier_fraction: float) -> None:
@@ -132,7 +131,7 @@ def breadcrumbs_tensor(
         tau = theta - pretrained
         if not per_row:
             summed += mask_magnitude_outliers(tau, keep_fraction, outlier_fraction)
-        elif key.endswith(CONV1D_WEIGHT_SUFFIXES):
+        elif is_conv1d_weight(key):
             # GPT-2's Conv1D stores W as [in, out]: the paper's rows (one output neuron each) are its columns.
             summed += mask_magnitude_outliers_per_row(tau.T, keep_fraction, outlier_fraction).T
         else:

@@ -13,7 +13,7 @@ per tensor,
    r = 92 of 768); every other tensor keeps τ'i in full;
 4. θ* = θ̄ + λ Σi lowrank(τ'i).
 
-On the full-rank tensors (wte, wpe, LayerNorm, biases) Σi τ'i = 0 in exact arithmetic, so
+On the tensors kept in full (wte, wpe, LayerNorm, biases) Σi τ'i = 0 in exact arithmetic, so
 there θ* is the simple average θ̄ for any λ (up to λ times the rounding residue); with ρ = 1
 the whole body is. The low-rank keys follow CART's rule: "attn" or "mlp" in the key and
 neither "ln" nor "bias", which on GPT-2 is exactly the 48 Conv1D weights (and excludes the
@@ -35,7 +35,7 @@ streaming merge can feed one tensor at a time.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

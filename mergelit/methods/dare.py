@@ -46,13 +46,12 @@ from typing import Iterator, Literal
 import torch
 from torch import Tensor
 
+from mergelit.gpt2 import is_conv1d_weight
 from mergelit.methods.base import MergeMethod
 from mergelit.methods.ties import MERGE_FUNCS, ties_task_vector_from_task_vectors
 from mergelit.pool import ModelPool
 from mergelit.state_dict import add_scaled, check_finetuned
 
-# GPT-2's Conv1D weights (the 48 matrices of attention and MLP), stored [in, out].
-CONV1D_WEIGHT_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MAX_SEED = 2**32 - 1  # the seeds Lightning's seed_everything (FusionBench's `seed:`) accepts
 
 
@@ -81,7 +80,7 @@ def drop_and_rescale(tau: Tensor, sparsity_ratio: float, rescale: bool, generato
 
 
 def _is_dropped(key: str, only_conv1d_weights: bool) -> bool:
-    return not only_conv1d_weights or key.endswith(CONV1D_WEIGHT_SUFFIXES)
+    return not only_conv1d_weights or is_conv1d_weight(key)
 
 
 def dare_drop_and_rescale(
@@ -189,7 +188,8 @@ def dare_ties_task_vector(
     """τm = TIES(τ̃1, …, τ̃n): trim, elect and disjoint merge of the dropped-and-rescaled task vectors
     themselves (as FusionBench, not of θ0 + τ̃i, which would round differently): the part of
     DARE-TIES that does not depend on λ."""
-    sparse = list(dare_task_vectors(pretrained, finetuned, sparsity_ratio, rescale, seed, only_conv1d_weights))
+    # One τ̃i at a time: the generator draws it when TIES trims it (the draw order stays model, then tensor).
+    sparse = dare_task_vectors(pretrained, finetuned, sparsity_ratio, rescale, seed, only_conv1d_weights)
     return ties_task_vector_from_task_vectors(sparse, threshold, merge_func)
 
 

@@ -47,17 +47,18 @@ which keys take them), so a streaming merge can feed one tensor at a time.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from mergelit.gpt2 import is_conv1d_weight
 from mergelit.methods.base import MergeMethod
 from mergelit.methods.tsv_merging import (
     SVD_KEYS,
     LazyTaskVectors,
     check_exclude_keys,
-    is_conv1d_weight,
     numerical_rank,
     polar_factor,
     running_mean,

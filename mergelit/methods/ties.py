@@ -18,7 +18,7 @@ With τi = θi − θ0, each flattened over the whole body (keys sorted by name)
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 from torch import Tensor
@@ -95,7 +95,10 @@ def disjoint_merge(trimmed: list[Tensor], sign: Tensor, merge_func: str) -> Tens
         # |τi| where sign(τi) == s, else 0. Trimmed-away entries are 0 and so never count.
         agreeing = (tau * sign).clamp_(min=0)
         if merge_func == "max":
-            torch.maximum(magnitude, agreeing, out=magnitude)
+            # Not torch.maximum: which of +0 / -0 it returns depends on the kernel (vectorised or
+            # not, so on the tensor's size); taking only strictly larger values keeps +0, and the
+            # streamed merge (piece by piece) gets the same bits as the whole-body one.
+            torch.where(agreeing > magnitude, agreeing, magnitude, out=magnitude)
         else:
             magnitude += agreeing
             if count is not None:
@@ -144,19 +147,26 @@ def ties_task_vector(
 
 
 def ties_task_vector_from_task_vectors(
-    task_vectors: list[dict[str, Tensor]],
+    task_vectors: Iterable[dict[str, Tensor]],
     threshold: float = 20,
     merge_func: Literal["sum", "mean", "max"] = "sum",
 ) -> dict[str, Tensor]:
     """τm from given task vectors (e.g. DARE's dropped and rescaled τ̃i), flattened by key name:
-    trim, elect, disjoint merge as ``ties_task_vector`` (keys and shapes of the first)."""
+    trim, elect, disjoint merge as ``ties_task_vector`` (keys and shapes of the first).
+
+    ``task_vectors`` is consumed one at a time (a generator keeps one τ in memory, not n)."""
     _check_arguments(0.0, threshold, merge_func)
-    if not task_vectors:
+    reference: dict[str, Tensor] | None = None
+    trimmed = []
+    for index, tau in enumerate(task_vectors, start=1):
+        if reference is None:
+            reference = {key: torch.empty(value.shape, dtype=value.dtype, device="meta") for key, value in tau.items()}
+        else:
+            check_same_keys_and_shapes(reference, tau, f"task vector {index}")
+        trimmed.append(trim(flatten(tau), threshold))
+    if reference is None:
         raise ValueError("No task vectors to merge: give at least one task.")
-    for index, tau in enumerate(task_vectors[1:], start=2):
-        check_same_keys_and_shapes(task_vectors[0], tau, f"task vector {index}")
-    trimmed = [trim(flatten(tau), threshold) for tau in task_vectors]
-    return unflatten(_elect_and_merge(trimmed, merge_func), task_vectors[0])
+    return unflatten(_elect_and_merge(trimmed, merge_func), reference)
 
 
 def _elect_and_merge(trimmed: list[Tensor], merge_func: str) -> Tensor:

@@ -38,14 +38,13 @@ The maths is per key, so a streaming merge can feed it one tensor at a time:
 ``tsv_merge_tensor`` (a 2-D key) or ``running_mean`` (the others), as ``svd_applies`` decides.
 The task vectors of a key are computed when read (``LazyTaskVectors``), so a merge holds about
 one of them at a time. The helpers ``thin_svd``, ``polar_factor``, ``numerical_rank``,
-``LazyTaskVectors``, ``is_conv1d_weight`` and ``svd_applies`` are shared with Iso-C / Iso-CTS
+``LazyTaskVectors`` and ``svd_applies`` are shared with Iso-C / Iso-CTS
 (``mergelit.methods.iso``) and CART.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -53,14 +52,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mergelit.gpt2 import is_conv1d_weight
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import add_scaled, check_finetuned
 
 SVD_KEYS = ("all_2d", "conv1d")
-
-# GPT-2's Conv1D weights: h.<layer>.attn.c_attn / attn.c_proj / mlp.c_fc / mlp.c_proj, stored [in, out].
-_CONV1D_WEIGHT = re.compile(r"(?:^|\.)h\.\d+\.(?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 
 
 class IllPosedMergeWarning(UserWarning):
@@ -70,11 +67,6 @@ class IllPosedMergeWarning(UserWarning):
 
 
 # ---- helpers shared with Iso-C / Iso-CTS -----------------------------------------------------
-
-
-def is_conv1d_weight(key: str) -> bool:
-    """True for GPT-2's 48 Conv1D weights (``h.<l>.attn.c_attn.weight`` ...), False for wte, wpe, LN, biases."""
-    return _CONV1D_WEIGHT.search(key) is not None
 
 
 def svd_applies(key: str, tensor: Tensor, svd_keys: str, exclude_keys: Sequence[str] = ()) -> bool:
