@@ -153,6 +153,19 @@ class MergeCLI(LightningCLI):
             default=False,
             help="Also print Lightning's own results table (every metric once per task loader).",
         )
+        parser.add_argument(
+            "--extra_metrics",
+            type=bool,
+            default=True,
+            help="The printed table's column of CoLA MCC and MRPC/QQP F1 (the report always holds them).",
+        )
+        parser.add_argument(
+            "--fused_gelu",
+            type=bool,
+            default=False,
+            help="Score with torch's fused tanh GELU instead of transformers' Python formula: faster on CPU; "
+            "logits change in the last bits (benchmarks/gelu.py measures it), so it is off by default.",
+        )
 
 
 def test_command(args: Optional[list[str]] = None):
@@ -167,6 +180,8 @@ def test_command(args: Optional[list[str]] = None):
         merged_model_save_path=config.get("merged_model_save_path"),
         verbose=config.get("verbose", False),
         save_predictions=config.get("save_predictions", False),
+        fused_gelu=config.get("fused_gelu", False),
+        extra_metrics=config.get("extra_metrics", True),
     )
 
 
@@ -188,3 +203,10 @@ def adapt_command(args: Optional[list[str]] = None) -> None:
     method.prepare(cli.trainer, cli.datamodule)
     if getattr(method, "coefficients_path", None):
         print(f"Coefficients: {method.coefficients_path} (reuse with --model.init_args.coefficients_path)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    # `python -m mergelit.cli test ...` was the entry point before the command moved to mergelit/__main__.py.
+    sys.exit("`python -m mergelit.cli` is now `python -m mergelit` (the same arguments: `python -m mergelit test -c ...`).")

@@ -185,7 +185,10 @@ class SequenceClassifier(L.LightningModule):
         # calls this before restoring a checkpoint and before building the optimizer.
         if self.model is not None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            datamodule = getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # not attached to a Trainer
+            datamodule = None
         names = getattr(datamodule, "label_names", None)
         # from_pretrained returns the model in eval mode; Lightning keeps module modes as found.
         self.model = load_classifier(self.hparams.pretrained, self.num_labels, names).train()

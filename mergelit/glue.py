@@ -19,13 +19,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mergelit.errors import BadData, FileMissing, KeyMissing, MergelitError
 from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks
+
+# `datasets` (with pandas and pyarrow, ≈ 0.4 s) is imported in `raw`, where data is read, not here:
+# `mergelit test --help` never reads data. The `datasets.Dataset` annotations are never evaluated
+# (postponed annotations); not under `if TYPE_CHECKING:`, which jsonargparse executes when it
+# introspects this module's classes.
 
 # Bump when the tokenized layout changes, so that old cache files are not trusted.
 _CACHE_FORMAT = 2  # 2: the row's ``idx`` is kept
@@ -89,9 +93,22 @@ class LengthSortedBatches(Sampler[list[int]]):
     which pads the last shard with duplicates and so changes the accuracy).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
+        max_tokens: int = 0, width: int | None = None,
+    ):
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if max_tokens > 0:
+            # Token budget: each batch takes rows (longest first) while rows × padded width stays
+            # within max_tokens (one row at least); ``width`` fixes the padded width (pad to max).
+            batches, start = [], 0
+            while start < len(order):
+                longest = width or lengths[order[start]]
+                size = max(1, max_tokens // max(1, longest))
+                batches.append(order[start : start + size])
+                start += size
+        else:
+            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         self.batches = batches[rank::num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -109,7 +126,10 @@ class GLUEDataModule(L.LightningDataModule):
         tokenizer: tokenizer path or hub id; linked from ``pool.tokenizer`` (or ``pool.pretrained``).
         path: hub dataset name (``glue``) or a local folder holding one ``save_to_disk``
             DatasetDict per task, named by task (``cola/``, ``mnli/``, ...).
-        batch_size: evaluation batch size.
+        batch_size: evaluation batch size (rows per batch), unless ``max_tokens`` is set.
+        max_tokens: if > 0, evaluation batches are filled up to this many (padded) tokens instead
+            of ``batch_size`` rows: short rows go in large batches, long rows in small ones (same
+            predictions). 0 (default): ``batch_size`` rows per batch.
         num_workers: DataLoader worker processes.
         max_length: truncation length in tokens (``longest_first``).
         pad_to_max_length: pad every batch to ``max_length`` (FusionBench's exact layout)
@@ -147,6 +167,7 @@ class GLUEDataModule(L.LightningDataModule):
         dev_size: int = 500,
         dev_seed: int = 0,
         hold_out_dev: bool = False,
+        max_tokens: int = 0,
     ):
         super().__init__()
         self.tasks = ordered_tasks(tasks)
@@ -161,6 +182,9 @@ class GLUEDataModule(L.LightningDataModule):
             raise MergelitError(f"batch_size must be >= 1, got {batch_size}.")
         if max_length < 1:
             raise MergelitError(f"max_length must be >= 1, got {max_length}.")
+        if max_tokens < 0:
+            raise MergelitError(f"max_tokens must be >= 0 (0: batch by batch_size), got {max_tokens}.")
+        self.max_tokens = max_tokens
         self.tokenizer_path = tokenizer
         self.path = path
         self.batch_size = batch_size
@@ -193,6 +217,8 @@ class GLUEDataModule(L.LightningDataModule):
 
     def raw(self, task: str, split: str) -> datasets.Dataset:
         """One raw split, from the local folder or the hub, with a clear error if missing."""
+        import datasets  # here, not at module import: `mergelit test --help` never reads data
+
         if task not in self._raw:
             if self.is_local:
                 folder = Path(self.path) / task
@@ -201,7 +227,14 @@ class GLUEDataModule(L.LightningDataModule):
                         f"Data folder {self.path!r} has no {task!r} task folder ({folder}); write one with "
                         f"DatasetDict.save_to_disk, or use mergelit.synthetic to make one."
                     )
-                loaded = datasets.load_from_disk(str(folder))
+                try:
+                    loaded = datasets.load_from_disk(str(folder))
+                except Exception as error:  # datasets' own errors for a damaged folder have no common base
+                    raise BadData(
+                        f"Task {task!r} data folder {str(folder)!r} cannot be read ({type(error).__name__}: {error}): "
+                        f"a damaged folder, or an empty split (datasets cannot reload those)? Rewrite it with "
+                        f"DatasetDict.save_to_disk."
+                    ) from None
                 if not isinstance(loaded, datasets.DatasetDict):
                     raise MergelitError(f"{folder} holds a single Dataset; save a DatasetDict with the GLUE splits.")
             else:
@@ -346,7 +379,8 @@ class GLUEDataModule(L.LightningDataModule):
     def eval_dataloader(self, task: str, split: str | None = None) -> DataLoader:
         dataset = self.eval_dataset(task) if split is None else self.tokenized(task, split)
         num_replicas, rank = self._world()
-        sampler = LengthSortedBatches(dataset["length"], self.batch_size, num_replicas, rank)
+        width = self.max_length if self.pad_to_max_length else None
+        sampler = LengthSortedBatches(dataset["length"], self.batch_size, num_replicas, rank, self.max_tokens, width)
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers
         )

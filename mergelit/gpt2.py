@@ -13,13 +13,22 @@ def last_non_pad_index(input_ids: Tensor, pad_token_id: int) -> Tensor:
     return (positions * (input_ids != pad_token_id)).argmax(-1)
 
 
-def build_body(config, state: dict[str, Tensor]) -> nn.Module:
-    """A frozen ``GPT2Model`` holding ``state`` (built on the meta device: no random init)."""
+def build_body(config, state: dict[str, Tensor], fused_gelu: bool = False) -> nn.Module:
+    """A frozen ``GPT2Model`` holding ``state`` (built on the meta device: no random init).
+
+    ``fused_gelu``: compute the MLP's GELU with PyTorch's fused ``gelu(x, approximate="tanh")``
+    instead of transformers' ``NewGELUActivation`` (the same tanh formula as several Python-level
+    element-wise passes). Faster on the CPU, but not the same bits: the logits move in their last
+    bits (see benchmarks/README.md for the measured difference), so it is off by default.
+    """
     from transformers import GPT2Model
 
     with torch.device("meta"):
         body = GPT2Model(config)
     body.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+    if fused_gelu:
+        for block in body.h:
+            block.mlp.act = nn.GELU(approximate="tanh")
     return body.eval().requires_grad_(False)
 
 

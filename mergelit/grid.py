@@ -39,6 +39,9 @@ NOT_IN_FINGERPRINT = (
     "trainer.default_root_dir",
     "data.num_workers",
     "data.cache_dir",
+    "save_predictions",
+    "extra_metrics",
+    "verbose",
 )
 
 MANIFEST_FORMAT = 1
@@ -54,8 +57,9 @@ class Sweep:
     Args:
         grid: config key -> list of values, e.g. ``model.init_args.scaling_factor: [0.0, 0.1]``. Keys
             are the dotted names ``--print_config`` shows; ``model`` takes whole methods
-            (``{class_path: ..., init_args: ...}``). Several keys: their cartesian product,
-            the first key varying slowest.
+            (``{class_path: ..., init_args: ...}``), or ``all``: every method of ``mergelit.methods``
+            meant for comparison, with its recommended arguments. Several keys: their cartesian
+            product, the first key varying slowest.
         name: the sweep's name: the W&B group, and the output folder ``lightning_logs/sweeps/NAME``
             when there is no CSV logger. Default: the method, the swept keys and the config's fingerprint.
         percent: tables in percent with one decimal (as the published 7x7 and methods tables)
@@ -68,6 +72,8 @@ class Sweep:
             point is still scored on validation: the table then has a **selected** row (validation
             accuracy at the chosen point) and an **oracle** row (the best validation accuracy of the
             grid, what published tables report), and ``sweep.json`` records the choice.
+        extra_metrics: the methods leaderboard (``compare``) also shows CoLA MCC, MRPC/QQP F1 and
+            MNLI mismatched accuracy; ``false``: accuracy only.
     """
 
     grid: dict[str, Any]
@@ -75,6 +81,7 @@ class Sweep:
     percent: bool = False
     mark_best: bool = False
     select_on: Literal["none", "dev", "agreement"] = "none"
+    extra_metrics: bool = True
 
 
 @dataclass(frozen=True)
@@ -205,11 +212,26 @@ def weights_fingerprint(pool: Any) -> dict[str, str]:
     changes the fingerprint, so a resumed sweep refuses to mix old and new points. It loads the
     pool (the sweep needs it anyway); hashing costs about a second per GPT-2-small model.
     """
+    import hashlib
+
+    from mergelit.pool import can_stream
     from mergelit.state_dict import tensors_fingerprint
 
-    weights = {"weights.pretrained": tensors_fingerprint(pool.pretrained_body())[:16]}
+    if not can_stream(pool):  # a pool holding whole bodies only
+        weights = {"weights.pretrained": tensors_fingerprint(pool.pretrained_body())[:16]}
+        return {**weights, **{f"weights.{task}": pool.fingerprint(task)[:16] for task in pool.tasks}}
+
+    def streamed(read, extra: dict) -> str:
+        # Tensor by tensor (one in memory at a time), as the streaming merges read the pool.
+        digest = hashlib.sha256()
+        for key in pool.keys():
+            tensors_fingerprint({key: read(key)}, digest)
+        return tensors_fingerprint(extra, digest)[:16]
+
+    weights = {"weights.pretrained": streamed(pool.pretrained_tensor, {})}
     for task in pool.tasks:
-        weights[f"weights.{task}"] = pool.fingerprint(task)[:16]
+        head = {"score.weight": pool.head(task)}
+        weights[f"weights.{task}"] = streamed(lambda key: pool.finetuned_tensor(task, key), head) + f"|pad={pool.task_config(task).pad_token_id}"
     return weights
 
 

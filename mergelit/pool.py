@@ -140,7 +140,11 @@ def _check_label_names(task: str, path: str, labels: list) -> None:
 def check_finite(state: dict[str, Tensor], name: str) -> None:
     """Refuse a state dict holding NaN or inf, naming ``name`` and the first such tensor."""
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # A sum is finite only if every entry is (NaN and inf propagate): one reduction, ~30x faster
+        # than isfinite().all() on the CPU; only a sum that overflowed needs the element-wise test.
+        if tensor.is_floating_point() and not (
+            bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+        ):
             bad = int((~torch.isfinite(tensor)).sum())
             raise BadCheckpoint(f"The {name} has {bad} NaN/inf value(s) in tensor {key!r}; mergelit refuses non-finite weights.")
 
@@ -168,6 +172,7 @@ class ModelPool:
         self._checkpoints: dict[str, _Checkpoint | None] = {}  # path -> its safetensors files (None: a hub id)
         self._body_shapes: dict[str, torch.Size] | None = None
         self._finite_checked: set[tuple] = set()
+        self.weights_checked = False  # every weight read once and found finite (mergelit.run.check_weights_finite)
         self._fingerprints: dict[str, str] = {}
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ from mergelit.errors import MergelitError, NotWritable
 from mergelit.export import save_merged
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import can_stream, row_chunks
+from mergelit.tasks import GLUE_TASKS
 from mergelit.report import Report, ReportWriter, format_report
 
 
@@ -44,24 +45,28 @@ def run_test(
     verbose: bool = False,
     quiet: bool = False,
     save_predictions: bool = False,
+    fused_gelu: bool = False,
+    extra_metrics: bool = True,
 ) -> Report:
     """Prepare, merge and score ``method``; write and print its report; export it if asked.
 
     ``save_predictions``: also write ``predictions/<task>.jsonl`` (idx, label, predicted class,
-    logits per example) next to the report. The time ``prepare`` takes (statistics, adaptation)
+    logits per example) next to the report. ``fused_gelu``: score with torch's fused tanh GELU
+    (faster on CPU; changes logits in the last bits, see benchmarks/gelu.py). The time ``prepare`` takes (statistics, adaptation)
     goes into the report's ``protocol.costs.prepare_seconds``.
     """
     writer = report_writer(trainer)
     writer.path = report_save_path
     writer.save_predictions = save_predictions
     method.save_predictions = save_predictions
+    method.fused_gelu = fused_gelu
     check_inputs(trainer, method, datamodule, report_save_path, merged_model_save_path)
     start = time.perf_counter()
     method.prepare(trainer, datamodule)
     method.prepare_seconds = time.perf_counter() - start
     trainer.test(method, datamodule=datamodule, verbose=verbose)
     if not quiet:
-        _print_report(method, writer.written)
+        _print_report(method, writer.written, extra_metrics)
     if merged_model_save_path:
         _export(method, merged_model_save_path)
     return method.report
@@ -83,13 +88,37 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
 def check_weights_finite(pool) -> None:
     """Read every weight of the pool once, piece by piece, so that a NaN/inf anywhere fails now
     (naming the model and tensor), not after statistics or in a report of NaN losses."""
-    if not can_stream(pool):
-        return
+    if not can_stream(pool) or getattr(pool, "weights_checked", False):
+        return  # a sweep's later points: the same pool, checked at the first
     for key in pool.keys():
         for rows in row_chunks(pool.body_shapes()[key]):
             pool.pretrained_tensor(key, rows)
             for task in pool.tasks:
                 pool.finetuned_tensor(task, key, rows)
+    pool.weights_checked = True
+
+
+def _check_batches_per_process(trainer: L.Trainer, datamodule) -> None:
+    # Each process scores every world_size-th batch; Lightning refuses a process with no batch (a
+    # crash of one rank that hangs the others), so say it now, on every rank alike.
+    world = trainer.world_size
+    batch_size = getattr(datamodule, "batch_size", None)
+    if world <= 1 or not isinstance(batch_size, int) or not hasattr(datamodule, "raw"):
+        return
+    for task in datamodule.tasks:
+        info = GLUE_TASKS[task]
+        for split in (info.eval_split, *info.extra_eval_splits):
+            try:
+                rows = len(datamodule.raw(task, split))
+            except KeyError:
+                continue  # an optional extra split that is absent
+            batches = -(-rows // batch_size)
+            if batches < world:
+                raise MergelitError(
+                    f"Task {task!r} split {split!r} has {rows} rows: {batches} batch(es) of data.batch_size {batch_size} "
+                    f"for {world} processes, so a process would score nothing. Use data.batch_size <= "
+                    f"{max(1, rows // world)} or fewer devices."
+                )
 
 
 def check_inputs(
@@ -133,6 +162,7 @@ def check_inputs(
     if "train" in str(getattr(method, "data", "none")):
         roles.append("train")
     datamodule.check(tuple(roles))
+    _check_batches_per_process(trainer, datamodule)
     config = pool.body_config()
     max_length = getattr(datamodule, "max_length", None)
     if isinstance(max_length, int) and max_length > config.n_positions:
@@ -143,7 +173,7 @@ def check_inputs(
     tokenizer = getattr(datamodule, "tokenizer", None)
     if tokenizer is None:
         return
-    rows = pool.pretrained_body()["wte.weight"].shape[0]
+    rows = pool.body_shapes()["wte.weight"][0] if can_stream(pool) else pool.pretrained_body()["wte.weight"].shape[0]
     if len(tokenizer) > rows:
         raise MergelitError(
             f"The tokenizer {getattr(datamodule, 'tokenizer_path', '')!r} has {len(tokenizer)} tokens but the model's "
@@ -160,8 +190,8 @@ def check_inputs(
 
 
 @rank_zero_only
-def _print_report(method: MergeMethod, written: list[Path]) -> None:
-    print(f"\n{method.display_name} on {len(method.tasks)} GLUE tasks\n{format_report(method.report)}\n")
+def _print_report(method: MergeMethod, written: list[Path], extra_metrics: bool = True) -> None:
+    print(f"\n{method.display_name} on {len(method.tasks)} GLUE tasks\n{format_report(method.report, extra_metrics)}\n")
     for path in written:
         if path.suffix != ".jsonl":
             print(f"Report: {path}")

@@ -54,7 +54,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from mergelit import tables, tracking
-from mergelit.cli import MergeCLI
+from mergelit.cli import MergeCLI, fusionbench_args
 from mergelit.grid import (
     ALL_METHODS,
     MANIFEST_FORMAT,
@@ -87,7 +87,8 @@ class SweepCLI(MergeCLI):
     """
 
     def __init__(self, args: Optional[list[str]] = None, compare: bool = False, **kwargs):
-        self.args = list(sys.argv[2:] if args is None else args)
+        # FusionBench pool files work as the pool; each point re-parses these arguments.
+        self.args = fusionbench_args(list(sys.argv[2:] if args is None else args))
         self.compare = compare
         self.shared: list[tuple[type, dict[str, Any], Any]] = []
         self.kept: dict[tuple, Any] = {}  # reusable merge parts, by (method class, pool, reusable_key)
@@ -190,7 +191,10 @@ class SweepCLI(MergeCLI):
         report = None
         try:
             if validate:
-                report = run_test(self.trainer, method, self.datamodule, report_save_path=report_path, quiet=True)
+                report = run_test(
+                    self.trainer, method, self.datamodule, report_save_path=report_path, quiet=True,
+                    fused_gelu=config.get("fused_gelu", False),
+                )
             else:
                 method.prepare(self.trainer, self.datamodule)  # statistics come from their cache
         finally:
@@ -285,7 +289,8 @@ class SweepCLI(MergeCLI):
             for point, config_ in todo:
                 bar.set_postfix_str(point.name)
                 path = folder / f"{point.name}.json"  # the report, written atomically
-                self.run_point(point, config_, path, validate=not is_complete(path, tasks), criterion=point.name in unscored)
+                extra = {} if sweep.select_on == "none" else {"validate": not is_complete(path, tasks), "criterion": point.name in unscored}
+                self.run_point(point, config_, path, **extra)
                 bar.update()
         self.config, self.point = base, None
         if rank_zero_only.rank == 0:
@@ -314,12 +319,18 @@ class SweepCLI(MergeCLI):
         plot_rows = rows
         if sweep.select_on != "none":
             rows, headers = self.record_selection(folder, points, rows, headers, tasks, sweep)
-        md, _ = tables.write_tables(folder, rows, tasks, headers, percent=sweep.percent, mark_best=sweep.mark_best)
         values = next(iter(grid.values()))
-        if len(grid) == 1 and tables.is_numeric(values):
-            plot = tables.plot_sweep(folder / "plot.png", values, plot_rows, tasks, xlabel=headers[0], title=method)
+        if self.compare and list(grid) == ["model"] and sweep.select_on == "none":
+            # `compare -c`: the leaderboard (accuracy, extra metrics, costs, data), average accuracy against merge cost.
+            md, _, plot = tables.write_leaderboard(folder, rows, tasks, extra_metrics=sweep.extra_metrics, title=method)
         else:
-            plot = tables.plot_heatmap(folder / "plot.png", plot_rows, tasks, title=method, ylabel=", ".join(headers[: len(grid)]))
+            md, _ = tables.write_tables(folder, rows, tasks, headers, percent=sweep.percent, mark_best=sweep.mark_best)
+            if len(grid) == 1 and tables.is_numeric(values):
+                plot = tables.plot_sweep(folder / "plot.png", values, plot_rows, tasks, xlabel=headers[0], title=method)
+            else:
+                plot = tables.plot_heatmap(
+                    folder / "plot.png", plot_rows, tasks, title=method, ylabel=", ".join(headers[: len(grid)])
+                )
         markdown = md.read_text()
         if self.wandb_init is not None:
             class_type, kwargs = self.wandb_init
@@ -435,8 +446,11 @@ def compare_command(args: Sequence[str]) -> None:
     )
     parser.add_argument("paths", nargs="+", help="report JSONs, run folders, sweep folders")
     parser.add_argument("--output_dir", type=Optional[str], default=None, help="also write table.md, table.csv, plot.png here")
+    parser.add_argument(
+        "--extra_metrics", type=bool, default=True, help="the leaderboard's CoLA-MCC, MRPC-F1, QQP-F1, MNLI-mm columns"
+    )
     ns = parser.parse_args(args)
-    print(tables.compare(ns.paths, ns.output_dir))
+    print(tables.compare(ns.paths, ns.output_dir, extra_metrics=ns.extra_metrics))
     if ns.output_dir:
         print(f"table.md, table.csv, plot.png: {ns.output_dir}")
 

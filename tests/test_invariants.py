@@ -49,6 +49,8 @@ def config_of(cls: type) -> Path:
 def make(cls: type, pool: ModelPool, cache: Path) -> MergeMethod:
     """``cls(pool, **recommended)``; statistics caches under ``cache``."""
     kwargs = {**cls.recommended, **quick_arguments(cls)}
+    if "task" in inspect.signature(cls.__init__).parameters:  # one task's own body (Individual)
+        kwargs.setdefault("task", pool.tasks[0])
     if "cache_dir" in inspect.signature(cls.__init__).parameters:
         kwargs["cache_dir"] = str(cache)
     return cls(pool, **kwargs)

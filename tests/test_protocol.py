@@ -116,3 +116,14 @@ def test_ddp_extra_metrics_and_predictions_equal_one_process(fixtures_root, tmp_
         one = [json.loads(x) for x in (tmp_path / "one" / "predictions" / f"{entry}.jsonl").read_text().splitlines()]
         two = [json.loads(x) for x in (tmp_path / "two" / "predictions" / f"{entry}.jsonl").read_text().splitlines()]
         assert [(r["idx"], r["label"], r["prediction"]) for r in one] == [(r["idx"], r["label"], r["prediction"]) for r in two]
+
+
+def test_the_printed_table_drops_the_extra_column_on_request(fixtures_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["test", "-c", str(fixtures_root / "config.yaml"), "-c", str(CONFIGS / "methods" / "pretrained.yaml"),
+            "--trainer.enable_progress_bar", "false", "--report_save_path", str(tmp_path / "report.json")]
+    main(args)
+    assert "other metric (%)" in capsys.readouterr().out
+    main([*args, "--extra_metrics", "false"])
+    assert "other metric (%)" not in capsys.readouterr().out
+    assert "mcc" in json.loads((tmp_path / "report.json").read_text())["cola"]  # the report keeps it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from mergelit.__main__ import main
 from mergelit.cli import MergeCLI
 from mergelit.tasks import TASKS, task_title
 from mergelit.grid import prepare_folder
-from mergelit.sweep import SweepCLI
+from mergelit.sweep import SweepCLI, every_method
 from mergelit.tracking import has_wandb_key, wandb_logger
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -97,12 +98,13 @@ def test_three_point_sweep_in_one_process(fixtures_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     loads = count_calls(monkeypatch, pool_module, "check_checkpoint_folder")  # once per checkpoint loaded
     tokenized = count_calls(monkeypatch, datasets.Dataset, "map")
-    merged_tau = count_calls(monkeypatch, ties, "ties_task_vector")
+    merged_tau = count_calls(monkeypatch, ties, "ties_task_vector_streamed")
     out = tmp_path / "ties"
     grid = {"model.init_args.scaling_factor": [0.0, 0.5, 1.0]}
     main(sweep_args(fixtures_root, "ties_merging", grid, out, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger"))
 
-    assert (len(loads), len(tokenized), len(merged_tau)) == (1 + len(TASKS), len(TASKS), 1)
+    # Tokenized: every task's validation split, and MNLI's validation_mismatched.
+    assert (len(loads), len(tokenized), len(merged_tau)) == (1 + len(TASKS), len(TASKS) + 1, 1)
     names = ["scaling_factor=0.0", "scaling_factor=0.5", "scaling_factor=1.0"]
     reports = {name: tables.load_report(out / f"{name}.json", TASKS) for name in names}
     assert reports["scaling_factor=0.0"] != reports["scaling_factor=1.0"]
@@ -135,15 +137,18 @@ def test_three_point_sweep_in_one_process(fixtures_root, tmp_path, monkeypatch):
     separate = tmp_path / "separate.json"
     main(["test", "-c", str(fixtures_root / "config.yaml"), "-c", str(CONFIGS / "methods" / "ties_merging.yaml"),
           "--model.init_args.scaling_factor", "0.5", "--report_save_path", str(separate)])
-    assert json.loads(separate.read_text()) == reports["scaling_factor=0.5"]
+    alone, point = json.loads(separate.read_text()), reports["scaling_factor=0.5"]
+    for report in (alone, point):  # everything but the measured costs (wall times, memory)
+        del report["protocol"]["costs"]
+    assert alone == point
 
 
-def test_an_interrupted_sweep_resumes_with_the_missing_points(fixtures_root, tmp_path, monkeypatch):
+def test_an_interrupted_sweep_resumes_with_the_missing_points(fixtures_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "ta"
     # One batch per task: the numbers do not matter here, only which points run.
     args = sweep_args(fixtures_root, "task_arithmetic", {"model.init_args.scaling_factor": [0.0, 0.5, 1.0]}, out,
-                      "--trainer.limit_test_batches", "1")
+                      "--data.batch_size", "64")
     run_point, ran = SweepCLI.run_point, []
 
     def killed_after_the_first(self, point, config, report_path):
@@ -178,8 +183,10 @@ def test_an_interrupted_sweep_resumes_with_the_missing_points(fixtures_root, tmp
     assert ran == []
 
     # The same folder with another config: refused, naming what differs.
-    with pytest.raises(FileExistsError, match=r"(?s)data\.batch_size: 16 there, 8 now.*--overwrite"):
+    with pytest.raises(SystemExit) as exit_:
         main(args + ["--data.batch_size", "8"])
+    assert exit_.value.code == 2
+    assert re.search(r"(?s)data\.batch_size: 64 there, 8 now.*--overwrite", capsys.readouterr().err)
 
 
 def test_individual_sweep_is_the_cross_task_table(fixtures_root, fixtures_config, tmp_path, monkeypatch):
@@ -246,7 +253,7 @@ def test_overwrite_replaces_another_configs_results(tmp_path):
         (["methods/task_arithmetic.yaml", "sweeps/scaling_factor.yaml"], False, "model.init_args.scaling_factor", 11),
         (["methods/ties_merging.yaml", "sweeps/scaling_factor.yaml"], False, "model.init_args.scaling_factor", 11),
         (["sweeps/individual_7x7.yaml"], False, "model.init_args.task", 7),
-        (["sweeps/methods.yaml"], True, "model", 5),
+        (["sweeps/methods.yaml"], True, "model", len(every_method())),  # `model: all`: every comparison method
     ],
 )
 def test_shipped_sweep_configs_plan_their_points(configs, compare, key, count):

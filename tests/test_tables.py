@@ -117,11 +117,11 @@ def test_compare_labels_runs_and_sweeps_and_marks_the_best(tmp_path, capsys):
     labels = [r[0] for r in rows]
     # The 7x7 sweep gives its diagonal; a folder of runs expands in version order; a λ sweep its best point.
     assert labels == [
-        "Fine-tuned (individual)", "Simple Average", "Task Arithmetic (λ=0.5)", "TIES-Merging (λ=0.6), best of 2", "report",
+        "Fine-tuned (individual)", "Simple Average", "Task Arithmetic (λ=0.5)", "TIES-Merging (λ=0.6), best of 2 (oracle)", "report",
     ]
     assert rows[0][1:4] == ["**90.0**", "**80.0**", "**70.0**"]
     assert rows[0][4] == "**80.0**"  # the diagonal's average
-    assert rows[1][1:] == ["60.0", "50.0", "40.0", "50.0"]
+    assert rows[1][1:5] == ["60.0", "50.0", "40.0", "50.0"]  # then the cost and data columns
     parsed = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
     assert parsed[3]["rte"] == repr(ties["scaling_factor=0.6"][2]["rte"]["accuracy"])
     assert (out / "plot.png").read_bytes()[:8] == PNG

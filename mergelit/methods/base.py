@@ -82,6 +82,8 @@ class MergeMethod(L.LightningModule):
     """Whether ``compare`` of every method includes it (``Individual`` is the 7x7 table's instead)."""
     data: str = "none"
     """Which data the method reads beside the weights: ``none``, ``train inputs``, ``validation inputs`` ..."""
+    fused_gelu: bool = False
+    """Score with torch's fused tanh GELU instead of transformers' Python formula (``--fused_gelu``)."""
 
     def __init__(self, pool: ModelPool):
         super().__init__()
@@ -154,7 +156,7 @@ class MergeMethod(L.LightningModule):
             merged = self.merge()
             self._add_merge_cost(time.perf_counter() - start)
             check_merged_finite(merged, type(self).__name__)
-            self.body = build_body(self.pool.body_config(), merged)
+            self.body = build_body(self.pool.body_config(), merged, fused_gelu=self.fused_gelu)
         # task-aware: each task's body is built when its loader starts (on_test_batch_start),
         # so that only one is in memory at a time.
 
@@ -169,7 +171,7 @@ class MergeMethod(L.LightningModule):
         if task not in self._merged_tasks:  # a task scored again (mnli_mismatched) is not merged twice
             self._merged_tasks.add(task)
             self._add_merge_cost(time.perf_counter() - start)
-        self.body = build_body(self.pool.body_config(), body_state).to(self.device)
+        self.body = build_body(self.pool.body_config(), body_state, fused_gelu=self.fused_gelu).to(self.device)
         self.body_task = task
 
     def _add_merge_cost(self, seconds: float) -> None:
@@ -193,7 +195,7 @@ class MergeMethod(L.LightningModule):
             "bodies_at_inference": self.inference_bodies(),
             # A run with limit_test_batches / fast_dev_run scores only part of each split: the report
             # says so, and tables.check_report (compare, sweep resume) never takes it as complete.
-            "partial": _partial_evaluation(getattr(self, "_trainer", None)),
+            "partial": _partial_evaluation(self._attached_trainer()),
             "splits": {entry: split for entry, _, split in self.test_entries},
             "metrics": {entry: ["accuracy", "loss", *([EXTRA_METRICS[entry]] if entry in self.test_extra else [])]
                         for entry, _, _ in self.test_entries},
@@ -203,6 +205,12 @@ class MergeMethod(L.LightningModule):
                 "prepare_seconds": self.prepare_seconds,
             },
         }
+
+    def _attached_trainer(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer (a programmatic merge)
+            return None
 
     def merged_state_dict(self) -> dict[str, Tensor]:
         """The merged body's state dict (after ``setup``); one merged model only."""

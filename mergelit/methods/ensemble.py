@@ -39,7 +39,7 @@ class SimpleEnsemble(MergeMethod):
             return
         self.pool.check()
         config = self.pool.body_config()
-        self.bodies = nn.ModuleList([build_body(config, self.pool.finetuned_body(task)) for task in self.tasks])
+        self.bodies = nn.ModuleList([build_body(config, self.pool.finetuned_body(task), fused_gelu=self.fused_gelu) for task in self.tasks])
         self.heads = nn.ModuleDict({task: build_head(self.pool.head(task)) for task in self.tasks})
         self.pad_token_ids = {task: self.pool.task_config(task).pad_token_id for task in self.tasks}
 

@@ -182,10 +182,12 @@ def ties_task_vector_streamed(
     """``ties_task_vector(pool.pretrained_body(), pool.finetuned_bodies(), ...)`` read piece by piece
     from the pool's memory-mapped checkpoints, bit-identical, holding about two bodies whatever n.
 
-    Three passes over the checkpoints: (1) per task, |τi| of the whole body (keys sorted by name,
-    as ``flatten``) in one reused buffer and its exact k-th value, the trim cut; (2) Σ s, the global
-    count the elect step's zero fallback needs, summed exactly; (3) per piece: trim, elect, disjoint
-    merge. Every step is element-wise given the cuts and Σ s, so pieces give the whole's bits.
+    Two passes over the fine-tuned checkpoints: (1) per task,
+    |τi| of the whole body (keys sorted by name, as ``flatten``) in one reused buffer and its exact
+    k-th value, the trim cut; (2) per piece: trim, elect, disjoint merge, with the entries whose
+    summed sign is 0 merged as if s were 0 and remembered (a bool mask, plus the trimmed τi at
+    exact cancellations); once Σ s, the zero fallback, is known, only those entries are redone.
+    Every step is element-wise given the cuts and Σ s, so pieces give the whole's bits.
     """
     _check_arguments(0.0, threshold, merge_func)
     if not pool.tasks:
@@ -193,45 +195,63 @@ def ties_task_vector_streamed(
     pool.check()  # keys and shapes of every body, from the checkpoint headers
     shapes = pool.body_shapes()
     pieces = [(key, rows) for key in sorted(shapes) for rows in row_chunks(shapes[key])]
+    # θ0 is re-read per piece rather than kept (a read is ~0.05 s a body; keeping it costs a body).
+    # The pool checks each piece for NaN/inf on its first read only.
 
-    # 1. Trim cuts, one task at a time (the buffer is the only whole-body tensor of this pass).
+    # 1. Trim cuts, one task at a time (the buffer is the only other whole-body tensor of this pass).
     d = sum(math.prod(shape) for shape in shapes.values())
     rank = _trim_rank(d, threshold)
     buffer = torch.empty(d)
-    cuts = []
+    shrink = []  # per task, the largest float32 below the cut: |τ| > it  <=>  |τ| >= cut
     for task in pool.tasks:
         offset = 0
         for key, rows in pieces:
-            theta0 = pool.pretrained_tensor(key, rows)
-            out = buffer[offset : offset + theta0.numel()].view(theta0.shape)
-            torch.sub(pool.finetuned_tensor(task, key, rows), theta0, out=out).abs_()
-            offset += theta0.numel()
-        cuts.append(_kth_smallest_in_place(buffer, rank))
+            base = pool.pretrained_tensor(key, rows)
+            out = buffer[offset : offset + base.numel()].view(base.shape)
+            torch.sub(pool.finetuned_tensor(task, key, rows), base, out=out).abs_()
+            offset += base.numel()
+        cut = _kth_smallest_in_place(buffer, rank)
+        shrink.append(float(torch.nextafter(cut, torch.tensor(-math.inf))))
     del buffer
 
-    def trimmed(key: str, rows: slice | None) -> list[Tensor]:
-        theta0 = pool.pretrained_tensor(key, rows)
-        taus = [pool.finetuned_tensor(task, key, rows) - theta0 for task in pool.tasks]
-        return [tau.masked_fill_(tau.abs() < cut, 0) for tau, cut in zip(taus, cuts)]
-
-    def summed_sign(taus: list[Tensor]) -> Tensor:
-        summed = torch.zeros_like(taus[0])
-        for tau in taus:  # in task order, as elect_sign
-            summed += tau
-        return summed.sign_()
-
-    # 2. Σ s over the whole body (exact: an integer count).
-    total = sum(float(summed_sign(trimmed(key, rows)).sum(dtype=torch.float64)) for key, rows in pieces)
-    fill = float(math.copysign(1.0, total)) if total else 0.0
-
-    # 3. Elect and disjoint merge, piece by piece.
+    # 2. Trim, elect (zeros of s left at 0 for now), disjoint merge, piece by piece.
     merged = {key: torch.empty(shape) for key, shape in shapes.items()}
+    total = 0.0  # Σ s, exact: an integer count summed in float64
+    undecided = []  # (piece of merged, where s == 0, flat positions of exact cancellations, their trimmed τi)
     for key, rows in pieces:
-        taus = trimmed(key, rows)
-        sign = summed_sign(taus)
-        sign.masked_fill_(sign == 0, fill)
+        base = pool.pretrained_tensor(key, rows)
+        taus = []
+        for task, below in zip(pool.tasks, shrink):
+            tau = torch.sub(pool.finetuned_tensor(task, key, rows), base)
+            # Trim: hardshrink keeps x where |x| > below, i.e. |x| >= cut (no float32 lies between
+            # them), and writes +0 elsewhere: the bits of tau.masked_fill_(tau.abs() < cut, 0), faster.
+            taus.append(torch.nn.functional.hardshrink(tau, below))
+        sign = torch.zeros_like(taus[0])  # from +0, as elect_sign: the sum is never -0
+        for tau in taus:  # in task order, as elect_sign
+            sign += tau
+        sign.sign_()
+        total += float(sign.sum(dtype=torch.float64))
         piece = merged[key] if rows is None else merged[key][rows]
-        piece.copy_(disjoint_merge(taus, sign, merge_func))
+        piece.copy_(disjoint_merge(taus, sign, merge_func))  # +0 wherever s == 0
+        zero = sign == 0
+        if bool(zero.any()):
+            # Exact cancellations: s == 0 although some τi survived the trim (rare; gathered).
+            cancelled = taus[0] != 0
+            for tau in taus[1:]:
+                cancelled |= tau != 0
+            positions = cancelled.logical_and_(zero).view(-1).nonzero().squeeze(1)
+            gathered = torch.stack([tau.reshape(-1)[positions] for tau in taus])
+            undecided.append((piece, zero, positions, gathered))
+
+    # The elect step's fallback: s's zeros take sign(Σ s); redo just those entries.
+    fill = float(math.copysign(1.0, total)) if total else 0.0
+    if fill:
+        for piece, zero, positions, gathered in undecided:
+            if fill < 0:
+                piece.masked_fill_(zero, -0.0)  # trimmed away everywhere: +0 · s = -0, as the whole-body merge
+            if positions.numel():
+                sign = torch.full((positions.numel(),), fill)
+                piece.view(-1)[positions] = disjoint_merge(list(gathered), sign, merge_func)
     return merged
 
 
