@@ -342,3 +342,35 @@ def test_mergelit_fit_refuses_a_method_without_a_data_step(fixtures_root, tmp_pa
         main(["fit", "-c", str(fixtures_root / "config.yaml"), "-c", str(CONFIGS / "methods" / "task_arithmetic.yaml")])
     assert exit_.value.code != 0
     assert "TaskArithmetic has nothing to fit" in capsys.readouterr().err
+
+
+def test_a_killed_adaptation_resumes_to_the_same_coefficients(pool, datamodule, tmp_path):
+    """Killed after step 3 of 4 with a checkpoint every 2 steps: the rerun resumes after step 2 and
+    ends with the λ of an uninterrupted run, bit for bit; the partial file is then gone."""
+
+    def adapted(path, kill_after=None):
+        method = AdaMerging(pool, max_steps=4, batch_size=8, coefficients_path=str(path), checkpoint_every=2)
+        callbacks = []
+        if kill_after is not None:
+
+            class Kill(L.Callback):
+                def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                    if module.steps == kill_after:
+                        raise KeyboardInterrupt  # as Ctrl-C, or the process killed
+
+            callbacks.append(Kill())
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                            enable_model_summary=False, callbacks=callbacks)
+        method.prepare(trainer, datamodule)
+        return method
+
+    uninterrupted = adapted(tmp_path / "straight.json").coefficients()
+    path = tmp_path / "killed.json"
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        adapted(path, kill_after=3)
+    partial = Path(f"{path}.partial.safetensors")
+    assert partial.is_file() and not path.exists()  # the state after step 2, no trusted result
+    resumed = adapted(path)
+    assert len(resumed.losses) == 2  # steps 3 and 4 only
+    assert torch.equal(resumed.coefficients(), uninterrupted)
+    assert path.is_file() and not partial.exists()

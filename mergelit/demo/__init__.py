@@ -58,7 +58,7 @@ class DemoSize:
     finetune_epochs: int  # the published pool: 3
     finetune_learning_rate: float  # the published pool: 5e-5, for a 124M model; small models need more
     num_statistics_examples: int  # Fisher / RegMean train examples per task (FusionBench: 256)
-    adaptation_steps: int  # AdaMerging's steps (the paper: 500)
+    adaptation_steps: int  # AdaMerging's steps (the paper: 500) and WUDI's (FusionBench: 400)
 
 
 SIZES: dict[str, DemoSize] = {
@@ -275,8 +275,9 @@ def build_pool(
 # Demo-sized values for method arguments of these names, wherever a method has one.
 def demo_arguments(size: DemoSize, statistics_cache: Path) -> dict:
     n = size.num_statistics_examples
-    # AdaMerging's adaptation steps: a demo-sized budget.
-    return {"cache_dir": str(statistics_cache), "num_fisher_examples": n, "num_regmean_examples": n, "max_steps": size.adaptation_steps}
+    # Iterative methods (AdaMerging's adaptation steps, WUDI's Adam steps): a demo-sized budget.
+    steps = size.adaptation_steps
+    return {"cache_dir": str(statistics_cache), "num_fisher_examples": n, "num_regmean_examples": n, "max_steps": steps, "iter_num": steps}
 
 
 def method_specs(size: DemoSize, statistics_cache: Path) -> list[dict]:

@@ -83,6 +83,7 @@ import json
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import lightning as L
@@ -187,6 +188,7 @@ class AdaptationBatches:
         seed: int,
         pad_token_id: int,
         pad_to: Optional[int] = None,
+        start: int = 0,
     ):
         for task, rows in inputs.items():
             if len(rows) == 0:
@@ -197,9 +199,10 @@ class AdaptationBatches:
         self.seed = seed
         self.pad_token_id = pad_token_id
         self.pad_to = pad_to
+        self.start = start  # a resumed adaptation: the steps before it were taken already
 
     def __len__(self) -> int:
-        return self.num_steps
+        return self.num_steps - self.start
 
     def _indices(self, task_index: int, num_rows: int) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + task_index)
@@ -219,8 +222,10 @@ class AdaptationBatches:
 
     def __iter__(self) -> Iterator[dict[str, dict[str, Tensor]]]:
         streams = {task: self._indices(i, len(rows)) for i, (task, rows) in enumerate(self.inputs.items())}
-        for _ in range(self.num_steps):
-            yield {task: self._pad(self.inputs[task][next(streams[task])]["input_ids"]) for task in self.inputs}
+        for step in range(self.num_steps):
+            indices = {task: next(streams[task]) for task in self.inputs}  # the same order, resumed or not
+            if step >= self.start:
+                yield {task: self._pad(self.inputs[task][indices[task]]["input_ids"]) for task in self.inputs}
 
 
 # ---- the fit-loop module -------------------------------------------------------------------
@@ -260,6 +265,9 @@ class AdaMergingCoefficients(L.LightningModule):
         clamp: bool = True,
         lr: float = 1e-3,
         loss: str = "entropy",
+        resume: Optional[tuple[Tensor, dict]] = None,
+        checkpoint: Optional[Any] = None,
+        checkpoint_every: int = 0,
     ):
         super().__init__()
         check_finetuned(pretrained, finetuned)
@@ -278,8 +286,15 @@ class AdaMergingCoefficients(L.LightningModule):
         self.clamp = clamp
         self.lr = lr
         self.loss_function = LOSS_FUNCTIONS[loss]
-        self.steps = 0  # optimizer steps taken
+        self.steps = batches.start  # optimizer steps taken (a resumed run starts where it stopped)
         self.losses: list[float] = []  # L at each step, before that step's update
+        # Resuming: λ and Adam's state as they were after `batches.start` steps.
+        self.optimizer_state = None
+        if resume is not None:
+            self.coefficients.data.copy_(resume[0])
+            self.optimizer_state = resume[1]
+        self.checkpoint = checkpoint  # checkpoint(steps, λ, optimizer state dict), every `checkpoint_every` steps
+        self.checkpoint_every = checkpoint_every
         self.eval()
 
     def train(self, mode: bool = True) -> "AdaMergingCoefficients":
@@ -320,7 +335,10 @@ class AdaMergingCoefficients(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.steps += 1
         self.losses.append(float(outputs["loss"]))
-        if self.steps >= len(self.batches):
+        due = self.checkpoint_every and self.steps % self.checkpoint_every == 0 and self.steps < self.batches.num_steps
+        if self.checkpoint and due and self.trainer.is_global_zero:
+            self.checkpoint(self.steps, self.coefficients.detach(), self.trainer.optimizers[0].state_dict())
+        if self.steps >= self.batches.num_steps:
             # The method's max_steps, not the Trainer's max_epochs (which belongs to the user's config).
             self.trainer.should_stop = True
 
@@ -328,7 +346,10 @@ class AdaMergingCoefficients(L.LightningModule):
         return self.batches
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.coefficients], lr=self.lr, betas=(0.9, 0.999), eps=1e-8)
+        optimizer = torch.optim.Adam([self.coefficients], lr=self.lr, betas=(0.9, 0.999), eps=1e-8)
+        if self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+        return optimizer
 
 
 # ---- the method ----------------------------------------------------------------------------
@@ -359,6 +380,10 @@ class AdaMerging(MergeMethod):
         coefficients_path: a JSON file for the learned λ: loaded instead of adapting when it
             matches this run (models, tasks, tensors and every argument above), else written
             (atomically) once adaptation has finished.
+        checkpoint_every: with ``coefficients_path``, every this many steps λ and Adam's state are
+            saved (atomically) to ``<coefficients_path>.partial.safetensors``; a rerun of the same
+            run resumes from there (the same result, bit for bit, as an uninterrupted run) and the
+            file is removed once adaptation has finished. 0: never.
     """
 
     display_name = "AdaMerging"
@@ -378,6 +403,7 @@ class AdaMerging(MergeMethod):
         adaptation_split: Literal["validation", "train"] = "validation",
         seed: int = 0,
         coefficients_path: Optional[str] = None,
+        checkpoint_every: int = 50,
     ):
         super().__init__(pool)
         if granularity not in GRANULARITIES:
@@ -396,6 +422,8 @@ class AdaMerging(MergeMethod):
             raise ValueError(f"adaptation_split must be one of {', '.join(SPLITS)}, got {adaptation_split!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0 (0: never), got {checkpoint_every!r}.")
         self.granularity = granularity
         self.init_value = float(init_value)
         self.clamp = clamp
@@ -406,6 +434,7 @@ class AdaMerging(MergeMethod):
         self.adaptation_split = adaptation_split
         self.seed = seed
         self.coefficients_path = coefficients_path
+        self.checkpoint_every = checkpoint_every
         # What the report and the comparison table say the method read (issue 12, part 3).
         self.data = f"{adaptation_split} inputs"
         self.transductive = adaptation_split == "validation"
@@ -459,7 +488,11 @@ class AdaMerging(MergeMethod):
                 self._coefficients = loaded
                 return
         self._check_trainer(trainer)
-        module = self._coefficients_module(datamodule)
+        resume = self._read_partial(fields) if fields is not None and trainer.is_global_zero else None
+        resume = trainer.strategy.broadcast(resume, src=0)
+        module = self._coefficients_module(datamodule, resume, fields)
+        if resume is not None:
+            rank_zero_info(f"AdaMerging: resuming after step {resume[0]} of {self.max_steps} from {self._partial_path()}")
         rank_zero_info(
             f"AdaMerging: {self.max_steps} steps of {self.batch_size} unlabeled {self.adaptation_split} inputs "
             f"per task ({self.granularity}-wise, loss {self.loss}, lr {self.lr}, seed {self.seed})"
@@ -486,6 +519,7 @@ class AdaMerging(MergeMethod):
         if fields is not None:
             if trainer.is_global_zero:
                 self._write_coefficients(fields, self._coefficients)
+                Path(self._partial_path()).unlink(missing_ok=True)  # finished: nothing left to resume
                 rank_zero_info(f"AdaMerging coefficients: written to {self.coefficients_path}")
             trainer.strategy.barrier("adamerging coefficients written")
 
@@ -509,7 +543,9 @@ class AdaMerging(MergeMethod):
                 f"its {self.max_steps} steps; leave them unset."
             )
 
-    def _coefficients_module(self, datamodule: GLUEDataModule) -> AdaMergingCoefficients:
+    def _coefficients_module(
+        self, datamodule: GLUEDataModule, resume: Optional[tuple[int, Tensor, dict]] = None, fields: Optional[dict] = None
+    ) -> AdaMergingCoefficients:
         datamodule.check(("eval",) if self.adaptation_split == "validation" else ("train",))
         split = datamodule.eval_dataset if self.adaptation_split == "validation" else datamodule.train_dataset
         # Only the token ids: the labels are not even in what the loader can read.
@@ -521,6 +557,7 @@ class AdaMerging(MergeMethod):
             seed=self.seed,
             pad_token_id=datamodule.pad_token_id,
             pad_to=datamodule.max_length if datamodule.pad_to_max_length else None,
+            start=resume[0] if resume is not None else 0,
         )
         return AdaMergingCoefficients(
             self.pool.pretrained_body(),
@@ -534,6 +571,9 @@ class AdaMerging(MergeMethod):
             clamp=self.clamp,
             lr=self.lr,
             loss=self.loss,
+            resume=resume[1:] if resume is not None else None,
+            checkpoint=(lambda steps, values, state: self._write_partial(fields, steps, values, state)) if fields else None,
+            checkpoint_every=self.checkpoint_every,
         )
 
     # ---- the coefficients file --------------------------------------------------------------
@@ -560,6 +600,49 @@ class AdaMerging(MergeMethod):
                 "max_length": datamodule.max_length,
             },
         }
+
+    def _partial_path(self) -> str:
+        return f"{self.coefficients_path}.partial.safetensors"
+
+    def _write_partial(self, fields: dict[str, Any], steps: int, values: Tensor, optimizer_state: dict) -> None:
+        """λ and Adam's state after ``steps`` steps, for a rerun to resume from (rank 0; atomic)."""
+        from safetensors.torch import save_file
+
+        (state,) = optimizer_state["state"].values()
+        tensors = {"coefficients": values.float().cpu().contiguous()}
+        tensors.update({f"adam.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
+        metadata = {"fields": json.dumps(fields, sort_keys=True), "steps": str(steps),
+                    "param_groups": json.dumps(optimizer_state["param_groups"])}
+        path = Path(self._partial_path())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+            os.replace(temporary, path)  # a reader sees the previous state or this one, never half
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def _read_partial(self, fields: dict[str, Any]) -> Optional[tuple[int, Tensor, dict]]:
+        """``(steps, λ, Adam state dict)`` of a matching partial adaptation, else None (warned when not trusted)."""
+        from safetensors import safe_open
+
+        path = self._partial_path()
+        if not os.path.isfile(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+            stored, steps = json.loads(metadata["fields"]), int(metadata["steps"])
+            param_groups = json.loads(metadata["param_groups"])
+        except Exception as error:  # safetensors raises several types for a damaged file
+            rank_zero_warn(f"AdaMerging partial state {path} is unreadable ({type(error).__name__}); adapting from step 0.")
+            return None
+        if stored != json.loads(json.dumps(fields, sort_keys=True)) or not 0 < steps < self.max_steps:
+            rank_zero_warn(f"AdaMerging partial state {path} is for another run; adapting from step 0.")
+            return None
+        state = {name[len("adam."):]: value for name, value in tensors.items() if name.startswith("adam.")}
+        return steps, tensors["coefficients"], {"state": {0: state}, "param_groups": param_groups}
 
     @staticmethod
     def _checksum(values: Tensor) -> str:

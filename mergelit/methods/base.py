@@ -13,6 +13,7 @@ print its ``display_name`` and the ``symbols`` of its arguments.
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 import time
 from typing import Any, ClassVar, Hashable, Literal
 
@@ -39,8 +40,23 @@ def _extra_metric(name: str) -> torchmetrics.Metric:
     return torchmetrics.classification.BinaryF1Score()
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak-memory window (Linux: ``/proc/self/clear_refs`` resets VmHWM); else nothing."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # other systems: the peak stays the process's lifetime peak (ru_maxrss)
+
+
 def _peak_rss_gb() -> float:
-    """The process's peak resident memory so far (``ru_maxrss``: KiB on Linux, bytes on macOS), in GB."""
+    """The process's peak resident memory since ``_reset_peak_rss`` (Linux: VmHWM), else its lifetime
+    peak (``ru_maxrss``: KiB on Linux, bytes on macOS), in GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak * (1 if peak > 1 << 40 else 1024) / 1e9
 
@@ -152,6 +168,7 @@ class MergeMethod(L.LightningModule):
         self.heads = nn.ModuleDict({task: build_head(self.pool.head(task)) for task in self.tasks})
         self.pad_token_ids = {task: self.pool.task_config(task).pad_token_id for task in self.tasks}
         if self.kind == "merged":
+            _reset_peak_rss()
             start = time.perf_counter()
             merged = self.merge()
             self._add_merge_cost(time.perf_counter() - start)
@@ -165,6 +182,7 @@ class MergeMethod(L.LightningModule):
         if self.body_task == task:
             return
         self.body = None  # free the previous task's body first
+        _reset_peak_rss()
         start = time.perf_counter()
         body_state = self.merge_task(task)
         check_merged_finite(body_state, f"{type(self).__name__} (task {task!r})")
