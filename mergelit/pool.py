@@ -64,11 +64,18 @@ def check_checkpoint_folder(path: str, name: str = "checkpoint") -> None:
             f"Convert it once where you trust the file: `AutoModelForSequenceClassification.from_pretrained(folder)"
             f".save_pretrained(folder, safe_serialization=True)`."
         )
-    for file in safetensors_files:
-        _check_safetensors(file, name)
+    # A sharded checkpoint spreads the body over several files: look for it in all of them together.
+    keys = [key for file in safetensors_files for key in _check_safetensors(file, name)]
+    if not any(key.endswith("h.0.attn.c_attn.weight") for key in keys):
+        shown = safetensors_files[0] if len(safetensors_files) == 1 else path
+        raise BadCheckpoint(
+            f"The {name} file {shown!r} holds no GPT-2 body (no 'h.0.attn.c_attn.weight' among its "
+            f"{len(keys)} tensors, e.g. {', '.join(keys[:3]) or 'none'}); point at a GPT-2 checkpoint."
+        )
 
 
-def _check_safetensors(file: str, name: str) -> None:
+def _check_safetensors(file: str, name: str) -> list[str]:
+    """The tensor names of a safetensors file, after reading its header (a damaged file fails, named)."""
     from safetensors import safe_open
 
     try:
@@ -79,15 +86,11 @@ def _check_safetensors(file: str, name: str) -> None:
         raise BadCheckpoint(
             f"The {name} file {file!r} is not a readable safetensors file ({error}); re-download or re-export it."
         ) from None
-    if not any(key.endswith("h.0.attn.c_attn.weight") for key in keys):
-        raise BadCheckpoint(
-            f"The {name} file {file!r} holds no GPT-2 body (no 'h.0.attn.c_attn.weight' among its "
-            f"{len(keys)} tensors, e.g. {', '.join(keys[:3]) or 'none'}); point at a GPT-2 checkpoint."
-        )
     low = sorted(d for d in dtypes if d in ("F16", "BF16"))
     if low and file not in _CAST_WARNED:
         _CAST_WARNED.add(file)
         warnings.warn(f"The {name} in {file!r} is stored in {'/'.join(low)}; mergelit casts it to float32.", stacklevel=3)
+    return keys
 
 
 _CAST_WARNED: set[str] = set()
