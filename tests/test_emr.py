@@ -181,3 +181,29 @@ def test_runs_on_the_tiny_pool(fixtures_root):
     assert list(body) == list(pretrained)
     assert all(body[k].shape == pretrained[k].shape and torch.isfinite(body[k]).all() for k in body)
     assert 2 < method.inference_parameters() < 2 + len(pool.tasks) / 32 + 1e-3
+
+
+def test_mergelit_test_scores_and_exports_each_tasks_own_body(fixtures_root, tmp_path, monkeypatch):
+    """End to end: the report says task-aware, and the export holds, per task, that task's own body
+    θ0 + r_t (M_t ⊙ τuni) with its head (what the scores came from), not one merged body."""
+    import json
+    from pathlib import Path
+
+    from transformers import GPT2ForSequenceClassification
+
+    from mergelit.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    main(["test", "-c", str(fixtures_root / "config.yaml"), "-c", str(configs / "methods" / "emr.yaml"),
+          "--report_save_path", str(tmp_path / "report.json"), "--merged_model_save_path", str(tmp_path / "export")])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["protocol"]["kind"] == "task-aware" and report["protocol"]["bodies_at_inference"] > 2
+    method = EMRMerging(ModelPool(**yaml.safe_load((fixtures_root / "config.yaml").read_text())["pool"]))
+    bodies = {}
+    for task in ("cola", "rte"):
+        exported = GPT2ForSequenceClassification.from_pretrained(tmp_path / "export" / task).transformer.state_dict()
+        expected = method.merge_task(task)
+        assert all(torch.equal(exported[key], expected[key]) for key in expected), task
+        bodies[task] = exported
+    assert not torch.equal(bodies["cola"]["h.0.mlp.c_fc.weight"], bodies["rte"]["h.0.mlp.c_fc.weight"])
