@@ -85,6 +85,18 @@ def check_labels(dataset: datasets.Dataset, task: str, split: str, path: str) ->
         )
 
 
+def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``: the token lists right-padded with ``pad_token_id`` to ``width``
+    (default: the longest), the mask 1 on real tokens."""
+    width = width or max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, tokens in enumerate(sequences):
+        input_ids[i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+        attention_mask[i, : len(tokens)] = 1
+    return input_ids, attention_mask
+
+
 class LengthSortedBatches(Sampler[list[int]]):
     """Batches of indices sorted by length (longest first), so padding per batch is small.
 
@@ -357,13 +369,8 @@ class GLUEDataModule(L.LightningDataModule):
         """
         if pad_to_max_length is None:
             pad_to_max_length = self.pad_to_max_length
-        width = self.max_length if pad_to_max_length else max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
-            attention_mask[i, :n] = 1
+        width = self.max_length if pad_to_max_length else None
+        input_ids, attention_mask = pad_right([r["input_ids"] for r in rows], self.pad_token_id, width)
         labels = torch.as_tensor([r["label"] for r in rows], dtype=torch.long)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if all("idx" in r for r in rows):

@@ -6,7 +6,9 @@ None of them modifies its inputs: the pool hands out its cached tensors.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -82,6 +84,21 @@ def matching_keys(keys: Iterable[str], patterns: Sequence[str]) -> set[str]:
 def add_scaled(pretrained: dict[str, Tensor], task_vector: dict[str, Tensor], scaling_factor: float) -> dict[str, Tensor]:
     """θ0 + λ τ, tensor by tensor (new tensors): how every task-vector method applies its λ."""
     return {key: pretrained[key] + scaling_factor * task_vector[key] for key in pretrained}
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically (temporary file + rename): a reader sees the old file or the new one."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def tensors_fingerprint(tensors: dict[str, Tensor], digest=None) -> str:

@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, Sampler
 from mergelit.glue import GLUEDataModule
 from mergelit.gpt2 import build_body, build_head, last_non_pad_index
 from mergelit.pool import ModelPool
-from mergelit.state_dict import tensors_fingerprint
+from mergelit.state_dict import atomic_save_safetensors, tensors_fingerprint
 
 # Bump when what a statistics file holds changes, so that older files are not trusted.
 _CACHE_FORMAT = 1
@@ -297,19 +297,9 @@ def cache_key(fields: dict[str, Any]) -> str:
 
 def write_statistics(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
     """Write ``tensors`` + ``metadata`` (and a checksum) to ``path`` atomically (temporary file + rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     metadata = {**metadata, "format": str(_CACHE_FORMAT), "checksum": tensors_fingerprint(tensors)}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)  # atomic: a reader sees the old state or the whole new file
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return atomic_save_safetensors(path, tensors, metadata)
 
 
 def read_statistics(path: str | os.PathLike, key: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]] | None:

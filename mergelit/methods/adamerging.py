@@ -91,12 +91,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from mergelit.glue import GLUEDataModule
+from mergelit.glue import GLUEDataModule, pad_right
 from mergelit.gpt2 import build_body, build_head, last_non_pad_index
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.report import atomic_write_text
-from mergelit.state_dict import check_finetuned, tensors_fingerprint
+from mergelit.state_dict import atomic_save_safetensors, check_finetuned, tensors_fingerprint
 
 GRANULARITIES = ("layer", "task")
 LOSSES = ("entropy", "fusionbench")
@@ -212,12 +212,7 @@ class AdaptationBatches:
                 yield order[start : start + self.batch_size]
 
     def _pad(self, rows: list[list[int]]) -> dict[str, Tensor]:
-        width = self.pad_to or max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
+        input_ids, attention_mask = pad_right(rows, self.pad_token_id, self.pad_to)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def __iter__(self) -> Iterator[dict[str, dict[str, Tensor]]]:
@@ -606,21 +601,12 @@ class AdaMerging(MergeMethod):
 
     def _write_partial(self, fields: dict[str, Any], steps: int, values: Tensor, optimizer_state: dict) -> None:
         """λ and Adam's state after ``steps`` steps, for a rerun to resume from (rank 0; atomic)."""
-        from safetensors.torch import save_file
-
         (state,) = optimizer_state["state"].values()
         tensors = {"coefficients": values.float().cpu().contiguous()}
         tensors.update({f"adam.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
         metadata = {"fields": json.dumps(fields, sort_keys=True), "steps": str(steps),
                     "param_groups": json.dumps(optimizer_state["param_groups"])}
-        path = Path(self._partial_path())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(temporary), metadata=metadata)
-            os.replace(temporary, path)  # a reader sees the previous state or this one, never half
-        finally:
-            temporary.unlink(missing_ok=True)
+        atomic_save_safetensors(self._partial_path(), tensors, metadata)  # the previous state or this one, never half
 
     def _read_partial(self, fields: dict[str, Any]) -> Optional[tuple[int, Tensor, dict]]:
         """``(steps, λ, Adam state dict)`` of a matching partial adaptation, else None (warned when not trusted)."""
