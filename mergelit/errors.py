@@ -42,3 +42,43 @@ class NotWritable(MergelitError, PermissionError):
 
 class MergeFailed(MergelitError):
     """A merge that cannot give a trustworthy body (non-finite tensor, ill-conditioned solve)."""
+
+
+# ---- argument checks shared by every method ---------------------------------------------------
+def check_number(
+    value: float,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a float, refusing a bool, a non-number, NaN/inf, or one outside [low, high]
+    (an open end with ``low_open`` / ``high_open``); the message names ``name`` (``scaling_factor (λ)``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise MergelitError(f"{name} must be a finite number, got {value!r}.")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        left = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        right = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = f"in {left}, {right}" if low is not None and high is not None else (f"> {low:g}" if low_open else f">= {low:g}") if low is not None else (f"< {high:g}" if high_open else f"<= {high:g}")
+        raise MergelitError(f"{name} must be {where}, got {value!r}.")
+    return float(value)
+
+
+def check_integer(value: int, name: str, minimum: int | None = 0, maximum: int | None = None) -> int:
+    """``value`` if it is an integer (not a bool) within [minimum, maximum], else a short error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MergelitError(f"{name} must be an integer, got {value!r}.")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]" if minimum is not None else f"<= {maximum}"
+        raise MergelitError(f"{name} must be an integer {bounds}, got {value!r}.")
+    return value
+
+
+def check_choice(value, name: str, choices) -> str:
+    """``value`` if it is one of ``choices``, else a short error listing them."""
+    if value not in tuple(choices):
+        raise MergelitError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+    return value

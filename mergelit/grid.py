@@ -212,26 +212,10 @@ def weights_fingerprint(pool: Any) -> dict[str, str]:
     changes the fingerprint, so a resumed sweep refuses to mix old and new points. It loads the
     pool (the sweep needs it anyway); hashing costs about a second per GPT-2-small model.
     """
-    import hashlib
-
-    from mergelit.pool import can_stream
-    from mergelit.state_dict import tensors_fingerprint
-
-    if not can_stream(pool):  # a pool holding whole bodies only
-        weights = {"weights.pretrained": tensors_fingerprint(pool.pretrained_body())[:16]}
-        return {**weights, **{f"weights.{task}": pool.fingerprint(task)[:16] for task in pool.tasks}}
-
-    def streamed(read, extra: dict) -> str:
-        # Tensor by tensor (one in memory at a time), as the streaming merges read the pool.
-        digest = hashlib.sha256()
-        for key in pool.keys():
-            tensors_fingerprint({key: read(key)}, digest)
-        return tensors_fingerprint(extra, digest)[:16]
-
-    weights = {"weights.pretrained": streamed(pool.pretrained_tensor, {})}
+    weights = {"weights.pretrained": pool.pretrained_fingerprint()[:16]}
     for task in pool.tasks:
-        head = {"score.weight": pool.head(task)}
-        weights[f"weights.{task}"] = streamed(lambda key: pool.finetuned_tensor(task, key), head) + f"|pad={pool.task_config(task).pad_token_id}"
+        digest, pad = pool.fingerprint(task).split("|", 1)
+        weights[f"weights.{task}"] = f"{digest[:16]}|{pad}"
     return weights
 
 

@@ -9,13 +9,15 @@ are ``GPT2Model`` state dicts; heads are the ``score`` weights of each
 from __future__ import annotations
 
 import glob
-import math
 import os
 import warnings
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+
+from mergelit import costs
 
 from mergelit.errors import BadCheckpoint, FileMissing, KeyMissing
 from mergelit.glue import load_tokenizer
@@ -153,7 +155,7 @@ def check_finite(state: dict[str, Tensor], name: str) -> None:
 
 
 class ModelPool:
-    """The models to merge.
+    """The models to merge, read one tensor at a time.
 
     Args:
         pretrained: the pretrained GPT-2 (θ0): hub id (``gpt2``) or folder. A
@@ -161,6 +163,12 @@ class ModelPool:
         finetuned: task -> hub id or folder of a ``GPT2ForSequenceClassification``
             fine-tuned on that task (``tanganke/gpt2_cola``, ...).
         tokenizer: tokenizer path or hub id; defaults to ``pretrained``.
+
+    Every model is read from its safetensors file(s), memory-mapped, one tensor at a time
+    (``pretrained_tensor``, ``finetuned_tensor``, ``finetuned_tensors``): a hub id is first
+    resolved to its downloaded folder, so local folders and hub ids take the same path. Nothing
+    is held but the heads and configs, so a merge that streams keys keeps its memory flat in the
+    number of models. Reading is the ``load`` phase of ``mergelit.costs``.
     """
 
     def __init__(self, pretrained: str, finetuned: dict[str, str], tokenizer: str | None = None):
@@ -168,140 +176,48 @@ class ModelPool:
         self.pretrained_path = pretrained
         self.finetuned_paths = {task: finetuned[task] for task in self.tasks}
         self.tokenizer_path = tokenizer_path(pretrained, tokenizer)
-        self._pretrained_body: dict[str, Tensor] | None = None
         self._config = None
-        self._finetuned: dict[str, tuple[dict[str, Tensor], Tensor, Any]] = {}
-        self._heads: dict[str, tuple[Tensor, Any]] = {}  # task -> (head, config): checked without the body
-        self._checkpoints: dict[str, _Checkpoint | None] = {}  # path -> its safetensors files (None: a hub id)
+        self._heads: dict[str, tuple[Tensor, Any]] = {}  # task -> (head, config), checked
+        self._checkpoints: dict[str, _Checkpoint] = {}  # path -> its safetensors files
         self._body_shapes: dict[str, torch.Size] | None = None
         self._finite_checked: set[tuple] = set()
-        self.weights_checked = False  # every weight read once and found finite (mergelit.run.check_weights_finite)
         self._fingerprints: dict[str, str] = {}
+        self._keep_reused = False
+        self._weights_checked = False
+        self._reused: dict[Any, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"ModelPool(pretrained={self.pretrained_path!r}, tasks={self.tasks})"
 
-    # ---- pretrained -----------------------------------------------------------------------
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _checkpoint(self, path: str, name: str) -> _Checkpoint:
+        """The checkpoint at ``path`` (a folder, or a hub id resolved to its downloaded folder), checked once."""
+        if path not in self._checkpoints:
+            folder = _resolve(path, name)
+            check_checkpoint_folder(folder, name)
+            self._checkpoints[path] = _Checkpoint(folder)
+        return self._checkpoints[path]
+
+    def _pretrained_checkpoint(self) -> _Checkpoint:
+        return self._checkpoint(self.pretrained_path, _PRETRAINED)
+
+    def _finetuned_checkpoint(self, task: str) -> _Checkpoint:
+        self._check_task(task)
+        return self._checkpoint(self.finetuned_paths[task], f"fine-tuned model for {task!r} (pool.finetuned.{task})")
+
     def body_config(self):
         """The pretrained GPT-2 config with the spec's pad token (used to build bodies)."""
         if self._config is None:
             from transformers import AutoConfig
 
-            self._checkpoint(self.pretrained_path, "pretrained model (pool.pretrained)")  # named errors first
-            config = _from_pretrained(AutoConfig, self.pretrained_path, "pretrained model (pool.pretrained)")
+            checkpoint = self._pretrained_checkpoint()  # named errors first
+            config = _from_pretrained(AutoConfig, checkpoint.folder, _PRETRAINED)
             if config.model_type != "gpt2":
                 raise BadCheckpoint(f"{self.pretrained_path!r} is a {config.model_type!r} model; mergelit merges GPT-2.")
             if config.pad_token_id is None:
                 config.pad_token_id = PAD_TOKEN_ID
             self._config = config
         return self._config
-
-    def pretrained_body(self) -> dict[str, Tensor]:
-        """θ0: the pretrained ``GPT2Model`` state dict (loaded once)."""
-        if self._pretrained_body is None:
-            from transformers import GPT2Model
-
-            name = "pretrained model (pool.pretrained)"
-            check_checkpoint_folder(self.pretrained_path, name)
-            # GPT2Model.from_pretrained drops the `transformer.` prefix and the LM head of a
-            # GPT2LMHeadModel checkpoint (as `gpt2` on the hub is).
-            model = _from_pretrained(GPT2Model, self.pretrained_path, name)
-            body = _detached(model.state_dict())
-            check_finite(body, f"{name} {self.pretrained_path!r}")
-            self._pretrained_body = body
-        return self._pretrained_body
-
-    # ---- fine-tuned -----------------------------------------------------------------------
-    def _check_task(self, task: str) -> None:
-        if task not in self.finetuned_paths:
-            raise KeyMissing(f"Task {task!r} is not in the pool; its tasks are {', '.join(self.tasks)}.")
-
-    def _head_and_config(self, task: str) -> tuple[Tensor, Any]:
-        """``task``'s head and config, its labels and body shapes checked, without loading its body."""
-        self._check_task(task)
-        if task in self._finetuned:
-            return self._finetuned[task][1:]
-        checkpoint = self._checkpoint(self.finetuned_paths[task], f"fine-tuned model for {task!r} (pool.finetuned.{task})")
-        if checkpoint is None:  # a hub id: load the whole model once (cached) as before
-            return self._load(task)[1:]
-        if task not in self._heads:
-            from transformers import AutoConfig
-
-            path = self.finetuned_paths[task]
-            config = _from_pretrained(AutoConfig, path, f"fine-tuned model for {task!r} (pool.finetuned.{task})")
-            head = checkpoint.tensor("score.weight")
-            expected = GLUE_TASKS[task].num_labels
-            if config.num_labels != expected or head.shape[0] != expected:
-                raise BadCheckpoint(
-                    f"The {task!r} head in {path!r} has {head.shape[0]} labels; "
-                    f"GLUE {task} has {expected}. Point `pool.finetuned.{task}` at a {task} classifier."
-                )
-            labels = [config.id2label.get(i, config.id2label.get(str(i))) for i in range(expected)]
-            _check_label_names(task, path, labels)
-            check_finite({"score.weight": head}, f"fine-tuned model for {task!r} ({path})")
-            shapes = {key: checkpoint.shape(_FINETUNED_PREFIX + key) for key in self.keys() if checkpoint.has(_FINETUNED_PREFIX + key)}
-            check_same_keys_and_shapes(_meta(self.body_shapes()), _meta(shapes), f"fine-tuned body {task!r} ({path})")
-            if config.pad_token_id is None:
-                config.pad_token_id = PAD_TOKEN_ID
-            self._heads[task] = (head, config)
-        return self._heads[task]
-
-    def _load(self, task: str) -> tuple[dict[str, Tensor], Tensor, Any]:
-        self._check_task(task)
-        if task not in self._finetuned:
-            from transformers import GPT2ForSequenceClassification
-
-            path = self.finetuned_paths[task]
-            name = f"fine-tuned model for {task!r} (pool.finetuned.{task})"
-            check_checkpoint_folder(path, name)
-            model = _from_pretrained(GPT2ForSequenceClassification, path, name)
-            expected = GLUE_TASKS[task].num_labels
-            if model.config.num_labels != expected or model.score.weight.shape[0] != expected:
-                raise BadCheckpoint(
-                    f"The {task!r} head in {path!r} has {model.score.weight.shape[0]} labels; "
-                    f"GLUE {task} has {expected}. Point `pool.finetuned.{task}` at a {task} classifier."
-                )
-            labels = [model.config.id2label.get(i, model.config.id2label.get(str(i))) for i in range(expected)]
-            _check_label_names(task, path, labels)
-            body = _detached(model.transformer.state_dict())
-            check_same_keys_and_shapes(self.pretrained_body(), body, f"fine-tuned body {task!r} ({path})")
-            check_finite({**body, "score.weight": model.score.weight.detach()}, f"fine-tuned model for {task!r} ({path})")
-            config = model.config
-            if config.pad_token_id is None:
-                config.pad_token_id = PAD_TOKEN_ID
-            self._finetuned[task] = (body, model.score.weight.detach().clone(), config)
-        return self._finetuned[task]
-
-    def finetuned_body(self, task: str) -> dict[str, Tensor]:
-        """θ_task: the body of ``task``'s fine-tuned classifier."""
-        return self._load(task)[0]
-
-    def finetuned_bodies(self) -> dict[str, dict[str, Tensor]]:
-        """Every fine-tuned body, in task order."""
-        return {task: self.finetuned_body(task) for task in self.tasks}
-
-    def head(self, task: str) -> Tensor:
-        """``task``'s classification head weight, shape [num_labels, n_embd] (no bias)."""
-        return self._head_and_config(task)[0]
-
-    def task_config(self, task: str):
-        """The config of ``task``'s fine-tuned classifier (labels, pad token id)."""
-        return self._head_and_config(task)[1]
-
-    def check(self) -> None:
-        """Check every model's labels and shapes (raises on the first problem).
-
-        Local safetensors checkpoints are checked from their headers: no body is loaded.
-        """
-        for task in self.tasks:
-            self._head_and_config(task)
-
-    # ---- tensor by tensor (streaming) -----------------------------------------------------
-    def _checkpoint(self, path: str, name: str = "checkpoint") -> "_Checkpoint | None":
-        if path not in self._checkpoints:
-            check_checkpoint_folder(path, name)
-            self._checkpoints[path] = _Checkpoint(path) if os.path.isdir(path) else None
-        return self._checkpoints[path]
 
     def body_shapes(self) -> dict[str, torch.Size]:
         """Body key -> shape, in ``GPT2Model.state_dict()`` order (from the config: nothing loaded)."""
@@ -317,50 +233,138 @@ class ModelPool:
         """The body's tensor names (``wte.weight``, ``h.0.attn.c_attn.weight``, ...), in state-dict order."""
         return list(self.body_shapes())
 
-    def pretrained_tensor(self, key: str, rows: slice | None = None) -> Tensor:
-        """θ0[key] (or its ``rows``, a slice of dim 0), read alone from the memory-mapped safetensors.
+    # ---- heads and checks -------------------------------------------------------------------
+    def _check_task(self, task: str) -> None:
+        if task not in self.finetuned_paths:
+            raise KeyMissing(f"Task {task!r} is not in the pool; its tasks are {', '.join(self.tasks)}.")
 
-        fp32, equal to ``pretrained_body()[key][rows]``. A new tensor each call unless the whole
-        body is already loaded (then a view of the cached one): never modify it in place.
-        """
-        if self._pretrained_body is not None:
-            return _rows(self._pretrained_body[key], rows)
-        checkpoint = self._checkpoint(self.pretrained_path, "pretrained model (pool.pretrained)")
-        if checkpoint is None:
-            return _rows(self.pretrained_body()[key], rows)
-        self._check_key(key)
-        # A GPT2LMHeadModel checkpoint stores `transformer.<key>`; a bare GPT2Model stores `<key>`.
-        name = _FINETUNED_PREFIX + key if checkpoint.has(_FINETUNED_PREFIX + key) else key
-        if not checkpoint.has(name):
-            raise ValueError(f"The pretrained checkpoint {self.pretrained_path!r} has no tensor {key!r}.")
-        return self._finite(checkpoint.tensor(name, rows), key, rows, "pretrained model (pool.pretrained)", self.pretrained_path)
+    def _head_and_config(self, task: str) -> tuple[Tensor, Any]:
+        """``task``'s head and config, with its labels and body shapes checked (from the headers)."""
+        if task not in self._heads:
+            from transformers import AutoConfig
 
-    def _finite(self, tensor: Tensor, key: str, rows: slice | None, name: str, path: str) -> Tensor:
-        # As loading a whole body does, refuse NaN/inf; each piece is checked on its first read only.
-        seen = (path, key, None if rows is None else (rows.start, rows.stop))
-        if seen not in self._finite_checked:
+            checkpoint = self._finetuned_checkpoint(task)
+            path = self.finetuned_paths[task]
+            config = _from_pretrained(AutoConfig, checkpoint.folder, f"fine-tuned model for {task!r} (pool.finetuned.{task})")
+            if not checkpoint.has("score.weight"):
+                raise BadCheckpoint(
+                    f"The fine-tuned model for {task!r} in {path!r} has no classification head ('score.weight'); "
+                    f"point `pool.finetuned.{task}` at a GPT2ForSequenceClassification checkpoint."
+                )
+            head = checkpoint.tensor("score.weight")
+            expected = GLUE_TASKS[task].num_labels
+            if config.num_labels != expected or head.shape[0] != expected:
+                raise BadCheckpoint(
+                    f"The {task!r} head in {path!r} has {head.shape[0]} labels; "
+                    f"GLUE {task} has {expected}. Point `pool.finetuned.{task}` at a {task} classifier."
+                )
+            labels = [config.id2label.get(i, config.id2label.get(str(i))) for i in range(expected)]
+            _check_label_names(task, path, labels)
+            check_finite({"score.weight": head}, f"fine-tuned model for {task!r} ({path})")
+            shapes = {key: checkpoint.shape(_BODY_PREFIX + key) for key in self.keys() if checkpoint.has(_BODY_PREFIX + key)}
+            check_same_keys_and_shapes(_meta(self.body_shapes()), _meta(shapes), f"fine-tuned body {task!r} ({path})")
+            if config.pad_token_id is None:
+                config.pad_token_id = PAD_TOKEN_ID
+            self._heads[task] = (head, config)
+        return self._heads[task]
+
+    def head(self, task: str) -> Tensor:
+        """``task``'s classification head weight, shape [num_labels, n_embd] (no bias)."""
+        return self._head_and_config(task)[0]
+
+    def task_config(self, task: str):
+        """The config of ``task``'s fine-tuned classifier (labels, pad token id)."""
+        return self._head_and_config(task)[1]
+
+    def check(self) -> None:
+        """Check every model's labels and shapes from the checkpoint headers (raises on the first problem)."""
+        self._pretrained_checkpoint()
+        for task in self.tasks:
+            self._head_and_config(task)
+
+    def check_weights(self) -> None:
+        """Read every weight of the pool once, tensor by tensor, so that a NaN/inf anywhere fails now
+        (naming the model and tensor), not after statistics or in a report of NaN losses. Once per pool."""
+        if self._weights_checked:
+            return
+        for key in self.keys():
+            self.pretrained_tensor(key)
+            for task in self.tasks:
+                self.finetuned_tensor(task, key)
+        self._weights_checked = True
+
+    # ---- tensor by tensor -----------------------------------------------------------------
+    def _check_key(self, key: str) -> None:
+        if key not in self.body_shapes():
+            raise KeyMissing(f"{key!r} is not a GPT2Model body tensor; the body's tensors are pool.keys().")
+
+    def _finite(self, tensor: Tensor, key: str, name: str, path: str) -> Tensor:
+        # Each tensor is checked for NaN/inf on its first read only.
+        if (path, key) not in self._finite_checked:
             check_finite({key: tensor}, f"{name} {path!r}")
-            self._finite_checked.add(seen)
+            self._finite_checked.add((path, key))
         return tensor
 
-    def finetuned_tensor(self, task: str, key: str, rows: slice | None = None) -> Tensor:
-        """θ_task[key] (or its ``rows``), read alone from the memory-mapped safetensors
-        (fp32; equal to ``finetuned_body(task)[key][rows]``; never modify it in place)."""
-        self._check_task(task)
-        if task in self._finetuned:
-            return _rows(self._finetuned[task][0][key], rows)
-        checkpoint = self._checkpoint(self.finetuned_paths[task], f"fine-tuned model for {task!r} (pool.finetuned.{task})")
-        if checkpoint is None:
-            return _rows(self.finetuned_body(task)[key], rows)
+    def pretrained_tensor(self, key: str) -> Tensor:
+        """θ0[key], read alone from the memory-mapped safetensors (fp32, a new tensor each call)."""
+        self._check_key(key)
+        checkpoint = self._pretrained_checkpoint()
+        # A GPT2LMHeadModel checkpoint stores `transformer.<key>`; a bare GPT2Model stores `<key>`.
+        name = _BODY_PREFIX + key if checkpoint.has(_BODY_PREFIX + key) else key
+        if not checkpoint.has(name):
+            raise BadCheckpoint(f"The pretrained checkpoint {self.pretrained_path!r} has no tensor {key!r}.")
+        return self._finite(checkpoint.tensor(name), key, _PRETRAINED, self.pretrained_path)
+
+    def finetuned_tensor(self, task: str, key: str) -> Tensor:
+        """θ_task[key], read alone from the memory-mapped safetensors (fp32, a new tensor each call)."""
         self._check_key(key)
         self._head_and_config(task)  # labels and shapes checked once
         path = self.finetuned_paths[task]
-        return self._finite(checkpoint.tensor(_FINETUNED_PREFIX + key, rows), key, rows, f"fine-tuned model for {task!r}", path)
+        tensor = self._finetuned_checkpoint(task).tensor(_BODY_PREFIX + key)
+        return self._finite(tensor, key, f"fine-tuned model for {task!r}", path)
 
-    def _check_key(self, key: str) -> None:
-        if key not in self.body_shapes():
-            raise KeyError(f"{key!r} is not a GPT2Model body tensor; the body's tensors are pool.keys().")
+    def finetuned_tensors(self, key: str) -> "TaskTensors":
+        """θi[key] for every task, in task order, each read when indexed (``TaskTensors``)."""
+        self._check_key(key)
+        return TaskTensors(self, key)
 
+    def pretrained_body(self) -> dict[str, Tensor]:
+        """θ0 as a whole state dict (read now, not kept): for callers that need every tensor at once."""
+        return {key: self.pretrained_tensor(key) for key in self.keys()}
+
+    def finetuned_body(self, task: str) -> dict[str, Tensor]:
+        """θ_task as a whole state dict (read now, not kept)."""
+        return {key: self.finetuned_tensor(task, key) for key in self.keys()}
+
+    def finetuned_bodies(self) -> dict[str, dict[str, Tensor]]:
+        """Every fine-tuned body, in task order (n whole bodies: for oracles and small pools)."""
+        return {task: self.finetuned_body(task) for task in self.tasks}
+
+    # ---- parts a sweep reuses ---------------------------------------------------------------
+    def keep_reused(self, keep: bool = True) -> None:
+        """Keep what methods compute through ``reused`` across merges of this pool (a sweep's points)."""
+        self._keep_reused = keep
+        if not keep:
+            self._reused.clear()
+
+    def reused(self, group: Any, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or the value kept for ``(group, key)`` by an earlier merge of this pool.
+
+        Only while ``keep_reused`` is on (a sweep): a plain run keeps nothing. One group is kept at
+        a time (a new group drops the previous one), so a sweep over several methods holds one
+        method's parts, not all of them.
+        """
+        if not self._keep_reused:
+            return compute()
+        if group not in self._reused:
+            self._reused.clear()
+            self._reused[group] = {}
+        parts = self._reused[group]
+        if key not in parts:
+            parts[key] = compute()
+        return parts[key]
+
+    # ---- content ------------------------------------------------------------------------------
     def load_tokenizer(self):
         return load_tokenizer(self.tokenizer_path)
 
@@ -368,42 +372,73 @@ class ModelPool:
         """A hash of ``task``'s fine-tuned weights (body and head) and its read-out pad id.
 
         The content, not the path: copying the same weights elsewhere gives the same hash, and
-        replacing a checkpoint at the same path changes it. Computed once per task (the models
-        of a pool never change once loaded).
+        replacing a checkpoint at the same path changes it. Computed once per task, tensor by tensor.
         """
         if task not in self._fingerprints:
-            head = {"score.weight": self.head(task)}
-            digest = tensors_fingerprint({**self.finetuned_body(task), **head})
+            import hashlib
+
+            digest = hashlib.sha256()
+            for key in self.keys():
+                tensors_fingerprint({key: self.finetuned_tensor(task, key)}, digest)
+            digest = tensors_fingerprint({"score.weight": self.head(task)}, digest)
             self._fingerprints[task] = f"{digest}|pad={self.task_config(task).pad_token_id}"
         return self._fingerprints[task]
 
+    def pretrained_fingerprint(self) -> str:
+        """A hash of θ0's weights (tensor by tensor), computed once."""
+        if "<pretrained>" not in self._fingerprints:
+            import hashlib
 
-def _detached(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach() for k, v in state.items()}
-
-
-
-_FINETUNED_PREFIX = "transformer."  # GPT2ForSequenceClassification / GPT2LMHeadModel keys of the body
-
-
-def can_stream(pool: Any) -> bool:
-    """Whether ``pool`` offers the tensor-by-tensor API (a ``ModelPool``; test stubs may hold whole bodies only)."""
-    return hasattr(pool, "finetuned_tensor") and hasattr(pool, "body_shapes")
+            digest = hashlib.sha256()
+            for key in self.keys():
+                tensors_fingerprint({key: self.pretrained_tensor(key)}, digest)
+            self._fingerprints["<pretrained>"] = digest.hexdigest()
+        return self._fingerprints["<pretrained>"]
 
 
-def row_chunks(shape: torch.Size, max_entries: int = 1 << 21) -> list[slice | None]:
-    """Slices of dim 0 cutting a tensor of ``shape`` into pieces of at most ~``max_entries`` entries
-    (``[None]``, the whole tensor, when it is small): streaming merges work one piece at a time so
-    that N pieces of ``wte`` (a third of GPT-2's body) never sit in memory together."""
-    numel = math.prod(shape)
-    if len(shape) == 0 or numel <= max_entries:
-        return [None]
-    step = max(1, max_entries // max(1, numel // shape[0]))
-    return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+class TaskTensors(Sequence):
+    """θ1[key] … θn[key] of a pool, in task order, each read from its checkpoint when indexed.
+
+    What ``MergeMethod.merge_tensor`` receives: iterating reads one fine-tuned tensor at a time, so
+    a method that needs one pass holds one θi, and a second pass reads them again (the same bits).
+    ``tasks`` names them.
+    """
+
+    def __init__(self, pool: ModelPool, key: str):
+        self.pool, self.key, self.tasks = pool, key, list(pool.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index: int) -> Tensor:
+        if isinstance(index, slice):
+            raise TypeError("TaskTensors are read one at a time (a slice would hold them all).")
+        return self.pool.finetuned_tensor(self.tasks[index], self.key)
 
 
-def _rows(tensor: Tensor, rows: slice | None) -> Tensor:
-    return tensor if rows is None else tensor[rows]
+_PRETRAINED = "pretrained model (pool.pretrained)"
+_BODY_PREFIX = "transformer."  # GPT2ForSequenceClassification / GPT2LMHeadModel keys of the body
+
+
+def _resolve(path: str, name: str) -> str:
+    """A local checkpoint folder for ``path``: the folder itself, or a hub id's downloaded snapshot
+    (config, safetensors and tokenizer files only; from the local cache when offline)."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded) or os.path.isfile(expanded) or _looks_local(path):
+        return expanded
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as error:  # huggingface_hub's errors (offline, not found, network) share no narrower base
+        if _hub_offline():
+            raise FileMissing(
+                f"The {name} {path!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no cached "
+                f"copy; download it first, or point at a local folder."
+            ) from None
+        raise FileMissing(
+            f"The {name} {path!r} is neither a local folder nor a reachable hub model ({str(error).splitlines()[0]})."
+        ) from None
 
 
 def _meta(shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
@@ -411,7 +446,7 @@ def _meta(shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
 
 
 class _Checkpoint:
-    """The safetensors file(s) of one local checkpoint folder, read one tensor at a time.
+    """The safetensors file(s) of one checkpoint folder, read one tensor at a time.
 
     A sharded checkpoint (``model.safetensors.index.json``) maps each name to its shard. Each read
     opens the file memory-mapped, copies the one tensor out and closes it, so no mapping (and no
@@ -423,6 +458,7 @@ class _Checkpoint:
 
         from safetensors import safe_open
 
+        self.folder = folder
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as file:
@@ -448,11 +484,11 @@ class _Checkpoint:
     def shape(self, name: str) -> torch.Size:
         return self._shapes[name]
 
-    def tensor(self, name: str, rows: slice | None = None) -> Tensor:
+    def tensor(self, name: str) -> Tensor:
         from safetensors import safe_open
 
-        with safe_open(self.files[name], framework="pt") as handle:
-            tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
+        with costs.timed("load"), safe_open(self.files[name], framework="pt") as handle:
+            tensor = handle.get_tensor(name)
         # from_pretrained(dtype=float32) casts stored fp16/bf16 to fp32 the same way.
         return tensor.to(torch.float32) if tensor.dtype != torch.float32 else tensor
 

@@ -19,8 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import torch
 from lightning.pytorch import Callback
 
+from mergelit.costs import CostRecord
+from mergelit.metrics import EXTRA_METRICS
 from mergelit.tasks import GLUE_TASKS
 
 Report = dict[str, dict[str, Any]]
@@ -28,8 +31,6 @@ Report = dict[str, dict[str, Any]]
 PROTOCOL = "protocol"
 """The report entry that records the protocol and the costs (no task, no accuracy: readers skip it)."""
 
-EXTRA_METRICS: dict[str, str] = {"cola": "mcc", "mrpc": "f1", "qqp": "f1"}
-"""Task -> the metric papers also report beside accuracy: CoLA Matthews correlation, MRPC/QQP F1 of class 1."""
 
 
 def extra_entry(task: str, split: str) -> str:
@@ -124,12 +125,19 @@ def read_predictions(folder: str | os.PathLike) -> dict[str, list[dict[str, Any]
 
 
 class ReportWriter(Callback):
-    """A Lightning callback that writes the method's report after ``trainer.test`` (rank 0 only).
+    """The Lightning callback that makes and writes a run's report (rank 0 writes).
+
+    It owns what is measured around the method rather than by it: the run's costs (``costs``, a
+    ``mergelit.costs.CostRecord`` that ``mergelit.run.run_test`` activates around ``prepare`` and
+    ``trainer.test``), the per-example rows of every task (gathered from every process at the end),
+    and the ``protocol`` entry. The report is ``make_report`` of the method's ``results`` plus that
+    protocol; it is in ``report`` after the test, written to ``report.json`` in the run's log folder
+    and to ``path`` (``--report_save_path``).
 
     Args:
         log_dir: also write ``report.json`` into the run's log folder (``trainer.log_dir``).
         path: also write the report to this file (``--report_save_path``).
-        save_predictions: also write the method's per-example predictions, ``predictions/<task>.jsonl``
+        save_predictions: also write the per-example predictions, ``predictions/<task>.jsonl``
             next to each report (``--save_predictions``).
 
     After the test, ``written`` lists the files it wrote.
@@ -140,23 +148,120 @@ class ReportWriter(Callback):
         self.path = path
         self.save_predictions = save_predictions
         self.written: list[Path] = []
+        self.report: Report | None = None
+        self.predictions: dict[str, list[dict[str, Any]]] | None = None
+        self.costs = CostRecord()
+        self._rows: dict[str, list[tuple]] = {}
+
+    def new_run(self, path: str | os.PathLike | None = None, save_predictions: bool = False) -> CostRecord:
+        """Start a run's report: where to write it, and a fresh cost record (returned)."""
+        self.path = path
+        self.save_predictions = save_predictions
+        self.costs = CostRecord()
+        self.report = self.predictions = None
+        self.written = []
+        return self.costs
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._rows = {}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not isinstance(outputs, dict) or "entry" not in outputs:
+            return
+        idx = outputs.get("idx")
+        if idx is None:
+            idx = torch.full_like(outputs["label"], -1)
+        self._rows.setdefault(outputs["entry"], []).append(
+            tuple(t.detach().cpu() for t in (idx, outputs["label"], outputs["prediction"], outputs["logits"], outputs["loss"]))
+        )
 
     def on_test_end(self, trainer, pl_module) -> None:
-        report = getattr(pl_module, "report", None)
+        results = getattr(pl_module, "results", None)
         # trainer.log_dir broadcasts under DDP, so every rank asks; rank 0 alone writes.
         log_dir = trainer.log_dir if self.log_dir else None
-        if report is None or not trainer.is_global_zero:
+        if results is None:
+            return
+        predictions = gather_predictions(self._rows, [entry for entry, _, _ in pl_module.test_entries], trainer)
+        self._rows = {}
+        tasks = list(pl_module.tasks)
+        extra = {entry: values for entry, values in results.items() if entry not in tasks}
+        self.report = make_report({t: results[t] for t in tasks}, extra, protocol_entry(pl_module, trainer, self.costs))
+        self.predictions = predictions
+        if not trainer.is_global_zero:
             return
         self.written = []
         folders = []
         if log_dir:
-            self.written.append(write_report(report, os.path.join(log_dir, "report.json")))
+            self.written.append(write_report(self.report, os.path.join(log_dir, "report.json")))
             folders.append(Path(log_dir))
         if self.path:
-            self.written.append(write_report(report, self.path))
+            self.written.append(write_report(self.report, self.path))
             folders.append(Path(self.path).parent)
-        predictions = getattr(pl_module, "predictions", None)
         if self.save_predictions and predictions:
-            # predictions/<task>.jsonl next to each report (gathered from every rank by the method).
+            # predictions/<task>.jsonl next to each report.
             for folder in dict.fromkeys(f.resolve() for f in folders):
                 self.written.extend(write_predictions(predictions, folder / "predictions"))
+
+
+def gather_predictions(rows: dict[str, list[tuple]], entries: list[str], trainer=None) -> dict[str, list[dict[str, Any]]]:
+    """Every process's per-example rows, on every process, sorted by ``idx`` (each example once)."""
+    local = {entry: [torch.cat(parts) for parts in zip(*batches)] for entry, batches in rows.items()}
+    gathered = [local]
+    if (
+        trainer is not None
+        and trainer.world_size > 1
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, local)
+    predictions = {}
+    for entry in entries:
+        out = []
+        for part in gathered:
+            if entry in part:
+                columns = (t.tolist() for t in part[entry])
+                out.extend({"idx": i, "label": y, "prediction": p, "logits": z, "loss": l} for i, y, p, z, l in zip(*columns))
+        predictions[entry] = sorted(out, key=lambda row: row["idx"])
+    return predictions
+
+
+def _partial_evaluation(trainer: Any) -> bool:
+    if trainer is None:
+        return False
+    limit = getattr(trainer, "limit_test_batches", 1.0)
+    return bool(getattr(trainer, "fast_dev_run", False)) or not (isinstance(limit, float) and limit == 1.0)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy of a hyperparameter value (a nested method becomes its class path and arguments)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if hasattr(value, "hparams") and hasattr(value, "display_name"):  # a base method given to a wrapper
+        return {"class_path": f"{type(value).__module__}.{type(value).__name__}", "init_args": _plain(dict(value.hparams))}
+    return repr(value)
+
+
+def protocol_entry(method, trainer, record: CostRecord | None = None) -> dict[str, Any]:
+    """The report's ``protocol`` entry: what was scored how, and what it cost (``record``)."""
+    return {
+        "method": method.display_name,
+        "class_path": f"{type(method).__module__}.{type(method).__name__}",
+        "hyperparameters": _plain(dict(getattr(method, "hparams", {}))),
+        "kind": method.kind,
+        "data": method.data,
+        "bodies_at_inference": method.bodies_at_inference(),
+        # A run with limit_test_batches / fast_dev_run scores only part of each split: the report
+        # says so, and tables.check_report (compare, sweep resume) never takes it as complete.
+        "partial": _partial_evaluation(trainer),
+        "splits": {entry: split for entry, _, split in method.test_entries},
+        "metrics": {
+            entry: ["accuracy", "loss", *([EXTRA_METRICS[entry]] if entry in EXTRA_METRICS else [])]
+            for entry, _, _ in method.test_entries
+        },
+        "costs": (record or CostRecord()).as_dict(),
+    }

@@ -11,17 +11,16 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from mergelit import costs
 from mergelit.errors import MergelitError, NotWritable
 from mergelit.export import save_merged
 from mergelit.methods.base import MergeMethod
-from mergelit.pool import can_stream, row_chunks
 from mergelit.tasks import GLUE_TASKS
 from mergelit.report import Report, ReportWriter, format_report
 
@@ -52,24 +51,23 @@ def run_test(
 
     ``save_predictions``: also write ``predictions/<task>.jsonl`` (idx, label, predicted class,
     logits per example) next to the report. ``fused_gelu``: score with torch's fused tanh GELU
-    (faster on CPU; changes logits in the last bits, see benchmarks/gelu.py). The time ``prepare`` takes (statistics, adaptation)
-    goes into the report's ``protocol.costs.prepare_seconds``.
+    (faster on CPU; changes logits in the last bits, see benchmarks/gelu.py). The report's
+    ``protocol.costs`` holds the time and peak memory of ``prepare`` (statistics, adaptation), of
+    the merge, and of reading the pool (``mergelit.costs``).
     """
     writer = report_writer(trainer)
-    writer.path = report_save_path
-    writer.save_predictions = save_predictions
-    method.save_predictions = save_predictions
-    method.fused_gelu = fused_gelu
+    record = writer.new_run(report_save_path, save_predictions)
+    method.use_fused_gelu(fused_gelu)
     check_inputs(trainer, method, datamodule, report_save_path, merged_model_save_path)
-    start = time.perf_counter()
-    method.prepare(trainer, datamodule)
-    method.prepare_seconds = time.perf_counter() - start
-    trainer.test(method, datamodule=datamodule, verbose=verbose)
+    with costs.recording(record):
+        with costs.phase("prepare"):
+            method.prepare(trainer, datamodule)
+        trainer.test(method, datamodule=datamodule, verbose=verbose)
     if not quiet:
-        _print_report(method, writer.written, extra_metrics)
+        _print_report(method, writer.report, writer.written, extra_metrics)
     if merged_model_save_path:
         _export(method, merged_model_save_path)
-    return method.report
+    return writer.report
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
@@ -83,19 +81,6 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
     folder = existing if existing.is_dir() else existing.parent
     if not os.access(folder, os.W_OK | os.X_OK):
         raise NotWritable(f"The {what} {str(path)!r} cannot be written: no write permission in {str(folder)!r}.")
-
-
-def check_weights_finite(pool) -> None:
-    """Read every weight of the pool once, piece by piece, so that a NaN/inf anywhere fails now
-    (naming the model and tensor), not after statistics or in a report of NaN losses."""
-    if not can_stream(pool) or getattr(pool, "weights_checked", False):
-        return  # a sweep's later points: the same pool, checked at the first
-    for key in pool.keys():
-        for rows in row_chunks(pool.body_shapes()[key]):
-            pool.pretrained_tensor(key, rows)
-            for task in pool.tasks:
-                pool.finetuned_tensor(task, key, rows)
-    pool.weights_checked = True
 
 
 def _check_batches_per_process(trainer: L.Trainer, datamodule) -> None:
@@ -144,13 +129,13 @@ def check_inputs(
     ):
         if path:
             check_writable(path, what)
-    if merged_model_save_path and method.kind == "ensemble":
+    if merged_model_save_path and not method.exportable():
         raise MergelitError(
             f"{type(method).__name__} has no merged body to export; drop --merged_model_save_path, or export a merging method."
         )
     pool = method.pool
     pool.check()
-    check_weights_finite(pool)
+    pool.check_weights()
     if datamodule is None or not hasattr(datamodule, "check"):
         return
     if list(getattr(datamodule, "tasks", pool.tasks)) != list(pool.tasks):
@@ -173,7 +158,7 @@ def check_inputs(
     tokenizer = getattr(datamodule, "tokenizer", None)
     if tokenizer is None:
         return
-    rows = pool.body_shapes()["wte.weight"][0] if can_stream(pool) else pool.pretrained_body()["wte.weight"].shape[0]
+    rows = pool.body_shapes()["wte.weight"][0]
     if len(tokenizer) > rows:
         raise MergelitError(
             f"The tokenizer {getattr(datamodule, 'tokenizer_path', '')!r} has {len(tokenizer)} tokens but the model's "
@@ -190,8 +175,8 @@ def check_inputs(
 
 
 @rank_zero_only
-def _print_report(method: MergeMethod, written: list[Path], extra_metrics: bool = True) -> None:
-    print(f"\n{method.display_name} on {len(method.tasks)} GLUE tasks\n{format_report(method.report, extra_metrics)}\n")
+def _print_report(method: MergeMethod, report: Report, written: list[Path], extra_metrics: bool = True) -> None:
+    print(f"\n{method.display_name} on {len(method.tasks)} GLUE tasks\n{format_report(report, extra_metrics)}\n")
     for path in written:
         if path.suffix != ".jsonl":
             print(f"Report: {path}")
@@ -201,9 +186,5 @@ def _print_report(method: MergeMethod, written: list[Path], extra_metrics: bool 
 
 @rank_zero_only
 def _export(method: MergeMethod, folder: str) -> None:
-    if method.kind == "ensemble":
-        raise ValueError(
-            f"{type(method).__name__} has no merged body to export; drop --merged_model_save_path, or export a merging method."
-        )
-    folders = save_merged(folder, method.pool, method.merge_task if method.kind == "task-aware" else lambda task: method.merged_state_dict())
+    folders = save_merged(folder, method.pool, lambda task: method.body_for(task).state_dict())
     print(f"Merged model exported to {folder} ({len(folders)} task checkpoints)")

@@ -109,3 +109,86 @@ def tensors_fingerprint(tensors: dict[str, Tensor], digest=None) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+# ---- TIES-Merging's steps (trim, elect, disjoint merge), shared by TIES and DARE-TIES ----------
+MERGE_FUNCS = ("sum", "mean", "max")
+"""How a disjoint merge aggregates the agreeing entries."""
+
+
+def keep_fraction(threshold: float) -> float:
+    """The fraction of entries TIES's trim keeps for ``threshold``, read as FusionBench reads it: a
+    value <= 1 is a fraction (0.2: 20 %), a larger one a percentage (20: 20 %)."""
+    return threshold if threshold <= 1 else threshold / 100
+
+
+def trim_rank(d: int, threshold: float) -> int:
+    """k of the trim: entries with |τ| >= the k-th smallest |τ| are kept (k counted from 1).
+
+    Exactly FusionBench's k = d − int(d · K); keeping everything (K = 1) gives the minimum (k = 1).
+    """
+    return max(d - int(d * keep_fraction(threshold)), 1)
+
+
+def kth_smallest(values: Tensor, k: int, in_place: bool = False) -> Tensor:
+    """The k-th smallest entry of a 1-D CPU tensor (k from 1), as a 0-d tensor: ``values.kthvalue(k)``'s value.
+
+    An exact selection (NumPy's introselect) is several times faster than ``torch.kthvalue`` on the
+    CPU (0.9 s vs 4.6 s for 124 M entries) and returns the same number. ``in_place`` partitions
+    ``values`` itself (a buffer of the caller's) instead of a copy.
+    """
+    import numpy as np
+
+    if not 1 <= k <= values.numel():
+        raise ValueError(f"k must be in [1, {values.numel()}], got {k}.")
+    array = values.detach().cpu().numpy()
+    if in_place:
+        array.partition(k - 1)
+    else:
+        array = np.partition(array, k - 1)
+    return torch.tensor(array[k - 1], dtype=values.dtype)
+
+
+def trim(tau: Tensor, threshold: float) -> Tensor:
+    """Trim: zero, in place, all but the top ``threshold`` entries of the flat ``tau`` by magnitude
+    (ties at the cut kept)."""
+    cut = kth_smallest(tau.abs(), trim_rank(tau.numel(), threshold))
+    return tau.masked_fill_(tau.abs() < cut, 0)
+
+
+def elect_sign(trimmed: Iterable[Tensor]) -> Tensor:
+    """Elect: s = sign(Σ trimmed τi); its zeros take sign(Σ s), the majority sign."""
+    sign = summed_sign(trimmed)
+    # Σ s summed exactly (float64 holds every integer count up to 2^53; a float32 sum of 124 M ±1
+    # would round), so a merge that counts key by key agrees with the whole-body one.
+    return sign.masked_fill_(sign == 0, torch.sign(sign.sum(dtype=torch.float64)).to(sign.dtype))
+
+
+def summed_sign(trimmed: Iterable[Tensor]) -> Tensor:
+    """sign(Σ trimmed τi), summed in order from +0 (so never −0); zeros left as they are."""
+    summed = None
+    for tau in trimmed:  # in task order, as FusionBench's sum over the stacked vectors
+        summed = torch.zeros_like(tau) + tau if summed is None else summed.add_(tau)
+    return summed.sign_()
+
+
+def disjoint_merge(trimmed: Iterable[Tensor], sign: Tensor, merge_func: str) -> Tensor:
+    """Disjoint merge: aggregate the entries of the trimmed τi whose sign equals ``sign``: sum, mean or max."""
+    magnitude = torch.zeros_like(sign)
+    count = torch.zeros_like(sign) if merge_func == "mean" else None
+    for tau in trimmed:
+        # |τi| where sign(τi) == s, else 0. Trimmed-away entries are 0 and so never count.
+        agreeing = (tau * sign).clamp_(min=0)
+        if merge_func == "max":
+            # Not torch.maximum: which of +0 / -0 it returns depends on the kernel (vectorised or
+            # not, so on the tensor's size); taking only strictly larger values keeps +0, so a
+            # merge key by key gets the same bits as the whole-body one.
+            torch.where(agreeing > magnitude, agreeing, magnitude, out=magnitude)
+        else:
+            magnitude += agreeing
+            if count is not None:
+                count += agreeing > 0
+    if count is not None:
+        magnitude /= count.clamp_(min=1)
+    # Every kept entry has sign s, so their sum (mean, max) is s times the sum (mean, max) of magnitudes.
+    return magnitude.mul_(sign)

@@ -91,7 +91,6 @@ class SweepCLI(MergeCLI):
         self.args = fusionbench_args(list(sys.argv[2:] if args is None else args))
         self.compare = compare
         self.shared: list[tuple[type, dict[str, Any], Any]] = []
-        self.kept: dict[tuple, Any] = {}  # reusable merge parts, by (method class, pool, reusable_key)
         # Each point's report goes to the sweep folder only: the log folder's report.json would
         # only ever hold the last point's numbers.
         self.writer = ReportWriter(log_dir=False)
@@ -179,12 +178,9 @@ class SweepCLI(MergeCLI):
             seed_everything(None if seed is True else seed, workers=True)
         self.instantiate_classes()
         method = self.model
-        # Reuse, explicitly: the part of the merge a method declares λ-independent (Σ τi, TIES's τm)
-        # is handed from an earlier point with the same class, pool and key.
-        key = method.reusable_key()
-        kept_key = (type(method), id(method.pool), key)
-        if key is not None:
-            method.reusable = self.kept.get(kept_key)
+        # Reuse, explicitly: the parts of the merge a method computes through `reused` (Σ τi, TIES's τm)
+        # are kept by the shared pool for the next point with the same class and reusable_key().
+        method.pool.keep_reused(True)
         loggers = tracking.wandb_loggers(self.trainer)
         for logger in loggers:
             logger.log_hyperparams({"sweep/point": point.name, "sweep/group": self.group, **point.overrides})
@@ -204,8 +200,6 @@ class SweepCLI(MergeCLI):
             scored = {**self.scorer.score(method, self.datamodule), "dev_sha256": self.dev["sha256"]}
             if rank_zero_only.rank == 0:
                 atomic_write_text(criterion_path(report_path), json.dumps(scored, indent=2) + "\n")
-        if key is not None:
-            self.kept[kept_key] = method.reusable
         return report
 
     def default_output_dir(self, name: str) -> str:

@@ -433,7 +433,8 @@ def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, fl
     """
     import torch
     import torch.nn.functional as F
-    from torchmetrics.functional.classification import binary_f1_score, binary_matthews_corrcoef
+
+    from mergelit.metrics import binary_metric
 
     if not rows:
         raise ValueError(f"no prediction rows for {task!r}")
@@ -449,10 +450,8 @@ def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, fl
         ).mean().item(),
     }
     metric = EXTRA_METRICS.get(task)
-    if metric == "mcc":
-        values["mcc"] = binary_matthews_corrcoef(predicted, labels).item()
-    elif metric == "f1":
-        values["f1"] = binary_f1_score(predicted, labels).item()
+    if metric is not None:
+        values[metric] = binary_metric(metric, predicted, labels)
     return values
 
 
@@ -481,7 +480,7 @@ EXTRA_COLUMNS: list[tuple[str, str, str]] = [
 
 COST_COLUMNS: list[tuple[str, str]] = [
     ("merge s", "merge_seconds"),
-    ("peak GB", "merge_peak_rss_gb"),
+    ("peak GB", "merge_peak_gb"),
     ("prep s", "prepare_seconds"),
 ]
 """The leaderboard's cost columns: (header, key of the report's ``protocol.costs``)."""
@@ -522,7 +521,7 @@ def leaderboard_cells(row: Row, extra: Sequence[tuple[str, str, str]]) -> tuple[
     metrics = [_extra_value(row.report, entry, metric) for _, entry, metric in extra]
     protocol = _protocol(row.report)
     bodies = protocol.get("bodies_at_inference")
-    peak = _cost(row.report, "merge_peak_rss_gb")
+    peak = _cost(row.report, "merge_peak_gb")
     cells = [
         _seconds(_cost(row.report, "merge_seconds")),
         "–" if peak is None else f"{peak:.2f}",

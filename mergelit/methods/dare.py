@@ -48,9 +48,33 @@ from torch import Tensor
 
 from mergelit.gpt2 import is_conv1d_weight
 from mergelit.methods.base import MergeMethod
-from mergelit.methods.ties import MERGE_FUNCS, ties_task_vector_from_task_vectors
 from mergelit.pool import ModelPool
-from mergelit.state_dict import add_scaled, check_finetuned
+from mergelit.state_dict import (
+    MERGE_FUNCS,
+    add_scaled,
+    check_finetuned,
+    check_same_keys_and_shapes,
+    disjoint_merge,
+    elect_sign,
+    flatten,
+    trim,
+    unflatten,
+)
+
+
+def ties_task_vector_from_task_vectors(task_vectors, threshold: float = 20, merge_func: str = "sum") -> dict[str, Tensor]:
+    """τm from given task vectors (DARE's τ̃i), flattened by key name: trim, elect, disjoint merge."""
+    reference = None
+    trimmed = []
+    for index, tau in enumerate(task_vectors, start=1):
+        if reference is None:
+            reference = {key: torch.empty(value.shape, dtype=value.dtype, device="meta") for key, value in tau.items()}
+        else:
+            check_same_keys_and_shapes(reference, tau, f"task vector {index}")
+        trimmed.append(trim(flatten(tau), threshold))
+    if reference is None:
+        raise ValueError("No task vectors to merge: give at least one task.")
+    return unflatten(disjoint_merge(trimmed, elect_sign(trimmed), merge_func), reference)
 
 MAX_SEED = 2**32 - 1  # the seeds Lightning's seed_everything (FusionBench's `seed:`) accepts
 

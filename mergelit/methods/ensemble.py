@@ -9,12 +9,29 @@ at the last non-pad token. The head is linear, so this equals the mean over i of
 
 from __future__ import annotations
 
-import torch
+from types import SimpleNamespace
+
 from torch import Tensor, nn
 
-from mergelit.gpt2 import build_body, build_head
+from mergelit import costs
+from mergelit.gpt2 import build_body
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
+
+
+class EnsembleBody(nn.Module):
+    """Runs every body on the batch and returns the mean of their last hidden states."""
+
+    def __init__(self, bodies: list[nn.Module]):
+        super().__init__()
+        self.bodies = nn.ModuleList(bodies)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool = False) -> SimpleNamespace:
+        total = None
+        for body in self.bodies:  # summed in task order, divided once
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            total = hidden if total is None else total + hidden
+        return SimpleNamespace(last_hidden_state=total / len(self.bodies))
 
 
 class SimpleEnsemble(MergeMethod):
@@ -31,30 +48,18 @@ class SimpleEnsemble(MergeMethod):
 
     def __init__(self, pool: ModelPool):
         super().__init__(pool)
-        self.bodies: nn.ModuleList | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        # Like MergeMethod.setup, with n bodies in place of one merged body; only once.
-        if self.bodies is not None:
-            return
-        self.pool.check()
-        config = self.pool.body_config()
-        self.bodies = nn.ModuleList([build_body(config, self.pool.finetuned_body(task), fused_gelu=self.fused_gelu) for task in self.tasks])
-        self.heads = nn.ModuleDict({task: build_head(self.pool.head(task)) for task in self.tasks})
-        self.pad_token_ids = {task: self.pool.task_config(task).pad_token_id for task in self.tasks}
+    def body_for(self, task: str) -> nn.Module:
+        """The same ensemble of the n fine-tuned bodies for every task (built once)."""
+        if self._body is None:
+            with costs.phase("merge"):
+                config = self.pool.body_config()
+                bodies = [build_body(config, self.pool.finetuned_body(t), fused_gelu=self.fused_gelu) for t in self.tasks]
+                self._body = EnsembleBody(bodies).to(self.device)
+        return self._body
 
-    def merge(self) -> dict[str, Tensor]:
-        raise NotImplementedError("SimpleEnsemble does not merge: it runs every fine-tuned body on each batch.")
+    def bodies_at_inference(self) -> float:
+        return float(len(self.tasks))
 
-    def merged_state_dict(self) -> dict[str, Tensor]:
-        raise NotImplementedError(
-            "SimpleEnsemble has no merged body to export; drop --merged_model_save_path, or export a merging method."
-        )
-
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(1/n) Σ_i body_i(x): the mean of the fine-tuned bodies' last hidden states."""
-        total = None
-        for body in self.bodies:  # summed in task order, divided once
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            total = hidden if total is None else total + hidden
-        return total / len(self.bodies)
+    def exportable(self) -> bool:
+        return False

@@ -6,8 +6,11 @@ task being scored it gives that fine-tuned model's own accuracy (the ceiling).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import Tensor
 
+from mergelit.errors import KeyMissing
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 
@@ -26,9 +29,9 @@ class Individual(MergeMethod):
     def __init__(self, pool: ModelPool, task: str):
         super().__init__(pool)
         if task not in pool.tasks:
-            raise ValueError(f"Individual: task {task!r} is not in the pool; choose one of {', '.join(pool.tasks)}.")
+            raise KeyMissing(f"Individual: task {task!r} is not in the pool; choose one of {', '.join(pool.tasks)}.")
         self.task = task
         self.save_hyperparameters(ignore=["pool"])
 
-    def merge(self) -> dict[str, Tensor]:
-        return self.pool.finetuned_body(self.task)
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        return self.pool.finetuned_tensor(self.task, key)

@@ -5,6 +5,8 @@ This is the λ = 0 row of Task Arithmetic and TIES: the floor that merging must 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import Tensor
 
 from mergelit.methods.base import MergeMethod
@@ -19,5 +21,5 @@ class Pretrained(MergeMethod):
     def __init__(self, pool: ModelPool):
         super().__init__(pool)
 
-    def merge(self) -> dict[str, Tensor]:
-        return self.pool.pretrained_body()
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        return theta0

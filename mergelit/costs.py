@@ -1,0 +1,179 @@
+"""What a run costs: wall time and peak memory of each phase, recorded for the report.
+
+A run's phases are ``prepare`` (statistics, adaptation: ``MergeMethod.prepare``), ``merge``
+(``MergeMethod.setup`` and, for task-aware methods, each task's body) and ``load`` (reading
+weights from the checkpoints, wherever it happens). ``merge`` and ``prepare`` exclude the
+``load`` time spent inside them, so a method that happens to read the pool first is not charged
+for it.
+
+Memory is the **peak resident memory during the phase minus the resident memory when the phase
+started** (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus
+``VmRSS`` at the start), so what was resident before (the pool's pages, an earlier point's
+merge) is not counted. A phase entered several times (a task-aware method's bodies) reports the
+sum of its times and the largest of its peaks. Elsewhere than Linux the peak is not measured
+(``None``).
+
+Work whose result came from a cache (statistics) records the cost of the original computation
+as well (``note_cached``), so a cached run still shows what the result cost to produce.
+
+The code being measured only says which phase it is in (``with costs.phase("merge"):``); the
+caller that wants the figures opens a record (``with costs.recording(record):``). Nothing is
+recorded outside a record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+
+@dataclass
+class PhaseCost:
+    seconds: float = 0.0
+    peak_gb: Optional[float] = None
+    cached_seconds: float = 0.0  # what the cached parts cost when they were computed
+    cached_peak_gb: Optional[float] = None
+    cache_read_seconds: float = 0.0  # this run's time reading them
+    cached: bool = False
+
+    @property
+    def original_seconds(self) -> float:
+        """The phase's cost had nothing come from a cache: this run's time, minus reading the
+        cache, plus the recorded time of what was read."""
+        return max(self.seconds - self.cache_read_seconds, 0.0) + self.cached_seconds
+
+    @property
+    def original_peak_gb(self) -> Optional[float]:
+        peaks = [p for p in (self.peak_gb, self.cached_peak_gb) if p is not None]
+        return max(peaks) if peaks else None
+
+
+class CostRecord:
+    """The phases of one run (``phases[name]``), filled while the record is active."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, PhaseCost] = {}
+        self._open: list[str] = []
+
+    def phase_cost(self, name: str) -> PhaseCost:
+        return self.phases.setdefault(name, PhaseCost())
+
+    def seconds(self, name: str) -> Optional[float]:
+        return self.phases[name].seconds if name in self.phases else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report's ``protocol.costs``: ``<phase>_seconds`` and ``<phase>_peak_gb`` per phase,
+        and for a phase read from a cache ``<phase>_cached: true`` with the original figures."""
+        out: dict[str, Any] = {}
+        for name in ("load", "prepare", "merge"):
+            cost = self.phases.get(name)
+            out[f"{name}_seconds"] = None if cost is None else cost.seconds
+            if name != "load":
+                out[f"{name}_peak_gb"] = None if cost is None else cost.peak_gb
+        prepare = self.phases.get("prepare")
+        out["prepare_cached"] = bool(prepare and prepare.cached)
+        if prepare and prepare.cached:
+            out["prepare_original_seconds"] = prepare.original_seconds
+            out["prepare_original_peak_gb"] = prepare.original_peak_gb
+        return out
+
+
+_records: list[CostRecord] = []
+
+
+def current() -> Optional[CostRecord]:
+    """The innermost active record, or None."""
+    return _records[-1] if _records else None
+
+
+@contextlib.contextmanager
+def recording(record: CostRecord) -> Iterator[CostRecord]:
+    """Make ``record`` the one phases are written to, for the ``with`` block."""
+    _records.append(record)
+    try:
+        yield record
+    finally:
+        _records.remove(record)
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Start a new peak window: Linux resets VmHWM to the current RSS (``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Charge the block's wall time and peak memory (above the resident memory at its start) to
+    phase ``name`` of the active record. Inside another phase it only adds its time (the outer
+    window's peak covers it); outside a record it does nothing."""
+    record = current()
+    if record is None:
+        yield
+        return
+    outer = bool(record._open)
+    baseline = None if outer or not _reset_peak() else _status_kb("VmRSS")
+    loaded = record.phases["load"].seconds if "load" in record.phases else 0.0
+    start = time.perf_counter()
+    record._open.append(name)
+    try:
+        yield
+    finally:
+        record._open.pop()
+        elapsed = time.perf_counter() - start
+        if name != "load":  # reading weights is the load phase's, wherever it happens
+            elapsed -= (record.phases["load"].seconds if "load" in record.phases else 0.0) - loaded
+        cost = record.phase_cost(name)
+        if name not in record._open:  # a phase re-entered inside itself is already being timed
+            cost.seconds += max(elapsed, 0.0)
+        peak = _status_kb("VmHWM") if baseline is not None else None
+        if peak is not None:
+            gb = max(peak - baseline, 0) * 1024 / 1e9
+            cost.peak_gb = gb if cost.peak_gb is None else max(cost.peak_gb, gb)
+
+
+def charge(name: str, seconds: float) -> None:
+    """Add ``seconds`` to phase ``name`` of the active record (time measured by the caller)."""
+    record = current()
+    if record is not None:
+        record.phase_cost(name).seconds += seconds
+
+
+def note_cached(name: str, seconds: float, peak_gb: Optional[float], read_seconds: float) -> None:
+    """Phase ``name`` took part of its result from a cache: that part originally cost ``seconds``
+    (peak ``peak_gb``); reading it took ``read_seconds`` of this run."""
+    record = current()
+    if record is None:
+        return
+    cost = record.phase_cost(name)
+    cost.cached = True
+    cost.cached_seconds += seconds
+    cost.cache_read_seconds += read_seconds
+    if peak_gb is not None:
+        cost.cached_peak_gb = peak_gb if cost.cached_peak_gb is None else max(cost.cached_peak_gb, peak_gb)
+
+
+@contextlib.contextmanager
+def timed(name: str) -> Iterator[None]:
+    """Like ``phase`` but time only (no memory window): for short, frequent work such as one read."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        charge(name, time.perf_counter() - start)
