@@ -344,7 +344,14 @@ class GLUEDataModule(L.LightningDataModule):
 
     def statistics_excluded(self, task: str) -> list[int]:
         """Train rows that statistics must not draw: the dev rows under ``hold_out_dev``, else none."""
-        return self.dev_indices(task) if self.hold_out_dev else []
+        return self.held_out_rows(task, GLUE_TASKS[task].train_split)
+
+    def held_out_rows(self, task: str, split: str) -> list[int]:
+        """Rows of ``task``'s ``split`` that are dev rows to hold out of statistics, adaptation and
+        scoring (sorted row numbers; none unless ``hold_out_dev``)."""
+        if self.hold_out_dev and split == GLUE_TASKS[task].train_split:
+            return self.dev_indices(task)
+        return []
 
     def dev_dataset(self, task: str) -> datasets.Dataset:
         """The dev rows of ``task``, tokenized (``input_ids``, ``label``, ``length``), in ``dev_indices`` order."""
