@@ -55,15 +55,22 @@ def check_number(
 ) -> float:
     """``value`` as a float, refusing a bool, a non-number, NaN/inf, or one outside [low, high]
     (an open end with ``low_open`` / ``high_open``); the message names ``name`` (``scaling_factor (λ)``)."""
+    left = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    right = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    if low is not None and high is not None:
+        where = f" in {left}, {right}"
+    elif low is not None:
+        where = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        where = f" {'<' if high_open else '<='} {high:g}"
+    else:
+        where = ""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        raise MergelitError(f"{name} must be a finite number, got {value!r}.")
+        raise MergelitError(f"{name} must be a finite number{where}, got {value!r}.")
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:
-        left = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        right = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-        where = f"in {left}, {right}" if low is not None and high is not None else (f"> {low:g}" if low_open else f">= {low:g}") if low is not None else (f"< {high:g}" if high_open else f"<= {high:g}")
-        raise MergelitError(f"{name} must be {where}, got {value!r}.")
+        raise MergelitError(f"{name} must be{where}, got {value!r}.")
     return float(value)
 
 

@@ -129,7 +129,7 @@ def check_inputs(
     ):
         if path:
             check_writable(path, what)
-    if merged_model_save_path and not method.exportable():
+    if merged_model_save_path and not method.exportable:
         raise MergelitError(
             f"{type(method).__name__} has no merged body to export; drop --merged_model_save_path, or export a merging method."
         )

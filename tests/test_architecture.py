@@ -18,7 +18,9 @@ ROOT = PACKAGE.parent
 
 # Bottom to top: a module may import its own layer and the ones below it, never one above.
 LAYERS = [
-    ("core", ("errors", "tasks", "state_dict", "report", "gpt2", "glue", "pool", "statistics", "export", "methods")),
+    ("core", ("errors", "tasks", "costs", "metrics", "state_dict", "linalg", "cache", "report", "gpt2", "glue", "pool",
+              "statistics", "export")),
+    ("methods", ("methods",)),
     ("fixtures", ("synthetic",)),
     ("workflows", ("run", "cli", "grid", "tables", "tracking", "selection", "sweep", "finetune")),
     ("demo", ("demo",)),
@@ -102,6 +104,19 @@ def test_no_upward_imports():
             assert layer_of(target) <= layer_of(source), f"{source} ({LAYERS[layer_of(source)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
 
 
+def test_no_method_imports_another_method():
+    """Methods form one flat layer over the core: shared maths lives in the core (state_dict,
+    linalg, errors), never in another method's file (a wrapper takes its base method as an argument)."""
+    methods = PACKAGE / "methods"
+    for path in methods.glob("*.py"):
+        if path.stem in ("__init__", "base"):
+            continue
+        for target, _ in imports_of(path):
+            if target.startswith("mergelit.methods."):
+                assert target == "mergelit.methods.base", f"{module_name(path)} imports the method module {target}"
+            assert target != "mergelit.methods" or path.stem == "__init__", f"{module_name(path)} imports mergelit.methods"
+
+
 def test_no_module_imports_another_modules_private_names():
     for path in PACKAGE.rglob("*.py"):
         for target, names in imports_of(path):
@@ -115,16 +130,18 @@ SCALED_AVERAGE = '''\
 θ* = θ0 + α ((1/n) Σ θi − θ0); α = 1 is Simple Average.
 """
 
+from typing import Sequence
+
 from torch import Tensor
 
+from mergelit.errors import check_number
 from mergelit.methods.base import MergeMethod
-from mergelit.methods.simple_average import simple_average_merge
 from mergelit.pool import ModelPool
 
 
-def scaled_average_merge(pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], alpha: float) -> dict[str, Tensor]:
-    average = simple_average_merge(finetuned)
-    return {key: pretrained[key] + alpha * (average[key] - pretrained[key]) for key in pretrained}
+def scaled_average_tensor(theta0: Tensor, thetas: Sequence[Tensor], alpha: float) -> Tensor:
+    average = sum(thetas) / len(thetas)
+    return theta0 + alpha * (average - theta0)
 
 
 class ScaledAverage(MergeMethod):
@@ -140,10 +157,11 @@ class ScaledAverage(MergeMethod):
 
     def __init__(self, pool: ModelPool, alpha: float = 1.0):
         super().__init__(pool)
-        self.alpha = alpha
+        self.alpha = check_number(alpha, "alpha (α)")
+        self.save_hyperparameters(ignore=["pool"])
 
-    def merge(self) -> dict[str, Tensor]:
-        return scaled_average_merge(self.pool.pretrained_body(), self.pool.finetuned_bodies(), self.alpha)
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        return scaled_average_tensor(theta0, thetas, self.alpha)
 '''
 
 SCALED_AVERAGE_CONFIG = """\
@@ -191,4 +209,5 @@ def test_a_method_added_as_one_file_and_one_config_is_picked_up_everywhere(tmp_p
         cwd=copy, env=env, capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "3 passed" in done.stdout  # its config, its merge invariants, its `mergelit test`, done.stdout[-2000:]
+    # Its config, its argument checks, its merge invariants (key by key, streamed), its `mergelit test`.
+    assert "4 passed" in done.stdout, done.stdout[-2000:]

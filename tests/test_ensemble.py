@@ -43,8 +43,7 @@ def test_logits_are_the_mean_of_each_bodys_logits(fixtures_root):
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
         # Not a single body's logits (the ensemble really mixes them).
         assert not torch.allclose(logits, per_body[0], atol=1e-4)
-    with pytest.raises(NotImplementedError, match="no merged body"):
-        ensemble.merged_state_dict()
+    assert not SimpleEnsemble.exportable and ensemble.bodies_at_inference() == len(pool.tasks)
 
 
 def test_end_to_end(fixtures_root, tmp_path, monkeypatch):

@@ -25,14 +25,11 @@ from mergelit.pool import ModelPool
 from mergelit.tasks import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Smaller values for arguments of these names, wherever a method has one, so that every method
-# runs in seconds on the tiny pool (iterations, adaptation steps, statistics examples).
-QUICK = {"max_steps": 3, "iter_num": 20, "num_fisher_examples": 32, "num_regmean_examples": 32}
 
 
 def quick_arguments(cls: type) -> dict:
-    parameters = inspect.signature(cls.__init__).parameters
-    return {name: value for name, value in QUICK.items() if name in parameters}
+    """The method's own small budget (``quick``: steps, examples), so every method runs in seconds."""
+    return dict(cls.quick)
 METHODS = method_classes()
 IDS = [cls.__name__ for cls in METHODS]
 
@@ -69,10 +66,8 @@ def merged_bodies(method: MergeMethod, fixtures_root: Path, tmp_path: Path) -> d
     )
     torch.manual_seed(0)
     method.prepare(trainer, data)
-    if method.kind == "task-aware":
-        return {task: method.merge_task(task) for task in method.tasks}
-    merged = method.merge()
-    return {task: merged for task in method.tasks}
+    method.setup("test")
+    return {task: {k: v.clone() for k, v in method.body_for(task).state_dict().items()} for task in method.tasks}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +81,21 @@ def test_discovery_finds_every_method_file():
     for cls in METHODS:
         assert "display_name" in vars(cls), f"{cls.__name__} must set display_name (the name tables print)"
         assert cls.kind in ("merged", "task-aware", "ensemble")
+        assert set(cls.quick) <= set(inspect.signature(cls.__init__).parameters), f"{cls.__name__}.quick names no argument"
+
+
+@pytest.mark.parametrize("cls", METHODS, ids=IDS)
+def test_float_arguments_refuse_nan_and_inf(cls, pool):
+    """Every float argument refuses NaN and inf in the constructor, with a message naming it."""
+    checked = 0
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if isinstance(parameter.default, float) and not isinstance(parameter.default, bool):
+            for value in (math.nan, math.inf):
+                kwargs = {"task": pool.tasks[0]} if "task" in inspect.signature(cls.__init__).parameters else {}
+                with pytest.raises(ValueError, match=name):
+                    cls(pool, **{**kwargs, name: value})
+            checked += 1
+    assert checked or not any(isinstance(p.default, float) for p in inspect.signature(cls.__init__).parameters.values())
 
 
 @pytest.mark.parametrize("cls", METHODS, ids=IDS)
@@ -96,14 +106,16 @@ def test_config_exists_opens_with_its_command_and_parses(cls):
     assert path.read_text().startswith("#"), f"{path} must open with a comment giving the command that runs it"
     cli = MergeCLI(args=["-c", str(CONFIGS / "gpt2_glue.yaml"), "-c", str(path)])
     assert type(cli.model) is cls
-    assert not cli.model.pool._finetuned  # parsing loads no weights
+    assert not cli.model.pool._checkpoints  # parsing reads no checkpoint
 
 
-@pytest.mark.parametrize("cls", [c for c in METHODS if c.kind != "ensemble"], ids=[c.__name__ for c in METHODS if c.kind != "ensemble"])
+EXPORTABLE = [c for c in METHODS if c.exportable]
+
+
+@pytest.mark.parametrize("cls", EXPORTABLE, ids=[c.__name__ for c in EXPORTABLE])
 def test_merge_keeps_keys_shapes_dtypes_is_finite_and_deterministic(cls, pool, fixtures_root, tmp_path):
     pretrained = pool.pretrained_body()
-    before = {task: {k: v.clone() for k, v in pool.finetuned_body(task).items()} for task in pool.tasks}
-    theta0 = {k: v.clone() for k, v in pretrained.items()}
+    before = {task: pool.finetuned_body(task) for task in pool.tasks}
 
     first = merged_bodies(make(cls, pool, tmp_path / "a"), fixtures_root, tmp_path / "a")
     second = merged_bodies(make(cls, pool, tmp_path / "b"), fixtures_root, tmp_path / "b")
@@ -114,9 +126,9 @@ def test_merge_keeps_keys_shapes_dtypes_is_finite_and_deterministic(cls, pool, f
             assert tensor.shape == pretrained[key].shape and tensor.dtype == pretrained[key].dtype, key
             assert torch.isfinite(tensor).all(), f"{cls.__name__}: non-finite {key} for {task}"
             assert torch.equal(tensor, second[task][key]), f"{cls.__name__}: {key} differs between two runs"
-    # The pool hands out its own tensors: no method may write into them.
-    for key, tensor in pretrained.items():
-        assert torch.equal(tensor, theta0[key]), key
+    # No method writes into the checkpoints it reads.
+    for key, tensor in pool.pretrained_body().items():
+        assert torch.equal(tensor, pretrained[key]), key
     for task in pool.tasks:
         for key, tensor in pool.finetuned_body(task).items():
             assert torch.equal(tensor, before[task][key]), f"{cls.__name__} modified {task}'s {key}"

@@ -5,15 +5,16 @@ Every value is a small dyadic number, so float32 arithmetic on them is exact.
 """
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import write_integer_pool
 
 from mergelit.methods.individual import Individual
 from mergelit.methods.simple_average import SimpleAverage, simple_average_merge
 from mergelit.methods.task_arithmetic import TaskArithmetic, task_arithmetic_merge
 from mergelit.methods.ties import TiesMerging, ties_merge
+from mergelit.pool import ModelPool
 from mergelit.state_dict import flatten, unflatten
 
 
@@ -144,10 +145,20 @@ def test_ties_zero_sign_with_no_majority_keeps_nothing_there():
 
 def test_ties_smallest_threshold_keeps_only_the_largest_entries():
     pretrained = {"w": torch.zeros(5)}
-    # threshold 1 on d = 5: int(5 · 0.01) = 0, k = 5: keep |τ| ≥ the largest |τ| (3), both tied 3s.
+    # threshold 1.5 (%) on d = 5: int(5 · 0.015) = 0, k = 5: keep |τ| ≥ the largest |τ| (3), both tied 3s.
     finetuned = {"cola": {"w": t(1, -3, 2, 3, -0.5)}}
-    merged = ties_merge(pretrained, finetuned, scaling_factor=1.0, threshold=1)
+    merged = ties_merge(pretrained, finetuned, scaling_factor=1.0, threshold=1.5)
     assert_state_dicts_equal(merged, {"w": t(0, -3, 0, 3, 0)})
+
+
+def test_ties_threshold_at_most_one_is_a_fraction_as_in_fusionbench():
+    pretrained = {"w": torch.zeros(5)}
+    finetuned = {"cola": {"w": t(1, -3, 2, 3, -0.5)}}
+    # 0.4 is 40 %: int(5 · 0.4) = 2 kept by magnitude, k = 3: |τ| ≥ the 3rd smallest (2): 2, 3 and -3 kept.
+    assert_state_dicts_equal(ties_merge(pretrained, finetuned, 1.0, threshold=0.4), {"w": t(0, -3, 2, 3, 0)})
+    assert_state_dicts_equal(ties_merge(pretrained, finetuned, 1.0, threshold=0.4), ties_merge(pretrained, finetuned, 1.0, threshold=40))
+    # 1 is the whole (100 %), not 1 %.
+    assert_state_dicts_equal(ties_merge(pretrained, finetuned, 1.0, threshold=1), {"w": t(1, -3, 2, 3, -0.5)})
 
 
 # ---- the state-dict helpers the merges rely on ---------------------------------------------
@@ -289,17 +300,10 @@ def test_no_finetuned_bodies_is_rejected(merge):
 # ---- the thin classes validate in __init__, before anything is loaded ----------------------
 
 
-def fake_pool():
-    """Just enough of a ModelPool for the constructors and merge(): two tasks, three-tensor bodies."""
-    pretrained = random_body(0)
-    finetuned = {"cola": random_body(1), "rte": random_body(2)}
-    return SimpleNamespace(
-        tasks=["cola", "rte"],
-        pretrained_body=lambda: pretrained,
-        finetuned_bodies=lambda: finetuned,
-        finetuned_body=lambda task: finetuned[task],
-        cached=lambda key, compute: compute(),  # ModelPool.cached, without the memory
-    )
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory):
+    """A real two-task pool (tiny GPT-2, integer-valued weights) the classes read tensor by tensor."""
+    return ModelPool(**write_integer_pool(tmp_path_factory.mktemp("pool"), seed=5, tasks=("cola", "rte")))
 
 
 @pytest.mark.parametrize(
@@ -312,19 +316,15 @@ def fake_pool():
         (lambda pool: Individual(pool, task="wnli"), r"'wnli' is not in the pool; choose one of cola, rte"),
     ],
 )
-def test_methods_reject_bad_configuration_at_construction(make, match):
+def test_methods_reject_bad_configuration_at_construction(make, match, small_pool):
     with pytest.raises(ValueError, match=match):
-        make(fake_pool())
+        make(small_pool)
 
 
-def test_methods_merge_the_pools_bodies():
-    pool = fake_pool()
-    bodies = pool.finetuned_bodies()
+def test_methods_merge_the_pools_bodies(small_pool):
+    pool = small_pool
+    bodies, theta0 = pool.finetuned_bodies(), pool.pretrained_body()
     assert_state_dicts_equal(SimpleAverage(pool).merge(), simple_average_merge(bodies))
-    assert_state_dicts_equal(
-        TaskArithmetic(pool, scaling_factor=0.5).merge(), task_arithmetic_merge(pool.pretrained_body(), bodies, 0.5)
-    )
-    assert_state_dicts_equal(
-        TiesMerging(pool, 0.6, 30, "mean").merge(), ties_merge(pool.pretrained_body(), bodies, 0.6, 30, "mean")
-    )
+    assert_state_dicts_equal(TaskArithmetic(pool, scaling_factor=0.5).merge(), task_arithmetic_merge(theta0, bodies, 0.5))
+    assert_state_dicts_equal(TiesMerging(pool, 0.6, 30, "mean").merge(), ties_merge(theta0, bodies, 0.6, 30, "mean"))
     assert_state_dicts_equal(Individual(pool, task="rte").merge(), bodies["rte"])

@@ -80,3 +80,23 @@ def test_head_with_wrong_number_of_labels_is_refused(pool_paths):
     pool = make_pool(pool_paths, mnli=pool_paths["finetuned"]["mrpc"])
     with pytest.raises(ValueError, match="'mnli'.*2 labels.*3"):
         pool.check()
+
+
+def test_a_hub_id_offline_without_a_cached_copy_is_named(pool_paths, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pool = make_pool(pool_paths, cola="someone/gpt2_cola_not_downloaded")
+    with pytest.raises(FileNotFoundError, match=r"'someone/gpt2_cola_not_downloaded'.*offline"):
+        pool.check()
+
+
+def test_reused_parts_are_kept_for_one_group_and_only_in_sweeps(pool_paths):
+    pool = make_pool(pool_paths)
+    calls = []
+    compute = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert pool.reused("a", "k", compute) == 1 and pool.reused("a", "k", compute) == 2  # a plain run keeps nothing
+    pool.keep_reused(True)
+    assert pool.reused("a", "k", compute) == 3 and pool.reused("a", "k", compute) == 3
+    assert pool.reused("b", "k", compute) == 4  # another method's parts replace the first's
+    assert pool.reused("a", "k", compute) == 5
+    pool.keep_reused(False)
+    assert pool.reused("a", "k", compute) == 6

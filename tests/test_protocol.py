@@ -11,7 +11,7 @@ import torch
 
 from mergelit import tables
 from mergelit.__main__ import main
-from mergelit.methods.base import _extra_metric
+from mergelit.metrics import BinaryCounts, binary_metric, f1_score, matthews_corrcoef
 from mergelit.report import EXTRA_ENTRIES, format_report, make_report
 from mergelit.tasks import TASKS
 
@@ -29,13 +29,50 @@ PREDS = [1, 1, 0, 0, 0, 1, 1, 0]
 
 def test_metrics_against_hand_computation():
     for name, expected in (("mcc", 0.5), ("f1", 0.75)):
-        metric = _extra_metric(name)
+        metric = BinaryCounts()
         metric.update(torch.tensor(PREDS[:5]), torch.tensor(LABELS[:5]))  # two batches: states are counts
         metric.update(torch.tensor(PREDS[5:]), torch.tensor(LABELS[5:]))
-        assert metric.compute().item() == pytest.approx(expected, abs=1e-7)
-    f1 = _extra_metric("f1")
+        assert metric.compute_metric(name) == pytest.approx(expected, abs=1e-12)
+    f1 = BinaryCounts()
     f1.update(torch.tensor([1, 1, 1]), torch.tensor([1, 0, 1]))
-    assert f1.compute().item() == pytest.approx(0.8, abs=1e-7)
+    assert f1.compute_metric("f1") == pytest.approx(0.8, abs=1e-12)
+    assert f1.compute_metric("mcc") == 0.0  # TN + FN = 0: a zero factor
+
+
+# Degenerate cases, with the values GLUE's scorer (scikit-learn) gives: 0 wherever the denominator
+# is 0, never an epsilon-smoothed number. (CoLA validation has 322 unacceptable / 721 acceptable rows.)
+COLA_LABELS = [0] * 322 + [1] * 721
+DEGENERATE = [
+    # name, predictions, labels, MCC, F1
+    ("all acceptable on CoLA", [1] * 1043, COLA_LABELS, 0.0, 2 * 721 / (2 * 721 + 322)),
+    ("all unacceptable on CoLA", [0] * 1043, COLA_LABELS, 0.0, 0.0),
+    ("MRPC all positive", [1] * 408, [0] * 129 + [1] * 279, 0.0, 2 * 279 / (2 * 279 + 129)),
+    ("labels and predictions all 1", [1] * 10, [1] * 10, 0.0, 1.0),
+    ("labels and predictions all 0", [0] * 10, [0] * 10, 0.0, 0.0),
+    ("labels all 0, predictions mixed", [0, 1, 1, 0], [0, 0, 0, 0], 0.0, 0.0),
+    ("labels all 1, predictions mixed", [0, 1, 1, 0], [1, 1, 1, 1], 0.0, 2 * 2 / (2 * 2 + 2)),
+    ("perfect", [0, 1, 1, 0], [0, 1, 1, 0], 1.0, 1.0),
+    ("exactly wrong", [1, 0, 0, 1], [0, 1, 1, 0], -1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("name, predicted, labels, mcc, f1", DEGENERATE, ids=[d[0] for d in DEGENERATE])
+def test_degenerate_cases_follow_the_glue_scorer(name, predicted, labels, mcc, f1):
+    counts = BinaryCounts()
+    counts.update(torch.tensor(predicted), torch.tensor(labels))
+    assert counts.compute_metric("mcc") == pytest.approx(mcc, abs=1e-15)
+    assert counts.compute_metric("f1") == pytest.approx(f1, abs=1e-15)
+    assert binary_metric("mcc", predicted, labels) == pytest.approx(mcc, abs=1e-15)
+    rows = [{"idx": i, "label": y, "prediction": p, "logits": [0.0, 0.0]} for i, (y, p) in enumerate(zip(labels, predicted))]
+    assert tables.score_predictions("cola", rows)["mcc"] == pytest.approx(mcc, abs=1e-15)  # re-scoring agrees
+    assert tables.score_predictions("mrpc", rows)["f1"] == pytest.approx(f1, abs=1e-15)
+
+
+def test_mcc_and_f1_formulas_on_counts():
+    assert matthews_corrcoef(tp=3, fp=1, fn=1, tn=3) == 0.5
+    assert matthews_corrcoef(tp=0, fp=0, fn=322, tn=0) == 0.0
+    assert f1_score(tp=3, fp=1, fn=1) == 0.75
+    assert f1_score(tp=0, fp=0, fn=0) == 0.0
 
 
 def test_rescoring_prediction_rows_by_hand():
@@ -78,7 +115,7 @@ def test_end_to_end_predictions_rescore_exactly(fixtures_root, tmp_path):
     assert protocol["splits"]["mnli"] == "validation_matched" and protocol["splits"]["mnli_mismatched"] == "validation_mismatched"
     assert protocol["metrics"]["cola"] == ["accuracy", "loss", "mcc"]
     costs = protocol["costs"]
-    assert costs["merge_seconds"] > 0 and costs["merge_peak_rss_gb"] > 0 and costs["prepare_seconds"] >= 0
+    assert costs["merge_seconds"] > 0 and costs["merge_peak_gb"] >= 0 and costs["prepare_seconds"] >= 0
 
     folder = tmp_path / "one" / "predictions"
     rows = [json.loads(line) for line in (folder / "cola.jsonl").read_text().splitlines()]

@@ -404,24 +404,6 @@ def test_method_argument_out_of_range(config, key, value, needle, fixtures_root,
     assert_short_error(code, err, needle, value if value not in ("inf", "nan") else "")
 
 
-def test_every_method_rejects_non_finite_float_arguments():
-    """Every float argument of every method (old and new) refuses NaN and inf in its constructor."""
-    import inspect
-
-    from mergelit.methods import method_classes
-
-    class Pool:
-        tasks = ["cola", "sst2"]
-
-    classes = method_classes()
-    for cls in classes.values() if isinstance(classes, dict) else classes:
-        for name, parameter in inspect.signature(cls.__init__).parameters.items():
-            if isinstance(parameter.default, float):
-                for value in (math.nan, math.inf):
-                    with pytest.raises(ValueError, match=name):
-                        cls(Pool(), **{name: value})
-
-
 def test_more_statistics_examples_than_the_split_clip_with_a_warning(fixtures_root):
     from mergelit.statistics import draw_examples
 

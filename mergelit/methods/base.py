@@ -74,6 +74,8 @@ class MergeMethod(L.LightningModule):
     kind: ClassVar[Literal["merged", "task-aware", "ensemble"]] = "merged"
     """What the report calls the method: one merged body; a body per task (needs the task identity
     at inference); or no merge at all. Only a label: ``body_for`` decides what is scored."""
+    exportable: ClassVar[bool] = True
+    """Whether ``body_for(task)`` is a ``GPT2Model`` that export can save (the ensemble's is not)."""
     comparison: ClassVar[bool] = True
     """Whether ``compare`` of every method includes it (``Individual`` is the 7x7 table's instead)."""
     data: str = "none"
@@ -175,10 +177,6 @@ class MergeMethod(L.LightningModule):
     def bodies_at_inference(self) -> float:
         """What the method keeps at inference, in fp32 bodies (1 for a merged body)."""
         return 1.0
-
-    def exportable(self) -> bool:
-        """Whether ``body_for(task)`` is a ``GPT2Model`` that export can save (not for the ensemble)."""
-        return True
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

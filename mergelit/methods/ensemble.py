@@ -45,6 +45,7 @@ class SimpleEnsemble(MergeMethod):
 
     display_name = "Simple Ensemble"
     kind = "ensemble"
+    exportable = False
 
     def __init__(self, pool: ModelPool):
         super().__init__(pool)
@@ -60,6 +61,3 @@ class SimpleEnsemble(MergeMethod):
 
     def bodies_at_inference(self) -> float:
         return float(len(self.tasks))
-
-    def exportable(self) -> bool:
-        return False
