@@ -9,7 +9,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -192,3 +192,59 @@ def disjoint_merge(trimmed: Iterable[Tensor], sign: Tensor, merge_func: str) -> 
         magnitude /= count.clamp_(min=1)
     # Every kept entry has sign s, so their sum (mean, max) is s times the sum (mean, max) of magnitudes.
     return magnitude.mul_(sign)
+
+
+class TiesElection:
+    """The whole-body part of TIES-Merging, computed once: each task's trim cut and the elected sign of
+    every key (``ties_election``). ``trimmed`` trims a key's task vectors with the cuts, ``sign(key)``
+    gives that key's elected sign (its zeros already filled with the majority sign) and frees it."""
+
+    def __init__(self, belows: list[float], fill: float, signs: dict[str, Tensor]):
+        self.belows, self.fill, self.signs = belows, fill, signs
+
+    def trimmed(self, task_vectors: Iterable[Tensor]) -> Iterable[Tensor]:
+        """Trim each τi of one key (in task order) at its task's cut, one at a time. ``hardshrink``
+        keeps x where |x| > below, i.e. |x| >= the cut (no float32 lies between them), and writes +0
+        elsewhere: the bits of ``tau.masked_fill_(tau.abs() < cut, 0)``, faster."""
+        for tau, below in zip(task_vectors, self.belows):
+            yield torch.nn.functional.hardshrink(tau, below)
+
+    def sign(self, key: str) -> Tensor:
+        """The elected sign s of ``key`` (float32; zeros filled with sign(Σ s)), handed out once."""
+        sign = self.signs.pop(key).to(torch.float32)
+        return sign.masked_fill_(sign == 0, self.fill)
+
+
+def ties_election(
+    numels: dict[str, int], num_tasks: int, task_vector: Callable[[int, str], Tensor], threshold: float
+) -> TiesElection:
+    """TIES's trim cuts and elected signs over a whole body, read one tensor at a time.
+
+    ``numels`` gives the body's keys (in order) and sizes; ``task_vector(i, key)`` gives τi[key] (a new
+    tensor; called twice per task and key). Pass 1, per task: |τi| of the whole body in one reused
+    buffer and its exact k-th value, the trim cut (kept as the largest float32 below it). Pass 2, per
+    key: s = sign(Σ trimmed τi) (kept as int8) and Σ s over the body, whose sign the zeros of s take.
+    Holds one body-sized buffer in pass 1 and the int8 signs (a quarter of a body) after it, whatever
+    the number of tasks.
+    """
+    import math
+
+    buffer = torch.empty(sum(numels.values()))
+    rank = trim_rank(buffer.numel(), threshold)
+    belows = []
+    for i in range(num_tasks):
+        offset = 0
+        for key, numel in numels.items():
+            torch.abs(task_vector(i, key).reshape(-1), out=buffer[offset : offset + numel])
+            offset += numel
+        cut = kth_smallest(buffer, rank, in_place=True)
+        belows.append(float(torch.nextafter(cut, torch.tensor(-math.inf))))
+    del buffer
+    election = TiesElection(belows, 0.0, {})
+    total = 0.0
+    for key in numels:
+        sign = summed_sign(election.trimmed(task_vector(i, key) for i in range(num_tasks)))
+        total += float(sign.sum(dtype=torch.float64))  # an integer count, exact in float64
+        election.signs[key] = sign.to(torch.int8)
+    election.fill = float(torch.sign(torch.tensor(total, dtype=torch.float64)))
+    return election

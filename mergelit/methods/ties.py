@@ -15,18 +15,16 @@ With τi = θi − θ0, each flattened over the whole body (keys sorted by name)
 
 θ* = θ0 + λ τm. Default λ = 0.3; the best published GPT-2/GLUE λ is 0.6.
 
-Steps 1 and 2 need the whole body (the k-th value over all entries, Σ s), so the method makes one
-pass over the pool first (``prepare_merge``: each task's trim cut, then the elected signs); the
-merge itself is then per key. The trim, elect and disjoint-merge steps live in
-``mergelit.state_dict`` (DARE-TIES runs them on its own task vectors).
+Steps 1 and 2 need the whole body (the k-th value over all entries, Σ s), so the first key merged
+runs ``ties_election`` over the pool (each task's trim cut, then the elected signs); the merge
+itself is then per key. The trim, elect and disjoint-merge steps live in ``mergelit.state_dict``
+(DARE-TIES and Consensus run them on their own task vectors).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -35,14 +33,13 @@ from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import (
     MERGE_FUNCS,
+    TiesElection,
     check_finetuned,
     disjoint_merge,
     elect_sign,
     flatten,
-    kth_smallest,
-    summed_sign,
+    ties_election,
     trim,
-    trim_rank,
     unflatten,
 )
 
@@ -88,45 +85,6 @@ def ties_merge(
     return {key: theta0 + scaling_factor * merged[key] for key, theta0 in pretrained.items()}
 
 
-def _trimmed(theta0: Tensor, thetas: Sequence[Tensor], belows: Sequence[float]):
-    """The trimmed τi of one tensor, one at a time. ``hardshrink`` keeps x where |x| > below, i.e.
-    |x| >= the cut (no float32 lies between them), and writes +0 elsewhere: the bits of
-    ``tau.masked_fill_(tau.abs() < cut, 0)``, faster."""
-    for theta, below in zip(thetas, belows):
-        yield torch.nn.functional.hardshrink(theta - theta0, below)
-
-
-def ties_election(pool: ModelPool, threshold: float) -> tuple[list[float], float, dict[str, Tensor]]:
-    """The whole-body part of TIES over a pool, streamed: ``(belows, fill, signs)``.
-
-    Pass 1, per task: |τi| of the whole body in one reused buffer and its exact k-th value, the
-    trim cut (``belows``: the largest float32 below each cut). Pass 2, per key: s = sign(Σ trimmed
-    τi) (``signs``, int8) and Σ s over the body, whose sign (``fill``) the zeros of s take.
-    """
-    keys = pool.keys()
-    shapes = pool.body_shapes()
-    d = sum(math.prod(shape) for shape in shapes.values())
-    rank = trim_rank(d, threshold)
-    buffer = torch.empty(d)
-    belows = []
-    for task in pool.tasks:
-        offset = 0
-        for key in keys:
-            base = pool.pretrained_tensor(key)
-            out = buffer[offset : offset + base.numel()].view(base.shape)
-            torch.sub(pool.finetuned_tensor(task, key), base, out=out).abs_()
-            offset += base.numel()
-        cut = kth_smallest(buffer, rank, in_place=True)
-        belows.append(float(torch.nextafter(cut, torch.tensor(-math.inf))))
-    del buffer
-    signs, total = {}, 0.0
-    for key in keys:
-        sign = summed_sign(_trimmed(pool.pretrained_tensor(key), pool.finetuned_tensors(key), belows))
-        total += float(sign.sum(dtype=torch.float64))  # an integer count, exact in float64
-        signs[key] = sign.to(torch.int8)
-    return belows, float(torch.sign(torch.tensor(total, dtype=torch.float64))), signs
-
-
 class TiesMerging(MergeMethod):
     """TIES-Merging: θ* = θ0 + λ τm, τm the trimmed, sign-elected, disjoint merge of the task vectors.
 
@@ -159,7 +117,7 @@ class TiesMerging(MergeMethod):
         self.merge_func = check_choice(merge_func, "merge_func", MERGE_FUNCS)
         if threshold <= 1:
             rank_zero_info(f"TIES-Merging: threshold {threshold} <= 1 is read as a fraction: the trim keeps {100 * threshold:g} %.")
-        self._election: tuple[list[float], float, dict[str, Tensor]] | None = None
+        self._election: TiesElection | None = None
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> tuple:
@@ -172,10 +130,15 @@ class TiesMerging(MergeMethod):
 
     def _merged_task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
         if self._election is None:  # only when some key is not reused from an earlier sweep point
-            self._election = ties_election(self.pool, self.threshold)
-        belows, fill, signs = self._election
-        sign = signs.pop(key).to(theta0.dtype)
-        sign.masked_fill_(sign == 0, fill)  # Elect: the zeros of s take the majority sign.
-        if not signs:
-            self._election = None  # every key merged: free the signs
-        return disjoint_merge(_trimmed(theta0, thetas, belows), sign, self.merge_func)
+            pool = self.pool
+            self._election = ties_election(
+                {key: shape.numel() for key, shape in pool.body_shapes().items()},
+                len(pool.tasks),
+                lambda i, k: pool.finetuned_tensor(pool.tasks[i], k) - pool.pretrained_tensor(k),
+                self.threshold,
+            )
+        election = self._election
+        sign = election.sign(key)
+        if not election.signs:
+            self._election = None  # every key merged: the signs are gone, a new merge elects again
+        return disjoint_merge(election.trimmed(theta - theta0 for theta in thetas), sign, self.merge_func)
