@@ -28,6 +28,10 @@ class KeyMissing(MergelitError, KeyError):
     """A name the user gave (task, split, column, tensor) is not there."""
 
 
+class DuplicateName(MergelitError):
+    """A name given twice where each must be unique (a task in a pool, a key in a YAML mapping)."""
+
+
 class BadCheckpoint(MergelitError):
     """A checkpoint that cannot be used: pickle-only, corrupt, another architecture, non-finite weights."""
 

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from mergelit import costs
 
-from mergelit.errors import BadCheckpoint, FileMissing, KeyMissing
+from mergelit.errors import BadCheckpoint, DuplicateName, FileMissing, KeyMissing
 from mergelit.glue import load_tokenizer
-from mergelit.state_dict import check_same_keys_and_shapes, tensors_fingerprint
+from mergelit.state_dict import tensors_fingerprint
 from mergelit.tasks import GLUE_TASKS, PAD_TOKEN_ID, ordered_tasks
 
 
@@ -206,7 +206,8 @@ class ModelPool:
         return self._checkpoint(self.finetuned_paths[task], f"fine-tuned model for {task!r} (pool.finetuned.{task})")
 
     def body_config(self):
-        """The pretrained GPT-2 config with the spec's pad token (used to build bodies)."""
+        """The pretrained GPT-2 config with the spec's pad token (used to build bodies), checked
+        against the pretrained checkpoint's own tensors."""
         if self._config is None:
             from transformers import AutoConfig
 
@@ -217,6 +218,12 @@ class ModelPool:
             if config.pad_token_id is None:
                 config.pad_token_id = PAD_TOKEN_ID
             self._config = config
+            prefix = _BODY_PREFIX if checkpoint.has(_BODY_PREFIX + "wte.weight") else ""
+            try:
+                _check_tensor_names(checkpoint, self.body_shapes(), prefix, _PRETRAINED_EXTRA, _PRETRAINED, self.pretrained_path)
+            except BadCheckpoint:
+                self._config = None
+                raise
         return self._config
 
     def body_shapes(self) -> dict[str, torch.Size]:
@@ -261,8 +268,9 @@ class ModelPool:
             labels = [config.id2label.get(i, config.id2label.get(str(i))) for i in range(expected)]
             _check_label_names(task, path, labels)
             check_finite({"score.weight": head}, f"fine-tuned model for {task!r} ({path})")
-            shapes = {key: checkpoint.shape(_BODY_PREFIX + key) for key in self.keys() if checkpoint.has(_BODY_PREFIX + key)}
-            check_same_keys_and_shapes(_meta(self.body_shapes()), _meta(shapes), f"fine-tuned body {task!r} ({path})")
+            name = f"fine-tuned model for {task!r} (pool.finetuned.{task})"
+            _check_architecture(self.body_config(), config, name, path)
+            _check_tensor_names(checkpoint, self.body_shapes(), _BODY_PREFIX, _FINETUNED_EXTRA, name, path)
             if config.pad_token_id is None:
                 config.pad_token_id = PAD_TOKEN_ID
             self._heads[task] = (head, config)
@@ -441,8 +449,52 @@ def _resolve(path: str, name: str) -> str:
         ) from None
 
 
-def _meta(shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-    return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+ARCHITECTURE_FIELDS = (
+    "model_type", "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size", "activation_function",
+    "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+    "add_cross_attention", "is_encoder_decoder",
+)
+"""Every ``GPT2Config`` field that changes what a body computes: a fine-tuned model must agree with
+the pretrained one on all of them (labels, ids, dropout and the LM/summary heads may differ)."""
+
+# Tensors a checkpoint may hold beside the body: GPT-2's old causal-mask buffers, the LM head, the classifier.
+_BUFFERS = (".attn.bias", ".attn.masked_bias")
+_PRETRAINED_EXTRA = ("lm_head.weight",)
+_FINETUNED_EXTRA = ("score.weight",)
+
+
+def _check_architecture(reference, config, name: str, path: str) -> None:
+    """Refuse ``config`` if it differs from the pretrained ``reference`` in any architecture field."""
+    for field in ARCHITECTURE_FIELDS:
+        mine, theirs = getattr(config, field, None), getattr(reference, field, None)
+        if mine != theirs:
+            raise BadCheckpoint(
+                f"The {name} in {path!r} is another architecture than the pretrained model: its config has "
+                f"{field} {mine!r}, the pretrained model's {theirs!r}. Every model of a pool must share one architecture."
+            )
+
+
+def _check_tensor_names(checkpoint: "_Checkpoint", shapes: dict[str, torch.Size], prefix: str, extra: tuple[str, ...], name: str, path: str) -> None:
+    """The checkpoint holds exactly the body ``shapes`` (under ``prefix``) plus the allowed ``extra``
+    tensors and old attention-mask buffers: a tensor missing, of another shape, or unexpected is refused."""
+    for key, shape in shapes.items():
+        if not checkpoint.has(prefix + key):
+            raise BadCheckpoint(
+                f"The {name} in {path!r} has no tensor {prefix + key!r}, which a GPT-2 body of its config has; "
+                f"every model of a pool must share one architecture."
+            )
+        if checkpoint.shape(prefix + key) != shape:
+            raise BadCheckpoint(
+                f"Tensor {key!r} of the {name} in {path!r} has shape {tuple(checkpoint.shape(prefix + key))}, expected "
+                f"{tuple(shape)} (from the pretrained model's config); every model of a pool must share one architecture."
+            )
+    expected = {prefix + key for key in shapes} | set(extra)
+    for tensor_name in checkpoint.names():
+        if tensor_name not in expected and not tensor_name.endswith(_BUFFERS):
+            raise BadCheckpoint(
+                f"The {name} in {path!r} holds a tensor {tensor_name!r} that a GPT-2 body of the pretrained model's "
+                f"config does not have; it would be silently ignored. Every model of a pool must share one architecture."
+            )
 
 
 class _Checkpoint:
@@ -480,6 +532,9 @@ class _Checkpoint:
 
     def has(self, name: str) -> bool:
         return name in self._shapes
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
 
     def shape(self, name: str) -> torch.Size:
         return self._shapes[name]
@@ -544,12 +599,16 @@ def fusionbench_pool_args(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"The FusionBench pool names no `{FUSIONBENCH_PRETRAINED}` model (the pretrained GPT-2).")
     pretrained = paths.pop(FUSIONBENCH_PRETRAINED)
     # FusionBench names task models after the task, sometimes with a prefix (gpt2_cola): keep GLUE names.
-    finetuned = {}
+    finetuned, named = {}, {}
     for name, path in paths.items():
         task = name if name in GLUE_TASKS else name.rsplit("_", 1)[-1]
         if task not in GLUE_TASKS:
             raise ValueError(f"FusionBench pool model {name!r} is no GLUE task; the tasks are {', '.join(GLUE_TASKS)}.")
-        finetuned[task] = path
+        if task in named:
+            raise DuplicateName(
+                f"The FusionBench pool names task {task!r} twice ({named[task]!r} and {name!r}); keep one model per task."
+            )
+        finetuned[task], named[task] = path, name
     args: dict[str, Any] = {"pretrained": pretrained, "finetuned": {t: finetuned[t] for t in ordered_tasks(list(finetuned))}}
     tokenizer = config.get("tokenizer")
     if isinstance(tokenizer, dict):

@@ -67,8 +67,11 @@ def ordered_tasks(tasks: Sequence[str]) -> list[str]:
         raise ValueError(f"Unknown GLUE task {unknown[0]!r}; the tasks are {', '.join(TASKS)}.")
     if not tasks:
         raise ValueError(f"No task given; choose among {', '.join(TASKS)}.")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"Task listed twice in {tasks}.")
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:
+        from mergelit.errors import DuplicateName
+
+        raise DuplicateName(f"Task {twice[0]!r} is listed twice in {tasks}; give each task once.")
     return [t for t in TASKS if t in tasks]
 
 

@@ -55,13 +55,25 @@ def test_unknown_task_is_named(pool_paths):
         make_pool(pool_paths, sst="x")
 
 
-def test_shape_mismatch_names_the_first_tensor(pool_paths, tmp_path):
+def test_another_architecture_names_the_config_field(pool_paths, tmp_path):
     config = GPT2Config.from_pretrained(pool_paths["finetuned"]["rte"])
-    config.n_positions = 256  # wpe.weight differs (and is the first differing key by name)
+    config.n_positions = 256
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rte")
     pool = make_pool(pool_paths, rte=str(tmp_path / "rte"))
-    with pytest.raises(ValueError, match=r"'wpe\.weight'.*\(256, .*\(512, "):
+    with pytest.raises(ValueError, match=r"'rte'.*n_positions 256, the pretrained model's 512"):
         pool.check()
+
+
+def test_shape_mismatch_under_the_same_config_names_the_tensor(pool_paths, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "rte"
+    shutil.copytree(pool_paths["finetuned"]["rte"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:256].contiguous()
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'wpe\.weight'.*\(256, .*\(512, "):
+        make_pool(pool_paths, rte=str(folder)).check()
 
 
 def test_checkpoint_without_safetensors_is_refused(pool_paths, tmp_path):
