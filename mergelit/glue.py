@@ -35,10 +35,22 @@ from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks
 _CACHE_FORMAT = 2  # 2: the row's ``idx`` is kept
 
 
+def has_tokenizer_files(folder: str) -> bool:
+    """Whether ``folder`` holds a GPT-2 tokenizer (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``)."""
+    return os.path.isfile(os.path.join(folder, "tokenizer.json")) or (
+        os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt"))
+    )
+
+
 def load_tokenizer(path: str):
     """The GPT-2 tokenizer at ``path`` with the spec's padding: pad = eos (50256), on the right."""
     from transformers import GPT2Tokenizer
 
+    if os.path.isdir(os.path.expanduser(path)) and not has_tokenizer_files(os.path.expanduser(path)):
+        raise FileMissing(
+            f"The tokenizer folder {path!r} holds no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
+            f"point data.tokenizer / pool.tokenizer at a folder that has them."
+        )
     # GPT2Tokenizer (tokenizers-backed in transformers 5) also reads a folder holding only
     # vocab.json + merges.txt, where AutoTokenizer cannot tell the tokenizer class.
     tokenizer = GPT2Tokenizer.from_pretrained(path)

@@ -21,8 +21,11 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from mergelit.costs import CostRecord
+from mergelit.errors import BadData, MergeFailed, NotWritable
 from mergelit.metrics import EXTRA_METRICS
 from mergelit.tasks import GLUE_TASKS
 
@@ -64,18 +67,27 @@ def make_report(per_task: Mapping[str, Mapping[str, float]], extra: Mapping[str,
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half.
+
+    A full disk or a missing permission fails naming ``path`` (``NotWritable``), and leaves the old file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise NotWritable(f"Cannot write {str(path)!r}: {reason}. Free space or choose another output path.") from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
@@ -111,17 +123,80 @@ def prediction_lines(rows: Iterable[Mapping[str, Any]]) -> str:
     return "".join(json.dumps(dict(row)) + "\n" for row in rows)
 
 
-def write_predictions(predictions: Mapping[str, list[Mapping[str, Any]]], folder: str | os.PathLike) -> list[Path]:
-    """Write ``folder/<entry>.jsonl`` for every entry (task or ``mnli_mismatched``), atomically."""
-    return [atomic_write_text(Path(folder) / f"{entry}.jsonl", prediction_lines(rows)) for entry, rows in predictions.items()]
+PREDICTIONS_MANIFEST = "manifest.json"
+"""The file of a predictions folder that lists its entries and says whether the run was partial."""
 
 
-def read_predictions(folder: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
-    """``folder/<entry>.jsonl`` files -> ``{entry: [row, ...]}``."""
+def write_predictions(
+    predictions: Mapping[str, list[Mapping[str, Any]]], folder: str | os.PathLike, partial: bool = False
+) -> list[Path]:
+    """Write ``folder/<entry>.jsonl`` for every entry (task or ``mnli_mismatched``) and the folder's
+    ``manifest.json`` (entries, row counts, ``partial``), atomically. Files an earlier run left there
+    for entries this run does not have are removed, so the folder holds this run's predictions only.
+    A folder that is a link is refused (it would write outside the output folder)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise NotWritable(f"The predictions folder {str(folder)!r} is a link; mergelit writes only inside its output folder.")
+    written = [atomic_write_text(folder / f"{entry}.jsonl", prediction_lines(rows)) for entry, rows in predictions.items()]
+    for stale in folder.glob("*.jsonl"):
+        if stale.stem not in predictions:
+            stale.unlink()
+    manifest = {"partial": bool(partial), "entries": {entry: len(rows) for entry, rows in predictions.items()}}
+    written.append(atomic_write_text(folder / PREDICTIONS_MANIFEST, json.dumps(manifest, indent=2) + "\n"))
+    return written
+
+
+def remove_predictions(folder: str | os.PathLike) -> None:
+    """Remove what ``write_predictions`` writes (a report rewritten without predictions must not sit
+    beside an earlier run's)."""
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink():
+        for path in [*folder.glob("*.jsonl"), folder / PREDICTIONS_MANIFEST]:
+            path.unlink(missing_ok=True)
+
+
+def read_predictions(folder: str | os.PathLike, allow_partial: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """``folder/<entry>.jsonl`` files -> ``{entry: [row, ...]}``, as its manifest lists them.
+
+    A partial run's predictions (``limit_test_batches``, ``fast_dev_run``) are refused unless
+    ``allow_partial``: they do not score the whole split."""
+    folder = Path(folder)
+    manifest_path = folder / PREDICTIONS_MANIFEST
+    entries = None
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            entries = list(manifest["entries"])
+            partial = bool(manifest.get("partial", False))
+        except (ValueError, KeyError, TypeError) as error:
+            raise BadData(f"The predictions manifest {str(manifest_path)!r} is damaged ({type(error).__name__}: {error}).") from None
+        if partial and not allow_partial:
+            raise BadData(
+                f"The predictions in {str(folder)!r} come from a partial run (limit_test_batches / fast_dev_run): "
+                f"they do not cover the whole split. Rerun without those limits."
+            )
+    paths = [folder / f"{entry}.jsonl" for entry in entries] if entries is not None else sorted(folder.glob("*.jsonl"))
     out = {}
-    for path in sorted(Path(folder).glob("*.jsonl")):
-        out[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for path in paths:
+        try:
+            out[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as error:
+            raise BadData(f"The predictions file {str(path)!r} cannot be read ({type(error).__name__}: {error}).") from None
     return out
+
+
+def check_finite_predictions(predictions: Mapping[str, list[Mapping[str, Any]]]) -> None:
+    """Refuse to report a task whose logits or losses are not finite, naming it and the likely cause."""
+    import math
+
+    for entry, rows in predictions.items():
+        bad = sum(1 for row in rows if not (math.isfinite(row["loss"]) and all(math.isfinite(z) for z in row["logits"])))
+        if bad:
+            raise MergeFailed(
+                f"Task {entry!r}: {bad} of {len(rows)} examples have non-finite logits or loss (NaN/inf), so its "
+                f"accuracy would be meaningless; no report was written. The likely cause is a forward pass that "
+                f"overflows: merged weights far too large (a huge scaling factor, or an extreme weight in the pool)."
+            )
 
 
 class ReportWriter(Callback):
@@ -183,6 +258,7 @@ class ReportWriter(Callback):
             return
         predictions = gather_predictions(self._rows, [entry for entry, _, _ in pl_module.test_entries], trainer)
         self._rows = {}
+        check_finite_predictions(predictions)  # every rank holds every row: they all fail alike
         tasks = list(pl_module.tasks)
         extra = {entry: values for entry, values in results.items() if entry not in tasks}
         self.report = make_report({t: results[t] for t in tasks}, extra, protocol_entry(pl_module, trainer, self.costs))
@@ -197,10 +273,13 @@ class ReportWriter(Callback):
         if self.path:
             self.written.append(write_report(self.report, self.path))
             folders.append(Path(self.path).parent)
-        if self.save_predictions and predictions:
-            # predictions/<task>.jsonl next to each report.
-            for folder in dict.fromkeys(f.resolve() for f in folders):
-                self.written.extend(write_predictions(predictions, folder / "predictions"))
+        # predictions/<task>.jsonl next to each report; an earlier run's there are removed either way.
+        partial = bool(self.report[PROTOCOL].get("partial"))
+        for folder in dict.fromkeys(f.absolute() for f in folders):
+            if self.save_predictions and predictions:
+                self.written.extend(write_predictions(predictions, folder / "predictions", partial))
+            else:
+                remove_predictions(folder / "predictions")
 
 
 def gather_predictions(rows: dict[str, list[tuple]], entries: list[str], trainer=None) -> dict[str, list[dict[str, Any]]]:
@@ -265,3 +344,27 @@ def protocol_entry(method, trainer, record: CostRecord | None = None) -> dict[st
         },
         "costs": (record or CostRecord()).as_dict(),
     }
+
+
+class RunLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` whose ``version_N`` folder is claimed atomically.
+
+    ``CSVLogger`` picks the next free number by listing the folder, so two runs started together
+    in one folder both take ``version_0`` and one report overwrites the other. Here the number is
+    claimed by creating its folder (``mkdir`` fails if another run made it first, and the next number
+    is tried), so concurrent runs get distinct folders. Only rank 0 claims; the other processes of a
+    distributed run use rank 0's folder (``trainer.log_dir`` broadcasts it).
+    """
+
+    def _get_next_version(self) -> int:
+        version = super()._get_next_version()
+        if rank_zero_only.rank != 0:
+            return version
+        root = Path(self.root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                (root / f"version_{version}").mkdir()
+                return version
+            except FileExistsError:
+                version += 1

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from mergelit import costs
 from mergelit.errors import MergelitError, NotWritable
-from mergelit.export import save_merged
+from mergelit.export import Provenance, check_export_folder, command_line, save_merged
 from mergelit.methods.base import MergeMethod
 from mergelit.tasks import GLUE_TASKS
 from mergelit.report import Report, ReportWriter, format_report
@@ -46,6 +46,7 @@ def run_test(
     save_predictions: bool = False,
     fused_gelu: bool = False,
     extra_metrics: bool = True,
+    config_yaml: Optional[str] = None,
 ) -> Report:
     """Prepare, merge and score ``method``; write and print its report; export it if asked.
 
@@ -53,7 +54,8 @@ def run_test(
     logits per example) next to the report. ``fused_gelu``: score with torch's fused tanh GELU
     (faster on CPU; changes logits in the last bits, see benchmarks/gelu.py). The report's
     ``protocol.costs`` holds the time and peak memory of ``prepare`` (statistics, adaptation), of
-    the merge, and of reading the pool (``mergelit.costs``).
+    the merge, and of reading the pool (``mergelit.costs``). ``config_yaml``: the run's resolved
+    config, written into an export beside its model card.
     """
     writer = report_writer(trainer)
     record = writer.new_run(report_save_path, save_predictions)
@@ -66,7 +68,7 @@ def run_test(
     if not quiet:
         _print_report(method, writer.report, writer.written, extra_metrics)
     if merged_model_save_path:
-        _export(method, merged_model_save_path)
+        _export(method, merged_model_save_path, Provenance(writer.report, config_yaml, command_line()))
     return writer.report
 
 
@@ -129,10 +131,14 @@ def check_inputs(
     ):
         if path:
             check_writable(path, what)
-    if merged_model_save_path and not method.exportable:
-        raise MergelitError(
-            f"{type(method).__name__} has no merged body to export; drop --merged_model_save_path, or export a merging method."
-        )
+    if report_save_path and Path(report_save_path).is_dir():
+        raise NotWritable(f"The report path (--report_save_path) {str(report_save_path)!r} is a folder; give a file name.")
+    if merged_model_save_path:
+        if not method.exportable:
+            raise MergelitError(
+                f"{type(method).__name__} has no merged body to export; drop --merged_model_save_path, or export a merging method."
+            )
+        check_export_folder(merged_model_save_path)
     pool = method.pool
     pool.check()
     pool.check_weights()
@@ -164,6 +170,7 @@ def check_inputs(
             f"The tokenizer {getattr(datamodule, 'tokenizer_path', '')!r} has {len(tokenizer)} tokens but the model's "
             f"embedding has {rows} rows; use the pool's own tokenizer (pool.tokenizer)."
         )
+    check_tokenizer_matches_pool(tokenizer, getattr(datamodule, "tokenizer_path", ""), pool)
     for task in pool.tasks:
         head_pad = pool.task_config(task).pad_token_id
         if head_pad != tokenizer.pad_token_id:
@@ -171,6 +178,25 @@ def check_inputs(
                 f"The tokenizer's pad id is {tokenizer.pad_token_id} but the {task!r} head reads out at pad_token_id "
                 f"{head_pad} (its config.json): predictions would be read at padding. Use the tokenizer the heads "
                 f"were trained with, or fix pad_token_id in {pool.finetuned_paths[task]}/config.json."
+            )
+
+
+def check_tokenizer_matches_pool(tokenizer, tokenizer_path: str, pool) -> None:
+    """The tokenizer that makes the token ids must be the one the models were trained with: where a
+    fine-tuned checkpoint folder holds tokenizer files of its own, they must give the same ids
+    (vocabulary, merges, normalisation, pad), else the run is refused naming both."""
+    from mergelit.glue import has_tokenizer_files, load_tokenizer, tokenizer_fingerprint
+
+    used = tokenizer_fingerprint(tokenizer)
+    for task in pool.tasks:
+        folder = pool._finetuned_checkpoint(task).folder
+        if os.path.abspath(folder) == os.path.abspath(str(tokenizer_path)) or not has_tokenizer_files(folder):
+            continue
+        if tokenizer_fingerprint(load_tokenizer(folder)) != used:
+            raise MergelitError(
+                f"The tokenizer {tokenizer_path!r} (data.tokenizer / pool.tokenizer) gives other token ids than the "
+                f"{task!r} model's own tokenizer in {folder!r} (another vocabulary or merges): its scores would be "
+                f"silently wrong. Use the pool's own tokenizer (pool.tokenizer: {folder!r})."
             )
 
 
@@ -185,6 +211,6 @@ def _print_report(method: MergeMethod, report: Report, written: list[Path], extr
 
 
 @rank_zero_only
-def _export(method: MergeMethod, folder: str) -> None:
-    folders = save_merged(folder, method.pool, lambda task: method.body_for(task).state_dict())
+def _export(method: MergeMethod, folder: str, provenance: Provenance) -> None:
+    folders = save_merged(folder, method.pool, lambda task: method.body_for(task).state_dict(), provenance)
     print(f"Merged model exported to {folder} ({len(folders)} task checkpoints)")
