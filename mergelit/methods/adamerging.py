@@ -11,33 +11,39 @@ P = 148 tensors on GPT-2 small, each LayerNorm weight and bias its own "layer"; 
 
 λ starts at ``init_value`` everywhere (0.3: the start is Task Arithmetic with λ = 0.3) and is
 trained with Adam (betas 0.9/0.999, eps 1e-8) for ``max_steps`` steps. Each step takes, for each
-task t in pool order, the next batch of ``batch_size`` unlabeled inputs of task t, runs the
-merged body θ(λ) (``torch.func.functional_call`` on a frozen ``GPT2Model``) and task t's frozen
-head, reads the logits z out at each row's last non-pad token, and sums over tasks
+task t in pool order, the next ``batches_per_step`` batches of ``batch_size`` unlabeled inputs of
+task t, runs the merged body θ(λ) (``torch.func.functional_call`` on a frozen ``GPT2Model``) and
+task t's frozen head, reads the logits z out at each row's last non-pad token, and sums over
+tasks and batches
 
-    L = Σt Lt,   Lt = (1/B) Σb H(softmax(z_b))             (``loss: entropy``, the paper's)
-             or  Lt = H(softmax((1/B) Σb z_b)),  H(p) = −Σ p log(p + 1e-8)   (``loss: fusionbench``)
+    L = Σt Σj Lt,j,  Lt,j = (1/B) Σb H(softmax(z_b))           (``loss: entropy``, the paper's)
+                 or  Lt,j = H(softmax((1/B) Σb z_b)),  H(p) = −Σ p log(p + 1e-8)   (``loss: fusionbench``)
 
-then one Adam step on λ. Labels are never read: the adaptation loader holds the ``input_ids``
-column only. The result is θ(λ) with the learned λ (clamped).
+then one Adam step on λ. The default, two batches of 16 per task per step, is the paper's code
+(its loop over a task's loader breaks after the second batch); ``batches_per_step: 1`` is
+FusionBench's one batch. Labels are never read: the adaptation loader holds the ``input_ids``
+column only. The merge is θ(λ) with the learned λ (clamped), computed key by key
+(``merge_tensor``, reading the checkpoints one tensor at a time) with the formula the
+adaptation's forward used (``merged_tensor``), so the body scored is the body adapted.
 
 Adaptation runs as ``trainer.fit`` of ``AdaMergingCoefficients`` (a LightningModule whose only
 trainable parameters are λ) inside ``prepare``, on the same Trainer that then runs
 ``trainer.test``, as Fisher/RegMean's ``trainer.predict`` statistics do (``mergelit.statistics``
 explains why: a private Trainer inside a running test is unsound under DDP). So it has
-Lightning's progress bar and logs ``adamerging/loss`` (and each task's entropy) to the run's
-logger. The fit runs exactly ``max_steps`` steps whatever the Trainer's own ``max_epochs``: its
-loader has exactly ``max_steps`` batches and the module sets ``trainer.should_stop`` after the
-last one. ``max_steps: 0`` skips the fit: the merge is Task Arithmetic with λ = ``init_value``.
-Under DDP every rank adapts on the same batches, so the averaged gradient is one process's.
+Lightning's progress bar and logs ``adamerging/loss`` (and each task's part) to the run's logger.
+The fit runs exactly ``max_steps`` steps: its loader has exactly ``max_steps`` batches and the
+module sets ``trainer.should_stop`` after the last one; Trainer settings that would stop it
+earlier (``max_time``, ``max_steps``, ``max_epochs: 0``, ``limit_train_batches``) are refused
+before anything is read. ``max_steps: 0`` skips the fit: the merge is Task Arithmetic with
+λ = ``init_value``. Under DDP every rank adapts on the same batches.
 
 **The data.** ``adaptation_split: validation`` (the default) adapts on the inputs, not the labels,
 of the very GLUE validation rows that are then scored (MNLI: validation_matched): test-time
-adaptation, transductive, the paper's and FusionBench's setting; it is the default because
-mergelit's default is the paper's method, and the number it gives is the one published tables
+adaptation, transductive, the paper's and FusionBench's setting, whose number published tables
 print. ``adaptation_split: train`` adapts on unlabeled train inputs instead: no scored row is
-seen, the honest inductive number. ``method.data`` ("validation inputs" / "train inputs") and
-``method.transductive`` say which was used, for the report and the comparison table.
+seen, the honest inductive number. Either way the data module's held-out dev rows
+(``GLUEDataModule.held_out_rows``) are left out. ``method.data`` ("validation inputs" / "train
+inputs") and ``method.transductive`` say which split was read.
 
 What differs from FusionBench's ``GPT2LayerWiseAdaMergingAlgorithm`` (spec section 7), and why:
 
@@ -47,41 +53,41 @@ What differs from FusionBench's ``GPT2LayerWiseAdaMergingAlgorithm`` (spec secti
   ``entropy``; ``fusionbench`` is the option.
 - Eval mode throughout (no dropout), for adaptation and scoring; FusionBench trains with GPT-2's
   dropout on and scores the body still in train mode (a stochastic forward).
-- Defaults lr 1e-3 and ``clamp`` to [0, 1], the paper's; FusionBench's GPT-2 config has lr 1e-4
-  and no clamp (set ``lr: 1e-4``, ``clamp: false`` to get them).
+- Defaults lr 1e-3, ``clamp`` to [0, 1] and two batches per task per step, the paper's;
+  FusionBench's GPT-2 config has lr 1e-4, no clamp and one batch (``lr: 1e-4``, ``clamp: false``,
+  ``batches_per_step: 1``).
 - FusionBench cannot run on a GPT-2 pool as shipped (no test datasets); the split is explicit here.
-- One seeded generator per task (``seed + task index``) orders its inputs: each pass over the
-  split is a new permutation, cut into batches (the last of a pass may be short), as an infinite
-  shuffled DataLoader; FusionBench seeds them from the global RNG, interleaved with dropout draws.
-- ``use_cache=False`` (no DynamicCache); dynamic padding unless ``data.pad_to_max_length``
-  (same logits, far less compute than padding to 512); θ(λ) is computed once per step and shared
-  by the tasks' forwards, and one backward of the summed loss (the paper's).
-- The paper's code (ViT) takes two batches per task per step; FusionBench and mergelit take one
-  (``batch_size: 32`` is close to the paper's two batches of 16: Adam is invariant to the loss's
-  scale).
+- One seeded generator per task (``seed + task index``) orders its inputs, as an infinite shuffled
+  DataLoader (each pass a new permutation; the last batch of a pass may be short); FusionBench
+  seeds from the global RNG, interleaved with dropout draws, and the paper's code draws each
+  step's two batches from a fresh shuffle.
+- ``use_cache=False``; dynamic padding unless ``data.pad_to_max_length`` (same logits, far less
+  compute than padding to 512); θ(λ) computed once per step for every task's forward; one backward.
 
-Cost: each step is n forward + backward passes of GPT-2 on ``batch_size`` rows plus two passes
-over the n stacked task vectors (3.5 GB on GPT-2 small: the merge, and ∂L/∂λi,p = ⟨∂L/∂θp, τi,p⟩).
-Measured on a shared 2-core CPU host (fp32, GPT-2 small, 2 tasks, 16 rows x 64 tokens each):
-35-48 s per step, of which ~5 s the merge and its backward; so about 2 minutes per step for the
-7 tasks, and the default 500 steps take the better part of a day. Use a GPU (the spec estimates
-minutes for 500 steps on one H200 with dynamic padding; not measured here); the tiny test pool
-takes ~0.25 s per step. Memory: θ0 + n τ stacked (4 GB fp32 on GPT-2 small) besides the pool's
-own copies (4 GB), and the activations of n batches (peak 8.3 GB RSS for the 2-task run above).
+Cost: each step is ``batches_per_step`` x n forward + backward passes of GPT-2 on ``batch_size``
+rows plus two passes over the n stacked task vectors (the merge, and ∂L/∂λi,p = ⟨∂L/∂θp, τi,p⟩).
+Measured on a shared 2-core CPU host (fp32, GPT-2 small, 2 tasks, one batch of 16 x 64 tokens
+each): 35-48 s per step, ~5 s of it the merge and its backward; so 500 steps of 7 tasks take days
+on a CPU: use a GPU. Memory: θ0 + n τ (4 GB fp32 on GPT-2 small) and the step's activations.
 
-Saved coefficients (``coefficients_path``): a JSON file, written atomically (temporary file +
-``os.replace``) once adaptation has run all ``max_steps`` steps, so a killed run leaves no file
-that is trusted; a rerun adapts from scratch. It records what λ depends on (pool tasks, tensor
-names, granularity, every adaptation argument, the models' content hashes, the data's path,
-tokenizer and ``max_length``) and a checksum; a later run with everything equal loads λ instead
-of adapting (the log says so), otherwise it warns, adapts again and overwrites the file.
+**What is kept** (``coefficients_path``): λ as JSON, written atomically once all ``max_steps``
+steps have run, under a content key (``mergelit.cache``): the hash of the adaptation rows' token
+ids, the models' weights, the tensor names and every argument λ depends on. A later run with the
+same key loads it (the report's costs then carry the original adaptation time); any other file is
+not trusted (the cache's one message), and it adapts again. While adapting, Lightning's
+``ModelCheckpoint`` saves λ, Adam's state and the loops' and loader's progress every
+``checkpoint_every`` steps in ``<coefficients_path>.checkpoints/<key>/``; a rerun of the same run
+resumes with ``trainer.fit(ckpt_path=..., weights_only=True)`` to the λ of an uninterrupted run,
+bit for bit. The folder is removed once the file is written.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import hashlib
 import os
+import re
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -91,20 +97,24 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from mergelit import costs
+from mergelit.cache import Cache
+from mergelit.errors import BadData, MergelitError, NotWritable, check_choice, check_integer, check_number
 from mergelit.glue import GLUEDataModule, pad_right
 from mergelit.gpt2 import build_body, build_head, last_non_pad_index
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
-from mergelit.report import atomic_write_text
-from mergelit.state_dict import atomic_save_safetensors, check_finetuned, tensors_fingerprint
+from mergelit.state_dict import check_finetuned
+from mergelit.tasks import GLUE_TASKS
 
 GRANULARITIES = ("layer", "task")
 LOSSES = ("entropy", "fusionbench")
 SPLITS = ("train", "validation")
 FUSIONBENCH_EPS = 1e-8  # FusionBench's H(p) = −Σ p log(p + eps)
 
-# Bump when what a coefficients file holds changes, so that older files are not trusted.
-_FILE_FORMAT = 1
+# Bump when what λ means for the same key fields changes (batching, loss, data order), so that
+# coefficients files and checkpoints of the older meaning get another key.
+_FORMAT = 2
 
 
 # ---- the maths -----------------------------------------------------------------------------
@@ -136,15 +146,18 @@ def coefficient_matrix(coefficients: Tensor, num_tensors: int, clamp: bool) -> T
     return coefficients.clamp(0.0, 1.0) if clamp else coefficients
 
 
-def merge_tensor(pretrained: Tensor, task_vectors: Tensor, coefficients: Tensor) -> Tensor:
-    """θ0_p + Σi λ̃i,p τi,p for one tensor; ``task_vectors`` stacks the n τi,p, ``coefficients`` is λ̃[:, p]."""
-    return pretrained + torch.tensordot(coefficients, task_vectors, dims=1)
+def merged_tensor(pretrained: Tensor, task_vectors: Tensor, weights: Tensor) -> Tensor:
+    """θ0_p + Σi λ̃i,p τi,p for one tensor; ``task_vectors`` stacks the n τi,p, ``weights`` is λ̃[:, p].
+
+    One formula for the adaptation's forward and for the merge that is scored: the same bits.
+    """
+    return pretrained + torch.tensordot(weights, task_vectors, dims=1)
 
 
 def adamerging_merge(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], coefficients: Tensor, clamp: bool = True
 ) -> dict[str, Tensor]:
-    """θ(λ)_p = θ0_p + Σi λ̃i,p τi,p, τi = θi − θ0, λ̃ = clamp(λ, 0, 1) if ``clamp``.
+    """θ(λ)_p = θ0_p + Σi λ̃i,p τi,p, τi = θi − θ0, λ̃ = clamp(λ, 0, 1) if ``clamp`` (whole bodies: the test oracle).
 
     Args:
         pretrained: θ0, the pretrained body's state dict (its key order is the order of λ's columns).
@@ -158,22 +171,45 @@ def adamerging_merge(
     lam = coefficient_matrix(coefficients.detach().float(), len(pretrained), clamp)
     merged = {}
     for p, key in enumerate(pretrained):
-        # One tensor's τ stack at a time: n copies of a single tensor, never of the whole body.
         task_vectors = torch.stack([body[key] - pretrained[key] for body in finetuned.values()])
-        merged[key] = merge_tensor(pretrained[key], task_vectors, lam[:, p])
+        merged[key] = merged_tensor(pretrained[key], task_vectors, lam[:, p])
     return merged
 
 
 # ---- adaptation data -----------------------------------------------------------------------
+def rows_fingerprint(rows) -> str:
+    """A hash of the token ids of ``rows`` (a ``datasets.Dataset`` with ``input_ids``), in row order.
+
+    The content the adaptation reads, not where it came from: the same rows at another path give
+    the same hash, and changed texts (or another tokenizer, truncation or held-out set) give
+    another. Read through Arrow, chunk by chunk, without Python lists.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    column = rows.with_format("arrow")[:]["input_ids"]  # the selected rows, in order
+    lengths, values = hashlib.sha256(), hashlib.sha256()
+    for chunk in column.chunks:
+        lengths.update(np.asarray(pc.list_value_length(chunk), dtype=np.int64).tobytes())
+        values.update(np.asarray(pc.list_flatten(chunk), dtype=np.int64).tobytes())
+    return hashlib.sha256(f"{len(rows)}|{lengths.hexdigest()}|{values.hexdigest()}".encode()).hexdigest()[:24]
+
+
 class AdaptationBatches:
-    """Exactly ``num_steps`` steps of ``{task: {"input_ids", "attention_mask"}}``, one batch per task.
+    """Exactly ``num_steps`` steps of ``{task: [batch, ...]}``, ``batches_per_step`` batches per task,
+    each batch ``{"input_ids", "attention_mask"}``.
 
     Task i's rows are shuffled by its own generator seeded with ``seed + i``, created afresh at
     each ``iter()`` (so the order does not depend on anything else): each pass over the split is
     a new permutation cut into batches of ``batch_size`` (the last of a pass may be short), passes
-    following one another as an infinite shuffled DataLoader. Rows are right-padded with
-    ``pad_token_id`` to the batch's longest row, or to ``pad_to`` when given. Only the
-    ``input_ids`` column is read.
+    following one another as an infinite shuffled DataLoader; a step takes the next
+    ``batches_per_step`` of them. Rows are right-padded with ``pad_token_id`` to the batch's
+    longest row, or to ``pad_to`` when given. Only the ``input_ids`` column is read.
+
+    It is a stateful loader in Lightning's sense (``state_dict`` / ``load_state_dict``), so a fit
+    resumed from a checkpoint continues with the next step's batches. Its state is the number of
+    steps trained (``consumed``, set by the module at each step: Lightning's fetcher reads ahead,
+    so the loader cannot count what was trained on by itself).
 
     Args:
         inputs: task -> a sequence of rows, ``inputs[task][indices]["input_ids"]`` giving their
@@ -188,21 +224,29 @@ class AdaptationBatches:
         seed: int,
         pad_token_id: int,
         pad_to: Optional[int] = None,
-        start: int = 0,
+        batches_per_step: int = 1,
     ):
         for task, rows in inputs.items():
             if len(rows) == 0:
-                raise ValueError(f"AdaMerging: the adaptation split of {task!r} has no rows.")
+                raise BadData(f"AdaMerging: the adaptation rows of {task!r} are empty.")
         self.inputs = inputs
         self.batch_size = batch_size
+        self.batches_per_step = batches_per_step
         self.num_steps = num_steps
         self.seed = seed
         self.pad_token_id = pad_token_id
         self.pad_to = pad_to
-        self.start = start  # a resumed adaptation: the steps before it were taken already
+        self.start = 0  # the steps a resumed fit took already
+        self.consumed = 0  # steps trained so far (the state a checkpoint keeps)
 
     def __len__(self) -> int:
-        return self.num_steps - self.start
+        return self.num_steps
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start = self.consumed = int(state["steps"])
 
     def _indices(self, task_index: int, num_rows: int) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + task_index)
@@ -215,12 +259,13 @@ class AdaptationBatches:
         input_ids, attention_mask = pad_right(rows, self.pad_token_id, self.pad_to)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def __iter__(self) -> Iterator[dict[str, dict[str, Tensor]]]:
+    def __iter__(self) -> Iterator[dict[str, list[dict[str, Tensor]]]]:
         streams = {task: self._indices(i, len(rows)) for i, (task, rows) in enumerate(self.inputs.items())}
         for step in range(self.num_steps):
-            indices = {task: next(streams[task]) for task in self.inputs}  # the same order, resumed or not
+            # Drawn at every step, resumed or not, so that step k sees the same rows either way.
+            drawn = {task: [next(streams[task]) for _ in range(self.batches_per_step)] for task in self.inputs}
             if step >= self.start:
-                yield {task: self._pad(self.inputs[task][indices[task]]["input_ids"]) for task in self.inputs}
+                yield {task: [self._pad(self.inputs[task][part]["input_ids"]) for part in drawn[task]] for task in self.inputs}
 
 
 # ---- the fit-loop module -------------------------------------------------------------------
@@ -233,63 +278,57 @@ class AdaMergingCoefficients(L.LightningModule):
     module to its device without DDP re-broadcasting them every step), the heads are frozen. The
     module stays in eval mode (no dropout): ``train()`` keeps it in eval.
 
+    A checkpoint keeps λ alone of the module's tensors (the frozen parts come from the pool), with
+    Adam's state, the loops' progress and the loader's position that Lightning saves itself.
+
     Args:
-        pretrained: θ0's state dict (its key order is λ's column order).
-        finetuned: task -> θi (its order is λ's row order and the order of the tasks in a step).
-        heads: task -> its head weight [num_labels, n_embd].
-        pad_token_ids: task -> the pad id of the read-out (the head config's).
-        body_config: the ``GPT2Config`` of the bodies.
+        pool: the models (θ0, the θi in task order: λ's rows; the body's keys in order: λ's columns).
         batches: the training iterable (``AdaptationBatches``); ``len(batches)`` is the number of steps.
         granularity: ``layer`` (λ [n, P]) or ``task`` (λ [n]).
         init_value: λ's initial value, everywhere.
         clamp: clamp λ to [0, 1] inside the merge.
         lr: Adam's learning rate.
         loss: ``entropy`` (per-example, the paper's) or ``fusionbench`` (of the batch-mean logits).
+        key: the run's content key, written into its checkpoints.
     """
 
     def __init__(
         self,
-        pretrained: dict[str, Tensor],
-        finetuned: dict[str, dict[str, Tensor]],
-        heads: dict[str, Tensor],
-        pad_token_ids: dict[str, int],
-        body_config,
+        pool: ModelPool,
         batches: AdaptationBatches,
         granularity: str = "layer",
         init_value: float = 0.3,
         clamp: bool = True,
         lr: float = 1e-3,
         loss: str = "entropy",
-        resume: Optional[tuple[Tensor, dict]] = None,
-        checkpoint: Optional[Any] = None,
-        checkpoint_every: int = 0,
+        key: Optional[str] = None,
     ):
         super().__init__()
-        check_finetuned(pretrained, finetuned)
-        self.tasks = list(finetuned)
-        self.names = list(pretrained)
-        self.body = build_body(body_config, pretrained)
+        self.tasks = list(pool.tasks)
+        self.names = pool.keys()
+        theta0 = pool.pretrained_body()
+        self.body = build_body(pool.body_config(), theta0)
+        # One tensor's τ stack at a time from the memory-mapped checkpoints: θ0 and n τ, never n θi besides.
         self.task_vectors = nn.ParameterList(
-            nn.Parameter(torch.stack([finetuned[t][name] - pretrained[name] for t in self.tasks]), requires_grad=False)
+            nn.Parameter(torch.stack([pool.finetuned_tensor(t, name) - theta0[name] for t in self.tasks]), requires_grad=False)
             for name in self.names
         )
-        self.heads = nn.ModuleDict({task: build_head(heads[task]) for task in self.tasks})
-        self.pad_token_ids = dict(pad_token_ids)
+        del theta0
+        self.heads = nn.ModuleDict({task: build_head(pool.head(task)) for task in self.tasks})
+        self.pad_token_ids = {task: pool.task_config(task).pad_token_id for task in self.tasks}
         shape = (len(self.tasks), len(self.names)) if granularity == "layer" else (len(self.tasks),)
         self.coefficients = nn.Parameter(torch.full(shape, float(init_value)))
         self.batches = batches
         self.clamp = clamp
         self.lr = lr
         self.loss_function = LOSS_FUNCTIONS[loss]
-        self.steps = batches.start  # optimizer steps taken (a resumed run starts where it stopped)
-        self.losses: list[float] = []  # L at each step, before that step's update
-        # Resuming: λ and Adam's state as they were after `batches.start` steps.
-        self.optimizer_state = None
-        if resume is not None:
-            self.coefficients.data.copy_(resume[0])
-            self.optimizer_state = resume[1]
-        self.checkpoint = checkpoint  # checkpoint(steps, λ, optimizer state dict), every `checkpoint_every` steps
-        self.checkpoint_every = checkpoint_every
+        self.key = key
+        self.steps = 0  # optimizer steps taken, a resumed fit's earlier ones included
+        self.losses: list[float] = []  # L at each step of this fit, before that step's update
+        self.seconds = 0.0  # the adaptation's time in earlier fits of a resumed run
+        self._started: Optional[float] = None
+        # A checkpoint holds λ alone (on_save_checkpoint): the frozen parts are not loaded from it.
+        self.strict_loading = False
         self.eval()
 
     def train(self, mode: bool = True) -> "AdaMergingCoefficients":
@@ -301,7 +340,7 @@ class AdaMergingCoefficients(L.LightningModule):
         lam = coefficient_matrix(self.coefficients, len(self.names), self.clamp)
         theta0 = dict(self.body.named_parameters())
         return {
-            name: merge_tensor(theta0[name], tau, lam[:, p])
+            name: merged_tensor(theta0[name], tau, lam[:, p])
             for p, (name, tau) in enumerate(zip(self.names, self.task_vectors))
         }
 
@@ -313,38 +352,62 @@ class AdaMergingCoefficients(L.LightningModule):
         last = last_non_pad_index(input_ids, self.pad_token_ids[task])
         return self.heads[task](hidden[torch.arange(len(input_ids), device=hidden.device), last])
 
-    def entropies(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Each task's loss Lt on its batch of ``batch`` (θ(λ) computed once, shared by the tasks)."""
+    def entropies(self, batch: dict[str, list[dict[str, Tensor]]]) -> dict[str, Tensor]:
+        """Each task's part of L, Σj Lt,j over its batches in ``batch`` (θ(λ) computed once, shared)."""
         merged = self.merged_parameters()
-        return {task: self.loss_function(self.logits(merged, batch[task], task).float()) for task in self.tasks}
+        return {
+            task: torch.stack([self.loss_function(self.logits(merged, part, task).float()) for part in batch[task]]).sum()
+            for task in self.tasks
+        }
 
-    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, list[dict[str, Tensor]]], batch_idx: int) -> Tensor:
+        self.batches.consumed = batch_idx + 1  # the loader's state in a checkpoint taken after this step
         entropies = self.entropies(batch)
         loss = torch.stack(list(entropies.values())).sum()
-        size = sum(len(batch[task]["input_ids"]) for task in self.tasks)
+        size = sum(len(part["input_ids"]) for task in self.tasks for part in batch[task])
         self.log("adamerging/loss", loss, prog_bar=True, batch_size=size)
         for task, value in entropies.items():
-            self.log(f"adamerging/{task}/entropy", value, batch_size=len(batch[task]["input_ids"]))
+            self.log(f"adamerging/{task}/entropy", value, batch_size=sum(len(part["input_ids"]) for part in batch[task]))
         return loss
 
+    def on_train_start(self) -> None:
+        self._started = time.perf_counter()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.steps += 1
+        self.steps = batch_idx + 1
         self.losses.append(float(outputs["loss"]))
-        due = self.checkpoint_every and self.steps % self.checkpoint_every == 0 and self.steps < self.batches.num_steps
-        if self.checkpoint and due and self.trainer.is_global_zero:
-            self.checkpoint(self.steps, self.coefficients.detach(), self.trainer.optimizers[0].state_dict())
         if self.steps >= self.batches.num_steps:
             # The method's max_steps, not the Trainer's max_epochs (which belongs to the user's config).
             self.trainer.should_stop = True
+
+    def elapsed(self) -> float:
+        """Seconds adapting, the earlier fits of a resumed run included."""
+        return self.seconds + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {"coefficients": checkpoint["state_dict"]["coefficients"]}
+        checkpoint["adamerging"] = {"key": self.key, "seconds": self.elapsed()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.seconds = float(checkpoint.get("adamerging", {}).get("seconds", 0.0))
 
     def train_dataloader(self) -> AdaptationBatches:
         return self.batches
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = torch.optim.Adam([self.coefficients], lr=self.lr, betas=(0.9, 0.999), eps=1e-8)
-        if self.optimizer_state is not None:
-            optimizer.load_state_dict(self.optimizer_state)
-        return optimizer
+        return torch.optim.Adam([self.coefficients], lr=self.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+class CoefficientsFile(Cache):
+    """The coefficients file at the path the user chose: the cache's record (key, checksum,
+    payload), its atomic write, trust check and message, for one named file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.file = Path(path).expanduser()
+        super().__init__(self.file.parent, "adamerging", "AdaMerging coefficients")
+
+    def path(self, key: str, suffix: str = ".json", prefix: str = "") -> Path:
+        return self.file
 
 
 # ---- the method ----------------------------------------------------------------------------
@@ -364,26 +427,30 @@ class AdaMerging(MergeMethod):
             false in its GPT-2 config).
         lr: Adam's learning rate (the paper's 1e-3; FusionBench's GPT-2 config: 1e-4).
         max_steps: Adam steps (the paper's 500; FusionBench's 1000). 0 skips adaptation: Task
-            Arithmetic with λ = ``init_value``. On a CPU each GPT-2-small step takes tens of seconds.
-        batch_size: unlabeled inputs per task per step (FusionBench's 16).
+            Arithmetic with λ = ``init_value``. On a CPU each GPT-2-small step takes minutes.
+        batch_size: unlabeled inputs per batch (the paper's and FusionBench's 16).
+        batches_per_step: batches per task per step, their losses summed (the paper's code: 2;
+            FusionBench: 1).
         loss: ``entropy``: mean per-example prediction entropy (the paper's); ``fusionbench``: the
             entropy of the batch-mean logits, FusionBench's GPT-2 loss.
         adaptation_split: whose inputs adapt λ. ``validation``: those of the very rows scored
             (transductive test-time adaptation, the paper's and FusionBench's setting);
-            ``train``: unlabeled train inputs (no scored row is seen). Labels are never read.
+            ``train``: unlabeled train inputs (no scored row is seen). Labels are never read, and
+            the data module's held-out dev rows never adapt.
         seed: task i's inputs are shuffled by a generator seeded with ``seed + i``.
-        coefficients_path: a JSON file for the learned λ: loaded instead of adapting when it
-            matches this run (models, tasks, tensors and every argument above), else written
-            (atomically) once adaptation has finished.
-        checkpoint_every: with ``coefficients_path``, every this many steps λ and Adam's state are
-            saved (atomically) to ``<coefficients_path>.partial.safetensors``; a rerun of the same
-            run resumes from there (the same result, bit for bit, as an uninterrupted run) and the
-            file is removed once adaptation has finished. 0: never.
+        coefficients_path: a JSON file (not a folder) for the learned λ: loaded instead of
+            adapting when its content key matches this run (adaptation rows, models, tensors and
+            every argument above), else written (atomically) once adaptation has finished.
+        checkpoint_every: with ``coefficients_path``, Lightning checkpoints of the adaptation every
+            this many steps in ``<coefficients_path>.checkpoints/<key>/``; a rerun of the same run
+            resumes from the latest (the same λ, bit for bit, as an uninterrupted run). 0: never.
+            Not part of the key: it does not change λ.
     """
 
     display_name = "AdaMerging"
     symbols = {"granularity": "granularity", "init_value": "λ₀", "max_steps": "steps", "adaptation_split": "split"}
-    # A quick run on the tiny test pool; real runs use the paper's 500 steps (the default).
+    quick = {"max_steps": 3}  # a few steps on the tiny test pool; real runs use the paper's 500
+    data = "validation inputs"
 
     def __init__(
         self,
@@ -394,6 +461,7 @@ class AdaMerging(MergeMethod):
         lr: float = 1e-3,
         max_steps: int = 500,
         batch_size: int = 16,
+        batches_per_step: int = 2,
         loss: Literal["entropy", "fusionbench"] = "entropy",
         adaptation_split: Literal["validation", "train"] = "validation",
         seed: int = 0,
@@ -401,48 +469,32 @@ class AdaMerging(MergeMethod):
         checkpoint_every: int = 50,
     ):
         super().__init__(pool)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}.")
-        if not math.isfinite(init_value):
-            raise ValueError(f"init_value (λ's initial value) must be a finite number, got {init_value}.")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {lr}.")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-            raise ValueError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
-        if adaptation_split not in SPLITS:
-            raise ValueError(f"adaptation_split must be one of {', '.join(SPLITS)}, got {adaptation_split!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be an integer >= 0 (0: never), got {checkpoint_every!r}.")
-        self.granularity = granularity
-        self.init_value = float(init_value)
-        self.clamp = clamp
-        self.lr = float(lr)
-        self.max_steps = max_steps
-        self.batch_size = batch_size
-        self.loss = loss
-        self.adaptation_split = adaptation_split
-        self.seed = seed
+        self.granularity = check_choice(granularity, "granularity", GRANULARITIES)
+        self.init_value = check_number(init_value, "init_value (λ₀, λ's initial value)")
+        self.clamp = bool(check_choice(clamp, "clamp", (True, False)))
+        self.lr = check_number(lr, "lr", low=0.0, low_open=True)
+        self.max_steps = check_integer(max_steps, "max_steps", 0)
+        self.batch_size = check_integer(batch_size, "batch_size", 1)
+        self.batches_per_step = check_integer(batches_per_step, "batches_per_step", 1)
+        self.loss = check_choice(loss, "loss", LOSSES)
+        self.adaptation_split = check_choice(adaptation_split, "adaptation_split", SPLITS)
+        self.seed = check_integer(seed, "seed", 0)
+        self.checkpoint_every = check_integer(checkpoint_every, "checkpoint_every (0: never)", 0)
         self.coefficients_path = coefficients_path
-        self.checkpoint_every = checkpoint_every
-        # What the report and the comparison table say the method read (issue 12, part 3).
+        # What the report and the comparison table say the method read.
         self.data = f"{adaptation_split} inputs"
         self.transductive = adaptation_split == "validation"
-        self.losses: list[float] = []  # the adaptation's L per step (empty when loaded or skipped)
+        self.losses: list[float] = []  # the adaptation's L per step of this run (empty when loaded or skipped)
         self._coefficients: Tensor | None = None
+        self._weights: Tensor | None = None
+        self._columns: dict[str, int] = {}
         self.save_hyperparameters(ignore=["pool"])
 
-    # ---- coefficients -----------------------------------------------------------------------
+    # ---- coefficients and the per-key merge ---------------------------------------------------
     def initial_coefficients(self) -> Tensor:
         """λ before adaptation: ``init_value`` everywhere, [n, P] or [n]."""
-        n, num_tensors = len(self.tasks), len(self.pool.pretrained_body())
-        shape = (n, num_tensors) if self.granularity == "layer" else (n,)
-        return torch.full(shape, self.init_value)
+        n, num_tensors = len(self.tasks), len(self.pool.keys())
+        return torch.full((n, num_tensors) if self.granularity == "layer" else (n,), self.init_value)
 
     def coefficients(self) -> Tensor:
         """The raw learned λ (before the clamp), [n, P] or [n], rows in task order (after ``prepare``)."""
@@ -455,9 +507,15 @@ class AdaMerging(MergeMethod):
             )
         return self._coefficients.clone()
 
-    def merge(self) -> dict[str, Tensor]:
-        pool = self.pool
-        return adamerging_merge(pool.pretrained_body(), pool.finetuned_bodies(), self.coefficients(), self.clamp)
+    def prepare_merge(self) -> None:
+        names = self.pool.keys()
+        self._weights = coefficient_matrix(self.coefficients().float(), len(names), self.clamp)
+        self._columns = {name: p for p, name in enumerate(names)}
+
+    def merge_tensor(self, key: str, theta0: Tensor, thetas) -> Tensor:
+        # The n τi of this one key stacked, as the adaptation's forward did: the same bits.
+        task_vectors = torch.stack([theta - theta0 for theta in thetas])
+        return merged_tensor(theta0, task_vectors, self._weights[:, self._columns[key]])
 
     # ---- adaptation -------------------------------------------------------------------------
     def prepare(self, trainer: L.Trainer, datamodule) -> None:
@@ -465,86 +523,95 @@ class AdaMerging(MergeMethod):
         if self.max_steps == 0:
             self._coefficients = self.initial_coefficients()
             return
-        if not isinstance(datamodule, GLUEDataModule):
-            raise TypeError(
-                f"AdaMerging adapts on the GLUE inputs and needs the GLUEDataModule, got {type(datamodule).__name__}; "
-                f"pass `datamodule=GLUEDataModule(...)` (the CLI's `data:` group)."
-            )
-        missing = [task for task in self.tasks if task not in datamodule.tasks]
-        if missing:
-            raise ValueError(f"The data module lacks the pool's task(s) {missing}; give it the pool's tasks.")
-        fields = self._file_fields(datamodule) if self.coefficients_path else None
-        if fields is not None:
-            loaded = self._read_coefficients(fields) if trainer.is_global_zero else None
-            # Rank 0 decides, so that every process takes the same path (fit is collective).
-            loaded = trainer.strategy.broadcast(loaded, src=0)
-            if loaded is not None:
-                rank_zero_info(f"AdaMerging coefficients: loaded from {self.coefficients_path}")
-                self._coefficients = loaded
-                return
+        # Everything that can be refused is refused here, before the pool or the data is read.
+        self._check_datamodule(datamodule)
+        self._check_coefficients_path()
         self._check_trainer(trainer)
-        resume = self._read_partial(fields) if fields is not None and trainer.is_global_zero else None
+        inputs = self.adaptation_inputs(datamodule)
+        key, file = None, None
+        if self.coefficients_path:
+            file = CoefficientsFile(self.coefficients_path)
+            key = file.key(self.key_fields(inputs, datamodule))
+            start = time.perf_counter()
+            found = self._read_coefficients(file, key) if trainer.is_global_zero else None
+            # Rank 0 decides, so that every process takes the same path (fit is collective).
+            found = trainer.strategy.broadcast(found, src=0)
+            if found is not None:
+                self._coefficients, seconds = found
+                costs.note_cached("prepare", seconds=seconds, peak_gb=None, read_seconds=time.perf_counter() - start)
+                rank_zero_info(f"AdaMerging coefficients: loaded from {self.coefficients_path}")
+                return
+        folder = self.checkpoint_folder(key) if key is not None and self.checkpoint_every and not trainer.fast_dev_run else None
+        resume = self._latest_checkpoint(folder, key) if folder is not None and trainer.is_global_zero else None
         resume = trainer.strategy.broadcast(resume, src=0)
-        module = self._coefficients_module(datamodule, resume, fields)
-        if resume is not None:
-            rank_zero_info(f"AdaMerging: resuming after step {resume[0]} of {self.max_steps} from {self._partial_path()}")
+        if resume is not None and resume[1] == self.max_steps:
+            # Stopped after the last step's checkpoint, before the file was written: λ is in the checkpoint.
+            checkpoint = torch.load(resume[0], map_location="cpu", weights_only=True)
+            self._coefficients = checkpoint["state_dict"]["coefficients"].detach().float().clone()
+            rank_zero_info(f"AdaMerging coefficients: the finished adaptation's, from {resume[0]}")
+            self._keep(trainer, file, key, folder, float(checkpoint["adamerging"]["seconds"]))
+            return
+        module = self.adaptation_module(datamodule, inputs, key)
         rank_zero_info(
-            f"AdaMerging: {self.max_steps} steps of {self.batch_size} unlabeled {self.adaptation_split} inputs "
-            f"per task ({self.granularity}-wise, loss {self.loss}, lr {self.lr}, seed {self.seed})"
+            f"AdaMerging: {self.max_steps} steps of {self.batches_per_step} x {self.batch_size} unlabeled "
+            f"{self.adaptation_split} inputs per task ({self.granularity}-wise, loss {self.loss}, lr {self.lr}, seed {self.seed})"
+            + (f"; resuming after step {resume[1]} from {resume[0]}" if resume else "")
         )
-        with warnings.catch_warnings():
-            # Eval mode during fit is the point (no dropout), not an accident.
-            warnings.filterwarnings("ignore", message=".*in eval mode at the start of training.*")
-            # The fit's length is max_steps (its loader's length), not the Trainer's epochs.
-            warnings.filterwarnings("ignore", message=".*`max_epochs` was not set.*")
-            trainer.fit(module)
+        self._fit(trainer, module, folder, resume[0] if resume else None)
         self._coefficients = module.coefficients.detach().cpu().clone()
         self.losses = list(module.losses)
         if module.steps != self.max_steps:
             if not trainer.fast_dev_run:
-                raise RuntimeError(
-                    f"AdaMerging adapted for {module.steps} of max_steps={self.max_steps} steps: the Trainer stopped "
-                    f"it (trainer max_steps / max_epochs / max_time / limit_train_batches). Leave those unset; "
-                    f"the adaptation's length is `model.init_args.max_steps`."
+                kept = f"; rerun to resume from its last checkpoint in {folder}" if folder is not None else ""
+                raise MergelitError(
+                    f"AdaMerging's adaptation stopped after {module.steps} of max_steps={self.max_steps} steps (a callback "
+                    f"or the Trainer stopped the fit){kept}. The adaptation's length is model.init_args.max_steps."
                 )
-            rank_zero_warn(
-                f"AdaMerging: fast_dev_run adapted for {module.steps} of {self.max_steps} steps; not saving them."
-            )
+            rank_zero_warn(f"AdaMerging: fast_dev_run adapted for {module.steps} of {self.max_steps} steps; not saving them.")
             return
-        if fields is not None:
-            if trainer.is_global_zero:
-                self._write_coefficients(fields, self._coefficients)
-                Path(self._partial_path()).unlink(missing_ok=True)  # finished: nothing left to resume
-                rank_zero_info(f"AdaMerging coefficients: written to {self.coefficients_path}")
-            trainer.strategy.barrier("adamerging coefficients written")
+        self._keep(trainer, file, key, folder, module.elapsed())
 
-    def _check_trainer(self, trainer: L.Trainer) -> None:
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"AdaMerging takes one Adam step per batch; trainer accumulate_grad_batches="
-                f"{trainer.accumulate_grad_batches} would change that. Leave it at 1."
-            )
-        if trainer.fast_dev_run:
+    def _keep(self, trainer: L.Trainer, file: Optional[CoefficientsFile], key: Optional[str], folder: Optional[Path], seconds: float) -> None:
+        """Write the finished λ to the coefficients file (rank 0) and remove the run's checkpoints."""
+        if file is None:
             return
-        if trainer.max_steps != -1 and trainer.max_steps < trainer.global_step + self.max_steps:
-            raise ValueError(
-                f"trainer max_steps={trainer.max_steps} would stop AdaMerging's {self.max_steps} steps; leave "
-                f"trainer.max_steps unset (the adaptation's length is `model.init_args.max_steps`)."
-            )
-        end_step, end_epoch = trainer.global_step + self.max_steps, trainer.current_epoch + 1
-        if (trainer.min_steps or 0) > end_step or (trainer.min_epochs or 0) > end_epoch:
-            raise ValueError(
-                f"trainer min_steps={trainer.min_steps} / min_epochs={trainer.min_epochs} would run AdaMerging beyond "
-                f"its {self.max_steps} steps; leave them unset."
-            )
+        if trainer.is_global_zero:
+            self._write_coefficients(file, key, self._coefficients, seconds)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)  # finished: nothing left to resume
+                if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+                    folder.parent.rmdir()
+            rank_zero_info(f"AdaMerging coefficients: written to {self.coefficients_path}")
+        trainer.strategy.barrier("adamerging coefficients written")
 
-    def _coefficients_module(
-        self, datamodule: GLUEDataModule, resume: Optional[tuple[int, Tensor, dict]] = None, fields: Optional[dict] = None
-    ) -> AdaMergingCoefficients:
-        datamodule.check(("eval",) if self.adaptation_split == "validation" else ("train",))
-        split = datamodule.eval_dataset if self.adaptation_split == "validation" else datamodule.train_dataset
-        # Only the token ids: the labels are not even in what the loader can read.
-        inputs = {task: split(task).select_columns(["input_ids"]) for task in self.tasks}
+    def _fit(self, trainer: L.Trainer, module: AdaMergingCoefficients, folder: Optional[Path], ckpt_path: Optional[str]) -> None:
+        """``trainer.fit(module)``, with a ``ModelCheckpoint`` into ``folder`` for this fit only, resumed from ``ckpt_path``."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callback = None
+        if folder is not None:
+            # save_top_k=1 without a monitor: the latest step's checkpoint replaces the previous one.
+            callback = ModelCheckpoint(
+                dirpath=folder, filename="{step}", every_n_train_steps=self.checkpoint_every, save_top_k=1,
+                enable_version_counter=False,
+            )
+            trainer.callbacks.append(callback)
+        try:
+            with warnings.catch_warnings():
+                # Eval mode during fit is the point (no dropout), not an accident.
+                warnings.filterwarnings("ignore", message=".*in eval mode at the start of training.*")
+                # The fit's length is max_steps (its loader's length), not the Trainer's epochs.
+                warnings.filterwarnings("ignore", message=".*`max_epochs` was not set.*")
+                # Resuming: the folder holds the checkpoint being resumed from.
+                warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+                trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+        finally:
+            if callback is not None:
+                trainer.callbacks.remove(callback)
+
+    def adaptation_module(self, datamodule: GLUEDataModule, inputs: Optional[dict] = None, key: Optional[str] = None) -> AdaMergingCoefficients:
+        """The LightningModule ``prepare`` fits (λ at ``init_value``), on ``inputs`` (default: ``adaptation_inputs``)."""
+        inputs = self.adaptation_inputs(datamodule) if inputs is None else inputs
         batches = AdaptationBatches(
             inputs,
             batch_size=self.batch_size,
@@ -552,131 +619,182 @@ class AdaMerging(MergeMethod):
             seed=self.seed,
             pad_token_id=datamodule.pad_token_id,
             pad_to=datamodule.max_length if datamodule.pad_to_max_length else None,
-            start=resume[0] if resume is not None else 0,
+            batches_per_step=self.batches_per_step,
         )
         return AdaMergingCoefficients(
-            self.pool.pretrained_body(),
-            self.pool.finetuned_bodies(),
-            heads={task: self.pool.head(task) for task in self.tasks},
-            pad_token_ids={task: self.pool.task_config(task).pad_token_id for task in self.tasks},
-            body_config=self.pool.body_config(),
-            batches=batches,
-            granularity=self.granularity,
-            init_value=self.init_value,
-            clamp=self.clamp,
-            lr=self.lr,
-            loss=self.loss,
-            resume=resume[1:] if resume is not None else None,
-            checkpoint=(lambda steps, values, state: self._write_partial(fields, steps, values, state)) if fields else None,
-            checkpoint_every=self.checkpoint_every,
+            self.pool, batches, granularity=self.granularity, init_value=self.init_value, clamp=self.clamp,
+            lr=self.lr, loss=self.loss, key=key,
         )
 
-    # ---- the coefficients file --------------------------------------------------------------
-    def _file_fields(self, datamodule: GLUEDataModule) -> dict[str, Any]:
-        """Everything the learned λ depends on; a file is trusted only when all of it is equal."""
+    def adaptation_inputs(self, datamodule: GLUEDataModule) -> dict[str, Any]:
+        """Task -> the rows adaptation reads: ``input_ids`` only, of ``adaptation_split``, without the
+        rows the data module holds out (``held_out_rows``: the dev rows)."""
+        role = "eval" if self.adaptation_split == "validation" else "train"
+        datamodule.check((role,))
+        inputs = {}
+        for task in self.tasks:
+            split = GLUE_TASKS[task].eval_split if role == "eval" else GLUE_TASKS[task].train_split
+            # Only the token ids: the labels are not even in what the loader can read.
+            rows = (datamodule.eval_dataset if role == "eval" else datamodule.train_dataset)(task).select_columns(["input_ids"])
+            held_out = set(datamodule.held_out_rows(task, split))
+            if held_out:
+                rows = rows.select([i for i in range(len(rows)) if i not in held_out])
+            if len(rows) == 0:
+                raise BadData(
+                    f"AdaMerging: task {task!r} split {split!r} has no rows left to adapt on once its {len(held_out)} "
+                    f"held-out dev rows are left out; use a smaller data.dev_size or another adaptation_split."
+                )
+            inputs[task] = rows
+        return inputs
+
+    # ---- checks before anything is read ---------------------------------------------------------
+    def _check_datamodule(self, datamodule) -> None:
+        if not isinstance(datamodule, GLUEDataModule):
+            raise MergelitError(
+                f"AdaMerging adapts on the GLUE inputs and needs the GLUEDataModule, got {type(datamodule).__name__}; "
+                f"pass `datamodule=GLUEDataModule(...)` (the CLI's `data:` group)."
+            )
+        missing = [task for task in self.tasks if task not in datamodule.tasks]
+        if missing:
+            raise MergelitError(f"The data module lacks the pool's task(s) {missing}; give it the pool's tasks.")
+
+    def _check_coefficients_path(self) -> None:
+        """``coefficients_path`` must name a file that can be written (and its checkpoints folder beside it)."""
+        if not self.coefficients_path:
+            return
+        given = str(self.coefficients_path)
+        path = Path(given).expanduser().absolute()
+        if path.is_dir():
+            raise NotWritable(
+                f"model.init_args.coefficients_path {given!r} is a folder; give a file path for the coefficients "
+                f"(e.g. {os.path.join(given, 'adamerging.json')!r})."
+            )
+        existing = path.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotWritable(f"model.init_args.coefficients_path {given!r} cannot be written: {str(existing)!r} is a file, not a folder.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise NotWritable(f"model.init_args.coefficients_path {given!r} cannot be written: no write permission in {str(existing)!r}.")
+
+    def _check_trainer(self, trainer: L.Trainer) -> None:
+        """Refuse Trainer settings that would stop the adaptation before ``max_steps`` (or change its steps)."""
+        from lightning.pytorch.callbacks import Timer
+
+        if trainer.accumulate_grad_batches != 1:
+            raise MergelitError(
+                f"AdaMerging takes one Adam step per batch; trainer.accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} would change that. Leave it at 1."
+            )
+        if trainer.fast_dev_run:
+            return
+        length = f"the adaptation's length is model.init_args.max_steps ({self.max_steps})"
+        timers = [c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None]
+        if timers:
+            raise MergelitError(
+                f"trainer.max_time ({timers[0].time_remaining():.0f} s left) would stop AdaMerging's adaptation when it runs "
+                f"out; leave --trainer.max_time unset ({length}; to bound the time, lower max_steps, or set "
+                f"coefficients_path and stop and resume it: it resumes from its last checkpoint)."
+            )
+        if trainer.max_steps != -1 and trainer.max_steps < trainer.global_step + self.max_steps:
+            raise MergelitError(
+                f"trainer.max_steps={trainer.max_steps} would stop AdaMerging's {self.max_steps} steps; leave "
+                f"--trainer.max_steps unset ({length})."
+            )
+        limit = trainer.limit_train_batches
+        if (isinstance(limit, float) and limit < 1.0) or (isinstance(limit, int) and not isinstance(limit, bool) and limit < self.max_steps):
+            raise MergelitError(
+                f"trainer.limit_train_batches={limit} would stop AdaMerging's {self.max_steps} steps; leave "
+                f"--trainer.limit_train_batches unset ({length})."
+            )
+        if trainer.max_epochs is not None and trainer.max_epochs != -1 and trainer.max_epochs <= trainer.current_epoch:
+            raise MergelitError(
+                f"trainer.max_epochs={trainer.max_epochs} leaves AdaMerging no epoch to adapt in; leave "
+                f"--trainer.max_epochs unset ({length})."
+            )
+        end_step, end_epoch = trainer.global_step + self.max_steps, trainer.current_epoch + 1
+        if (trainer.min_steps or 0) > end_step or (trainer.min_epochs or 0) > end_epoch:
+            raise MergelitError(
+                f"trainer.min_steps={trainer.min_steps} / min_epochs={trainer.min_epochs} would run AdaMerging beyond "
+                f"its {self.max_steps} steps; leave them unset."
+            )
+
+    # ---- what is kept ---------------------------------------------------------------------------
+    def key_fields(self, inputs: dict[str, Any], datamodule: GLUEDataModule) -> dict[str, Any]:
+        """Everything the learned λ depends on, by content (``mergelit.cache``): never a path."""
+        pool = self.pool
         return {
-            "format": _FILE_FORMAT,
+            "format": _FORMAT,
             "tasks": list(self.tasks),
-            "tensors": list(self.pool.pretrained_body()),
-            "granularity": self.granularity,
-            "init_value": self.init_value,
-            "clamp": self.clamp,
-            "lr": self.lr,
-            "max_steps": self.max_steps,
-            "batch_size": self.batch_size,
-            "loss": self.loss,
-            "adaptation_split": self.adaptation_split,
-            "seed": self.seed,
-            "pretrained": tensors_fingerprint(self.pool.pretrained_body()),
-            "models": {task: self.pool.fingerprint(task) for task in self.tasks},
-            "data": {
-                "path": str(datamodule.path),
-                "tokenizer": str(datamodule.tokenizer_path),
-                "max_length": datamodule.max_length,
+            "tensors": pool.keys(),
+            "pretrained": pool.pretrained_fingerprint(),
+            "models": {task: pool.fingerprint(task) for task in self.tasks},
+            "rows": {task: rows_fingerprint(rows) for task, rows in inputs.items()},
+            "padding": {"pad_token_id": datamodule.pad_token_id,
+                        "pad_to": datamodule.max_length if datamodule.pad_to_max_length else None},
+            "arguments": {
+                "granularity": self.granularity, "init_value": self.init_value, "clamp": self.clamp, "lr": self.lr,
+                "max_steps": self.max_steps, "batch_size": self.batch_size, "batches_per_step": self.batches_per_step,
+                "loss": self.loss, "adaptation_split": self.adaptation_split, "seed": self.seed,
             },
         }
 
-    def _partial_path(self) -> str:
-        return f"{self.coefficients_path}.partial.safetensors"
+    def checkpoint_folder(self, key: str) -> Path:
+        """Where the adaptation of the run with content key ``key`` keeps its Lightning checkpoints."""
+        return Path(f"{Path(self.coefficients_path).expanduser()}.checkpoints") / key
 
-    def _write_partial(self, fields: dict[str, Any], steps: int, values: Tensor, optimizer_state: dict) -> None:
-        """λ and Adam's state after ``steps`` steps, for a rerun to resume from (rank 0; atomic)."""
-        (state,) = optimizer_state["state"].values()
-        tensors = {"coefficients": values.float().cpu().contiguous()}
-        tensors.update({f"adam.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
-        metadata = {"fields": json.dumps(fields, sort_keys=True), "steps": str(steps),
-                    "param_groups": json.dumps(optimizer_state["param_groups"])}
-        atomic_save_safetensors(self._partial_path(), tensors, metadata)  # the previous state or this one, never half
+    def _latest_checkpoint(self, folder: Path, key: str) -> Optional[tuple[str, int]]:
+        """``(path, steps)`` of the latest trusted checkpoint of this run in ``folder``, or None.
 
-    def _read_partial(self, fields: dict[str, Any]) -> Optional[tuple[int, Tensor, dict]]:
-        """``(steps, λ, Adam state dict)`` of a matching partial adaptation, else None (warned when not trusted)."""
-        from safetensors import safe_open
-
-        path = self._partial_path()
-        if not os.path.isfile(path):
+        Each candidate is read with ``weights_only=True`` and must carry this run's key and a step
+        of the run (the last one: the adaptation finished before its file was written); one that fails gets the cache's one message and is skipped.
+        """
+        if not folder.is_dir():
             return None
-        try:
-            with safe_open(path, framework="pt") as file:
-                metadata = file.metadata() or {}
-                tensors = {name: file.get_tensor(name) for name in file.keys()}
-            stored, steps = json.loads(metadata["fields"]), int(metadata["steps"])
-            param_groups = json.loads(metadata["param_groups"])
-        except Exception as error:  # safetensors raises several types for a damaged file
-            rank_zero_warn(f"AdaMerging partial state {path} is unreadable ({type(error).__name__}); adapting from step 0.")
-            return None
-        if stored != json.loads(json.dumps(fields, sort_keys=True)) or not 0 < steps < self.max_steps:
-            rank_zero_warn(f"AdaMerging partial state {path} is for another run; adapting from step 0.")
-            return None
-        state = {name[len("adam."):]: value for name, value in tensors.items() if name.startswith("adam.")}
-        return steps, tensors["coefficients"], {"state": {0: state}, "param_groups": param_groups}
+        found = []
+        for path in folder.glob("step=*.ckpt"):
+            match = re.fullmatch(r"step=(\d+)\.ckpt", path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        checkpoints = Cache(folder.parent, "", "AdaMerging checkpoint")
+        for steps, path in sorted(found, reverse=True):
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+                stored_key = checkpoint.get("adamerging", {}).get("key")
+                stored_steps = int(checkpoint["global_step"])
+            except Exception as error:  # torch.load raises several types for a damaged or foreign file
+                checkpoints.distrust(path, f"unreadable: {type(error).__name__}: {error}")
+                continue
+            if stored_key != key:
+                checkpoints.distrust(path, f"it was written for key {stored_key!r}")
+            elif not 0 < stored_steps <= self.max_steps:
+                checkpoints.distrust(path, f"it holds step {stored_steps}, not one of 1..{self.max_steps}")
+            else:
+                return str(path), stored_steps
+        return None
 
-    @staticmethod
-    def _checksum(values: Tensor) -> str:
-        return tensors_fingerprint({"coefficients": values.float().contiguous()})
-
-    def _write_coefficients(self, fields: dict[str, Any], values: Tensor) -> None:
+    def _write_coefficients(self, file: CoefficientsFile, key: str, values: Tensor, seconds: float) -> None:
         values = values.float()
+        names = self.pool.keys()
         if values.dim() == 2:
-            readable = {t: dict(zip(fields["tensors"], map(float, row))) for t, row in zip(self.tasks, values.tolist())}
+            readable = {t: dict(zip(names, map(float, row))) for t, row in zip(self.tasks, values.tolist())}
         else:
             readable = dict(zip(self.tasks, map(float, values.tolist())))
-        payload = {"fields": fields, "checksum": self._checksum(values), "coefficients": readable}
-        # Temporary file + os.replace: a reader sees no file or the whole file, never half of one.
-        atomic_write_text(self.coefficients_path, json.dumps(payload, indent=1) + "\n")
+        file.write_json(key, {"coefficients": readable, "granularity": self.granularity, "seconds": seconds})
 
-    def _read_coefficients(self, fields: dict[str, Any]) -> Tensor | None:
-        """λ from ``coefficients_path``, or None if it is missing or not trusted (warned about)."""
-        path = self.coefficients_path
-        if not os.path.isfile(path):
+    def _read_coefficients(self, file: CoefficientsFile, key: str) -> Optional[tuple[Tensor, float]]:
+        """``(λ, seconds the adaptation took)`` from the file, or None if absent or not trusted (warned)."""
+        payload = file.read_json(key)
+        if payload is None:
             return None
         try:
-            with open(path) as file:
-                payload = json.load(file)
-            stored = payload["fields"]
             readable = payload["coefficients"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            rank_zero_warn(
-                f"AdaMerging coefficients file {path} is unreadable ({type(error).__name__}: {error}); adapting again."
-            )
-            return None
-        differing = [key for key in fields if stored.get(key) != fields[key]]
-        if differing:
-            key = differing[0]
-            shown = (lambda v: v) if key not in ("pretrained", "models", "tensors") else (lambda v: "<other>")
-            rank_zero_warn(
-                f"AdaMerging coefficients file {path} is for another run ({key}: {shown(stored.get(key))!r}, "
-                f"this run: {shown(fields[key])!r}); adapting again and overwriting it."
-            )
-            return None
-        try:
             if self.granularity == "layer":
-                values = torch.tensor([[readable[t][name] for name in fields["tensors"]] for t in self.tasks])
+                values = torch.tensor([[readable[t][name] for name in self.pool.keys()] for t in self.tasks])
             else:
                 values = torch.tensor([readable[t] for t in self.tasks])
+            seconds = float(payload.get("seconds", 0.0))
         except (KeyError, TypeError, ValueError) as error:
-            rank_zero_warn(f"AdaMerging coefficients file {path} lacks a value ({error}); adapting again.")
+            file.distrust(file.file, f"it lacks a value: {type(error).__name__}: {error}")
             return None
-        if payload.get("checksum") != self._checksum(values):
-            rank_zero_warn(f"AdaMerging coefficients file {path} does not match its checksum; adapting again.")
-            return None
-        return values
+        return values, seconds
