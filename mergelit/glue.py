@@ -82,19 +82,45 @@ def data_fingerprint(dataset: datasets.Dataset) -> str:
     return digest.hexdigest()[:20]
 
 
-def check_labels(dataset: datasets.Dataset, task: str, split: str, path: str) -> None:
-    """Refuse an empty split, or labels outside ``[0, num_labels)`` (GLUE's unlabelled test rows are ``-1``)."""
+def check_split(dataset: datasets.Dataset, task: str, split: str, path: str) -> None:
+    """The one data check, for every split a run reads, before the run: the split is not empty, every
+    text column holds text (no ``None``, bytes or numbers; not every segment of a row empty), and
+    every label is an integer class of the task (no NaN, fraction, string or GLUE's ``-1`` of
+    unlabelled test rows). Errors name the task, the split, the column and the first bad row."""
     if len(dataset) == 0:
         raise BadData(f"Task {task!r} split {split!r} in {path!r} is empty; nothing to score or to draw from.")
-    num_labels = GLUE_TASKS[task].num_labels
-    labels = dataset.with_format("numpy")["label"]
-    bad = [int(x) for x in labels if not 0 <= int(x) < num_labels][:3]
-    if bad:
-        hint = " (-1 marks GLUE's unlabelled test rows: score the validation split)" if -1 in bad else ""
-        raise BadData(
-            f"Task {task!r} split {split!r} in {path!r} has label(s) {bad} outside 0..{num_labels - 1}{hint}; "
-            f"{task} labels are {', '.join(GLUE_TASKS[task].label_names)}."
-        )
+    info = GLUE_TASKS[task]
+    where = f"Task {task!r} split {split!r} in {path!r}"
+    columns = {}
+    for field in info.text_fields:
+        values = dataset[field]
+        for row, value in enumerate(values):
+            if not isinstance(value, str):
+                raise BadData(
+                    f"{where}: column {field!r} row {row} holds {type(value).__name__} {value!r:.40}, not text; "
+                    f"every {field} must be a string."
+                )
+        columns[field] = values
+    for row, texts in enumerate(zip(*columns.values())):
+        if not any(text.strip() for text in texts):
+            raise BadData(
+                f"{where}: row {row} has no text ({' and '.join(repr(f) for f in columns)} empty); "
+                f"GPT-2 reads a prediction at the last token, so every row needs one. Remove the row."
+            )
+    num_labels = info.num_labels
+    for row, label in enumerate(dataset["label"]):
+        bad = None
+        if isinstance(label, bool) or not isinstance(label, (int, float)):
+            bad = f"{type(label).__name__} {label!r:.40}"
+        elif isinstance(label, float) and (label != label or not label.is_integer()):
+            bad = f"{label!r} (not a whole class number)"
+        elif not 0 <= int(label) < num_labels:
+            bad = f"{int(label)}" + (" (-1 marks GLUE's unlabelled test rows: score the validation split)" if int(label) == -1 else "")
+        if bad is not None:
+            raise BadData(
+                f"{where}: column 'label' row {row} is {bad}; {task} labels are the integers 0..{num_labels - 1} "
+                f"({', '.join(info.label_names)})."
+            )
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +246,7 @@ class GLUEDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._raw: dict[str, datasets.DatasetDict] = {}
         self._tokenized: dict[tuple[str, str], datasets.Dataset] = {}
+        self._checked: set[tuple[str, str]] = set()  # (task, split) that passed check_split
 
     # ---- raw data -------------------------------------------------------------------------
     @property
@@ -233,7 +260,13 @@ class GLUEDataModule(L.LightningDataModule):
         """
         for task in self.tasks:
             for role in splits:
-                check_labels(self.raw(task, self._split_name(task, role)), task, self._split_name(task, role), self.path)
+                names = [self._split_name(task, role)]
+                if role == "eval":  # the extra evaluation splits (MNLI mismatched) are scored too
+                    names += [split for t, split in self.extra_test_splits() if t == task]
+                for split in names:
+                    if (task, split) not in self._checked:
+                        check_split(self.raw(task, split), task, split, self.path)
+                        self._checked.add((task, split))
 
     def _split_name(self, task: str, role: str) -> str:
         info = GLUE_TASKS[task]

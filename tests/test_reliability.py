@@ -347,8 +347,8 @@ def _relabel(value):
         ("missing task", None, ["'mrpc'", "task folder"]),
         ("missing split", _drop_split, ["'mrpc'", "'validation'"]),
         ("missing column", lambda d: d.remove_columns("sentence2"), ["'mrpc'", "sentence2"]),
-        ("label 5", _relabel(5), ["'mrpc'", "[5]", "0..1"]),
-        ("label -1", _relabel(-1), ["'mrpc'", "[-1]", "unlabelled test rows"]),
+        ("label 5", _relabel(5), ["'mrpc'", "'validation'", "'label' row 3 is 5", "0..1"]),
+        ("label -1", _relabel(-1), ["'mrpc'", "'validation'", "row 3 is -1", "unlabelled test rows"]),
         ("empty split", lambda d: {**d, "validation": d["validation"].select([])}, ["'mrpc'", "empty"]),
     ],
 )
