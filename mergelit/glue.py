@@ -93,6 +93,9 @@ def check_split(dataset: datasets.Dataset, task: str, split: str, path: str) -> 
     where = f"Task {task!r} split {split!r} in {path!r}"
     columns = {}
     for field in info.text_fields:
+        dtype = getattr(dataset.features[field], "dtype", type(dataset.features[field]).__name__)
+        if dtype not in ("string", "large_string"):
+            raise BadData(f"{where}: column {field!r} holds {dtype} values, not text; every {field} must be a string.")
         values = dataset[field]
         for row, value in enumerate(values):
             if not isinstance(value, str):
