@@ -39,17 +39,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
     import tempfile
 
+    from mergelit.errors import NotWritable
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise NotWritable(f"Cannot write {str(path)!r}: {reason}. Free space or choose another cache folder.") from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path

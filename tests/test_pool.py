@@ -112,3 +112,77 @@ def test_reused_parts_are_kept_for_one_group_and_only_in_sweeps(pool_paths):
     assert pool.reused("a", "k", compute) == 5
     pool.keep_reused(False)
     assert pool.reused("a", "k", compute) == 6
+
+
+ARCHITECTURE_CHANGES = [
+    ("n_layer", 3), ("n_embd", 32), ("n_head", 4), ("vocab_size", 50000), ("n_positions", 256),
+    ("activation_function", "relu"), ("layer_norm_epsilon", 1e-6), ("n_inner", 128),
+    ("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),
+]
+
+
+@pytest.mark.parametrize("field, value", ARCHITECTURE_CHANGES, ids=[f for f, _ in ARCHITECTURE_CHANGES])
+def test_every_architecture_field_is_compared(field, value, pool_paths, tmp_path):
+    import json
+
+    folder = tmp_path / "rte"
+    shutil.copytree(pool_paths["finetuned"]["rte"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"'rte'.*{field} {value!r}"):
+        make_pool(pool_paths, rte=str(folder)).check()
+
+
+@pytest.mark.parametrize("name", ["score.bias", "transformer.h.2.ln_1.weight", "classifier.weight"])
+def test_a_tensor_the_body_does_not_have_is_refused(name, pool_paths, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "rte"
+    shutil.copytree(pool_paths["finetuned"]["rte"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state[name] = torch.zeros(2)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"'rte'.*holds a tensor '{name}'.*silently ignored"):
+        make_pool(pool_paths, rte=str(folder)).check()
+
+
+def test_a_missing_tensor_is_refused(pool_paths, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "rte"
+    shutil.copytree(pool_paths["finetuned"]["rte"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'rte'.*no tensor 'transformer\.h\.1\.mlp\.c_fc\.bias'"):
+        make_pool(pool_paths, rte=str(folder)).check()
+
+
+def test_a_pretrained_config_that_contradicts_its_own_weights_blames_the_pretrained_model(pool_paths, tmp_path):
+    import json
+
+    folder = tmp_path / "pretrained"
+    shutil.copytree(pool_paths["pretrained"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_positions"] = 1024  # its wpe has 512 rows
+    (folder / "config.json").write_text(json.dumps(config))
+    pool = ModelPool(str(folder), pool_paths["finetuned"], pool_paths["tokenizer"])
+    with pytest.raises(ValueError, match=r"'wpe\.weight' of the pretrained model.*\(512, .*\(1024, "):
+        pool.check()
+
+
+def test_duplicate_task_names_are_refused_everywhere(tmp_path):
+    from mergelit.configfile import load_yaml
+    from mergelit.pool import fusionbench_pool_args
+    from mergelit.tasks import ordered_tasks
+
+    with pytest.raises(ValueError, match="'sst2' is listed twice"):
+        ordered_tasks(["sst2", "cola", "sst2"])
+    with pytest.raises(ValueError, match="names task 'sst2' twice.*'sst2'.*'gpt2_sst2'"):
+        fusionbench_pool_args({"models": [{"name": "_pretrained_", "path": "gpt2"}, {"name": "sst2", "path": "a"},
+                                          {"name": "gpt2_sst2", "path": "b"}]})
+    config = tmp_path / "pool.yaml"
+    config.write_text("pool:\n  finetuned:\n    sst2: a\n    cola: b\n    sst2: c\n")
+    with pytest.raises(ValueError, match=r"pool\.yaml.*'sst2' appears twice.*lines 3 and 5"):
+        load_yaml(config)
