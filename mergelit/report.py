@@ -118,6 +118,17 @@ def format_report(report: Report, extra_metrics: bool = True) -> str:
     return "\n".join(lines)
 
 
+def report_table(report: Report) -> tuple[list[str], list[list[Any]]]:
+    """The report as a table: one row per entry (tasks, average, extra splits), a column per metric
+    any entry has (accuracy, loss, mcc, f1, ...); empty where an entry lacks one. For W&B tables."""
+    entries = [(name, values) for name, values in report.items() if name != PROTOCOL and isinstance(values, dict)]
+    metrics: list[str] = []
+    for _, values in entries:
+        metrics += [m for m, v in values.items() if m not in metrics and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    rows = [[name, *(values.get(m) for m in metrics)] for name, values in entries]
+    return ["entry", *metrics], rows
+
+
 def prediction_lines(rows: Iterable[Mapping[str, Any]]) -> str:
     """JSON lines, one per example: ``{"idx", "label", "prediction", "logits", "loss"}``."""
     return "".join(json.dumps(dict(row)) + "\n" for row in rows)

@@ -22,7 +22,7 @@ from mergelit.errors import MergelitError, NotWritable
 from mergelit.export import Provenance, check_export_folder, command_line, save_merged
 from mergelit.methods.base import MergeMethod
 from mergelit.tasks import GLUE_TASKS
-from mergelit.report import Report, ReportWriter, format_report
+from mergelit.report import Report, ReportWriter, format_report, report_table
 
 
 def report_writer(trainer: L.Trainer) -> ReportWriter:
@@ -65,6 +65,7 @@ def run_test(
         with costs.phase("prepare"):
             method.prepare(trainer, datamodule)
         trainer.test(method, datamodule=datamodule, verbose=verbose)
+    _log_to_wandb(trainer, writer.report)
     if not quiet:
         _print_report(method, writer.report, writer.written, extra_metrics)
     if merged_model_save_path:
@@ -198,6 +199,21 @@ def check_tokenizer_matches_pool(tokenizer, tokenizer_path: str, pool) -> None:
                 f"{task!r} model's own tokenizer in {folder!r} (another vocabulary or merges): its scores would be "
                 f"silently wrong. Use the pool's own tokenizer (pool.tokenizer: {folder!r})."
             )
+
+
+@rank_zero_only
+def _log_to_wandb(trainer: L.Trainer, report: Report) -> None:
+    """With a W&B logger: the report as a ``wandb.Table`` (``test/table``) and its costs in the run's summary."""
+    loggers = [logger for logger in trainer.loggers if type(logger).__name__ == "WandbLogger"]
+    if not loggers or report is None:
+        return
+    import wandb
+
+    columns, rows = report_table(report)
+    costs = {f"costs/{k}": v for k, v in ((report.get("protocol") or {}).get("costs") or {}).items() if v is not None}
+    for logger in loggers:
+        logger.experiment.log({"test/table": wandb.Table(columns=columns, data=rows)})
+        logger.experiment.summary.update(costs)
 
 
 @rank_zero_only
