@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from mergelit import costs
+from mergelit import costs, progress
 from mergelit.errors import MergeFailed
 from mergelit.gpt2 import build_body, build_head, last_non_pad_index
 from mergelit.metrics import EXTRA_METRICS, BinaryCounts
@@ -130,7 +130,8 @@ class MergeMethod(L.LightningModule):
         self.pool.check()
         self.prepare_merge()
         pool = self.pool
-        return {key: self.merge_tensor(key, pool.pretrained_tensor(key), pool.finetuned_tensors(key)) for key in pool.keys()}
+        keys = progress.bar(pool.keys(), f"Merging ({self.display_name})", unit="tensor")
+        return {key: self.merge_tensor(key, pool.pretrained_tensor(key), pool.finetuned_tensors(key)) for key in keys}
 
     def reusable_key(self) -> Hashable | None:
         """What this method's λ-free parts depend on besides the pool (None: none to reuse).

@@ -1,0 +1,34 @@
+"""One progress display for mergelit's own long loops (the merge's keys, a sweep's points).
+
+Lightning draws the bars of statistics, adaptation and evaluation; mergelit's own loops use
+``bar``, a tqdm bar that stays quiet where a bar would only litter a log: when stderr is not a
+terminal (captured logs, CI) or when the run is ``--quiet`` (``set_enabled(False)``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Optional, TypeVar
+
+T = TypeVar("T")
+
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn mergelit's own bars on or off for this process (``--quiet`` turns them off)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def enabled() -> bool:
+    return _enabled and sys.stderr.isatty()
+
+
+def bar(iterable: Iterable[T], desc: str, total: Optional[int] = None, unit: str = "it") -> Iterable[T]:
+    """``iterable`` with a transient progress bar (none when disabled or not on a terminal)."""
+    if not enabled():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
