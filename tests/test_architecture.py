@@ -22,7 +22,7 @@ LAYERS = [
               "statistics", "export")),
     ("methods", ("methods",)),
     ("fixtures", ("synthetic",)),
-    ("workflows", ("run", "cli", "grid", "tables", "tracking", "selection", "sweep", "finetune")),
+    ("workflows", ("run", "cli", "api", "check", "grid", "tables", "tracking", "selection", "sweep", "finetune")),
     ("demo", ("demo",)),
     ("command", ("__main__",)),
 ]
