@@ -375,8 +375,12 @@ class SweepRunner:
             logger.log_hyperparams({"sweep/point": point.name, "sweep/group": self.group, **point.overrides})
         try:
             if full:
-                run_test(trainer, method, datamodule, report_save_path=report_path, quiet=True,
-                         fused_gelu=config.get("fused_gelu", False))
+                report = run_test(trainer, method, datamodule, report_save_path=report_path, quiet=True,
+                                  fused_gelu=config.get("fused_gelu", False))
+                for logger in loggers:  # the W&B sweep configs' metric, and the average's interval
+                    low, high = (report["protocol"].get("uncertainty") or {}).get("accuracy", {}).get("average", (None, None))
+                    logger.log_metrics({f"test/average/{k}": v for k, v in report["average"].items()}
+                                       | ({"test/average/accuracy_ci_low": low, "test/average/accuracy_ci_high": high} if low is not None else {}))
             if criterion:
                 scored = self.score_criterion(trainer, method, datamodule, prepared=full, fused_gelu=config.get("fused_gelu", False))
                 self.values[point.name] = scored["value"]
