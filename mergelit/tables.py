@@ -638,6 +638,18 @@ def matches(row: Row, name: str) -> bool:
     return wanted in {_normalized(n) for n in names if n}
 
 
+def reference_title(name: str) -> str:
+    """The display name of the method ``name`` stands for (``task_arithmetic`` -> ``Task Arithmetic``),
+    else ``name`` itself."""
+    from mergelit.methods import method_classes
+
+    wanted = _normalized(name)
+    for cls in method_classes():
+        if wanted in {_normalized(n) for n in (cls.__name__, cls.__module__.rpartition(".")[2], cls.display_name)}:
+            return cls.display_name
+    return name
+
+
 def reference_rows(rows: Sequence[Row], against: str) -> dict[int, Optional[Row]]:
     """For each row (by index) its reference: the row of method ``against`` chosen the same way
     (selected vs selected, oracle vs oracle); failing that, its selected, single, then oracle row."""
@@ -694,8 +706,7 @@ class Leaderboard:
         if self.against and not any(self.references.values()):
             raise ValueError(f"--against {self.against}: no row is a run of it; the rows are "
                              f"{', '.join(repr(r.labels[0]) for r in rows)}.")
-        self.reference_name = next((method_name(_protocol(r.report).get("class_path", "")) for r in self.references.values()
-                                    if r is not None and _protocol(r.report).get("class_path")), name)
+        self.reference_name = reference_title(name)
         self.gains = [None if ref is None else _accuracy(r.report, "average") - _accuracy(ref.report, "average")
                       for r, ref in zip(rows, self.references.values())]
         draws: dict[int, Any] = {}
