@@ -233,6 +233,7 @@ class GLUEDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._raw: dict[str, datasets.DatasetDict] = {}
         self._tokenized: dict[tuple[str, str], datasets.Dataset] = {}
+        self._dev: dict[str, datasets.Dataset] = {}
 
     # ---- raw data -------------------------------------------------------------------------
     @property
@@ -420,11 +421,13 @@ class GLUEDataModule(L.LightningDataModule):
     def dev_dataset(self, task: str) -> datasets.Dataset:
         """The dev rows of ``task``, tokenized (``input_ids``, ``label``, ``length``, ``idx``), in
         ``dev_indices`` order."""
-        indices = self.dev_indices(task)
-        if not indices:
-            raise ValueError(f"{task} has no dev rows (dev_size {self.dev_size}, train rows "
-                             f"{len(self.train_dataset(task))}); set data.dev_size > 0.")
-        return self.tokenized(task, self.dev_split(task)).select(indices)
+        if task not in self._dev:  # a sweep scores the same dev rows at every point: select them once
+            indices = self.dev_indices(task)
+            if not indices:
+                raise ValueError(f"{task} has no dev rows (dev_size {self.dev_size}, train rows "
+                                 f"{len(self.train_dataset(task))}); set data.dev_size > 0.")
+            self._dev[task] = self.tokenized(task, self.dev_split(task)).select(indices)
+        return self._dev[task]
 
     def dev_dataloader(self, task: str) -> DataLoader:
         """The dev rows of ``task`` in length-sorted batches, on one process (every rank sees all of them)."""

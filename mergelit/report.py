@@ -132,7 +132,10 @@ class ReportWriter(Callback):
     ``trainer.test``), the per-example rows of every task (gathered from every process at the end),
     and the ``protocol`` entry. The report is ``make_report`` of the method's ``results`` plus that
     protocol; it is in ``report`` after the test, written to ``report.json`` in the run's log folder
-    and to ``path`` (``--report_save_path``).
+    and to ``path`` (``--report_save_path``). From the per-example rows the protocol also gets
+    ``per_example`` (each entry's correctness, compactly), ``uncertainty`` (95 % bootstrap
+    intervals of each task's accuracy and of the average: ``mergelit.uncertainty``) and, when the
+    data holds dev rows out of scoring, ``evaluation`` (which rows were scored).
 
     Args:
         log_dir: also write ``report.json`` into the run's log folder (``trainer.log_dir``).

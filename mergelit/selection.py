@@ -54,14 +54,28 @@ CRITERIA = ("dev", "agreement")
 TITLES = {"dev": "dev accuracy", "agreement": "agreement"}
 """The criterion's column header in sweep tables."""
 
+IN_SAMPLE = "in-sample for the experts"
+"""What tables call a choice made on train rows: the rows the fine-tuned models were trained on."""
+
+
+def _rows(dev_source: str) -> str:
+    return f"{dev_source} rows" + (f", {IN_SAMPLE}" if dev_source == "train" else "")
+
+
 def labels_used(select_on: str, dev_source: str) -> str:
     """Which labels the criterion reads: ``dev labels (validation rows)``, or ``none`` (agreement)."""
-    return f"dev labels ({dev_source} rows)" if select_on == "dev" else "none"
+    return f"dev labels ({_rows(dev_source)})" if select_on == "dev" else "none"
 
 
 def data_read(select_on: str, dev_source: str) -> str:
-    """What a selected row read beside the method's own data, for the leaderboard's ``data`` column."""
-    return f"dev labels ({dev_source} rows)" if select_on == "dev" else f"dev inputs ({dev_source} rows)"
+    """What a selected row read beside the method's own data, for the leaderboard's ``data`` column:
+    ``dev labels (validation rows)``, ``dev inputs (train rows, in-sample for the experts)`` ..."""
+    return f"dev labels ({_rows(dev_source)})" if select_on == "dev" else f"dev inputs ({_rows(dev_source)})"
+
+
+def chosen_on(select_on: str, dev_source: str) -> str:
+    """How table labels name the choice: ``dev``, or ``dev, in-sample for the experts`` (train rows)."""
+    return f"{select_on}, {IN_SAMPLE}" if dev_source == "train" else select_on
 
 
 def dev_record(datamodule: GLUEDataModule, tasks: Sequence[str]) -> dict[str, Any]:
@@ -182,6 +196,7 @@ def write_selection(
     chosen = {group: select(list(names), values) for group, names in groups.items()}
     result = {
         "select_on": select_on,
+        "chosen_on": chosen_on(select_on, dev["source"]),
         "labels_used": labels_used(select_on, dev["source"]),
         "data_read": data_read(select_on, dev["source"]),
         "groups": {group: {"points": list(names), "selected": chosen[group]} for group, names in groups.items()},

@@ -155,6 +155,7 @@ class SweepRunner:
         self.datamodules: dict[str, GLUEDataModule] = {}
         self.loggers: Optional[list[Logger] | bool] = None
         self.group: Optional[str] = None
+        self.title = ""
         self.scorer: Optional[selection.CriterionScorer] = None
         self.dev: Optional[dict[str, Any]] = None
         self.values: dict[str, float] = {}  # criterion values scored by this process
@@ -218,26 +219,30 @@ class SweepRunner:
                 self.loggers = [instantiate(spec) for spec in specs]
         return self.loggers
 
-    def make_trainer(self, config, point: Point, job_type: str) -> L.Trainer:
-        """The point's trainer: its ``trainer:`` config, the shared loggers plus a new W&B logger per
-        point (named after it, in the sweep's group), and a ``ReportWriter`` that writes only where
-        the sweep says (a log folder's report.json would hold the last point's numbers alone)."""
-        arguments = {k: instantiate(v) for k, v in plain(config.trainer).items() if k not in ("logger", "callbacks")}
-        shared = self.shared_loggers()
-        loggers: list[Logger] | bool = list(shared) if isinstance(shared, list) else shared
+    def wandb_loggers(self, name: str, job_type: str) -> list[Logger]:
+        """A new W&B logger for each W&B logger of the config: one run, named ``name``, in the
+        sweep's group (unless the config names one)."""
+        out = []
         for spec in _logger_specs(self.config.trainer.logger):
             cls = import_object(spec["class_path"])
             if tracking.is_wandb_logger_class(cls):
                 # jsonargparse passes every wandb.init argument, unset ones as None.
                 kwargs = {**(spec.get("init_args") or {}), **(spec.get("dict_kwargs") or {})}
-                kwargs.update(self.wandb_run(point.name, job_type, kwargs))
-                loggers = [*(loggers if isinstance(loggers, list) else []), tracking.wandb_logger(cls, **kwargs)]
+                kwargs.update(name=name, group=kwargs.get("group") or self.group, job_type=kwargs.get("job_type") or job_type)
+                out.append(tracking.wandb_logger(cls, **kwargs))
+        return out
+
+    def make_trainer(self, config, point: Point, job_type: str) -> L.Trainer:
+        """The point's trainer: its ``trainer:`` config, the shared loggers plus a new W&B logger per
+        point, and a ``ReportWriter`` that writes only where the sweep says (a log folder's
+        report.json would hold the last point's numbers alone)."""
+        arguments = {k: instantiate(v) for k, v in plain(config.trainer).items() if k not in ("logger", "callbacks")}
+        shared = self.shared_loggers()
+        wandb = self.wandb_loggers(point.name, job_type)
+        loggers = [*shared, *wandb] if isinstance(shared, list) else shared
         callbacks = instantiate(plain(config.trainer).get("callbacks")) or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         return L.Trainer(**arguments, logger=loggers, callbacks=[*callbacks, ReportWriter(log_dir=False)])
-
-    def wandb_run(self, name: str, job_type: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"name": name, "group": kwargs.get("group") or self.group, "job_type": kwargs.get("job_type") or job_type}
 
     # ---- planning -----------------------------------------------------------------------------
     def plan(self) -> tuple[dict[str, list[Any]], list[Point], list]:
@@ -258,6 +263,7 @@ class SweepRunner:
                     f"--{key} belongs to a single run, not a sweep; the sweep writes one report per point to "
                     f"--output_dir. Run the chosen point with `mergelit test ... --{key} ...`."
                 )
+        self.title = "Merging methods" if "model" in grid else tables.method_name(base.model.class_path)
         points = grid_points(grid)
         configs = [
             parse_config(self.parser, [*self.args, *point.cli_args()], what=f"Sweep point {point.name} ({' '.join(point.cli_args())})")
@@ -283,7 +289,7 @@ class SweepRunner:
         config.update(weights_fingerprint(self.pool_for(base)))  # a checkpoint replaced at the same path
         stamp = fingerprint(config, list(grid))
         keys = "-".join(tables.short_key(k) for k in grid)
-        self.group = self.options.name or file_safe(f"{self.title(grid).replace(' ', '-')}-{keys}-{stamp[:8]}")
+        self.group = self.options.name or file_safe(f"{self.title.replace(' ', '-')}-{keys}-{stamp[:8]}")
         described = {}
         for point, point_config in zip(points, configs):
             model = plain(point_config.model)
@@ -298,9 +304,6 @@ class SweepRunner:
             "config": config,
             "points": described,
         }
-
-    def title(self, grid: dict) -> str:
-        return "Merging methods" if "model" in grid else tables.method_name(self.config.model.class_path)
 
     # ---- running ------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -317,7 +320,10 @@ class SweepRunner:
             if not selecting:  # an earlier run's choice is not this run's: compare shows the oracle rows
                 (folder / tables.SELECTION).unlink(missing_ok=True)
 
-        full = [(p, c) for p, c in zip(points, configs) if not is_complete(folder / f"{p.name}.json", tasks)]
+        # What is done is read once, before anything runs: every rank decides from the same state
+        # (rank 0 writes while the others go on, so reading the folder later could race).
+        complete = {p.name for p in points if is_complete(folder / f"{p.name}.json", tasks)}
+        full = [(p, c) for p, c in zip(points, configs) if p.name not in complete]
         if selecting and not options.oracle:
             full = []  # only the selected points are scored on validation (below)
         unscored: list[tuple[Point, Any]] = []
@@ -329,15 +335,16 @@ class SweepRunner:
         jobs = {p.name: (p, c) for p, c in [*full, *unscored]}
         done_full = {p.name for p, _ in full}
         done_criterion = {p.name for p, _ in unscored}
-        with self.progress(len(jobs)) as bar:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(jobs), desc=f"Sweep {self.group}", unit="run", disable=rank_zero_only.rank != 0, dynamic_ncols=True) as bar:
             for name, (point, config) in jobs.items():
                 bar.set_postfix_str(name)
                 self.score_point(point, config, folder / f"{name}.json", name in done_full, name in done_criterion)
                 bar.update()
-            chosen = None
             if selecting:
                 chosen = self.select(folder, points)
-                todo = [(p, c) for p, c in zip(points, configs) if p.name in chosen and not is_complete(folder / f"{p.name}.json", tasks)]
+                todo = [(p, c) for p, c in zip(points, configs) if p.name in chosen and p.name not in complete | done_full]
                 # Every point is scored on the dev rows: nothing left to reuse. Each selected point
                 # then merges from scratch, so that its report's merge cost is a standalone run's.
                 for pool in self.pools.values():
@@ -348,15 +355,10 @@ class SweepRunner:
                     bar.set_postfix_str(f"{point.name} (selected)")
                     self.score_point(point, config, folder / f"{point.name}.json", full=True, criterion=False, job_type="sweep-selected")
                     bar.update()
+                jobs.update({p.name: (p, c) for p, c in todo})
         if rank_zero_only.rank == 0:
             self.write_results(folder, points, grid, tasks, ran=len(jobs))
         return folder
-
-    def progress(self, total: int):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=f"Sweep {self.group}", unit="run",
-                    disable=rank_zero_only.rank != 0, dynamic_ncols=True)
 
     def score_point(
         self, point: Point, config, report_path: Path, full: bool, criterion: bool, job_type: str = "sweep-point"
@@ -426,11 +428,10 @@ class SweepRunner:
 
     # ---- results ------------------------------------------------------------------------------
     def write_results(self, folder: Path, points: Sequence[Point], grid: dict, tasks: list[str], ran: int) -> None:
-        options = self.options
-        title = self.title(grid)
+        options, title = self.options, self.title
         if self.compare and "model" in grid:
             # `compare -c`: the leaderboard, one row per method (selected / oracle), as `compare FOLDER` shows it.
-            rows = tables.sweep_rows(folder)
+            rows, headers = tables.sweep_rows(folder), ["Method"]
             md, _, plot = tables.write_leaderboard(folder, rows, tasks, extra_metrics=options.extra_metrics, title=title)
         else:
             rows, headers, plot_rows, ylabel = self.sweep_table(folder, points, grid, tasks)
@@ -441,7 +442,7 @@ class SweepRunner:
             else:
                 plot = tables.plot_heatmap(folder / "plot.png", plot_rows, tasks, title=title, ylabel=", ".join(headers[: len(grid)]))
         markdown = md.read_text()
-        self.log_summary(rows, tasks, plot, markdown)
+        self.log_summary(rows, headers, tasks, plot, markdown)
         print(
             f"\n{title}: {len(points)} points ({ran} scored now, {len(points) - ran} already done)\n\n{markdown}\n"
             f"Reports, table.md, table.csv, plot.png: {folder}"
@@ -476,7 +477,7 @@ class SweepRunner:
         for group, info in picked["groups"].items():
             names = info["points"]
             prefix = f"{group}, " if group else ""
-            extra = [(f"**selected** on {select_on}", info["selected"])]
+            extra = [(f"**selected** on {picked['chosen_on']}", info["selected"])]
             if all(name in reports for name in names):
                 extra.append((f"**oracle** (best of {len(names)})", max(names, key=lambda n: reports[n]["average"]["accuracy"])))
             for kind, name in extra:
@@ -490,19 +491,12 @@ class SweepRunner:
             plot_rows.append(tables.Row(labels(by_name[point.name]), tables.make_report(per_task)))
         return rows, [*headers, selection.TITLES[select_on]], plot_rows, f"{selection.TITLES[select_on]} (%)"
 
-    def log_summary(self, rows: Sequence[tables.Row], tasks: list[str], plot: Optional[Path], markdown: str) -> None:
+    def log_summary(self, rows: Sequence[tables.Row], headers: list[str], tasks: list[str], plot: Optional[Path], markdown: str) -> None:
         """The table and plot as a W&B summary run of the sweep's group (when the config logs to W&B)."""
-        for spec in _logger_specs(self.config.trainer.logger):
-            cls = import_object(spec["class_path"])
-            if not tracking.is_wandb_logger_class(cls):
-                continue
-            kwargs = {**(spec.get("init_args") or {}), **(spec.get("dict_kwargs") or {})}
-            kwargs.update(self.wandb_run(f"{self.group}/summary", "sweep-summary", kwargs))
-            scored = [r for r in rows if r.report is not None]
-            width = len(scored[0].labels) if scored else 1
-            columns = [*(f"label {i}" for i in range(width)), *tasks, "average"]
-            data = [[*r.labels, *(r.report[c]["accuracy"] for c in [*tasks, "average"])] for r in scored]
-            tracking.log_summary(tracking.wandb_logger(cls, **kwargs), columns, data, plot, markdown)
+        scored = [r for r in rows if r.report is not None]
+        data = [[*r.labels, *(r.report[c]["accuracy"] for c in [*tasks, "average"])] for r in scored]
+        for logger in self.wandb_loggers(f"{self.group}/summary", "sweep-summary"):
+            tracking.log_summary(logger, [*headers, *tasks, "average"], data, plot, markdown)
 
 
 def every_method() -> list[dict[str, Any]]:

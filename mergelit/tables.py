@@ -11,12 +11,21 @@ cross-task table and the methods table in percent with one decimal. The methods 
 has a CSV twin with full-precision fractions.
 
 ``compare`` reads, for each path: a report JSON; a run's log folder (``report.json``, labelled
-from its ``config.yaml``); a sweep folder (``sweep.json``: its best point by average accuracy,
-or, for a sweep of ``Individual`` over every task, the diagonal "Fine-tuned (individual)"
-row); or a folder of such runs (``lightning_logs/``: each run in it). A sweep run with
-``--sweep.select_on dev|agreement`` gives each method's *selected* point, labelled "selected on
-dev (of N)"; one without selection gives its best point, labelled "best of N (oracle)": that
-point was chosen by reading the very validation labels it is reported on.
+from its ``config.yaml``); a sweep folder (``sweep.json``; below); or a folder of such runs
+(``lightning_logs/``: each run in it). A sweep folder gives, per method (a group of points:
+the sweep's one method, or each method of a methods sweep with its own range), its
+**selected** point when the sweep selected (``selection.json``: "selected on dev (of N)"), and
+its **oracle** point when every point of it was scored on validation ("best of N (oracle)": a
+point chosen by reading the very labels it is reported on); a method of one point is a plain
+row; a sweep of ``Individual`` over every task gives the diagonal "Fine-tuned (individual)" row.
+
+The leaderboard adds, per row: the average's 95 % bootstrap interval, the normalized accuracy
+(mean over tasks of accuracy / the fine-tuned model's own, when the individual row is among the
+rows), the gain over a reference method in points and the paired win probability against it
+(``--against``, default Task Arithmetic: selected rows against its selected row, oracle rows
+against its oracle row), the extra metrics, the total cost (prepare, at its original time when
+cached, + merge), load time, each phase's peak memory, bodies at inference, the data read
+(a selected row names the dev rows it read) and the kind.
 """
 
 from __future__ import annotations
@@ -435,7 +444,8 @@ def sweep_rows(folder: Path) -> list[Row]:
             name = info["selected"]
             if name not in reports:
                 raise ValueError(f"Sweep folder {folder}: the selected point {name!r} has no complete report; rerun its sweep.")
-            rows.append(Row([f"{label_of(name)}, selected on {picked['select_on']} (of {len(names)})"], reports[name],
+            on = picked.get("chosen_on", picked["select_on"])
+            rows.append(Row([f"{label_of(name)}, selected on {on} (of {len(names)})"], reports[name],
                             role="selected", data=data_of(name, picked.get("data_read", picked.get("labels_used", "dev rows")))))
         scored = [name for name in names if name in reports]
         if scored and (not picked or len(scored) == len(names)):  # without selection: the best scored so far

@@ -213,21 +213,28 @@ def test_a_selecting_sweep_scores_only_the_selected_point_on_validation(fixtures
     assert f", selected on dev (of 3)" in tables.compare([out])
 
 
-def test_agreement_with_the_oracle_scores_every_point_and_shows_both_rows(fixtures_root, tmp_path):
+def test_agreement_on_train_rows_with_the_oracle_shows_both_rows_and_says_in_sample(fixtures_root, tmp_path):
+    """``dev_source: train`` stays available: every validation row is scored, the statistics would
+    skip the dev rows, and the tables call the choice in-sample for the experts. With the oracle
+    every point is scored on validation: a selected and an oracle row."""
     out = tmp_path / "sweep"
-    manifest = run_sweep(fixtures_root, out, "agreement", "--sweep.oracle", "true")
+    manifest = run_sweep(fixtures_root, out, "agreement", "--sweep.oracle", "true", "--data.dev_source", "train")
     points = list(manifest["points"])
     picked = json.loads((out / "selection.json").read_text())
     chosen = picked["selected_points"][0]
     assert picked["labels_used"] == "none" and chosen == select(points, picked["criterion"])
+    assert picked["dev"]["source"] == "train" and picked["dev"]["rows"] == {t: 48 for t in manifest["tasks"]}  # 96 // 2
     reports = {p: tables.load_report(out / f"{p}.json", manifest["tasks"]) for p in points}  # all scored
+    assert all("evaluation" not in r["protocol"] for r in reports.values())  # no validation row held out
+    assert all(r["protocol"]["per_example"]["rte"]["rows"] == 61 for r in reports.values())
     table = (out / "table.md").read_text()
-    assert f"**selected** on agreement: {chosen}" in table and "**oracle** (best of 3)" in table
+    assert f"**selected** on agreement, in-sample for the experts: {chosen}" in table and "**oracle** (best of 3)" in table
     assert table.splitlines()[0].split("|")[2].strip() == "agreement"
     oracle = max(points, key=lambda p: reports[p]["average"]["accuracy"])
     rows = tables.collect_rows([out])
     assert [(r.role, r.report) for r in rows] == [("selected", reports[chosen]), ("oracle", reports[oracle])]
-    assert rows[0].data == "none + dev inputs (validation rows)"
+    assert rows[0].labels[0].endswith(", selected on agreement, in-sample for the experts (of 3)")
+    assert rows[0].data == "none + dev inputs (train rows, in-sample for the experts)"
     assert rows[1].data == "none + validation labels (oracle)"
 
 
