@@ -1,9 +1,11 @@
 """Sweep grids and sweep folders: naming the points, checking the grid, the manifest and resume.
 
 A grid is ``sweep: {grid: {KEY: [values]}}``; every combination is a ``Point`` named after its
-values (``scaling_factor=0.3``). A sweep folder holds one report per point and the manifest
-``sweep.json``, whose fingerprint covers the config without the swept keys: a rerun resumes,
-a folder of another config is refused.
+values (``scaling_factor=0.3``); a swept ``model`` may give each method its own grid, and the
+points of one method are one *group* (selection chooses within it). A sweep folder holds a
+report per point scored on validation, a criterion file per point scored on the dev rows, and
+the manifest ``sweep.json``, whose fingerprint covers the config without the swept keys: a
+rerun resumes, a folder of another config is refused.
 """
 
 from __future__ import annotations
