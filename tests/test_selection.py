@@ -210,7 +210,7 @@ def test_a_selecting_sweep_scores_only_the_selected_point_on_validation(fixtures
     before = {p: (out / f"{p}.criterion.json").stat().st_mtime_ns for p in points}
     run_sweep(fixtures_root, out, "dev")  # resumed: everything is done
     assert tests == [] and before == {p: (out / f"{p}.criterion.json").stat().st_mtime_ns for p in points}
-    assert f", selected on dev (of 3)" in tables.compare([out])
+    assert ", selected on dev (of 3)" in tables.compare([out])
 
 
 def test_agreement_on_train_rows_with_the_oracle_shows_both_rows_and_says_in_sample(fixtures_root, tmp_path):
