@@ -11,9 +11,7 @@ Any other exception is an internal error and keeps its traceback.
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -68,56 +66,6 @@ def user_error(error: BaseException) -> Optional[BaseException]:
         if isinstance(candidate, (ValueError, KeyError, OSError)) and _raised_by_mergelit(candidate):
             return candidate
     return None
-
-
-_UNKNOWN_KEY = (
-    (re.compile(r"Group '([\w.]+)' does not accept option '([\w.]+)'"), lambda m: f"{m[1]}.{m[2]}"),
-    (re.compile(r"unrecognized arguments: --([\w.]+)"), lambda m: m[1]),
-    (re.compile(r"[Kk]ey '([\w.]+)' is not expected"), lambda m: m[1]),
-)
-
-
-def close_keys(parser, message: str) -> str:
-    """`` Did you mean ...?`` for a misspelt config key or option in jsonargparse's ``message``."""
-    try:
-        known = set(parser.get_defaults().keys())  # every dotted config key the parser knows
-    except Exception:  # a parser whose defaults cannot be built: no suggestion
-        known = set()
-    nested = re.search(r"class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", message, re.S)
-    if nested:  # a method argument: the candidates are the class's __init__ arguments
-        import importlib
-        import inspect
-
-        module, _, name = nested[1].rpartition(".")
-        try:
-            arguments = list(inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters)
-        except (ImportError, AttributeError, ValueError):
-            arguments = []
-        matches = difflib.get_close_matches(nested[2], [a for a in arguments if a not in ("self", "pool")], n=3, cutoff=0.7)
-        if matches:
-            return f"\nDid you mean {' or '.join(repr(m) for m in matches)} (an argument of {name})?"
-    for pattern, key_of in _UNKNOWN_KEY:
-        match = pattern.search(message)
-        if match:
-            matches = difflib.get_close_matches(key_of(match), sorted(known), n=3, cutoff=0.75)
-            if matches:
-                return f"\nDid you mean {' or '.join(repr(m) for m in matches)}?"
-    return ""
-
-
-def _suggest_close_keys() -> None:
-    """Make jsonargparse's unknown-key errors suggest the closest known keys (once per process)."""
-    import jsonargparse
-
-    error = jsonargparse.ArgumentParser.error
-    if getattr(error, "_mergelit_suggests", False):
-        return
-
-    def error_with_suggestion(self, message: str, ex: Optional[Exception] = None):
-        return error(self, message + close_keys(self, message), ex)
-
-    error_with_suggestion._mergelit_suggests = True
-    jsonargparse.ArgumentParser.error = error_with_suggestion
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -191,7 +139,6 @@ def main(args: Optional[list[str]] = None) -> None:
     argv = [a for a in argv if a != "--debug"]
     try:
         check_config_files(argv)
-        _suggest_close_keys()
         _dispatch(argv)
     except (SystemExit, KeyboardInterrupt):
         raise

@@ -7,15 +7,23 @@ Config groups: ``pool:`` (ModelPool), ``model:`` (a MergeMethod subclass, ``clas
 method, and the pool's tasks and tokenizer into the data, so every part uses one task order.
 
 ``MergeCLI`` only parses and instantiates (LightningCLI's ``run=False``); ``test_command``
-then runs the flow of one ``mergelit test`` top to bottom (``mergelit.run.run_test``).
+then runs the flow of one ``mergelit test`` top to bottom (``mergelit.run.run_test``). A sweep
+holds a ``MergeCLI`` that only parses (``instantiate=False``) and makes each point's objects
+itself (``mergelit.sweep``).
+
+A misspelt key or option gets the closest known ones in its error (``Did you mean
+'data.batch_size'?``): ``MergeCLI``'s parser is a ``HintingArgumentParser``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import difflib
+import re
+from typing import Callable, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mergelit.errors import MergelitError
 from mergelit.glue import GLUEDataModule
 from mergelit.methods import MergeMethod, method_classes
 from mergelit.pool import ModelPool, fusionbench_pool_args, is_fusionbench_pool, tokenizer_path
@@ -80,16 +88,73 @@ def tasks_of(finetuned: dict) -> list[str]:
     return ordered_tasks(list(finetuned or {}))
 
 
+_UNKNOWN_KEY = (
+    (re.compile(r"Group '([\w.]+)' does not accept option '([\w.]+)'"), lambda m: f"{m[1]}.{m[2]}"),
+    (re.compile(r"unrecognized arguments: --([\w.]+)"), lambda m: m[1]),
+    (re.compile(r"[Kk]ey '([\w.]+)' is not expected"), lambda m: m[1]),
+)
+
+
+def close_keys(parser, message: str) -> str:
+    """`` Did you mean ...?`` for a misspelt config key or option in jsonargparse's ``message``."""
+    try:
+        known = set(parser.get_defaults().keys())  # every dotted config key the parser knows
+    except Exception:  # a parser whose defaults cannot be built: no suggestion
+        known = set()
+    nested = re.search(r"class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", message, re.S)
+    if nested:  # a method argument: the candidates are the class's __init__ arguments
+        import importlib
+        import inspect
+
+        module, _, name = nested[1].rpartition(".")
+        try:
+            arguments = list(inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters)
+        except (ImportError, AttributeError, ValueError):
+            arguments = []
+        matches = difflib.get_close_matches(nested[2], [a for a in arguments if a not in ("self", "pool")], n=3, cutoff=0.7)
+        if matches:
+            return f"\nDid you mean {' or '.join(repr(m) for m in matches)} (an argument of {name})?"
+    for pattern, key_of in _UNKNOWN_KEY:
+        match = pattern.search(message)
+        if match:
+            matches = difflib.get_close_matches(key_of(match), sorted(known), n=3, cutoff=0.75)
+            if matches:
+                return f"\nDid you mean {' or '.join(repr(m) for m in matches)}?"
+    return ""
+
+
+class HintingArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors end with the closest known keys to a misspelt one
+    (``Did you mean 'data.batch_size'?``); otherwise jsonargparse's behaviour, unchanged."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        return super().error(message + close_keys(self, message), ex)
+
+
 class MergeCLI(LightningCLI):
     """LightningCLI over a ``MergeMethod``, the GLUE DataModule and a ``pool:`` group (parse + instantiate).
 
     Args:
         args: the command line after ``mergelit test`` (default: ``sys.argv[2:]``), or a dict/Namespace.
+        instantiate: make the pool, data, method and trainer from the parsed config (``False``: parse
+            only; ``config`` and ``parser`` are then all there is, for a caller that makes the
+            objects itself, as a sweep does per point).
+        add_arguments: also add these arguments to the parser (``add_arguments(parser)``: a sweep's
+            ``sweep:`` group and ``--output_dir``).
     """
 
-    def __init__(self, args=None, **kwargs):
+    def __init__(
+        self,
+        args=None,
+        instantiate: bool = True,
+        add_arguments: Optional[Callable[[LightningArgumentParser], None]] = None,
+        **kwargs,
+    ):
         method_classes()  # import every method, so that short class names (`--model TiesMerging`) resolve
         args = fusionbench_args(args)  # FusionBench pool files work as the pool
+        self.instantiate = instantiate
+        self.extra_arguments = add_arguments
+        kwargs.setdefault("parser_class", HintingArgumentParser)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a rerun into the same log dir
         super().__init__(
@@ -107,7 +172,7 @@ class MergeCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         # As LightningCLI's, minus its warning about args given while sys.argv has some:
         # the `mergelit` command passes the arguments after `test`, on purpose.
-        self.config = parser.parse_args(args)
+        self.config = parse_config(parser, args)
 
     def instantiators(self) -> list[tuple]:
         """jsonargparse instantiators for this CLI's classes: a WandbLogger without an API key (and
@@ -116,6 +181,8 @@ class MergeCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         # As LightningCLI's, through jsonargparse's `instantiate` with this CLI's instantiators.
+        if not self.instantiate:
+            return
         self.config_init = self.parser.instantiate(self.config, instantiators=self.instantiators())
         self.datamodule = self.config_init.get("data")
         self.model = self.config_init.get("model")
@@ -166,6 +233,19 @@ class MergeCLI(LightningCLI):
             help="Score with torch's fused tanh GELU instead of transformers' Python formula: faster on CPU; "
             "logits change in the last bits (benchmarks/gelu.py measures it), so it is off by default.",
         )
+        if self.extra_arguments is not None:
+            self.extra_arguments(parser)
+
+
+def parse_config(parser: LightningArgumentParser, args, what: str = "The command line"):
+    """``parser.parse_args(args)``; a parser built with ``exit_on_error=False`` (a sweep's) raises its
+    error as a ``MergelitError`` (one line, its close-key hint kept) naming ``what`` was parsed."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(args)
+    except ArgumentError as error:
+        raise MergelitError(f"{what} is not a valid config: {error}") from None
 
 
 def test_command(args: Optional[list[str]] = None):

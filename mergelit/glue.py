@@ -17,13 +17,13 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from mergelit.errors import BadData, FileMissing, KeyMissing, MergelitError
+from mergelit.errors import BadData, FileMissing, KeyMissing, MergelitError, check_choice, check_number
 from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks
 
 # `datasets` (with pandas and pyarrow, ≈ 0.4 s) is imported in `raw`, where data is read, not here:
@@ -40,6 +40,17 @@ def has_tokenizer_files(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "tokenizer.json")) or (
         os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt"))
     )
+
+
+DEV_SOURCES = ("validation", "train")
+"""Where the dev split comes from (``data.dev_source``)."""
+
+
+def rows_hash(rows: Sequence[int]) -> str:
+    """A short hash of a list of row numbers (the dev rows, recorded in reports and ``selection.json``)."""
+    import json
+
+    return hashlib.sha256(json.dumps(list(rows)).encode()).hexdigest()[:16]
 
 
 def load_tokenizer(path: str):
@@ -192,18 +203,26 @@ class GLUEDataModule(L.LightningDataModule):
         extra_eval_splits: also score the extra evaluation splits the data has (MNLI
             ``validation_mismatched``, with the MNLI head), as separate report entries
             (``mnli_mismatched``) outside the 7-task average.
-        dev_size: rows per task of the labeled **dev split**, carved from ``train`` (never from
-            validation) for choosing hyperparameters without the validation labels
-            (``mergelit sweep --sweep.select_on dev|agreement``). A split of ``n`` rows gives
-            ``min(dev_size, n // 2)`` dev rows, so that at least half of it is left for statistics.
-            0: no dev split.
-        dev_seed: seed of the dev draw: the dev rows are the first ``dev_size`` of
-            ``torch.randperm(n)`` under this seed (``dev_indices``, recorded in ``sweep.json``).
-        hold_out_dev: statistics (Fisher, RegMean) skip the dev rows, so dev and statistics rows are
-            disjoint. Off by default: statistics then draw from the whole train split exactly as
+        dev_source: where the labeled **dev split** (for choosing hyperparameters without the
+            reported labels: ``mergelit sweep --sweep.select_on dev|agreement``) comes from.
+            ``validation`` (default): a seeded ``dev_fraction`` of each task's evaluation split,
+            held out of scoring under ``hold_out_dev``, so selection is out of sample for the
+            experts and the reported numbers are on the remaining rows. ``train``: ``dev_size``
+            rows of the train split, the data the experts were fine-tuned on: in-sample for them.
+        dev_fraction: the fraction of each evaluation split that is the dev split under
+            ``dev_source: validation`` (0.1, as MergeLM's protocol): ``int(n * dev_fraction)``
+            rows, at least one, at most ``n - 1``.
+        dev_size: rows per task of the dev split under ``dev_source: train``: ``min(dev_size,
+            n // 2)`` of the ``n`` train rows, so that at least half is left for statistics.
+        dev_seed: seed of the dev draw: the dev rows are the first rows of ``torch.randperm(n)``
+            under this seed (``dev_indices``, recorded in ``selection.json``).
+        hold_out_dev: hold the dev rows out of everything else that reads rows of their split
+            (``held_out_rows``): under ``dev_source: validation`` scoring (the test loaders) and
+            AdaMerging's validation inputs; under ``dev_source: train`` the statistics (Fisher,
+            RegMean) and train-split adaptation. Off by default: every row is used exactly as
             before (same rows, same numbers, same cache). A sweep with ``select_on`` other than
-            ``none`` turns it on (as ``--data.hold_out_dev true``, so each point's report equals a
-            ``mergelit test`` run with that flag).
+            ``none`` turns it on (as ``--data.hold_out_dev true``, so each point's report equals
+            a ``mergelit test`` run with that flag).
     """
 
     def __init__(
@@ -217,6 +236,8 @@ class GLUEDataModule(L.LightningDataModule):
         pad_to_max_length: bool = False,
         cache_dir: str = "lightning_logs/cache/tokenized",
         extra_eval_splits: bool = True,
+        dev_source: Literal["validation", "train"] = "validation",
+        dev_fraction: float = 0.1,
         dev_size: int = 500,
         dev_seed: int = 0,
         hold_out_dev: bool = False,
@@ -224,10 +245,14 @@ class GLUEDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.tasks = ordered_tasks(tasks)
+        check_choice(dev_source, "dev_source", DEV_SOURCES)
+        check_number(dev_fraction, "dev_fraction", 0.0, 1.0, low_open=True, high_open=True)
         if dev_size < 0:
             raise ValueError(f"dev_size must be >= 0 (0: no dev split), got {dev_size}.")
-        if hold_out_dev and dev_size == 0:
+        if hold_out_dev and dev_source == "train" and dev_size == 0:
             raise ValueError("hold_out_dev needs a dev split: set dev_size > 0, or hold_out_dev false.")
+        self.dev_source = dev_source
+        self.dev_fraction = dev_fraction
         self.dev_size = dev_size
         self.dev_seed = dev_seed
         self.hold_out_dev = hold_out_dev
@@ -250,6 +275,7 @@ class GLUEDataModule(L.LightningDataModule):
         self._raw: dict[str, datasets.DatasetDict] = {}
         self._tokenized: dict[tuple[str, str], datasets.Dataset] = {}
         self._checked: set[tuple[str, str]] = set()  # (task, split) that passed check_split
+        self._dev: dict[str, datasets.Dataset] = {}
 
     # ---- raw data -------------------------------------------------------------------------
     @property
@@ -266,7 +292,9 @@ class GLUEDataModule(L.LightningDataModule):
                 names = [self._split_name(task, role)]
                 if role == "eval":  # the extra evaluation splits (MNLI mismatched) are scored too
                     names += [split for t, split in self.extra_test_splits() if t == task]
-                for split in names:
+                if self.hold_out_dev:  # selection reads the dev rows
+                    names.append(self.dev_split(task))
+                for split in dict.fromkeys(names):
                     if (task, split) not in self._checked:
                         check_split(self.raw(task, split), task, split, self.path)
                         self._checked.add((task, split))
@@ -381,33 +409,75 @@ class GLUEDataModule(L.LightningDataModule):
     def train_dataset(self, task: str) -> datasets.Dataset:
         return self.tokenized(task, GLUE_TASKS[task].train_split)
 
-    # ---- the dev split (carved from train) ---------------------------------------------------
+    # ---- the dev split ----------------------------------------------------------------------
+    def dev_split(self, task: str) -> str:
+        """The split ``task``'s dev rows come from: its evaluation split, or its train split."""
+        info = GLUE_TASKS[task]
+        return info.eval_split if self.dev_source == "validation" else info.train_split
+
     def dev_indices(self, task: str) -> list[int]:
-        """The train rows of ``task``'s dev split, sorted: the first ``min(dev_size, n // 2)`` of a
-        ``dev_seed`` permutation of the ``n`` train rows (their labels are the dev labels)."""
-        n = len(self.raw(task, GLUE_TASKS[task].train_split))
-        size = min(self.dev_size, n // 2)
+        """The row numbers of ``task``'s dev rows in ``dev_split(task)``, sorted: the first rows of a
+        ``dev_seed`` permutation of its ``n`` rows, ``int(n * dev_fraction)`` of them (at least one,
+        at most ``n - 1``) from validation, ``min(dev_size, n // 2)`` from train."""
+        n = len(self.raw(task, self.dev_split(task)))
+        if self.dev_source == "validation":
+            size = min(max(1, int(n * self.dev_fraction)), n - 1)
+        else:
+            size = min(self.dev_size, n // 2)
         generator = torch.Generator().manual_seed(self.dev_seed)
         return sorted(torch.randperm(n, generator=generator)[:size].tolist())
 
-    def statistics_excluded(self, task: str) -> list[int]:
-        """Train rows that statistics must not draw: the dev rows under ``hold_out_dev``, else none."""
-        return self.held_out_rows(task, GLUE_TASKS[task].train_split)
-
     def held_out_rows(self, task: str, split: str) -> list[int]:
-        """Rows of ``task``'s ``split`` that are dev rows to hold out of statistics, adaptation and
-        scoring (sorted row numbers; none unless ``hold_out_dev``)."""
-        if self.hold_out_dev and split == GLUE_TASKS[task].train_split:
+        """Rows of ``task``'s ``split`` that nothing but selection may read (sorted row numbers): the
+        dev rows under ``hold_out_dev`` when ``split`` is the dev split, else none. Scoring
+        (``eval_dataloader``), statistics and adaptation skip them."""
+        if self.hold_out_dev and split == self.dev_split(task):
             return self.dev_indices(task)
         return []
 
+    def statistics_excluded(self, task: str) -> list[int]:
+        """Train rows that statistics must not draw: ``held_out_rows`` of the train split."""
+        return self.held_out_rows(task, GLUE_TASKS[task].train_split)
+
+    def scored_rows(self, task: str, split: str) -> list[int]:
+        """Row numbers of ``split`` that the test loader scores: every row but ``held_out_rows``."""
+        held_out = set(self.held_out_rows(task, split))
+        return [i for i in range(len(self.raw(task, split))) if i not in held_out]
+
+    def evaluation_record(self) -> dict[str, Any] | None:
+        """What the report's ``protocol.evaluation`` says when dev rows are held out of scoring: the
+        split, its rows, how many were held out and scored, and a hash of the held-out row numbers
+        (None when every row is scored)."""
+        held = {task: self.held_out_rows(task, GLUE_TASKS[task].eval_split) for task in self.tasks}
+        if not any(held.values()):
+            return None
+        return {
+            "scored": "the rows of each evaluation split that are not dev rows",
+            "dev_source": self.dev_source,
+            "dev_fraction": self.dev_fraction,
+            "dev_seed": self.dev_seed,
+            "tasks": {
+                task: {
+                    "split": GLUE_TASKS[task].eval_split,
+                    "rows": len(self.raw(task, GLUE_TASKS[task].eval_split)),
+                    "held_out": len(rows),
+                    "scored": len(self.raw(task, GLUE_TASKS[task].eval_split)) - len(rows),
+                    "held_out_sha256": rows_hash(rows),
+                }
+                for task, rows in held.items()
+            },
+        }
+
     def dev_dataset(self, task: str) -> datasets.Dataset:
-        """The dev rows of ``task``, tokenized (``input_ids``, ``label``, ``length``), in ``dev_indices`` order."""
-        indices = self.dev_indices(task)
-        if not indices:
-            raise ValueError(f"{task} has no dev rows (dev_size {self.dev_size}, train rows "
-                             f"{len(self.train_dataset(task))}); set data.dev_size > 0.")
-        return self.train_dataset(task).select(indices)
+        """The dev rows of ``task``, tokenized (``input_ids``, ``label``, ``length``, ``idx``), in
+        ``dev_indices`` order."""
+        if task not in self._dev:  # a sweep scores the same dev rows at every point: select them once
+            indices = self.dev_indices(task)
+            if not indices:
+                raise ValueError(f"{task} has no dev rows (dev_size {self.dev_size}, train rows "
+                                 f"{len(self.train_dataset(task))}); set data.dev_size > 0.")
+            self._dev[task] = self.tokenized(task, self.dev_split(task)).select(indices)
+        return self._dev[task]
 
     def dev_dataloader(self, task: str) -> DataLoader:
         """The dev rows of ``task`` in length-sorted batches, on one process (every rank sees all of them)."""
@@ -439,7 +509,12 @@ class GLUEDataModule(L.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def eval_dataloader(self, task: str, split: str | None = None) -> DataLoader:
-        dataset = self.eval_dataset(task) if split is None else self.tokenized(task, split)
+        """``split`` (default: the evaluation split) of ``task`` without its ``held_out_rows``, in
+        length-sorted batches, this process's share of them."""
+        split = split or GLUE_TASKS[task].eval_split
+        dataset = self.tokenized(task, split)
+        if self.held_out_rows(task, split):
+            dataset = dataset.select(self.scored_rows(task, split))
         num_replicas, rank = self._world()
         width = self.max_length if self.pad_to_max_length else None
         sampler = LengthSortedBatches(dataset["length"], self.batch_size, num_replicas, rank, self.max_tokens, width)

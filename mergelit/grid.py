@@ -1,9 +1,11 @@
 """Sweep grids and sweep folders: naming the points, checking the grid, the manifest and resume.
 
 A grid is ``sweep: {grid: {KEY: [values]}}``; every combination is a ``Point`` named after its
-values (``scaling_factor=0.3``). A sweep folder holds one report per point and the manifest
-``sweep.json``, whose fingerprint covers the config without the swept keys: a rerun resumes,
-a folder of another config is refused.
+values (``scaling_factor=0.3``); a swept ``model`` may give each method its own grid, and the
+points of one method are one *group* (selection chooses within it). A sweep folder holds a
+report per point scored on validation, a criterion file per point scored on the dev rows, and
+the manifest ``sweep.json``, whose fingerprint covers the config without the swept keys: a
+rerun resumes, a folder of another config is refused.
 """
 
 from __future__ import annotations
@@ -58,20 +60,26 @@ class Sweep:
         grid: config key -> list of values, e.g. ``model.init_args.scaling_factor: [0.0, 0.1]``. Keys
             are the dotted names ``--print_config`` shows; ``model`` takes whole methods
             (``{class_path: ..., init_args: ...}``), or ``all``: every method of ``mergelit.methods``
-            meant for comparison, with its recommended arguments. Several keys: their cartesian
-            product, the first key varying slowest.
+            meant for comparison, with its recommended arguments. A method may carry its own grid
+            of arguments, ``{class_path: ..., grid: {scaling_factor: [0.1, 0.2]}}``: one point per
+            combination, all of them one *method* for selection and ``compare`` (each method at
+            its own choice). Several keys: their cartesian product, the first key varying slowest.
         name: the sweep's name: the W&B group, and the output folder ``lightning_logs/sweeps/NAME``
             when there is no CSV logger. Default: the method, the swept keys and the config's fingerprint.
         percent: tables in percent with one decimal (as the published 7x7 and methods tables)
             instead of fractions with six digits (as the published λ tables).
         mark_best: bold the best value of each table column (as the methods table).
-        select_on: choose each method's point without the validation labels (``mergelit.selection``):
-            ``dev`` (accuracy on the labeled dev split carved from train, ``data.dev_size`` rows per
-            task), ``agreement`` (label-free: agreement of the merged model's predictions with each
-            task's fine-tuned model on the dev rows' texts), or ``none`` (today's table only). Every
-            point is still scored on validation: the table then has a **selected** row (validation
-            accuracy at the chosen point) and an **oracle** row (the best validation accuracy of the
-            grid, what published tables report), and ``sweep.json`` records the choice.
+        select_on: choose each method's point without the reported labels (``mergelit.selection``):
+            ``dev`` (accuracy on the labeled dev rows, ``data.dev_source``: held out of validation
+            by default), ``agreement`` (label-free: agreement of the merged model's predictions
+            with each task's fine-tuned model on the dev rows' texts), or ``none`` (every point
+            scored on validation, no selection). With selection every point is scored on the dev
+            rows only, the choice is written to ``selection.json``, and only each method's
+            **selected** point is scored on the validation rows (its report equals ``mergelit
+            test`` of that point).
+        oracle: with selection, also score every point on the validation rows, so that the table
+            has each method's **oracle** row (the best validation accuracy of its points: what
+            published tables report) beside the selected one.
         extra_metrics: the methods leaderboard (``compare``) also shows CoLA MCC, MRPC/QQP F1 and
             MNLI mismatched accuracy; ``false``: accuracy only.
     """
@@ -81,15 +89,20 @@ class Sweep:
     percent: bool = False
     mark_best: bool = False
     select_on: Literal["none", "dev", "agreement"] = "none"
+    oracle: bool = False
     extra_metrics: bool = True
 
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point: its file-safe name and the config values it sets."""
+    """One grid point: its file-safe name, the config values it sets, its method group (the method
+    label shared by the points among which selection chooses; ``""``: the sweep's one method), and
+    the arguments its method's own grid sweeps (shown in its labels even where they are defaults)."""
 
     name: str
     overrides: dict[str, Any]
+    group: str = ""
+    swept: tuple[str, ...] = ()
 
     def cli_args(self) -> list[str]:
         """``--KEY=VALUE`` flags, as a user (or ``wandb agent``) would append them to ``mergelit test``."""
@@ -108,12 +121,15 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _value_name(value: Any) -> str:
+def _value_name(value: Any, shown: Sequence[str] = ()) -> str:
     if isinstance(value, dict) and "class_path" in value:
-        # A whole method: TaskArithmetic(scaling_factor=0.5), its arguments that are not defaults.
-        args = ",".join(f"{k}={tables.format_value(v)}" for k, v in tables.changed_args(value).items())
+        # A whole method: TaskArithmetic(scaling_factor=0.5), its arguments that are not defaults
+        # (and those its own grid sweeps, default or not).
+        args = tables.changed_args(value)
+        args.update({k: value.get("init_args", {})[k] for k in shown if k not in args})
+        text = ",".join(f"{k}={tables.format_value(v)}" for k, v in args.items())
         name = value["class_path"].rsplit(".", 1)[-1]
-        return f"{name}({args})" if args else name
+        return f"{name}({text})" if text else name
     return tables.format_value(value)
 
 
@@ -121,17 +137,42 @@ def file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,()+-]", "_", name)
 
 
+def expand_models(values: Sequence[Any]) -> list[tuple[Any, str, tuple[str, ...]]]:
+    """The ``model`` values of a grid as ``(spec, group, swept)`` per point: a method with its own
+    ``grid:`` of arguments becomes one spec per combination (its arguments varying as listed, the
+    first slowest), all in one group named after the method and its fixed arguments."""
+    out = []
+    for value in values:
+        if not (isinstance(value, dict) and "grid" in value):
+            out.append((value, tables.method_label(value) if isinstance(value, dict) and "class_path" in value else str(value), ()))
+            continue
+        spec = {k: v for k, v in value.items() if k != "grid"}
+        own = value["grid"]
+        if not isinstance(own, dict) or not own or not all(isinstance(v, list) and v for v in own.values()):
+            raise ValueError(
+                f"sweep.grid.model: the grid of {spec.get('class_path')!r} is {own!r}; give a mapping of "
+                f"argument -> non-empty list, e.g. `grid: {{scaling_factor: [0.1, 0.3, 0.5]}}`."
+            )
+        fixed = dict(spec.get("init_args") or {})
+        group = tables.method_label({**spec, "init_args": {k: v for k, v in fixed.items() if k not in own}})
+        for combination in itertools.product(*own.values()):
+            out.append(({**spec, "init_args": {**fixed, **dict(zip(own, combination))}}, group, tuple(own)))
+    return out
+
+
 def grid_points(grid: dict[str, list[Any]]) -> list[Point]:
     """Every combination of the grid's values, in order, named ``key=value,key=value`` after the
-    last part of each key (``scaling_factor=0.3``; a swept ``model`` is named by its class)."""
+    last part of each key (``scaling_factor=0.3``; a swept ``model`` is named by its class and the
+    arguments it sets). A swept ``model`` gives each point its method group (``expand_models``)."""
     shorts = [tables.short_key(key) for key in grid]
     labels = [key if shorts.count(short) > 1 else short for key, short in zip(grid, shorts)]
+    values = {key: expand_models(v) if key == "model" else [(x, "", ()) for x in v] for key, v in grid.items()}
     points, seen = [], {}
-    for values in itertools.product(*grid.values()):
-        overrides = dict(zip(grid, values))
+    for combination in itertools.product(*values.values()):
+        overrides = {key: value for key, (value, _, _) in zip(grid, combination)}
         parts = [
-            _value_name(value) if key == "model" else f"{label}={_value_name(value)}"
-            for (key, value), label in zip(overrides.items(), labels)
+            _value_name(value, swept) if key == "model" else f"{label}={_value_name(value)}"
+            for (key, (value, _, swept)), label in zip(zip(grid, combination), labels)
         ]
         name = file_safe(",".join(parts))
         if name in seen:
@@ -139,7 +180,8 @@ def grid_points(grid: dict[str, list[Any]]) -> list[Point]:
                 f"sweep.grid gives the point {name!r} twice ({seen[name]} and {overrides}); list each value once."
             )
         seen[name] = overrides
-        points.append(Point(name, overrides))
+        group, swept = next(((group, swept) for key, (_, group, swept) in zip(grid, combination) if key == "model"), ("", ()))
+        points.append(Point(name, overrides, group, swept))
     return points
 
 
@@ -268,7 +310,7 @@ def prepare_folder(folder: Path, manifest: dict[str, Any], points: Sequence[Poin
                 f"{conflict}\nRefusing to mix results: choose another --output_dir, or pass --overwrite to replace them."
             )
         criteria = [n.replace(".json", tables.CRITERION_SUFFIX) for n in sorted(names)]
-        for name in sorted(names) + criteria + ["table.md", "table.csv", "plot.png", tables.MANIFEST]:
+        for name in sorted(names) + criteria + ["table.md", "table.csv", "plot.png", tables.SELECTION, tables.MANIFEST]:
             (folder / name).unlink(missing_ok=True)
     atomic_write_text(path, json.dumps(manifest, indent=2, default=str) + "\n")
 

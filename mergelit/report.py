@@ -218,7 +218,10 @@ class ReportWriter(Callback):
     ``trainer.test``), the per-example rows of every task (gathered from every process at the end),
     and the ``protocol`` entry. The report is ``make_report`` of the method's ``results`` plus that
     protocol; it is in ``report`` after the test, written to ``report.json`` in the run's log folder
-    and to ``path`` (``--report_save_path``).
+    and to ``path`` (``--report_save_path``). From the per-example rows the protocol also gets
+    ``per_example`` (each entry's correctness, compactly), ``uncertainty`` (95 % bootstrap
+    intervals of each task's accuracy and of the average: ``mergelit.uncertainty``) and, when the
+    data holds dev rows out of scoring, ``evaluation`` (which rows were scored).
 
     Args:
         log_dir: also write ``report.json`` into the run's log folder (``trainer.log_dir``).
@@ -273,6 +276,7 @@ class ReportWriter(Callback):
         tasks = list(pl_module.tasks)
         extra = {entry: values for entry, values in results.items() if entry not in tasks}
         self.report = make_report({t: results[t] for t in tasks}, extra, protocol_entry(pl_module, trainer, self.costs))
+        self.report[PROTOCOL].update(sampling_entries(getattr(trainer, "datamodule", None), tasks, predictions))
         self.predictions = predictions
         if not trainer.is_global_zero:
             return
@@ -291,6 +295,25 @@ class ReportWriter(Callback):
                 self.written.extend(write_predictions(predictions, folder / "predictions", partial))
             else:
                 remove_predictions(folder / "predictions")
+
+
+def sampling_entries(datamodule: Any, tasks: list[str], predictions: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, Any]:
+    """The protocol entries about what was sampled: ``evaluation`` (the dev rows held out of scoring,
+    when the data holds some out), ``per_example`` (each entry's correctness, compactly:
+    ``mergelit.uncertainty.encode_correct``) and ``uncertainty`` (95 % bootstrap intervals of each
+    task's accuracy and of the average, from the same resamples)."""
+    from mergelit import uncertainty
+
+    out: dict[str, Any] = {}
+    record = datamodule.evaluation_record() if hasattr(datamodule, "evaluation_record") else None
+    if record is not None:
+        out["evaluation"] = record
+    if not predictions or any(not predictions.get(task) for task in tasks):
+        return out
+    per_example = {entry: uncertainty.encode_correct(rows) for entry, rows in predictions.items() if rows}
+    out["per_example"] = per_example
+    out["uncertainty"] = uncertainty.uncertainty_entry(per_example, tasks)
+    return out
 
 
 def gather_predictions(rows: dict[str, list[tuple]], entries: list[str], trainer=None) -> dict[str, list[dict[str, Any]]]:

@@ -11,12 +11,21 @@ cross-task table and the methods table in percent with one decimal. The methods 
 has a CSV twin with full-precision fractions.
 
 ``compare`` reads, for each path: a report JSON; a run's log folder (``report.json``, labelled
-from its ``config.yaml``); a sweep folder (``sweep.json``: its best point by average accuracy,
-or, for a sweep of ``Individual`` over every task, the diagonal "Fine-tuned (individual)"
-row); or a folder of such runs (``lightning_logs/``: each run in it). A sweep run with
-``--sweep.select_on dev|agreement`` gives each method's *selected* point, labelled "selected on
-dev (of N)"; one without selection gives its best point, labelled "best of N (oracle)": that
-point was chosen by reading the very validation labels it is reported on.
+from its ``config.yaml``); a sweep folder (``sweep.json``; below); or a folder of such runs
+(``lightning_logs/``: each run in it). A sweep folder gives, per method (a group of points:
+the sweep's one method, or each method of a methods sweep with its own range), its
+**selected** point when the sweep selected (``selection.json``: "selected on dev (of N)"), and
+its **oracle** point when every point of it was scored on validation ("best of N (oracle)": a
+point chosen by reading the very labels it is reported on); a method of one point is a plain
+row; a sweep of ``Individual`` over every task gives the diagonal "Fine-tuned (individual)" row.
+
+The leaderboard adds, per row: the average's 95 % bootstrap interval, the normalized accuracy
+(mean over tasks of accuracy / the fine-tuned model's own, when the individual row is among the
+rows), the gain over a reference method in points and the paired win probability against it
+(``--against``, default Task Arithmetic: selected rows against its selected row, oracle rows
+against its oracle row), the extra metrics, the total cost (prepare, at its original time when
+cached, + merge), load time, each phase's peak memory, bodies at inference, the data read
+(a selected row names the dev rows it read) and the kind.
 """
 
 from __future__ import annotations
@@ -55,13 +64,25 @@ MANIFEST = "sweep.json"
 CRITERION_SUFFIX = ".criterion.json"
 """A sweep point's selection criterion value sits beside its report: ``<point>.criterion.json``."""
 
+SELECTION = "selection.json"
+"""The selection step's result in a sweep folder (``mergelit.selection.write_selection``)."""
+
 
 @dataclass
 class Row:
-    """One table row: the values of the row's label columns, and its report."""
+    """One table row: the values of the row's label columns, and its report (None: a sweep point not
+    scored on validation, shown as "–").
+
+    ``role`` says how a leaderboard row was chosen: ``selected`` (on the dev rows), ``oracle`` (the
+    best validation accuracy of several points), ``individual`` (the fine-tuned models' diagonal)
+    or ``""`` (a single run). ``data`` replaces the report's ``protocol.data`` in the leaderboard
+    when the choice read more than the method did (``none + dev labels (validation rows)``).
+    """
 
     labels: list[str]
-    report: Report
+    report: Optional[Report]
+    role: str = ""
+    data: Optional[str] = None
 
 
 # ---- labels ------------------------------------------------------------------------------
@@ -114,24 +135,24 @@ def _defaults(class_path: str) -> dict[str, Any]:
     return {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
-def changed_args(spec: dict[str, Any]) -> dict[str, Any]:
+def changed_args(spec: dict[str, Any], always: Sequence[str] = ()) -> dict[str, Any]:
     """The ``init_args`` of a method spec that differ from its class's defaults (the pool left out,
     and ``cache_dir`` / ``coefficients_path``: where results are cached is no part of what a method computes)."""
     defaults = _defaults(spec["class_path"])
     return {
         k: v
         for k, v in (spec.get("init_args") or {}).items()
-        if k not in ("pool", "cache_dir", "coefficients_path") and not (k in defaults and _same(defaults[k], v))
+        if k not in ("pool", "cache_dir", "coefficients_path") and (k in always or not (k in defaults and _same(defaults[k], v)))
     }
 
 
-def method_label(spec: dict[str, Any]) -> str:
+def method_label(spec: dict[str, Any], always: Sequence[str] = ()) -> str:
     """``{"class_path": ...TaskArithmetic, "init_args": {"scaling_factor": 0.5}}`` -> ``Task Arithmetic (λ=0.5)``.
 
     Only the arguments that differ from the class's defaults are shown, so a default run reads
-    as the bare method name.
+    as the bare method name; ``always``: these arguments too (those a sweep varies).
     """
-    args = [f"{symbol(k, spec['class_path'])}={format_value(v)}" for k, v in changed_args(spec).items()]
+    args = [f"{symbol(k, spec['class_path'])}={format_value(v)}" for k, v in changed_args(spec, always).items()]
     name = method_name(spec["class_path"])
     return f"{name} ({', '.join(args)})" if args else name
 
@@ -153,7 +174,8 @@ def _accuracy(report: Report, key: str) -> float:
 
 
 def _best(rows: Sequence[Row], columns: Sequence[str]) -> dict[str, float]:
-    return {c: max(_accuracy(r.report, c) for r in rows) for c in columns}
+    scored = [r for r in rows if r.report is not None]
+    return {c: max(_accuracy(r.report, c) for r in scored) for c in columns} if scored else {}
 
 
 def markdown_table(
@@ -179,6 +201,9 @@ def markdown_table(
     for row in rows:
         cells = [_display(label, percent) for label in row.labels]
         for column in columns:
+            if row.report is None:
+                cells.append("–")
+                continue
             value = _accuracy(row.report, column)
             text = f"{100 * value:.1f}" if percent else repr(round(value, 6))
             cells.append(f"**{text}**" if column in best and value == best[column] else text)
@@ -192,7 +217,7 @@ def csv_table(rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str])
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*headers, *tasks, "average"])
     for row in rows:
-        writer.writerow([*row.labels, *(repr(_accuracy(row.report, c)) for c in [*tasks, "average"])])
+        writer.writerow([*row.labels, *("" if row.report is None else repr(_accuracy(row.report, c)) for c in [*tasks, "average"])])
     return out.getvalue()
 
 
@@ -226,9 +251,11 @@ def is_numeric(values: Sequence[Any]) -> bool:
 
 
 def plot_sweep(
-    path: str | os.PathLike, xs: Sequence[float], rows: Sequence[Row], tasks: Sequence[str], xlabel: str, title: str = ""
+    path: str | os.PathLike, xs: Sequence[float], rows: Sequence[Row], tasks: Sequence[str], xlabel: str, title: str = "",
+    ylabel: str = "accuracy (%)",
 ) -> Path:
-    """Accuracy of each task against the swept value, the average in bold, its best point marked."""
+    """Accuracy (or a criterion: ``ylabel``) of each task against the swept value, the average in
+    bold, its best point marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for task in tasks:
@@ -246,7 +273,7 @@ def plot_sweep(
         fontweight="bold",
     )
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -354,7 +381,8 @@ def _run_label(folder: Path) -> str:
 
 def individual_diagonal(manifest: dict[str, Any], reports: dict[str, Report]) -> Optional[Report]:
     """The "Fine-tuned (individual)" row: each task scored by its own fine-tuned body, taken from
-    a sweep of ``Individual`` over every task of the pool (the 7x7 table's diagonal)."""
+    a sweep of ``Individual`` over every task of the pool (the 7x7 table's diagonal). It keeps
+    each task's per-example correctness, so its interval and paired comparisons work as a run's."""
     tasks = manifest["tasks"]
     by_task = {}
     for name, point in manifest["points"].items():
@@ -364,11 +392,23 @@ def individual_diagonal(manifest: dict[str, Any], reports: dict[str, Report]) ->
         by_task[(model.get("init_args") or {}).get("task")] = reports[name]
     if set(by_task) != set(tasks):
         return None
-    return make_report({t: by_task[t][t] for t in tasks})
+    examples = {t: (by_task[t].get(PROTOCOL) or {}).get("per_example", {}).get(t) for t in tasks}
+    protocol = {"method": "Fine-tuned (individual)", "kind": "task-aware", "data": "none", "bodies_at_inference": float(len(tasks))}
+    if all(examples.values()):
+        protocol["per_example"] = examples
+    return make_report({t: by_task[t][t] for t in tasks}, protocol=protocol)
+
+
+def read_selection(folder: Path) -> Optional[dict[str, Any]]:
+    """A sweep folder's ``selection.json`` (written by its selection step), or None."""
+    path = folder / SELECTION
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def sweep_rows(folder: Path) -> list[Row]:
-    """A sweep folder's row for the methods table: the individual diagonal, or the best point."""
+    """A sweep folder's rows for the leaderboard: the individual diagonal; or per method (a group
+    of points) its **selected** point (when the sweep selected) and its **oracle** point (when every
+    point of it was scored on validation); a method of one point: that point."""
     manifest = json.loads((folder / MANIFEST).read_text())
     tasks = manifest["tasks"]
     reports = {}
@@ -376,26 +416,46 @@ def sweep_rows(folder: Path) -> list[Row]:
         path = folder / f"{name}.json"
         if path.is_file():
             reports[name] = load_report(path, tasks)
-    if not reports:
-        raise ValueError(f"Sweep folder {folder} has no complete point yet; run its sweep first.")
     diagonal = individual_diagonal(manifest, reports)
     if diagonal is not None:
-        return [Row(["Fine-tuned (individual)"], diagonal)]
+        return [Row(["Fine-tuned (individual)"], diagonal, role="individual")]
+
     def label_of(name: str) -> str:
         point = manifest["points"][name]
-        label = method_label(point["model"]) if point.get("model") else name
+        label = method_label(point["model"], point.get("swept", ())) if point.get("model") else name
         others = [f"{header_of(k)}={format_value(v)}" for k, v in point["overrides"].items() if not k.startswith("model")]
         return f"{label} ({', '.join(others)})" if others else label
 
-    selected = manifest.get("selected_points") if manifest.get("select_on", "none") != "none" else None
-    if selected:  # chosen on the criterion (mergelit.selection), never on the validation labels
-        missing = [name for name in selected if name not in reports]
-        if missing:
-            raise ValueError(f"Sweep folder {folder}: the selected point(s) {missing} have no complete report.")
-        return [Row([f"{label_of(name)}, selected on {manifest['select_on']} (of {len(manifest['points'])})"], reports[name])
-                for name in selected]
-    best = max(reports, key=lambda name: reports[name]["average"]["accuracy"])
-    return [Row([f"{label_of(best)}, best of {len(manifest['points'])} (oracle)"], reports[best])]
+    def data_of(name: str, read: str) -> str:
+        return f"{_protocol(reports[name]).get('data', 'none')} + {read}"
+
+    picked = read_selection(folder)
+    groups = picked["groups"] if picked else {}
+    if not groups:
+        for name, point in manifest["points"].items():
+            groups.setdefault(point.get("group", ""), {"points": []})["points"].append(name)
+    rows = []
+    for info in groups.values():
+        names = info["points"]
+        if len(names) == 1 and names[0] in reports:
+            rows.append(Row([label_of(names[0])], reports[names[0]]))
+            continue
+        if picked:
+            name = info["selected"]
+            if name not in reports:
+                raise ValueError(f"Sweep folder {folder}: the selected point {name!r} has no complete report; rerun its sweep.")
+            on = picked.get("chosen_on", picked["select_on"])
+            rows.append(Row([f"{label_of(name)}, selected on {on} (of {len(names)})"], reports[name],
+                            role="selected", data=data_of(name, picked.get("data_read", picked.get("labels_used", "dev rows")))))
+        scored = [name for name in names if name in reports]
+        if scored and (not picked or len(scored) == len(names)):  # without selection: the best scored so far
+            best = max(scored, key=lambda name: reports[name]["average"]["accuracy"])
+            of = f"{len(names)}" if len(scored) == len(names) else f"{len(scored)} scored of {len(names)}"
+            rows.append(Row([f"{label_of(best)}, best of {of} (oracle)"], reports[best], role="oracle",
+                            data=data_of(best, "validation labels (oracle)")))
+    if not rows:
+        raise ValueError(f"Sweep folder {folder} has no complete point yet; run its sweep first.")
+    return rows
 
 
 def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
@@ -469,7 +529,7 @@ def metrics_from_predictions(folder: str | os.PathLike) -> Report:
     return make_report({t: scored[t] for t in tasks}, extra)
 
 
-# ---- the leaderboard ---------------------------------------------------------------------
+# ---- the leaderboard ----------------------------------------------------------------------
 EXTRA_COLUMNS: list[tuple[str, str, str]] = [
     ("CoLA-MCC", "cola", "mcc"),
     ("MRPC-F1", "mrpc", "f1"),
@@ -479,13 +539,27 @@ EXTRA_COLUMNS: list[tuple[str, str, str]] = [
 """The leaderboard's extra-metric columns: (header, report entry, metric)."""
 
 COST_COLUMNS: list[tuple[str, str]] = [
-    ("merge s", "merge_seconds"),
-    ("peak GB", "merge_peak_gb"),
-    ("prep s", "prepare_seconds"),
+    ("cost s", "total_cost_seconds"),
+    ("load s", "load_seconds"),
+    ("prep GB", "prepare_peak_gb"),
+    ("merge GB", "merge_peak_gb"),
 ]
-"""The leaderboard's cost columns: (header, key of the report's ``protocol.costs``)."""
+"""The leaderboard's cost columns (header, name): the **total cost** = prepare (statistics,
+adaptation; the original computation's seconds when this run read them from a cache, marked †)
++ merge, reading the pool separately, and each phase's peak memory above what was resident when
+it started (prepare's original peak when cached). The CSV has every ``protocol.costs`` key."""
+
+COST_KEYS = ("load_seconds", "prepare_seconds", "prepare_peak_gb", "prepare_cached", "prepare_original_seconds",
+             "prepare_original_peak_gb", "merge_seconds", "merge_peak_gb")
+"""The report's ``protocol.costs`` keys (``mergelit.costs.CostRecord.as_dict``), as CSV columns."""
 
 PROTOCOL_COLUMNS: list[tuple[str, str]] = [("bodies", "bodies_at_inference"), ("data", "data"), ("kind", "kind")]
+
+CACHED = "†"
+"""Marks a total cost whose prepare part was read from a cache (its original time is counted)."""
+
+OTHER_ROWS = "‡"
+"""Marks a normalized accuracy whose fine-tuned reference scored other rows than the run."""
 
 
 def _extra_value(report: Report, entry: str, metric: str) -> Optional[float]:
@@ -500,7 +574,25 @@ def _protocol(report: Report) -> dict[str, Any]:
 
 def _cost(report: Report, key: str) -> Optional[float]:
     value = (_protocol(report).get("costs") or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def prepare_cost(report: Report) -> tuple[Optional[float], Optional[float], bool]:
+    """``(seconds, peak GB, cached)`` of the prepare phase: what the result cost to produce, i.e. the
+    original computation's figures when this run read it from a cache."""
+    cached = bool((_protocol(report).get("costs") or {}).get("prepare_cached"))
+    if cached:
+        return _cost(report, "prepare_original_seconds"), _cost(report, "prepare_original_peak_gb"), True
+    return _cost(report, "prepare_seconds"), _cost(report, "prepare_peak_gb"), False
+
+
+def total_cost(report: Report) -> Optional[float]:
+    """Prepare (original seconds when cached) + merge seconds; None when the report records neither."""
+    prepare, _, _ = prepare_cost(report)
+    merge = _cost(report, "merge_seconds")
+    if prepare is None and merge is None:
+        return None
+    return (prepare or 0.0) + (merge or 0.0)
 
 
 def _seconds(value: Optional[float]) -> str:
@@ -509,80 +601,265 @@ def _seconds(value: Optional[float]) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
-def leaderboard_columns(rows: Sequence[Row], extra_metrics: bool = True) -> list[tuple[str, str, str]]:
-    """The extra-metric columns at least one row has (MNLI-mm only where the data had it)."""
-    if not extra_metrics:
-        return []
-    return [c for c in EXTRA_COLUMNS if any(_extra_value(r.report, c[1], c[2]) is not None for r in rows)]
+def _gb(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
-def leaderboard_cells(row: Row, extra: Sequence[tuple[str, str, str]]) -> tuple[list[Optional[float]], list[str]]:
-    """A row's extra metrics (fractions, None where missing) and its cost/protocol cells as text."""
-    metrics = [_extra_value(row.report, entry, metric) for _, entry, metric in extra]
-    protocol = _protocol(row.report)
-    bodies = protocol.get("bodies_at_inference")
-    peak = _cost(row.report, "merge_peak_gb")
-    cells = [
-        _seconds(_cost(row.report, "merge_seconds")),
-        "–" if peak is None else f"{peak:.2f}",
-        _seconds(_cost(row.report, "prepare_seconds")),
-        "–" if not isinstance(bodies, (int, float)) else f"{bodies:g}" if float(bodies).is_integer() else f"{bodies:.2f}",
-        str(protocol.get("data", "–")),
-        str(protocol.get("kind", "–")),
-    ]
-    return metrics, cells
+# ---- uncertainty and references --------------------------------------------------------------
+def per_example(report: Report, tasks: Sequence[str]) -> Optional[dict[str, Any]]:
+    """The report's stored per-example correctness of ``tasks`` (``protocol.per_example``), or None."""
+    stored = _protocol(report).get("per_example") or {}
+    return {t: stored[t] for t in tasks} if all(t in stored for t in tasks) else None
 
 
-def leaderboard_markdown(rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True) -> str:
-    """The methods table with costs: Method, accuracy per task (%), Avg., the extra metrics (%: CoLA
-    MCC, MRPC/QQP F1, MNLI mismatched accuracy), merge seconds, peak memory (GB), prepare seconds,
-    bodies kept at inference, data used and kind. Best accuracy and extra metric per column in bold."""
-    extra = leaderboard_columns(rows, extra_metrics)
-    table = markdown_table(rows, tasks, ["Method"], percent=True, mark_best=True).splitlines()
-    headers = [h for h, _, _ in extra] + [h for h, _ in COST_COLUMNS] + [h for h, _ in PROTOCOL_COLUMNS]
-    lines = [table[0] + " " + " | ".join(headers) + " |", table[1] + "---|" * len(headers)]
-    values = [leaderboard_cells(row, extra) for row in rows]
-    best = [max((v[0][j] for v in values if v[0][j] is not None), default=None) for j in range(len(extra))]
-    for line, (metrics, cells) in zip(table[2:], values):
-        texts = []
-        for j, value in enumerate(metrics):
+def resampled(report: Report, tasks: Sequence[str]):
+    """The report's bootstrap of ``tasks`` and their average (``mergelit.uncertainty.bootstrap``), or None."""
+    from mergelit import uncertainty
+
+    stored = per_example(report, tasks)
+    if stored is None:
+        return None
+    return uncertainty.bootstrap({t: uncertainty.decode_correct(stored[t]) for t in tasks})
+
+
+def accuracy_interval(report: Report, entry: str, tasks: Sequence[str]) -> Optional[list[float]]:
+    """The 95 % interval of ``entry``'s accuracy (a task or ``average``): the report's own
+    (``protocol.uncertainty``), else the bootstrap of its per-example correctness, else None."""
+    from mergelit import uncertainty
+
+    stored = (_protocol(report).get("uncertainty") or {}).get("accuracy") or {}
+    if entry in stored:
+        return list(stored[entry])
+    draws = resampled(report, tasks)
+    return None if draws is None or entry not in draws else uncertainty.interval(draws[entry])
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def matches(row: Row, name: str) -> bool:
+    """Whether ``row`` is a run of the method ``name`` (a config or class name: ``task_arithmetic``,
+    ``TaskArithmetic``, ``Task Arithmetic``, its module ``ties``), or its label is ``name``."""
+    wanted = _normalized(name)
+    class_path = str(_protocol(row.report).get("class_path", ""))
+    module, _, cls = class_path.rpartition(".")
+    names = {cls, module.rpartition(".")[2], str(_protocol(row.report).get("method", "")), row.labels[0]}
+    return wanted in {_normalized(n) for n in names if n}
+
+
+def reference_title(name: str) -> str:
+    """The display name of the method ``name`` stands for (``task_arithmetic`` -> ``Task Arithmetic``),
+    else ``name`` itself."""
+    from mergelit.methods import method_classes
+
+    wanted = _normalized(name)
+    for cls in method_classes():
+        if wanted in {_normalized(n) for n in (cls.__name__, cls.__module__.rpartition(".")[2], cls.display_name)}:
+            return cls.display_name
+    return name
+
+
+def reference_rows(rows: Sequence[Row], against: str) -> dict[int, Optional[Row]]:
+    """For each row (by index) its reference: the row of method ``against`` chosen the same way
+    (selected vs selected, oracle vs oracle); failing that, its selected, single, then oracle row."""
+    candidates = [row for row in rows if row.report is not None and matches(row, against)]
+    out: dict[int, Optional[Row]] = {}
+    for i, row in enumerate(rows):
+        same = [c for c in candidates if c.role == row.role]
+        ordered = same + sorted((c for c in candidates if c not in same), key=lambda c: ["selected", "", "oracle"].index(c.role)
+                                if c.role in ("selected", "", "oracle") else 3)
+        out[i] = ordered[0] if ordered else None
+    return out
+
+
+def _other_rows(report: Report, individual: Report, tasks: Sequence[str]) -> bool:
+    """Whether two reports' stored per-example ids differ on some task (unknown: False)."""
+    ours, theirs = per_example(report, tasks), per_example(individual, tasks)
+    return bool(ours and theirs) and any(ours[t]["ids_sha256"] != theirs[t]["ids_sha256"] for t in tasks)
+
+
+def normalized_accuracy(report: Report, individual: Report, tasks: Sequence[str]) -> float:
+    """The mean over tasks of accuracy / the fine-tuned model's own accuracy on that task (the TSV-M
+    and Iso papers' normalized accuracy); ``individual``: the fine-tuned models' diagonal."""
+    return sum(_accuracy(report, t) / _accuracy(individual, t) for t in tasks) / len(tasks)
+
+
+@dataclass
+class Leaderboard:
+    """Everything the leaderboard shows beside accuracy, computed once per ``rows``.
+
+    Columns that no row can fill are left out: the interval where no report holds per-example
+    results, ``Norm.`` without an individual (7x7 diagonal) row, the gain and ``P(win)`` without
+    a row of the reference method (``against``), ``P(win)`` where the two runs did not score the
+    same rows.
+    """
+
+    rows: Sequence[Row]
+    tasks: Sequence[str]
+    extra_metrics: bool = True
+    against: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        rows, tasks = self.rows, self.tasks
+        self.extra = (
+            [c for c in EXTRA_COLUMNS if any(_extra_value(r.report, c[1], c[2]) is not None for r in rows)]
+            if self.extra_metrics else []
+        )
+        self.intervals = [accuracy_interval(r.report, "average", tasks) for r in rows]
+        individual = next((r for r in rows if r.role == "individual"), None)
+        self.normalized = [normalized_accuracy(r.report, individual.report, tasks) if individual else None for r in rows]
+        # Normalized by accuracies measured on other rows (a run without the held-out dev rows): marked.
+        self.other_rows = [individual is not None and _other_rows(r.report, individual.report, tasks) for r in rows]
+        name = self.against or "task_arithmetic"
+        self.references = reference_rows(rows, name)
+        if self.against and not any(self.references.values()):
+            raise ValueError(f"--against {self.against}: no row is a run of it; the rows are "
+                             f"{', '.join(repr(r.labels[0]) for r in rows)}.")
+        self.reference_name = reference_title(name)
+        self.gains = [None if ref is None else _accuracy(r.report, "average") - _accuracy(ref.report, "average")
+                      for r, ref in zip(rows, self.references.values())]
+        draws: dict[int, Any] = {}
+
+        def bootstrap_of(row: Row):
+            if id(row) not in draws:
+                draws[id(row)] = resampled(row.report, tasks)
+            return draws[id(row)]
+
+        from mergelit import uncertainty
+
+        self.wins: list[Optional[float]] = []
+        for row, ref in zip(rows, self.references.values()):
+            ours, theirs = (per_example(row.report, tasks), per_example(ref.report, tasks)) if ref else (None, None)
+            paired = ours and theirs and all(ours[t]["ids_sha256"] == theirs[t]["ids_sha256"] for t in tasks)
+            self.wins.append(uncertainty.win_probability(bootstrap_of(row), bootstrap_of(ref)) if paired else None)
+
+    # ---- columns ----------------------------------------------------------------------------
+    def headers(self) -> list[str]:
+        short = "TA" if self.reference_name == "Task Arithmetic" else self.reference_name
+        return [
+            *(["Avg. 95% CI"] if any(self.intervals) else []),
+            *(["Norm."] if any(v is not None for v in self.normalized) else []),
+            *([f"Δ {short}"] if any(v is not None for v in self.gains) else []),
+            *([f"P(win) vs {short}"] if any(v is not None for v in self.wins) else []),
+            *(h for h, _, _ in self.extra),
+            *(h for h, _ in COST_COLUMNS),
+            *(h for h, _ in PROTOCOL_COLUMNS),
+        ]
+
+    def cells(self, i: int, best: list[Optional[float]]) -> list[str]:
+        row = self.rows[i]
+        reference = self.references[i]
+        out = []
+        if any(self.intervals):
+            low_high = self.intervals[i]
+            out.append("–" if low_high is None else f"{100 * low_high[0]:.1f}–{100 * low_high[1]:.1f}")
+        if any(v is not None for v in self.normalized):
+            mark = OTHER_ROWS if self.other_rows[i] else ""
+            out.append("–" if self.normalized[i] is None else f"{100 * self.normalized[i]:.1f}{mark}")
+        if any(v is not None for v in self.gains):
+            out.append("–" if self.gains[i] is None else "ref" if reference is row else f"{100 * self.gains[i]:+.1f}")
+        if any(v is not None for v in self.wins):
+            out.append("–" if self.wins[i] is None else "ref" if reference is row else f"{self.wins[i]:.2f}")
+        for j, (_, entry, metric) in enumerate(self.extra):
+            value = _extra_value(row.report, entry, metric)
             text = "–" if value is None else f"{100 * value:.1f}"
-            texts.append(f"**{text}**" if value is not None and value == best[j] else text)
-        lines.append(line + " " + " | ".join([*texts, *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def leaderboard_csv(rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True) -> str:
-    """The leaderboard as CSV: fractions and seconds at full precision, empty where missing."""
-    extra = leaderboard_columns(rows, extra_metrics)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["Method", *tasks, "average", *(h for h, _, _ in extra), *(k for _, k in COST_COLUMNS), *(k for _, k in PROTOCOL_COLUMNS)])
-    for row in rows:
+            out.append(f"**{text}**" if value is not None and value == best[j] else text)
+        _, prepare_peak, cached = prepare_cost(row.report)
+        total = total_cost(row.report)
         protocol = _protocol(row.report)
+        bodies = protocol.get("bodies_at_inference")
+        out += [
+            _seconds(total) + (CACHED if cached and total is not None else ""),
+            _seconds(_cost(row.report, "load_seconds")),
+            _gb(prepare_peak),
+            _gb(_cost(row.report, "merge_peak_gb")),
+            "–" if not isinstance(bodies, (int, float)) else f"{bodies:g}" if float(bodies).is_integer() else f"{bodies:.2f}",
+            row.data or str(protocol.get("data", "–")),
+            str(protocol.get("kind", "–")),
+        ]
+        return out
+
+    def markdown(self) -> str:
+        """The methods table with everything else: Method, accuracy per task (%), Avg., the average's
+        95 % interval, normalized accuracy, the gain over the reference in points and the paired
+        win probability against it, the extra metrics (%), the costs, bodies kept at inference,
+        data read and kind. Best accuracy and extra metric per column in bold."""
+        table = markdown_table(self.rows, self.tasks, ["Method"], percent=True, mark_best=True).splitlines()
+        headers = self.headers()
+        lines = [table[0] + " " + " | ".join(headers) + " |", table[1] + "---|" * len(headers)]
+        best = [max((v for v in (_extra_value(r.report, e, m) for r in self.rows) if v is not None), default=None)
+                for _, e, m in self.extra]
+        for i, line in enumerate(table[2:]):
+            lines.append(line + " " + " | ".join(self.cells(i, best)) + " |")
+        notes = []
+        if any(prepare_cost(r.report)[2] for r in self.rows):
+            notes.append(f"{CACHED} prepare read from a cache: the cost counts its original computation.")
+        if any(self.other_rows):
+            notes.append(f"{OTHER_ROWS} normalized by the fine-tuned models' accuracy on other rows of the same splits "
+                         f"(e.g. with or without the held-out dev rows).")
+        if any(self.intervals):
+            notes.append("95% CI: percentile bootstrap over each task's examples (1000 resamples, seed 0).")
+        if any(v is not None for v in self.wins):
+            notes.append("P(win): share of paired resamples (the same examples) where the row's average beats the reference's.")
+        return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+    def csv(self) -> str:
+        """The same rows as CSV: fractions, intervals (per task and average) and costs at full
+        precision, empty where missing."""
+        tasks = list(self.tasks)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
         writer.writerow([
-            *row.labels,
-            *(repr(_accuracy(row.report, c)) for c in [*tasks, "average"]),
-            *("" if v is None else repr(v) for v in (_extra_value(row.report, e, m) for _, e, m in extra)),
-            *("" if v is None else repr(v) for v in (_cost(row.report, k) for _, k in COST_COLUMNS)),
-            *(protocol.get(k, "") for _, k in PROTOCOL_COLUMNS),
+            "Method", *tasks, "average", *(f"{e}_ci_{s}" for e in [*tasks, "average"] for s in ("low", "high")),
+            "normalized_accuracy", "gain", "win_probability", *(h for h, _, _ in self.extra),
+            "total_cost_seconds", *COST_KEYS, *(k for _, k in PROTOCOL_COLUMNS), "role",
         ])
-    return out.getvalue()
+
+        def text(value: Any) -> Any:
+            return "" if value is None else repr(value) if isinstance(value, float) else value
+
+        for i, row in enumerate(self.rows):
+            intervals = [accuracy_interval(row.report, e, tasks) for e in [*tasks, "average"]]
+            protocol = _protocol(row.report)
+            costs = protocol.get("costs") or {}
+            writer.writerow([
+                *row.labels,
+                *(repr(_accuracy(row.report, c)) for c in [*tasks, "average"]),
+                *(text(None if ci is None else float(ci[k])) for ci in intervals for k in (0, 1)),
+                text(self.normalized[i]), text(self.gains[i]), text(self.wins[i]),
+                *(text(_extra_value(row.report, e, m)) for _, e, m in self.extra),
+                text(total_cost(row.report)), *(text(costs.get(k)) for k in COST_KEYS),
+                *(text(row.data if k == "data" and row.data else protocol.get(k)) for _, k in PROTOCOL_COLUMNS),
+                row.role,
+            ])
+        return out.getvalue()
+
+
+def leaderboard_markdown(rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True, against: Optional[str] = None) -> str:
+    """The leaderboard as markdown (``Leaderboard.markdown``)."""
+    return Leaderboard(rows, tasks, extra_metrics, against).markdown()
+
+
+def leaderboard_csv(rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True, against: Optional[str] = None) -> str:
+    """The leaderboard as CSV (``Leaderboard.csv``)."""
+    return Leaderboard(rows, tasks, extra_metrics, against).csv()
 
 
 def plot_costs(path: str | os.PathLike, rows: Sequence[Row], title: str = "") -> Path:
-    """Average accuracy (%) against merge wall time, one labelled point per method (no merge: at 0)."""
+    """Average accuracy (%) against the total cost (prepare + merge seconds; a cached prepare counts
+    its original time), one labelled point per row (no cost recorded: at 0)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
-        x = _cost(row.report, "merge_seconds") or 0.0
+        x = total_cost(row.report) or 0.0
         y = 100 * _accuracy(row.report, "average")
         kind = _protocol(row.report).get("kind", "merged")
         marker = {"merged": "o", "task-aware": "s", "ensemble": "^"}.get(kind, "D")
         ax.plot([x], [y], marker=marker, markersize=8, linestyle="none")
         ax.annotate(row.labels[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xlabel("merge wall time (s; o merged, s task-aware, ^ ensemble)")
+    ax.set_xlabel("total cost: prepare + merge (s; o merged, s task-aware, ^ ensemble)")
     ax.set_ylabel("average accuracy (%)")
     if title:
         ax.set_title(title)
@@ -591,13 +868,15 @@ def plot_costs(path: str | os.PathLike, rows: Sequence[Row], title: str = "") ->
 
 
 def write_leaderboard(
-    folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True, title: str = "Merging methods"
+    folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True,
+    title: str = "Merging methods", against: Optional[str] = None,
 ) -> tuple[Path, Path, Path]:
     """Write ``folder/table.md``, ``table.csv`` (the leaderboard) and ``plot.png`` (average accuracy
-    against merge cost); return their paths."""
+    against total cost); return their paths."""
     folder = Path(folder)
-    md = atomic_write_text(folder / "table.md", leaderboard_markdown(rows, tasks, extra_metrics))
-    csv_path = atomic_write_text(folder / "table.csv", leaderboard_csv(rows, tasks, extra_metrics))
+    board = Leaderboard(rows, tasks, extra_metrics, against)
+    md = atomic_write_text(folder / "table.md", board.markdown())
+    csv_path = atomic_write_text(folder / "table.csv", board.csv())
     return md, csv_path, plot_costs(folder / "plot.png", rows, title=title)
 
 
@@ -614,15 +893,18 @@ def check_same_tasks(rows: Sequence[Row]) -> list[str]:
 
 
 def compare(
-    paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.PathLike] = None, extra_metrics: bool = True
+    paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.PathLike] = None, extra_metrics: bool = True,
+    against: Optional[str] = None,
 ) -> str:
-    """The leaderboard of ``paths`` (accuracy per task, average, extra metrics unless ``extra_metrics``
-    is off, costs, data, kind); written to ``output_dir`` if given (``table.md``, ``table.csv``,
-    ``plot.png``: average accuracy against merge cost). Returns the markdown."""
+    """The leaderboard of ``paths`` (accuracy per task, average and its interval, normalized accuracy,
+    gain and win probability against ``against`` (default: Task Arithmetic when a row is one),
+    extra metrics unless ``extra_metrics`` is off, costs, data, kind); written to ``output_dir`` if
+    given (``table.md``, ``table.csv``, ``plot.png``: average accuracy against total cost).
+    Returns the markdown."""
     rows = collect_rows(paths)
     if not rows:
         raise ValueError("Nothing to compare: give report files, run folders or sweep folders.")
     tasks = check_same_tasks(rows)
     if output_dir is not None:
-        write_leaderboard(output_dir, rows, tasks, extra_metrics)
-    return leaderboard_markdown(rows, tasks, extra_metrics)
+        write_leaderboard(output_dir, rows, tasks, extra_metrics, against=against)
+    return leaderboard_markdown(rows, tasks, extra_metrics, against)

@@ -1,5 +1,6 @@
 """`mergelit sweep`: one process, a report per point equal to a separate `mergelit test`, tables,
-plots, W&B runs, resume, bad input; the shipped sweep configs (ours and W&B's) parse."""
+plots, W&B runs, resume, bad input; grids of methods each with its own range; the shipped sweep
+configs (ours and W&B's) parse; close-key hints without patching the argument parser library."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from mergelit.__main__ import main
 from mergelit.cli import MergeCLI
 from mergelit.tasks import TASKS, task_title
 from mergelit.grid import prepare_folder
-from mergelit.sweep import SweepCLI, every_method
+from mergelit.sweep import SweepRunner, every_method
 from mergelit.tracking import has_wandb_key, wandb_logger
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -86,8 +87,8 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 def test_three_point_sweep_in_one_process(fixtures_root, tmp_path, monkeypatch):
     """Three reports, a table equal to them, a plot, one W&B run per point in one group plus the
-    table and plot; the pool loaded and the data tokenized once, τm computed once; and each
-    point equal to a separate `mergelit test` with that value."""
+    table and plot; the pool loaded and the data tokenized once, TIES's election (τm) computed
+    once; and each point equal to a separate `mergelit test` with that value."""
     import datasets
 
     from mergelit import pool as pool_module
@@ -98,7 +99,7 @@ def test_three_point_sweep_in_one_process(fixtures_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     loads = count_calls(monkeypatch, pool_module, "check_checkpoint_folder")  # once per checkpoint loaded
     tokenized = count_calls(monkeypatch, datasets.Dataset, "map")
-    merged_tau = count_calls(monkeypatch, ties, "ties_task_vector_streamed")
+    merged_tau = count_calls(monkeypatch, ties, "ties_election")
     out = tmp_path / "ties"
     grid = {"model.init_args.scaling_factor": [0.0, 0.5, 1.0]}
     main(sweep_args(fixtures_root, "ties_merging", grid, out, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger"))
@@ -141,6 +142,10 @@ def test_three_point_sweep_in_one_process(fixtures_root, tmp_path, monkeypatch):
     for report in (alone, point):  # everything but the measured costs (wall times, memory)
         del report["protocol"]["costs"]
     assert alone == point
+    # The report carries its 95 % intervals (tasks and average), each around its accuracy.
+    intervals = point["protocol"]["uncertainty"]["accuracy"]
+    for task in [*TASKS, "average"]:
+        assert intervals[task][0] <= point[task]["accuracy"] <= intervals[task][1]
 
 
 def test_an_interrupted_sweep_resumes_with_the_missing_points(fixtures_root, tmp_path, monkeypatch, capsys):
@@ -149,15 +154,15 @@ def test_an_interrupted_sweep_resumes_with_the_missing_points(fixtures_root, tmp
     # One batch per task: the numbers do not matter here, only which points run.
     args = sweep_args(fixtures_root, "task_arithmetic", {"model.init_args.scaling_factor": [0.0, 0.5, 1.0]}, out,
                       "--data.batch_size", "64")
-    run_point, ran = SweepCLI.run_point, []
+    score_point, ran = SweepRunner.score_point, []
 
-    def killed_after_the_first(self, point, config, report_path):
+    def killed_after_the_first(self, point, *args, **kwargs):
         if ran:
             raise KeyboardInterrupt  # as Ctrl-C (or a crash) in the middle of the sweep
         ran.append(point.name)
-        return run_point(self, point, config, report_path)
+        return score_point(self, point, *args, **kwargs)
 
-    monkeypatch.setattr(SweepCLI, "run_point", killed_after_the_first)
+    monkeypatch.setattr(SweepRunner, "score_point", killed_after_the_first)
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert sorted(p.name for p in out.glob("scaling_factor=*.json")) == ["scaling_factor=0.0.json"]
@@ -165,12 +170,12 @@ def test_an_interrupted_sweep_resumes_with_the_missing_points(fixtures_root, tmp
     before = (first.read_bytes(), first.stat().st_mtime_ns)
     (out / "scaling_factor=1.0.json").write_text('{"cola": {"accuracy": 0.5')  # a partial report: not trusted
 
-    def counted(self, point, config, report_path):
+    def counted(self, point, *args, **kwargs):
         ran.append(point.name)
-        return run_point(self, point, config, report_path)
+        return score_point(self, point, *args, **kwargs)
 
     ran.clear()
-    monkeypatch.setattr(SweepCLI, "run_point", counted)
+    monkeypatch.setattr(SweepRunner, "score_point", counted)
     main(args)
     assert ran == ["scaling_factor=0.5", "scaling_factor=1.0"]
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before
@@ -204,7 +209,7 @@ def test_individual_sweep_is_the_cross_task_table(fixtures_root, fixtures_config
     assert (out / "plot.png").read_bytes()[:8] == PNG
     # `compare` reads the diagonal: each task under its own fine-tuned body.
     (row,) = tables.collect_rows([out])
-    assert row.labels == ["Fine-tuned (individual)"]
+    assert row.labels == ["Fine-tuned (individual)"] and row.role == "individual"
     assert [row.report[t]["accuracy"] for t in tasks] == [reports[t][t]["accuracy"] for t in tasks]
 
 
@@ -216,21 +221,60 @@ def test_individual_sweep_is_the_cross_task_table(fixtures_root, fixtures_config
         ({"model.init_args.scaling_factor": [0.1, "high"]}, ValueError, r"must list numbers.*'high' \(str\)"),
         ({"model.init_args.scaling_factor": [0.1, 0.1]}, ValueError, r"point 'scaling_factor=0.1' twice"),
         ({}, ValueError, "sweep.grid is empty"),
+        # Every point's config is parsed before the first runs: a value its type refuses names the point.
+        ({"model.init_args.scaling_factor": [0.1], "model.init_args.merge_func": ["sum", "median"]}, ValueError,
+         r"Sweep point scaling_factor=0.1,merge_func=median .* is not a valid config"),
     ],
 )
 def test_bad_grids_fail_before_any_work(grid, error, match, fixtures_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ran = count_calls(monkeypatch, SweepCLI, "run_point")
+    ran = count_calls(monkeypatch, SweepRunner, "score_point")
     with pytest.raises(error, match=match):
-        main(sweep_args(fixtures_root, "task_arithmetic", grid, tmp_path / "out"))
+        main(sweep_args(fixtures_root, "ties_merging" if "merge_func" in str(grid) else "task_arithmetic", grid, tmp_path / "out"))
     assert ran == [] and not (tmp_path / "out").exists()
+
+
+def test_close_key_hints_come_from_mergelit_s_own_parser(fixtures_root, tmp_path, monkeypatch, capsys):
+    """A misspelt option gets its hint from the sweep's parser (one line, exit 2), and the argument
+    parser library is left as it is (no process-wide patch)."""
+    import jsonargparse
+
+    original = jsonargparse.ArgumentParser.error
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(sweep_args(fixtures_root, "task_arithmetic", {"model.init_args.scaling_factor": [0.1]}, tmp_path / "out",
+                        "--data.batchsize", "3"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.startswith("mergelit: error:") and "Did you mean 'data.batch_size'?" in err
+    assert jsonargparse.ArgumentParser.error is original
+
+
+def test_a_method_with_its_own_grid_is_one_group():
+    """`model: [{class_path, grid: {...}}]`: one point per value, named by the swept argument even at its
+    default, all of one method group; a method without a grid is a group of its own."""
+    points = sweep_module.grid_points({"model": [
+        {"class_path": "mergelit.methods.TaskArithmetic", "grid": {"scaling_factor": [0.3, 0.6]}},
+        {"class_path": "mergelit.methods.TiesMerging", "init_args": {"threshold": 10}, "grid": {"scaling_factor": [0.3]}},
+        {"class_path": "mergelit.methods.SimpleAverage"},
+    ]})
+    assert [p.name for p in points] == [
+        "TaskArithmetic(scaling_factor=0.3)", "TaskArithmetic(scaling_factor=0.6)",
+        "TiesMerging(threshold=10,scaling_factor=0.3)", "SimpleAverage",
+    ]
+    assert [p.group for p in points] == ["Task Arithmetic", "Task Arithmetic", "TIES-Merging (k=10)", "Simple Average"]
+    assert points[2].overrides["model"] == {"class_path": "mergelit.methods.TiesMerging",
+                                           "init_args": {"threshold": 10, "scaling_factor": 0.3}}
+    assert points[0].swept == ("scaling_factor",) and points[3].swept == ()
+    with pytest.raises(ValueError, match="non-empty list"):
+        sweep_module.grid_points({"model": [{"class_path": "mergelit.methods.TaskArithmetic", "grid": {"scaling_factor": []}}]})
 
 
 def test_a_sweep_without_a_method_says_so(fixtures_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["-c", str(fixtures_root / "config.yaml"), "--sweep.grid", '{"model.init_args.scaling_factor": [0.1]}']
     with pytest.raises(ValueError, match="No method is configured"):
-        SweepCLI(args).plan()
+        SweepRunner(args).plan()
 
 
 def test_overwrite_replaces_another_configs_results(tmp_path):
@@ -254,11 +298,12 @@ def test_overwrite_replaces_another_configs_results(tmp_path):
         (["methods/ties_merging.yaml", "sweeps/scaling_factor.yaml"], False, "model.init_args.scaling_factor", 11),
         (["sweeps/individual_7x7.yaml"], False, "model.init_args.task", 7),
         (["sweeps/methods.yaml"], True, "model", len(every_method())),  # `model: all`: every comparison method
+        (["sweeps/methods_tuned.yaml"], True, "model", 82),  # each method with its own range
     ],
 )
 def test_shipped_sweep_configs_plan_their_points(configs, compare, key, count):
     args = ["-c", str(CONFIGS / "gpt2_glue.yaml")] + [a for c in configs for a in ("-c", str(CONFIGS / c))]
-    cli = SweepCLI(args, compare=compare)
+    cli = SweepRunner(args, compare=compare)
     grid, points, point_configs = cli.plan()
     assert list(grid) == [key] and len(points) == count
     for point, config in zip(points, point_configs):
@@ -269,6 +314,10 @@ def test_shipped_sweep_configs_plan_their_points(configs, compare, key, count):
         else:
             assert value == expected
     assert cli.config.sweep.percent == (key != "model.init_args.scaling_factor")
+    if "methods_tuned.yaml" in configs[0]:  # one group per listed method; selected on the held-out dev rows
+        assert len({p.group for p in points}) == len(cli.config.sweep.grid["model"])
+        assert cli.config.sweep.select_on == "dev" and cli.config.data.hold_out_dev
+        assert cli.config.data.dev_source == "validation"
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "sweeps").glob("*.wandb.yaml")), ids=lambda p: p.name)

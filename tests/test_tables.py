@@ -134,3 +134,47 @@ def test_compare_refuses_runs_on_other_tasks_and_missing_paths(tmp_path):
         tables.compare([tmp_path / "a.json", tmp_path / "b.json"])
     with pytest.raises(FileNotFoundError, match="nowhere"):
         tables.compare([tmp_path / "nowhere"])
+
+
+def test_sweep_rows_give_each_method_its_selected_and_oracle_point(tmp_path):
+    """A methods sweep folder: per method group its selected point (from selection.json, with the dev
+    rows it read in the data column) and its oracle point; a group of one point is a plain row;
+    without selection.json, one oracle row per group."""
+
+    def spec(cls: str, **init_args) -> dict:
+        return {"class_path": f"mergelit.methods.{cls}", "init_args": init_args}
+
+    points = {
+        "TaskArithmetic(scaling_factor=0.3)": ({"model": spec("TaskArithmetic", scaling_factor=0.3)}, spec("TaskArithmetic", scaling_factor=0.3), report(0.5, 0.5, 0.5)),
+        "TaskArithmetic(scaling_factor=0.6)": ({"model": spec("TaskArithmetic", scaling_factor=0.6)}, spec("TaskArithmetic", scaling_factor=0.6), report(0.7, 0.5, 0.5)),
+        "SimpleAverage": ({"model": spec("SimpleAverage")}, spec("SimpleAverage"), report(0.4, 0.4, 0.4)),
+    }
+    folder = write_sweep(tmp_path / "methods", points)
+    manifest = json.loads((folder / tables.MANIFEST).read_text())
+    for name, point in manifest["points"].items():
+        point.update(group="Simple Average" if name == "SimpleAverage" else "Task Arithmetic", swept=[] if name == "SimpleAverage" else ["scaling_factor"])
+    (folder / tables.MANIFEST).write_text(json.dumps(manifest))
+
+    rows = tables.sweep_rows(folder)  # no selection: each method's best point, marked oracle
+    assert [(r.labels[0], r.role) for r in rows] == [
+        ("Task Arithmetic (λ=0.6), best of 2 (oracle)", "oracle"), ("Simple Average", "")]
+    assert rows[0].data == "none + validation labels (oracle)"  # the oracle read the validation labels
+
+    (folder / tables.SELECTION).write_text(json.dumps({
+        "select_on": "dev", "data_read": "dev labels (validation rows)",
+        "groups": {"Task Arithmetic": {"points": list(points)[:2], "selected": "TaskArithmetic(scaling_factor=0.3)"},
+                   "Simple Average": {"points": ["SimpleAverage"], "selected": "SimpleAverage"}},
+    }))
+    rows = tables.sweep_rows(folder)
+    assert [(r.labels[0], r.role) for r in rows] == [
+        ("Task Arithmetic (λ=0.3), selected on dev (of 2)", "selected"),
+        ("Task Arithmetic (λ=0.6), best of 2 (oracle)", "oracle"),
+        ("Simple Average", ""),
+    ]
+    assert rows[0].data == "none + dev labels (validation rows)"  # what the choice read, beside the method's data
+    assert rows[0].report["average"] == report(0.5, 0.5, 0.5)["average"]
+    board = tables.compare([folder])
+    assert "none + dev labels (validation rows)" in board and "none + validation labels (oracle)" in board
+    # The selected point alone scored on validation (no oracle pass): the oracle row is left out.
+    (folder / "TaskArithmetic(scaling_factor=0.6).json").unlink()
+    assert [r.role for r in tables.sweep_rows(folder)] == ["selected", ""]

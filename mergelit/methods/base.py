@@ -238,7 +238,8 @@ class MergeMethod(L.LightningModule):
             if entry in self.test_extra:
                 results[entry][EXTRA_METRICS[entry]] = self.test_extra[entry].compute_metric(EXTRA_METRICS[entry])
         self.results = results
-        for entry, values in results.items():
+        average = {name: sum(results[t][name] for t in self.tasks) / len(self.tasks) for name in ("accuracy", "loss")}
+        for entry, values in {**results, "average": average}.items():
             for name, value in values.items():
                 self.log(f"test/{entry}/{name}", value, add_dataloader_idx=False, sync_dist=False)
         for metric in (*self.test_accuracy.values(), *self.test_loss.values(), *self.test_extra.values()):
