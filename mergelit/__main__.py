@@ -3,10 +3,13 @@
     mergelit test -c configs/gpt2_glue.yaml -c configs/methods/task_arithmetic.yaml
     python -m mergelit test ...
 
-A user's mistake (a ``mergelit.errors.MergelitError``, or a ``ValueError``/``KeyError``/``OSError``
-raised by mergelit's own checks) prints one line, ``mergelit: error: <message>``, and exits with
-status 2; ``--debug`` (anywhere on the line) or ``MERGELIT_DEBUG=1`` shows the traceback instead.
-Any other exception is an internal error and keeps its traceback.
+A user's mistake (a ``mergelit.errors.MergelitError``, or a ``ValueError``/``OSError`` raised by
+mergelit's own checks) prints one line, ``mergelit: error: <message>``, and exits with status 2; the
+message is the outermost mergelit one, which names the file, key or task it was about.
+``--debug`` (anywhere on the line) or ``MERGELIT_DEBUG=1`` shows the traceback instead. Any other
+exception, a bare ``KeyError``, ``IndexError`` or ``TypeError`` from mergelit's own code included,
+is an internal error (a bug) and keeps its traceback. ``--quiet`` keeps only the result table and
+errors (no progress bars, no log lines).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from mergelit.errors import FileMissing, MergelitError
+from mergelit.errors import MergelitError
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -27,13 +30,14 @@ commands:
   mergelit test -c RUN.yaml -c METHOD.yaml     merge the pool with one method and score it
   mergelit sweep -c ... -c SWEEP.yaml          a grid of test runs in one process: reports, table, plot
   mergelit compare RUNS... | -c ...            the comparison table across methods
+  mergelit check -c RUN.yaml -c METHOD.yaml    every input check of `test`, a summary, no merge
   mergelit fit -c FINETUNE.yaml                fine-tune one GPT-2 classifier on a GLUE task
   mergelit demo                                offline demo: build a small pool, merge, print the table
 
 `mergelit COMMAND --help` lists each command's options.
 """
 
-COMMANDS = ("test", "sweep", "compare", "fit", "demo")
+COMMANDS = ("test", "sweep", "compare", "check", "fit", "demo")
 
 
 def _raised_by_mergelit(error: BaseException) -> bool:
@@ -60,35 +64,43 @@ def user_error(error: BaseException) -> Optional[BaseException]:
         seen.add(id(current))
         chain.append(current)
         current = current.__cause__ or current.__context__
-    for candidate in reversed(chain):  # the innermost (original) first
+    for candidate in chain:  # the outermost first: the mergelit context names the file, key or task
         if isinstance(candidate, MergelitError):
             return candidate
-        if isinstance(candidate, (ValueError, KeyError, OSError)) and _raised_by_mergelit(candidate):
+        if isinstance(candidate, (ValueError, OSError)) and _raised_by_mergelit(candidate):
             return candidate
     return None
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Each ``-c/--config FILE``: it exists, is not empty, and is valid YAML (named errors, before parsing)."""
+    """Each ``-c/--config FILE``: a readable YAML file, not empty, a mapping, no key repeated (named errors, before parsing)."""
+    from mergelit.configfile import load_yaml
+
     for flag, value in zip(argv, argv[1:]):
         if flag not in ("-c", "--config") or value.lstrip().startswith(("{", "[")) or "\n" in value:
             continue
-        path = Path(value)
-        if not path.is_file():
-            raise FileMissing(f"Config file {value!r} does not exist.")
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            where = getattr(error, "problem_mark", None)
-            line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise MergelitError(f"Config file {value!r} is not valid YAML{line}: {problem}.") from None
+        loaded = load_yaml(value)
         if loaded is None:
             raise MergelitError(f"Config file {value!r} is empty; give it some settings, or drop `{flag} {value}`.")
         if not isinstance(loaded, dict):
             raise MergelitError(f"Config file {value!r} holds a {type(loaded).__name__}, not a mapping of settings (key: value).")
+
+
+def quiet(argv: list[str]) -> list[str]:
+    """``--quiet``: no progress bars and no log lines, only the result table and errors; returns the
+    arguments without it (and with the Trainer's bar off for the commands that build one)."""
+    import logging
+
+    from mergelit import progress
+
+    progress.set_enabled(False)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "mergelit", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    argv = [a for a in argv if a != "--quiet"]
+    if argv and argv[0] in ("test", "sweep", "check", "fit") and not any(a.startswith("--trainer.enable_progress_bar") for a in argv):
+        argv += ["--trainer.enable_progress_bar", "false"]
+    return argv
 
 
 _EXITS: dict[type, type] = {}
@@ -137,6 +149,8 @@ def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     debug = "--debug" in argv or os.environ.get("MERGELIT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    if "--quiet" in argv:
+        argv = quiet(argv)
     try:
         check_config_files(argv)
         _dispatch(argv)
@@ -164,6 +178,10 @@ def _dispatch(argv: list[str]) -> None:
         from mergelit.cli import test_command
 
         test_command(rest)
+    elif command == "check":
+        from mergelit.check import check_command
+
+        check_command(rest)
     elif command in ("sweep", "compare"):
         # Grids of test runs in one process: mergelit/sweep.py.
         from mergelit.sweep import compare_command, sweep_command

@@ -33,7 +33,8 @@ from mergelit.tracking import wandb_logger, wandb_logger_class
 
 TRAINER_DEFAULTS = {
     # Logs, config.yaml and report.json go to ./lightning_logs/version_N/.
-    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}},
+    # RunLogger is Lightning's CSVLogger with each version folder claimed atomically.
+    "logger": {"class_path": "mergelit.report.RunLogger", "init_args": {"save_dir": "."}},
     # Our loaders shard length-sorted batches by rank themselves; Lightning's
     # DistributedSampler would pad the last shard with repeated examples.
     "use_distributed_sampler": False,
@@ -194,6 +195,13 @@ class MergeCLI(LightningCLI):
         parser.link_arguments("pool.finetuned", "data.tasks", compute_fn=tasks_of)
         parser.link_arguments(("pool.pretrained", "pool.tokenizer"), "data.tokenizer", compute_fn=tokenizer_path)
         parser.add_argument(
+            "--export.wandb_artifact",
+            type=bool,
+            default=False,
+            help="Also log the exported model folder (--merged_model_save_path) as a W&B artifact, to each W&B "
+            "logger of the run (offline without an API key).",
+        )
+        parser.add_argument(
             "--report_save_path",
             type=Optional[str],
             default=None,
@@ -250,18 +258,25 @@ def parse_config(parser: LightningArgumentParser, args, what: str = "The command
 
 def test_command(args: Optional[list[str]] = None):
     """``mergelit test ARGS``: parse and instantiate, then run the test flow; returns the report."""
+    import yaml
+
+    from mergelit.export import reproducible_config
+
     cli = MergeCLI(args)
     config = cli.config
+    export_to = config.get("merged_model_save_path")
     return run_test(
         cli.trainer,
         cli.model,
         cli.datamodule,
         report_save_path=config.get("report_save_path"),
-        merged_model_save_path=config.get("merged_model_save_path"),
+        merged_model_save_path=export_to,
         verbose=config.get("verbose", False),
         save_predictions=config.get("save_predictions", False),
         fused_gelu=config.get("fused_gelu", False),
         extra_metrics=config.get("extra_metrics", True),
+        config_yaml=reproducible_config(yaml.safe_load(cli.parser.dump(config, skip_none=False))) if export_to else None,
+        wandb_artifact=bool(config.get("export.wandb_artifact") or False),
     )
 
 

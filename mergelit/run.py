@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +48,7 @@ def run_test(
     fused_gelu: bool = False,
     extra_metrics: bool = True,
     config_yaml: Optional[str] = None,
+    wandb_artifact: bool = False,
 ) -> Report:
     """Prepare, merge and score ``method``; write and print its report; export it if asked.
 
@@ -55,11 +57,17 @@ def run_test(
     (faster on CPU; changes logits in the last bits, see benchmarks/gelu.py). The report's
     ``protocol.costs`` holds the time and peak memory of ``prepare`` (statistics, adaptation), of
     the merge, and of reading the pool (``mergelit.costs``). ``config_yaml``: the run's resolved
-    config, written into an export beside its model card.
+    config, written into an export beside its model card; ``wandb_artifact``: also log the
+    export as a W&B artifact.
     """
     writer = report_writer(trainer)
     record = writer.new_run(report_save_path, save_predictions)
     method.use_fused_gelu(fused_gelu)
+    if wandb_artifact and not (merged_model_save_path and _wandb_loggers(trainer)):
+        raise MergelitError(
+            "--export.wandb_artifact true logs the export to W&B: it needs --merged_model_save_path and a W&B logger "
+            "(--trainer.logger lightning.pytorch.loggers.WandbLogger)."
+        )
     check_inputs(trainer, method, datamodule, report_save_path, merged_model_save_path)
     with costs.recording(record):
         with costs.phase("prepare"):
@@ -70,6 +78,8 @@ def run_test(
         _print_report(method, writer.report, writer.written, extra_metrics)
     if merged_model_save_path:
         _export(method, merged_model_save_path, Provenance(writer.report, config_yaml, command_line()))
+        if wandb_artifact:
+            _log_artifact(trainer, method, merged_model_save_path)
     return writer.report
 
 
@@ -201,10 +211,15 @@ def check_tokenizer_matches_pool(tokenizer, tokenizer_path: str, pool) -> None:
             )
 
 
+def _wandb_loggers(trainer: L.Trainer) -> list:
+    # By class name: importing wandb (slow) only when a run has such a logger.
+    return [logger for logger in trainer.loggers if type(logger).__name__ == "WandbLogger"]
+
+
 @rank_zero_only
 def _log_to_wandb(trainer: L.Trainer, report: Report) -> None:
     """With a W&B logger: the report as a ``wandb.Table`` (``test/table``) and its costs in the run's summary."""
-    loggers = [logger for logger in trainer.loggers if type(logger).__name__ == "WandbLogger"]
+    loggers = _wandb_loggers(trainer)
     if not loggers or report is None:
         return
     import wandb
@@ -214,6 +229,18 @@ def _log_to_wandb(trainer: L.Trainer, report: Report) -> None:
     for logger in loggers:
         logger.experiment.log({"test/table": wandb.Table(columns=columns, data=rows)})
         logger.experiment.summary.update(costs)
+
+
+@rank_zero_only
+def _log_artifact(trainer: L.Trainer, method: MergeMethod, folder: str) -> None:
+    """The export folder as a W&B ``model`` artifact, to each W&B logger of the run."""
+    import wandb
+
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", f"{method.display_name}-{Path(folder).name}")
+    for logger in _wandb_loggers(trainer):
+        artifact = wandb.Artifact(name, type="model", metadata={"method": method.display_name, **dict(method.hparams)})
+        artifact.add_dir(str(folder))
+        logger.experiment.log_artifact(artifact)
 
 
 @rank_zero_only
