@@ -320,7 +320,10 @@ class FineTuneCLI(LightningCLI):
     """``mergelit fit``: LightningCLI over ``SequenceClassifier`` and ``GLUETaskDataModule``."""
 
     def __init__(self, args=None, run: bool = True, **kwargs):
+        from mergelit.cli import HintingArgumentParser  # close-key hints, as `mergelit test`
+
         kwargs.setdefault("trainer_defaults", FIT_TRAINER_DEFAULTS)
+        kwargs.setdefault("parser_class", HintingArgumentParser)
         super().__init__(
             model_class=SequenceClassifier,
             datamodule_class=GLUETaskDataModule,
