@@ -63,10 +63,11 @@ def fisher_merge_tensor(
     for c, theta, fisher in zip(coefficients, thetas, fishers, strict=True):
         if numerator is None:
             numerator, denominator = torch.zeros_like(theta), torch.zeros_like(theta)
-        weight = c * (fisher + minimal_fisher_weight)
-        numerator += weight * theta
+        weight = (fisher + minimal_fisher_weight).mul_(c)  # c * (Fi + ε), the same bits
         denominator += weight
-    return numerator / denominator
+        numerator += weight.mul_(theta)  # (c (Fi + ε)) θi, the same bits, in place
+        del theta, fisher, weight  # before the next pair is read: one (θi, Fi) in memory at a time
+    return numerator.div_(denominator)
 
 
 def check_fisher(task: str, fishers: Iterable[tuple[str, Tensor]]) -> float:

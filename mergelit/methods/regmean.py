@@ -79,6 +79,7 @@ def mean_tensor(thetas: Iterable[Tensor]) -> Tensor:
     for theta in thetas:
         merged = theta.clone() if merged is None else merged.add_(theta)
         n += 1
+        del theta  # before the next one is read
     return merged.div_(n)
 
 
@@ -106,6 +107,7 @@ def regmean_solve(
         summed_gram += scaled
         # Conv1D: W is [in, out] and y = xW + b, so G̃ W needs no transpose.
         summed_product += scaled @ weight.to(torch.float64)
+        del gram, weight, scaled  # before the next pair is read
     dim = summed_gram.shape[0]
     condition = gram_condition_number(summed_gram)
     if math.isfinite(condition) and condition > MAX_CONDITION_NUMBER:
