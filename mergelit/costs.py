@@ -14,7 +14,8 @@ sum of its times and the largest of its peaks. Elsewhere than Linux the peak is 
 (``None``).
 
 Work whose result came from a cache (statistics) records the cost of the original computation
-as well (``note_cached``), so a cached run still shows what the result cost to produce.
+as well (``note_cached``), so a cached run still shows what the result cost to produce; the code
+that computes such a result measures it with ``measured`` and stores the figures with it.
 
 The code being measured only says which phase it is in (``with costs.phase("merge"):``); the
 caller that wants the figures opens a record (``with costs.recording(record):``). Nothing is
@@ -57,6 +58,7 @@ class CostRecord:
     def __init__(self) -> None:
         self.phases: dict[str, PhaseCost] = {}
         self._open: list[str] = []
+        self._window_peak_kb = 0  # a peak that a ``measured`` block's reset cut out of the open phase's window
 
     def phase_cost(self, name: str) -> PhaseCost:
         return self.phases.setdefault(name, PhaseCost())
@@ -129,6 +131,8 @@ def phase(name: str) -> Iterator[None]:
         return
     outer = bool(record._open)
     baseline = None if outer or not _reset_peak() else _status_kb("VmRSS")
+    if not outer:
+        record._window_peak_kb = 0
     loaded = record.phases["load"].seconds if "load" in record.phases else 0.0
     start = time.perf_counter()
     record._open.append(name)
@@ -144,8 +148,44 @@ def phase(name: str) -> Iterator[None]:
             cost.seconds += max(elapsed, 0.0)
         peak = _status_kb("VmHWM") if baseline is not None else None
         if peak is not None:
-            gb = max(peak - baseline, 0) * 1024 / 1e9
+            gb = max(max(peak, record._window_peak_kb) - baseline, 0) * 1024 / 1e9
             cost.peak_gb = gb if cost.peak_gb is None else max(cost.peak_gb, gb)
+
+
+@dataclass
+class Measure:
+    """What ``measured`` found: the block's wall time (reads of weights excluded) and peak memory."""
+
+    seconds: float = 0.0
+    peak_gb: Optional[float] = None
+
+
+@contextlib.contextmanager
+def measured() -> Iterator[Measure]:
+    """The block's cost measured as ``phase`` measures a phase, returned instead of recorded: for
+    work whose result a cache keeps together with what it cost (``note_cached`` reports it later).
+
+    The peak window is reset for the block; inside an open phase, the peak the phase had reached
+    before the block and the block's own peak still count for the phase.
+    """
+    measure = Measure()
+    record = current()
+    before_kb = _status_kb("VmHWM") if record is not None and record._open else None
+    baseline = _status_kb("VmRSS") if _reset_peak() else None
+    loaded = record.phases["load"].seconds if record is not None and "load" in record.phases else 0.0
+    start = time.perf_counter()
+    try:
+        yield measure
+    finally:
+        elapsed = time.perf_counter() - start
+        if record is not None and "load" in record.phases:
+            elapsed -= record.phases["load"].seconds - loaded
+        measure.seconds = max(elapsed, 0.0)
+        peak = _status_kb("VmHWM") if baseline is not None else None
+        if peak is not None:
+            measure.peak_gb = max(peak - baseline, 0) * 1024 / 1e9
+        if before_kb is not None:
+            record._window_peak_kb = max(record._window_peak_kb, before_kb, peak or 0)
 
 
 def charge(name: str, seconds: float) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -23,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from mergelit.cache import Cache, content_key
 from mergelit.errors import BadData, FileMissing, KeyMissing, MergelitError, check_choice, check_number
 from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks
 
@@ -31,8 +31,8 @@ from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks
 # (postponed annotations); not under `if TYPE_CHECKING:`, which jsonargparse executes when it
 # introspects this module's classes.
 
-# Bump when the tokenized layout changes, so that old cache files are not trusted.
-_CACHE_FORMAT = 2  # 2: the row's ``idx`` is kept
+# Bump when the tokenized layout changes, so that old cache files are not found.
+_TOKENIZED_LAYOUT = 2  # 2: the row's ``idx`` is kept
 
 
 def has_tokenizer_files(folder: str) -> bool:
@@ -351,57 +351,69 @@ class GLUEDataModule(L.LightningDataModule):
         return self.tokenizer.pad_token_id
 
     def tokenized(self, task: str, split: str) -> datasets.Dataset:
-        """``split`` of ``task`` as ``input_ids`` + ``label`` (+ ``length``), cached on disk."""
-        key = (task, split)
-        if key not in self._tokenized:
-            raw = self.raw(task, split)
-            fields = GLUE_TASKS[task].text_fields
-            tokenizer = self.tokenizer
-            cache_key = hashlib.sha256(
-                "|".join(
-                    map(
-                        str,
-                        (_CACHE_FORMAT, task, split, tokenizer_fingerprint(tokenizer), self.max_length, data_fingerprint(raw)),
-                    )
-                ).encode()
-            ).hexdigest()[:20]
+        """``split`` of ``task`` as ``input_ids`` + ``label`` (+ ``length``, ``idx``), kept in the
+        tokenized-data cache (``cache_dir``)."""
+        if (task, split) not in self._tokenized:
+            self._tokenized[(task, split)] = self._tokenize(task, split)
+        return self._tokenized[(task, split)]
 
-            def tokenize(batch: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:
-                texts = [batch[f] for f in fields]
-                # Pairs: tokenizer(a, b) concatenates the two token lists, no separator.
-                encoded = tokenizer(*texts, truncation=True, max_length=self.max_length)
-                ids = encoded["input_ids"]
-                # The row's id (GLUE's `idx`, else its row number) travels to per-example predictions.
-                return {"input_ids": ids, "length": [len(x) for x in ids], "idx": list(batch.get("idx", rows))}
+    def _token_cache(self) -> Cache | None:
+        """The tokenized-data cache: ``cache_dir`` is its folder (files ``<task>-<split>-<key>.arrow``)."""
+        if not self.cache_dir:
+            return None
+        folder = Path(self.cache_dir)
+        return Cache(folder.parent, folder.name, "Tokenized data")
 
-            cache_file = None
-            if self.cache_dir:
-                os.makedirs(self.cache_dir, exist_ok=True)
-                cache_file = os.path.join(self.cache_dir, f"{task}-{split}-{cache_key}.arrow")
-            def tokenize_split() -> datasets.Dataset:
-                return raw.map(
-                    tokenize,
-                    batched=True,
-                    with_indices=True,
-                    remove_columns=[c for c in raw.column_names if c != "label"],
-                    cache_file_name=cache_file,
-                    new_fingerprint=cache_key,
-                    desc=f"Tokenizing {task}/{split}",
-                )
+    def _tokenize(self, task: str, split: str) -> datasets.Dataset:
+        """Tokenize one split, or read it from the cache. The key is the content of everything that
+        decides the token ids; ``datasets`` writes the Arrow file (atomically) and reads it back, and
+        the trust check is its row count (a truncated Arrow stream reads as fewer rows, no error)."""
+        raw = self.raw(task, split)
+        fields = GLUE_TASKS[task].text_fields
+        tokenizer = self.tokenizer
+        key = content_key({
+            "kind": "tokenized", "layout": _TOKENIZED_LAYOUT, "task": task, "split": split,
+            "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": self.max_length, "data": data_fingerprint(raw),
+        })
 
-            try:
-                tokenized = tokenize_split()
-                if cache_file and os.path.exists(cache_file) and len(tokenized["length"]) != len(raw):
-                    # A truncated Arrow stream reads as fewer rows, without an error: count them.
-                    raise ValueError(f"{len(tokenized)} rows cached for {len(raw)} raw rows")
-            except Exception as error:  # pyarrow's errors for a damaged file share no narrower base
-                if not (cache_file and os.path.exists(cache_file)):
-                    raise
-                warnings.warn(f"Tokenized cache file {cache_file} is damaged ({type(error).__name__}: {error}); rebuilding it.")
-                os.remove(cache_file)
-                tokenized = tokenize_split()
-            self._tokenized[key] = tokenized
-        return self._tokenized[key]
+        def tokenize(batch: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:
+            texts = [batch[f] for f in fields]
+            # Pairs: tokenizer(a, b) concatenates the two token lists, no separator.
+            encoded = tokenizer(*texts, truncation=True, max_length=self.max_length)
+            ids = encoded["input_ids"]
+            # The row's id (GLUE's `idx`, else its row number) travels to per-example predictions.
+            return {"input_ids": ids, "length": [len(x) for x in ids], "idx": list(batch.get("idx", rows))}
+
+        cache = self._token_cache()
+        path = None
+        if cache is not None:
+            path = cache.path(key, ".arrow", prefix=f"{task}-{split}-")
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+        def tokenize_split() -> datasets.Dataset:
+            return raw.map(
+                tokenize,
+                batched=True,
+                with_indices=True,
+                remove_columns=[c for c in raw.column_names if c != "label"],
+                cache_file_name=None if path is None else str(path),
+                new_fingerprint=key,
+                desc=f"Tokenizing {task}/{split}",
+            )
+
+        if path is None or not path.exists():
+            return tokenize_split()
+        try:
+            tokenized = tokenize_split()
+            rows = len(tokenized["length"])
+            problem = None if rows == len(raw) else f"damaged: {rows} rows for {len(raw)} raw rows"
+        except Exception as error:  # pyarrow's errors for a damaged file share no narrower base
+            problem = f"damaged: {type(error).__name__}: {error}"
+        if problem is None:
+            return tokenized
+        cache.distrust(path, problem)
+        path.unlink()
+        return tokenize_split()
 
     def eval_dataset(self, task: str) -> datasets.Dataset:
         return self.tokenized(task, GLUE_TASKS[task].eval_split)

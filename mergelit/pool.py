@@ -544,8 +544,10 @@ class _Checkpoint:
 
         with costs.timed("load"), safe_open(self.files[name], framework="pt") as handle:
             tensor = handle.get_tensor(name)
-        # from_pretrained(dtype=float32) casts stored fp16/bf16 to fp32 the same way.
-        return tensor.to(torch.float32) if tensor.dtype != torch.float32 else tensor
+            # get_tensor's tensor may still point into the file's memory map: copy it out, so that
+            # nothing keeps the mapping (a file replaced during a run cannot fault a merge).
+            # from_pretrained(dtype=float32) casts stored fp16/bf16 to fp32 the same way.
+            return tensor.to(torch.float32) if tensor.dtype != torch.float32 else tensor.clone()
 
 
 # ---- FusionBench's pool files --------------------------------------------------------------

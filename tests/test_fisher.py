@@ -1,4 +1,5 @@
-"""Fisher Merging: the merge formula on hand-sized tensors, and `mergelit test` end to end."""
+"""Fisher Merging: the merge formula on hand-sized tensors, the streamed per-key merge against the
+whole-body oracle, and `mergelit test` end to end (fresh, then from the cache with its original cost)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import pytest
 import torch
 
 from mergelit.__main__ import main
-from mergelit.tasks import TASKS
+from mergelit.errors import MergeFailed
+from mergelit.glue import GLUEDataModule
 from mergelit.methods.fisher import FisherMerging, fisher_merge
+from mergelit.pool import ModelPool
+from mergelit.statistics import StoredStatistics, read_statistics
+from mergelit.tasks import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPES = {"h.0.attn.c_attn.weight": (2, 3), "h.0.ln_1.bias": (4,), "wte.weight": (3, 2)}
@@ -98,16 +103,73 @@ def test_invariants(pool_tensors):
         fisher_merge(pretrained, finetuned, {"a": fishers["a"]})
 
 
-def test_merge_without_statistics_says_which_call_to_make(fixtures_root):
-    import yaml
+def test_a_zero_or_non_finite_estimate_is_refused(pool_tensors):
+    pretrained, finetuned, fishers = pool_tensors
+    fishers["b"] = {k: torch.zeros_like(v) for k, v in fishers["b"].items()}
+    with pytest.raises(MergeFailed, match="'b' model is zero everywhere"):
+        fisher_merge(pretrained, finetuned, fishers)
+    fishers["b"] = {k: v.clone() for k, v in fishers["c"].items()}
+    fishers["b"]["h.0.ln_1.bias"][1] = float("nan")
+    with pytest.raises(MergeFailed, match="'b' model has NaN/inf in 'h.0.ln_1.bias'"):
+        fisher_merge(pretrained, finetuned, fishers)
 
-    from mergelit.pool import ModelPool
 
-    pool = ModelPool(**yaml.safe_load((fixtures_root / "config.yaml").read_text())["pool"])
+def test_arguments_are_checked_and_the_merge_needs_statistics(pool_paths):
+    pool = ModelPool(**pool_paths)
     with pytest.raises(RuntimeError, match=r"prepare\(trainer, datamodule\)"):
         FisherMerging(pool).merge()
-    with pytest.raises(ValueError, match="batch_size"):
-        FisherMerging(pool, batch_size=0)
+    for arguments, name in (
+        ({"batch_size": 0}, "batch_size"), ({"num_fisher_examples": 0}, "num_fisher_examples"),
+        ({"minimal_fisher_weight": -1e-6}, "minimal_fisher_weight"), ({"normalize_fisher_weight": "yes"}, "normalize_fisher_weight"),
+        ({"exclude_param_names_regex": ["("]}, "Invalid regular expression"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            FisherMerging(pool, **arguments)
+    assert FisherMerging.quick == {"num_fisher_examples": 32}
+
+
+# ---- the per-key merge on the fixtures pool, with real statistics --------------------------------
+@pytest.fixture(scope="module")
+def prepared(pool_paths, glue_path, tmp_path_factory):
+    """The fixtures' pool and its Fisher statistics (16 examples per task in batches of 8), computed once."""
+    import lightning as L
+
+    pool = ModelPool(**pool_paths)
+    cache = tmp_path_factory.mktemp("fisher_cache")
+    method = FisherMerging(pool, num_fisher_examples=16, batch_size=8, cache_dir=str(cache))
+    data = GLUEDataModule(tasks=pool.tasks, tokenizer=pool.tokenizer_path, path=str(glue_path), cache_dir=None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    method.prepare(trainer, data)
+    return pool, method.statistics
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{}, {"normalize_fisher_weight": False}, {"exclude_param_names_regex": ["wte", ".*ln_"], "minimal_fisher_weight": 0.01}],
+)
+def test_the_streamed_merge_equals_the_whole_body_oracle_bit_for_bit(prepared, arguments):
+    pool, stored = prepared
+    assert isinstance(stored, StoredStatistics) and all(isinstance(stored.sources[t], Path) for t in pool.tasks)
+    method = FisherMerging(pool, **arguments)
+    method.statistics = stored
+    merged = method.merge()
+    fishers = {task: {key: stored.tensor(task, key) for key in pool.keys()} for task in pool.tasks}
+    expected = fisher_merge(pool.pretrained_body(), pool.finetuned_bodies(), fishers, **arguments)
+    assert list(merged) == list(expected) == pool.keys()
+    for key in expected:
+        assert torch.equal(merged[key], expected[key]), key
+        assert merged[key].dtype == torch.float32
+    if "exclude_param_names_regex" in arguments:
+        assert torch.equal(merged["wte.weight"], pool.pretrained_tensor("wte.weight"))
+
+
+def test_statistics_that_do_not_cover_the_body_are_refused(prepared):
+    pool, stored = prepared
+    method = FisherMerging(pool)
+    method.statistics = StoredStatistics({task: {"wte.weight": stored.tensor(task, "wte.weight")} for task in pool.tasks})
+    with pytest.raises(ValueError, match="do not cover the pool's body tensors"):
+        method.merge()
 
 
 def run(config: Path, tmp_path: Path, name: str) -> dict:
@@ -139,6 +201,12 @@ def test_end_to_end_then_served_from_the_cache(fixtures_root, tmp_path, monkeypa
     assert all(0 <= first[t]["accuracy"] <= 1 and first[t]["loss"] > 0 for t in TASKS)
     files = sorted((tmp_path / "lightning_logs/cache/statistics/fisher").iterdir())
     assert [f.name.split("-")[0] for f in files] == list(TASKS)
+    # The cached run says so, and shows what the statistics cost when they were computed.
+    stored = [read_statistics(f)[1] for f in files]
+    computed, cached = first["protocol"]["costs"], second["protocol"]["costs"]
+    assert computed["prepare_cached"] is False and cached["prepare_cached"] is True
+    assert cached["prepare_original_seconds"] >= sum(float(m["seconds"]) for m in stored) > 0
+    assert cached["prepare_original_peak_gb"] >= max(float(m["peak_gb"]) for m in stored)
     for report in (first, second):  # everything but the measured costs (wall times, memory)
         del report["protocol"]["costs"]
     assert second == first

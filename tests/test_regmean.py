@@ -1,4 +1,5 @@
-"""RegMean: the closed form on hand-sized tensors, its special cases, and `mergelit test` end to end."""
+"""RegMean: the closed form on hand-sized tensors, its special cases, the streamed per-key merge
+against the whole-body oracle, and `mergelit test` end to end."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import pytest
 import torch
 
 from mergelit.__main__ import main
-from mergelit.tasks import TASKS
+from mergelit.errors import MergeFailed
+from mergelit.glue import GLUEDataModule
 from mergelit.methods.regmean import RegMean, reduce_non_diagonal, regmean_merge
-from mergelit.statistics import read_statistics
+from mergelit.pool import ModelPool
+from mergelit.statistics import StoredStatistics, read_statistics
+from mergelit.tasks import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # A GPT-2-like body in miniature: two Conv1D weights stored [in, out], their biases, a layer norm.
@@ -99,16 +103,78 @@ def test_a_singular_system_names_the_layer(pool_tensors):
         regmean_merge(finetuned, grams, reduce_non_diagonal_ratio=0.6)
 
 
-def test_arguments_are_checked(fixtures_root):
-    import yaml
+def test_an_ill_conditioned_sum_is_refused(pool_tensors):
+    pretrained, finetuned, grams = pool_tensors
+    generator = torch.Generator().manual_seed(1)
+    for task in grams:  # input features 0 and 1 of c_attn equal on every position up to 1e-7: κ ≈ 1e14
+        x = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+        x[:, 1] = x[:, 0] + 1e-7 * torch.randn(20, generator=generator, dtype=torch.float64)
+        grams[task]["h.0.attn.c_attn"] = x.T @ x / 20
+    with pytest.raises(MergeFailed, match=r"'h\.0\.attn\.c_attn'.*ill-conditioned"):
+        regmean_merge(finetuned, grams, reduce_non_diagonal_ratio=1.0)
 
-    from mergelit.pool import ModelPool
 
-    pool = ModelPool(**yaml.safe_load((fixtures_root / "config.yaml").read_text())["pool"])
-    with pytest.raises(ValueError, match="reduce_non_diagonal_ratio"):
-        RegMean(pool, reduce_non_diagonal_ratio=1.5)
+def test_arguments_are_checked_and_the_merge_needs_statistics(pool_paths):
+    pool = ModelPool(**pool_paths)
+    for arguments, name in (
+        ({"reduce_non_diagonal_ratio": 1.5}, "reduce_non_diagonal_ratio"), ({"batch_size": 0}, "batch_size"),
+        ({"num_regmean_examples": 0}, "num_regmean_examples"), ({"count_padding": "no"}, "count_padding"),
+        ({"exclude_param_names_regex": ["("]}, "Invalid regular expression"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            RegMean(pool, **arguments)
     with pytest.raises(RuntimeError, match=r"prepare\(trainer, datamodule\)"):
         RegMean(pool).merge()
+    assert RegMean.quick == {"num_regmean_examples": 32}
+
+
+# ---- the per-key merge on the fixtures pool, with real statistics --------------------------------
+@pytest.fixture(scope="module")
+def prepared(pool_paths, glue_path, tmp_path_factory):
+    """The fixtures' pool and its Grams (real tokens only, 32 examples per task), computed once."""
+    import lightning as L
+
+    pool = ModelPool(**pool_paths)
+    cache = tmp_path_factory.mktemp("regmean_cache")
+    method = RegMean(pool, num_regmean_examples=32, batch_size=16, count_padding=False, cache_dir=str(cache))
+    data = GLUEDataModule(tasks=pool.tasks, tokenizer=pool.tokenizer_path, path=str(glue_path), cache_dir=None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    method.prepare(trainer, data)
+    return pool, method.statistics
+
+
+@pytest.mark.parametrize("arguments", [{}, {"reduce_non_diagonal_ratio": 0.9, "exclude_param_names_regex": ["h\\.1\\.mlp", "wpe"]}])
+def test_the_streamed_merge_equals_the_whole_body_oracle_bit_for_bit(prepared, arguments):
+    pool, stored = prepared
+    assert isinstance(stored, StoredStatistics) and all(isinstance(stored.sources[t], Path) for t in pool.tasks)
+    method = RegMean(pool, **arguments)
+    method.statistics = stored
+    merged = method.merge()
+    grams = {task: {name: stored.tensor(task, name) for name in stored.names(task)} for task in pool.tasks}
+    expected = regmean_merge(pool.finetuned_bodies(), grams, pretrained=pool.pretrained_body(), **arguments)
+    assert list(merged) == list(expected) == pool.keys()
+    for key in expected:
+        assert torch.equal(merged[key], expected[key]), key
+        assert merged[key].dtype == torch.float32
+    # Solved where there are Grams (not the mean), the plain mean elsewhere.
+    mean = lambda key: sum(pool.finetuned_tensor(t, key) for t in pool.tasks) / len(pool.tasks)  # noqa: E731
+    assert not torch.allclose(merged["h.0.attn.c_attn.weight"], mean("h.0.attn.c_attn.weight"), atol=1e-5)
+    torch.testing.assert_close(merged["h.0.attn.c_attn.bias"], mean("h.0.attn.c_attn.bias"))
+    if arguments:
+        assert torch.equal(merged["h.1.mlp.c_fc.weight"], pool.pretrained_tensor("h.1.mlp.c_fc.weight"))
+
+
+def test_grams_of_other_modules_are_refused(prepared):
+    pool, stored = prepared
+    method = RegMean(pool)
+    first, second = pool.tasks[:2]
+    method.statistics = StoredStatistics({
+        task: {name: stored.tensor(task, name) for name in stored.names(task) if task != second or name != "h.0.mlp.c_fc"}
+        for task in pool.tasks
+    })
+    with pytest.raises(ValueError, match=f"Grams of '{second}' cover other modules than those of '{first}'"):
+        method.merge()
 
 
 def run(config: Path, tmp_path: Path, name: str, *extra: str) -> dict:

@@ -1,4 +1,4 @@
-"""Statistics predict loops (Fisher, Gram) against hand-written references, and their cache."""
+"""Statistics predict loops (Fisher, Gram) against hand-written references, their cache and their costs."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
 
-from mergelit import statistics
+from mergelit import costs, statistics
 from mergelit.glue import GLUEDataModule
 from mergelit.gpt2 import build_body
+from mergelit.methods.fisher import FisherMerging
 from mergelit.pool import ModelPool
 from mergelit.statistics import (
     FisherStatistics,
     GramStatistics,
+    StoredStatistics,
     batches_of,
     draw_examples,
     read_statistics,
     statistics_loader,
-    write_statistics,
 )
 
 PAD = 49
@@ -183,41 +184,7 @@ def test_draw_is_seeded_and_disjoint_batches_cover_it():
     assert sorted(i for shard in shards for b in shard for i in b) == sorted(indices)
 
 
-# ---- the cache file ------------------------------------------------------------------------
-def test_statistics_file_round_trip_and_untrusted_files(tmp_path):
-    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float64)}
-    path = write_statistics(tmp_path / "s.safetensors", tensors, {"key": "k1", "indices": json.dumps([3, 1])})
-    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary file left
-    loaded, metadata = read_statistics(path, "k1")
-    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
-    assert json.loads(metadata["indices"]) == [3, 1]
-
-    with pytest.warns(UserWarning, match="not trusted.*key"):
-        assert read_statistics(path, "another key") is None
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF  # one flipped bit in the last tensor
-    path.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match="checksum"):
-        assert read_statistics(path, "k1") is None
-    path.write_bytes(path.read_bytes()[: len(data) // 2])  # a half-written file
-    with pytest.warns(UserWarning, match="unreadable"):
-        assert read_statistics(path, "k1") is None
-    assert read_statistics(tmp_path / "missing.safetensors", "k1") is None
-
-
-def test_a_write_killed_before_the_rename_leaves_nothing_to_trust(tmp_path, monkeypatch):
-    path = tmp_path / "s.safetensors"
-
-    def killed(src, dst):
-        raise KeyboardInterrupt  # the process dies between writing and renaming
-
-    monkeypatch.setattr(statistics.os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        write_statistics(path, {"a": torch.ones(3)}, {"key": "k"})
-    assert not path.exists() and list(tmp_path.iterdir()) == []
-
-
-# ---- orchestration: cache hit, miss, determinism (real pool and data) -------------------------
+# ---- orchestration: cache hit, miss, determinism, costs (real pool and data) --------------------
 @pytest.fixture()
 def one_task(fixtures_root):
     """The fixtures' pool and data, reduced to RTE (the machinery is per task)."""
@@ -238,51 +205,151 @@ def counting_predicts(monkeypatch) -> list:
     return calls
 
 
+def read_all(stored: StoredStatistics) -> dict[str, dict[str, torch.Tensor]]:
+    """Every statistic, read now (a StoredStatistics reads its file when asked)."""
+    return {task: {name: stored.tensor(task, name) for name in stored.names(task)} for task in stored.tasks}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[t].keys() == b[t].keys() and all(torch.equal(a[t][k], b[t][k]) for k in a[t]) for t in a)
+
+
 def test_second_call_loads_from_the_cache_and_a_changed_key_recomputes(one_task, tmp_path, monkeypatch):
     pool, data = one_task
     calls = counting_predicts(monkeypatch)
     arguments = dict(num_examples=12, batch_size=4, seed=1, cache_dir=tmp_path)
-    first = statistics.fisher_statistics(trainer(), data, pool, **arguments)
-    assert len(calls) == 1 and [p.name.split("-")[0] for p in (tmp_path / "fisher").iterdir()] == ["rte"]
+    stored = statistics.fisher_statistics(trainer(), data, pool, **arguments)
+    (path,) = (tmp_path / "fisher").glob("rte-*.safetensors")
+    assert len(calls) == 1 and stored.sources == {"rte": path}  # read from its file, one tensor at a time
+    first = read_all(stored)
+    assert first["rte"].keys() == set(pool.keys()) and first["rte"]["h.0.mlp.c_fc.weight"].dtype == torch.float32
     again = statistics.fisher_statistics(trainer(), data, pool, **arguments)
     assert len(calls) == 1  # served from the cache
-    assert all(torch.equal(first[t][k], again[t][k]) for t in first for k in first[t])
-    # The stored indices are the seeded draw.
-    path = next((tmp_path / "fisher").glob("rte-*.safetensors"))
-    assert json.loads(read_statistics(path)[1]["indices"]) == draw_examples(len(data.train_dataset("rte")), 12, 1)
+    assert same(first, read_all(again))
+    # The file holds the seeded draw, what the key was made of, and what computing it cost.
+    tensors, metadata = read_statistics(path)
+    assert same({"rte": tensors}, first)
+    assert json.loads(metadata["indices"]) == draw_examples(len(data.train_dataset("rte")), 12, 1)
+    fields = json.loads(metadata["fields"])
+    assert (fields["model"], fields["seed"], fields["batch_size"], fields["num_examples"]) == (pool.fingerprint("rte"), 1, 4, 12)
+    assert float(metadata["seconds"]) > 0 and float(metadata["peak_gb"]) >= 0
 
-    for changed in ({"seed": 2}, {"batch_size": 6}):
+    for changed in ({"seed": 2}, {"batch_size": 6}, {"num_examples": 11}):
         statistics.fisher_statistics(trainer(), data, pool, **{**arguments, **changed})
-    assert len(calls) == 3 and len(list((tmp_path / "fisher").iterdir())) == 3
+    assert len(calls) == 4 and len(list((tmp_path / "fisher").iterdir())) == 4
     # A recomputation gives bit-identical statistics (deterministic run to run).
     for file in (tmp_path / "fisher").glob("*.safetensors"):
         file.unlink()
     recomputed = statistics.fisher_statistics(trainer(), data, pool, **arguments)
-    assert all(torch.equal(first[t][k], recomputed[t][k]) for t in first for k in first[t])
+    assert len(calls) == 5 and same(first, read_all(recomputed))
 
 
 def test_gram_cache_is_keyed_by_the_padding_mode_and_a_damaged_file_is_recomputed(one_task, tmp_path, monkeypatch):
     pool, data = one_task
     calls = counting_predicts(monkeypatch)
     arguments = dict(num_examples=8, batch_size=4, seed=0, cache_dir=tmp_path)
-    counted = statistics.gram_statistics(trainer(), data, pool, count_padding=True, **arguments)
-    real_only = statistics.gram_statistics(trainer(), data, pool, count_padding=False, **arguments)
+    counted = read_all(statistics.gram_statistics(trainer(), data, pool, count_padding=True, **arguments))
+    real_only = read_all(statistics.gram_statistics(trainer(), data, pool, count_padding=False, **arguments))
     assert len(calls) == 2 and len(list((tmp_path / "regmean").iterdir())) == 2
+    assert counted["rte"].keys() == {f"h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert counted["rte"]["h.0.mlp.c_fc"].dtype == torch.float64
     assert not torch.allclose(counted["rte"]["h.0.mlp.c_fc"], real_only["rte"]["h.0.mlp.c_fc"], rtol=1e-2)
-    # Same key, damaged content: not trusted, recomputed, rewritten.
+    # Same key, damaged content: not trusted (the cache's one message), recomputed, rewritten.
     for path in (tmp_path / "regmean").iterdir():
         path.write_bytes(path.read_bytes()[:100])
-    with pytest.warns(UserWarning, match="unreadable"):
-        again = statistics.gram_statistics(trainer(), data, pool, count_padding=True, **arguments)
+    with pytest.warns(UserWarning, match="RegMean Gram matrices cache file .* is not trusted .*unreadable.*recomputing"):
+        again = read_all(statistics.gram_statistics(trainer(), data, pool, count_padding=True, **arguments))
     assert len(calls) == 3
     assert sum(read_statistics(path) is not None for path in (tmp_path / "regmean").iterdir()) == 1
-    assert all(torch.equal(counted[t][k], again[t][k]) for t in counted for k in counted[t])
+    assert same(counted, again)
 
 
-def test_loops_cut_short_are_not_cached(one_task, tmp_path):
+def test_a_changed_bit_is_not_trusted_and_a_killed_write_leaves_no_file(one_task, tmp_path, monkeypatch):
+    pool, data = one_task
+    calls = counting_predicts(monkeypatch)
+    arguments = dict(num_examples=8, batch_size=4, seed=0, cache_dir=tmp_path)
+    first = read_all(statistics.fisher_statistics(trainer(), data, pool, **arguments))
+    (path,) = (tmp_path / "fisher").iterdir()
+    content = bytearray(path.read_bytes())
+    content[-1] ^= 0xFF  # one flipped bit in the last tensor
+    path.write_bytes(bytes(content))
+    with pytest.warns(UserWarning, match="not trusted .*checksum"):
+        again = read_all(statistics.fisher_statistics(trainer(), data, pool, **arguments))
+    assert len(calls) == 2 and same(first, again) and read_statistics(path) is not None  # rewritten
+
+    path.unlink()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process dies between writing and renaming
+
+    monkeypatch.setattr("mergelit.cache.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        statistics.fisher_statistics(trainer(), data, pool, **arguments)
+    assert list((tmp_path / "fisher").iterdir()) == []  # nothing half-written to trust later
+
+
+def test_loops_cut_short_are_not_cached_but_still_used(one_task, tmp_path):
     pool, data = one_task
     with pytest.warns(UserWarning, match="saw 4 of 12 examples; not caching"):
-        statistics.fisher_statistics(
+        stored = statistics.fisher_statistics(
             trainer(limit_predict_batches=1), data, pool, num_examples=12, batch_size=4, cache_dir=tmp_path
         )
     assert not (tmp_path / "fisher").exists() or not list((tmp_path / "fisher").iterdir())
+    assert isinstance(stored.sources["rte"], dict) and stored.tensor("rte", "wte.weight").abs().sum() > 0
+
+
+def test_rows_held_out_by_the_data_are_not_drawn(one_task, tmp_path):
+    pool, _ = one_task
+    data = GLUEDataModule(tasks=["rte"], tokenizer=pool.tokenizer_path, path=one_task[1].path, cache_dir=None,
+                          dev_size=20, hold_out_dev=True)
+    statistics.gram_statistics(trainer(), data, pool, num_examples=30, batch_size=10, count_padding=False, cache_dir=tmp_path)
+    (path,) = (tmp_path / "regmean").iterdir()
+    drawn = json.loads(read_statistics(path)[1]["indices"])
+    held_out = data.held_out_rows("rte", "train")
+    assert len(held_out) == 20 and len(drawn) == 30 and not set(drawn) & set(held_out)
+
+
+# ---- costs: a cached run shows what the statistics originally cost --------------------------------
+def prepared_costs(method, data) -> costs.CostRecord:
+    """``method.prepare`` inside a prepare phase of a new cost record (as ``mergelit test`` runs it)."""
+    record = costs.CostRecord()
+    with costs.recording(record), costs.phase("prepare"):
+        method.prepare(trainer(), data)
+    return record
+
+
+def test_a_cached_run_records_the_original_cost(one_task, tmp_path):
+    pool, data = one_task
+    fresh = prepared_costs(FisherMerging(pool, num_fisher_examples=12, batch_size=4, cache_dir=str(tmp_path)), data)
+    assert fresh.as_dict()["prepare_cached"] is False and "prepare_original_seconds" not in fresh.as_dict()
+    (path,) = (tmp_path / "fisher").iterdir()
+    metadata = read_statistics(path)[1]
+    stored_seconds, stored_peak = float(metadata["seconds"]), float(metadata["peak_gb"])
+    # The stored cost is the predict loop's, inside this run's prepare phase.
+    assert 0 < stored_seconds <= fresh.seconds("prepare")
+
+    cached = prepared_costs(FisherMerging(pool, num_fisher_examples=12, batch_size=4, cache_dir=str(tmp_path)), data)
+    report = cached.as_dict()
+    prepare = cached.phases["prepare"]
+    assert report["prepare_cached"] is True
+    assert prepare.cached_seconds == stored_seconds and prepare.cached_peak_gb == stored_peak
+    assert 0 < prepare.cache_read_seconds <= report["prepare_seconds"]
+    assert report["prepare_original_seconds"] == pytest.approx(
+        report["prepare_seconds"] - prepare.cache_read_seconds + stored_seconds
+    )
+    assert report["prepare_original_seconds"] >= stored_seconds
+    assert report["prepare_original_peak_gb"] >= stored_peak
+
+
+def test_measuring_the_predict_loop_keeps_the_prepare_phase_peak_whole():
+    """The statistics reset the peak window around each predict loop; the enclosing prepare phase
+    still counts the peak it reached before (here a 256 MB buffer freed before the loop)."""
+    record = costs.CostRecord()
+    with costs.recording(record), costs.phase("prepare"):
+        buffer = torch.ones(64 * 2**20)  # 256 MB, touched
+        del buffer
+        with costs.measured() as measure:
+            small = torch.ones(2**20)  # 4 MB
+            del small
+    assert measure.seconds > 0 and measure.peak_gb < 0.2  # the loop's own window: the small buffer only
+    assert record.phases["prepare"].peak_gb >= 0.25  # the phase's window: the 256 MB buffer too

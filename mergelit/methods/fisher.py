@@ -3,13 +3,13 @@
 Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022,
 https://arxiv.org/abs/2111.09832.
 
-Statistics (``mergelit.statistics.fisher_statistics``): for each task model, its diagonal
+Statistics (``mergelit.statistics.fisher_statistics``, in ``prepare``): for each task model, its diagonal
 Fisher Fi over ``num_fisher_examples`` shuffled train examples in batches of ``batch_size``,
 each batch contributing (∂S/∂θ)², S = Σ_batch Σ_class √p · log_softmax(logits), p = softmax
 (detached); Fi = sum / number of examples. The batch size changes Fi (the gradient of a batch
 *sum* is squared), which is why it is an argument.
 
-Merge, per tensor, with ε = ``minimal_fisher_weight``:
+Merge, per tensor (``merge_tensor``), with ε = ``minimal_fisher_weight``:
 
     θ* = Σ ci (Fi + ε) θi / Σ ci (Fi + ε),   ci = (1/n) · ni,
     ni = (1/(‖Fi‖ + ε)) / Σj (1/(‖Fj‖ + ε)),
@@ -20,6 +20,11 @@ every model, so it cancels: θ* = Σ (Fi + ε) θi / Σ (Fi + ε). Tensors match
 ``exclude_param_names_regex`` keep the pretrained value θ0 (FusionBench loads the merged tensors
 into the pretrained model).
 
+Streaming: the norms ‖Fi‖ are one pass over the stored statistics before the merge
+(``prepare_merge``); then each key reads θi[key] and Fi[key] one task at a time from the
+memory-mapped checkpoints and statistics files, so the merge's memory does not grow with n.
+``fisher_merge`` (whole state dicts) is the same computation, kept as the tests' oracle.
+
 Differences from FusionBench (which draws the examples without a seed): the examples are drawn
 with ``seed`` and their indices stored with the statistics; a ``num_fisher_examples`` that is not
 a multiple of ``batch_size`` uses exactly that many examples (FusionBench fills the last batch).
@@ -28,21 +33,60 @@ a multiple of ``batch_size`` uses exactly that many examples (FusionBench fills 
 from __future__ import annotations
 
 import math
+from typing import Iterable, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from mergelit.errors import MergeFailed
+from mergelit.errors import MergeFailed, check_choice, check_integer, check_number
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, matching_keys
-from mergelit.statistics import DEFAULT_CACHE_DIR, fisher_statistics
+from mergelit.statistics import DEFAULT_CACHE_DIR, StoredStatistics, fisher_statistics
 
 
-def _global_norm(tensors: dict[str, Tensor], keys: list[str]) -> float:
-    """The L2 norm of all entries of ``tensors[k]`` for k in ``keys``, as one vector (float64)."""
-    return math.sqrt(sum(torch.linalg.vector_norm(tensors[k], dtype=torch.float64).item() ** 2 for k in keys))
+def fisher_coefficients(norms: Sequence[float] | None, minimal_fisher_weight: float, n: int) -> list[float]:
+    """ci = (1/n) · ni, ni = (1/(‖Fi‖ + ε)) / Σj (1/(‖Fj‖ + ε)); ``norms`` None: ci = 1/n (no normalisation)."""
+    if norms is None:
+        return [1.0 / n] * n
+    inverse = [1.0 / (norm + minimal_fisher_weight) for norm in norms]
+    return [(x / sum(inverse)) / n for x in inverse]
+
+
+def fisher_merge_tensor(
+    thetas: Iterable[Tensor], fishers: Iterable[Tensor], coefficients: Sequence[float], minimal_fisher_weight: float
+) -> Tensor:
+    """θ*[key] = Σ ci (Fi + ε) θi / Σ ci (Fi + ε) for one tensor, accumulated in task order, one
+    (θi, Fi) pair at a time."""
+    numerator = denominator = None
+    for c, theta, fisher in zip(coefficients, thetas, fishers, strict=True):
+        if numerator is None:
+            numerator, denominator = torch.zeros_like(theta), torch.zeros_like(theta)
+        weight = (fisher + minimal_fisher_weight).mul_(c)  # c * (Fi + ε), the same bits
+        denominator += weight
+        numerator += weight.mul_(theta)  # (c (Fi + ε)) θi, the same bits, in place
+        del theta, fisher, weight  # before the next pair is read: one (θi, Fi) in memory at a time
+    return numerator.div_(denominator)
+
+
+def check_fisher(task: str, fishers: Iterable[tuple[str, Tensor]]) -> float:
+    """‖Fi‖, the L2 norm of all of model ``task``'s Fisher entries as one vector (float64 per tensor,
+    summed in key order), refusing an estimate that is zero everywhere or not finite."""
+    squares, nonzero = 0.0, False
+    for key, fisher in fishers:
+        if not bool(torch.isfinite(fisher).all()):
+            raise MergeFailed(f"Fisher Merging: the Fisher estimate of the {task!r} model has NaN/inf in {key!r}.")
+        nonzero = nonzero or bool(fisher.any())
+        squares += torch.linalg.vector_norm(fisher, dtype=torch.float64).item() ** 2
+    if not nonzero:
+        # An all-zero estimate (no gradient reached the body: e.g. a zero head) would give that
+        # model the weight of ε alone everywhere and, normalised, the largest weight of all.
+        raise MergeFailed(
+            f"Fisher Merging: the Fisher estimate of the {task!r} model is zero everywhere (no gradient reached "
+            f"its body: check its head, or use more/other examples); refusing to merge with it."
+        )
+    return math.sqrt(squares)
 
 
 def fisher_merge(
@@ -53,7 +97,8 @@ def fisher_merge(
     normalize_fisher_weight: bool = True,
     exclude_param_names_regex: list[str] = [],
 ) -> dict[str, Tensor]:
-    """θ* = Σ ci (Fi + ε) θi / Σ ci (Fi + ε) per tensor; excluded tensors keep θ0.
+    """θ* = Σ ci (Fi + ε) θi / Σ ci (Fi + ε) per tensor; excluded tensors keep θ0 (whole state dicts:
+    the oracle of ``FisherMerging``'s per-key merge).
 
     Args:
         pretrained: θ0, the pretrained body's state dict (keys, and the value of excluded tensors).
@@ -70,39 +115,15 @@ def fisher_merge(
     tasks = list(finetuned)
     excluded = matching_keys(pretrained, exclude_param_names_regex)
     merged_keys = [key for key in pretrained if key not in excluded]
-    for task in tasks:
-        # An all-zero estimate (no gradient reached the body: e.g. a zero head) would give that
-        # model the weight of ε alone everywhere and, normalised, the largest weight of all.
-        if merged_keys and all(not bool(fishers[task][key].any()) for key in merged_keys):
-            raise MergeFailed(
-                f"Fisher Merging: the Fisher estimate of the {task!r} model is zero everywhere (no gradient reached "
-                f"its body: check its head, or use more/other examples); refusing to merge with it."
-            )
-        for key in merged_keys:
-            if not bool(torch.isfinite(fishers[task][key]).all()):
-                raise MergeFailed(f"Fisher Merging: the Fisher estimate of the {task!r} model has NaN/inf in {key!r}.")
-
-    n = len(tasks)
-    if normalize_fisher_weight:
-        # ‖Fi‖: L2 norm over all of model i's merged Fisher entries (raw, before ε).
-        inverse = [1.0 / (_global_norm(fishers[t], merged_keys) + minimal_fisher_weight) for t in tasks]
-        coefficients = [(x / sum(inverse)) / n for x in inverse]  # ci = (1/n) · ni
-    else:
-        coefficients = [1.0 / n] * n
-
-    merged = {}
-    for key in pretrained:
-        if key in excluded:
-            merged[key] = pretrained[key].clone()
-            continue
-        numerator = torch.zeros_like(pretrained[key])
-        denominator = torch.zeros_like(pretrained[key])
-        for c, task in zip(coefficients, tasks):
-            weight = c * (fishers[task][key] + minimal_fisher_weight)
-            numerator += weight * finetuned[task][key]
-            denominator += weight
-        merged[key] = numerator / denominator
-    return merged
+    # ‖Fi‖: L2 norm over all of model i's merged Fisher entries (raw, before ε).
+    norms = [check_fisher(task, ((key, fishers[task][key]) for key in merged_keys)) for task in tasks] if merged_keys else []
+    coefficients = fisher_coefficients(norms if normalize_fisher_weight else None, minimal_fisher_weight, len(tasks))
+    return {
+        key: pretrained[key].clone() if key in excluded else fisher_merge_tensor(
+            [finetuned[task][key] for task in tasks], [fishers[task][key] for task in tasks], coefficients, minimal_fisher_weight
+        )
+        for key in pretrained
+    }
 
 
 class FisherMerging(MergeMethod):
@@ -111,7 +132,9 @@ class FisherMerging(MergeMethod):
     Each task's Fisher is estimated on its train split (labels unused). The statistics run as
     ``trainer.predict`` loops before testing (``prepare``), with a progress bar per task, and are
     cached under ``cache_dir``: a second run with the same models, data and sampling arguments
-    loads them (the log says so).
+    loads them (the log says so, and the report's costs show what computing them took).
+    ``prepare`` leaves them in ``statistics`` (a ``StoredStatistics``: the merge reads each task's
+    Fisher of one tensor at a time from its cache file).
 
     Args:
         num_fisher_examples: train examples per task used to estimate the Fisher (FusionBench: 256).
@@ -128,6 +151,7 @@ class FisherMerging(MergeMethod):
     """
 
     display_name = "Fisher Merging"
+    quick = {"num_fisher_examples": 32}
     data = "train inputs"
 
     def __init__(
@@ -142,25 +166,21 @@ class FisherMerging(MergeMethod):
         cache_dir: str = DEFAULT_CACHE_DIR,
     ):
         super().__init__(pool)
-        if num_fisher_examples < 1:
-            raise ValueError(f"num_fisher_examples must be >= 1, got {num_fisher_examples}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if not 0 <= minimal_fisher_weight < math.inf:
-            raise ValueError(f"minimal_fisher_weight (ε) must be >= 0, got {minimal_fisher_weight}.")
+        self.num_fisher_examples = check_integer(num_fisher_examples, "num_fisher_examples", minimum=1)
+        self.batch_size = check_integer(batch_size, "batch_size", minimum=1)
+        self.minimal_fisher_weight = check_number(minimal_fisher_weight, "minimal_fisher_weight (ε)", low=0)
+        self.normalize_fisher_weight = check_choice(normalize_fisher_weight, "normalize_fisher_weight", (True, False))
         matching_keys([], exclude_param_names_regex)  # fail now on a pattern that does not compile
-        self.num_fisher_examples = num_fisher_examples
-        self.batch_size = batch_size
-        self.minimal_fisher_weight = minimal_fisher_weight
-        self.normalize_fisher_weight = normalize_fisher_weight
         self.exclude_param_names_regex = list(exclude_param_names_regex)
-        self.seed = seed
+        self.seed = check_integer(seed, "seed", minimum=None)
         self.cache_dir = cache_dir
-        self.fishers: dict[str, dict[str, Tensor]] | None = None
+        self.statistics: StoredStatistics | None = None
+        self._excluded: set[str] = set()
+        self._coefficients: list[float] = []
         self.save_hyperparameters(ignore=["pool"])
 
     def prepare(self, trainer: L.Trainer, datamodule) -> None:
-        self.fishers = fisher_statistics(
+        self.statistics = fisher_statistics(
             trainer,
             datamodule,
             self.pool,
@@ -170,17 +190,29 @@ class FisherMerging(MergeMethod):
             cache_dir=self.cache_dir,
         )
 
-    def merge(self) -> dict[str, Tensor]:
-        if self.fishers is None:
+    def prepare_merge(self) -> None:
+        """Check every task's Fisher and compute the coefficients ci from the norms ‖Fi‖ (one pass
+        over the stored statistics, one tensor at a time)."""
+        statistics = self.statistics
+        if statistics is None:
             raise RuntimeError(
                 "FisherMerging has no Fisher statistics: call `method.prepare(trainer, datamodule)` before "
                 "`trainer.test(method, datamodule)` (the `mergelit test` command does this for you)."
             )
-        return fisher_merge(
-            self.pool.pretrained_body(),
-            self.pool.finetuned_bodies(),
-            self.fishers,
-            minimal_fisher_weight=self.minimal_fisher_weight,
-            normalize_fisher_weight=self.normalize_fisher_weight,
-            exclude_param_names_regex=self.exclude_param_names_regex,
-        )
+        keys = self.pool.keys()
+        for task in self.tasks:
+            if task not in statistics.tasks or set(statistics.names(task)) != set(keys):
+                raise ValueError(f"The Fisher statistics of {task!r} do not cover the pool's body tensors; run `prepare` again.")
+        self._excluded = matching_keys(keys, self.exclude_param_names_regex)
+        merged_keys = [key for key in keys if key not in self._excluded]
+        norms = [
+            check_fisher(task, ((key, statistics.tensor(task, key)) for key in merged_keys)) for task in self.tasks
+        ] if merged_keys else []
+        normalize = norms if self.normalize_fisher_weight else None
+        self._coefficients = fisher_coefficients(normalize, self.minimal_fisher_weight, len(self.tasks))
+
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        if key in self._excluded:
+            return theta0
+        fishers = (self.statistics.tensor(task, key) for task in self.tasks)
+        return fisher_merge_tensor(thetas, fishers, self._coefficients, self.minimal_fisher_weight)

@@ -3,7 +3,7 @@
 Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023,
 https://arxiv.org/abs/2212.09849.
 
-Statistics (``mergelit.statistics.gram_statistics``): for every Conv1D of each fine-tuned body
+Statistics (``mergelit.statistics.gram_statistics``, in ``prepare``): for every Conv1D of each fine-tuned body
 (per block attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; 48 in GPT-2), the Gram matrix of its
 input over ``num_regmean_examples`` shuffled train examples: Gi = XiᵀXi / T.
 
@@ -13,6 +13,11 @@ W as [in, out] (y = xW + b), so there is no transpose. Every other tensor (biase
 layer norms) is the plain mean of the fine-tuned bodies; tensors matched by
 ``exclude_param_names_regex`` keep the pretrained value θ0 (FusionBench loads the merged tensors
 into the pretrained model), Conv1D weights included.
+
+Streaming: each key is merged on its own (``merge_tensor``), reading θi[key] and, for a Conv1D
+weight, Gi one task at a time from the memory-mapped checkpoints and statistics files, so the
+merge's memory does not grow with n. ``regmean_merge`` (whole state dicts) is the same
+computation, kept as the tests' oracle.
 
 Numerics: the system is solved with ``torch.linalg.solve`` in float64 (FusionBench forms the
 float32 inverse). With padding counted the summed Grams are poorly conditioned, so the two differ
@@ -27,17 +32,17 @@ principled variant. The two give different Grams, merged weights and accuracies.
 from __future__ import annotations
 
 import math
+from typing import Iterable, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from mergelit.errors import MergeFailed
+from mergelit.errors import MergeFailed, check_choice, check_integer, check_number
 from mergelit.methods.base import MergeMethod
-from mergelit.methods.simple_average import simple_average_merge
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, matching_keys
-from mergelit.statistics import DEFAULT_CACHE_DIR, gram_statistics
+from mergelit.statistics import DEFAULT_CACHE_DIR, StoredStatistics, gram_statistics
 
 
 MAX_CONDITION_NUMBER = 1e12
@@ -59,15 +64,82 @@ def gram_condition_number(gram: Tensor) -> float:
 
 
 def _check_ratio(reduce_non_diagonal_ratio: float) -> float:
-    if not 0 <= reduce_non_diagonal_ratio <= 1:
-        raise ValueError(f"reduce_non_diagonal_ratio (r) must be in [0, 1], got {reduce_non_diagonal_ratio}.")
-    return float(reduce_non_diagonal_ratio)
+    return check_number(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio (r)", low=0, high=1)
 
 
 def reduce_non_diagonal(gram: Tensor, reduce_non_diagonal_ratio: float) -> Tensor:
     """G̃ = G ⊙ (r·11ᵀ + (1−r)I): off-diagonal entries times r, the diagonal unchanged."""
     r = reduce_non_diagonal_ratio
     return gram * r + torch.diag_embed(gram.diagonal() * (1 - r))
+
+
+def mean_tensor(thetas: Iterable[Tensor]) -> Tensor:
+    """(1/n) Σ θi for one tensor: summed in task order, then divided by n (FusionBench's rounding)."""
+    merged, n = None, 0
+    for theta in thetas:
+        merged = theta.clone() if merged is None else merged.add_(theta)
+        n += 1
+        del theta  # before the next one is read
+    return merged.div_(n)
+
+
+def regmean_solve(
+    module: str, tasks: Sequence[str], grams: Iterable[Tensor], weights: Iterable[Tensor], reduce_non_diagonal_ratio: float
+) -> Tensor:
+    """W* = (Σ G̃i)⁻¹ Σ G̃i Wi for one Conv1D (``module``), in float64, reading one (Gi, Wi) pair
+    of ``tasks`` at a time.
+
+    Refuses (naming the layer) a Gram of the wrong size, an ill-conditioned sum (condition number
+    above ``MAX_CONDITION_NUMBER``) and a singular one. Returns float64; the caller casts.
+    """
+    r = reduce_non_diagonal_ratio
+    summed_gram = summed_product = None
+    for task, gram, weight in zip(tasks, grams, weights, strict=True):
+        dim = weight.shape[0]
+        if gram.shape != (dim, dim):
+            raise ValueError(
+                f"The Gram of {module!r} for {task!r} is {tuple(gram.shape)}; its weight {module + '.weight'!r} has {dim} inputs."
+            )
+        scaled = reduce_non_diagonal(gram.to(torch.float64), r)
+        if summed_gram is None:
+            summed_gram = torch.zeros_like(scaled)
+            summed_product = torch.zeros(weight.shape, dtype=torch.float64)
+        summed_gram += scaled
+        # Conv1D: W is [in, out] and y = xW + b, so G̃ W needs no transpose.
+        summed_product += scaled @ weight.to(torch.float64)
+        del gram, weight, scaled  # before the next pair is read
+    dim = summed_gram.shape[0]
+    condition = gram_condition_number(summed_gram)
+    if math.isfinite(condition) and condition > MAX_CONDITION_NUMBER:
+        raise MergeFailed(
+            f"RegMean: the summed Gram matrix of {module!r} ({dim}x{dim}) is ill-conditioned "
+            f"(condition number {condition:.1e} > {MAX_CONDITION_NUMBER:.0e}): the solve for {module + '.weight'!r} would be "
+            f"finite garbage. Use reduce_non_diagonal_ratio < 1, more examples (num_regmean_examples), or "
+            f"count_padding: false."
+        )
+    try:
+        solution = torch.linalg.solve(summed_gram, summed_product) if math.isfinite(condition) else None
+    except torch.linalg.LinAlgError:
+        solution = None
+    if solution is None or not torch.isfinite(solution).all():
+        raise ValueError(
+            f"RegMean: the summed Gram matrix of {module!r} ({dim}x{dim}) is singular, so {module + '.weight'!r} "
+            f"has no unique merge. An input feature is zero on every counted position, or fewer positions were "
+            f"counted than it has inputs; use more examples, or reduce_non_diagonal_ratio < 1."
+        )
+    return solution
+
+
+def solved_weights(modules: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
+    """``<module>.weight`` -> module for every Conv1D module with Grams (each must have that tensor)."""
+    keys = set(keys)
+    solved = {}
+    for module in modules:
+        key = f"{module}.weight"
+        if key not in keys:
+            raise KeyError(f"A Gram matrix is given for {module!r} but the bodies have no tensor {key!r}.")
+        solved[key] = module
+    return solved
 
 
 def regmean_merge(
@@ -77,7 +149,8 @@ def regmean_merge(
     pretrained: dict[str, Tensor] | None = None,
     exclude_param_names_regex: list[str] = [],
 ) -> dict[str, Tensor]:
-    """W* = (Σ G̃i)⁻¹ Σ G̃i Wi for each ``<module>.weight`` with Grams, the plain mean elsewhere.
+    """W* = (Σ G̃i)⁻¹ Σ G̃i Wi for each ``<module>.weight`` with Grams, the plain mean elsewhere
+    (whole state dicts: the oracle of ``RegMean``'s per-key merge).
 
     Args:
         finetuned: task -> θi, the fine-tuned bodies' state dicts.
@@ -92,57 +165,30 @@ def regmean_merge(
     if set(grams) != set(finetuned):
         raise ValueError(f"Gram statistics for tasks {sorted(grams)} but bodies for {sorted(finetuned)}.")
     tasks = list(finetuned)
-    excluded = matching_keys(next(iter(finetuned.values())), exclude_param_names_regex)
+    first = finetuned[tasks[0]]
+    check_finetuned(first, finetuned)
+    excluded = matching_keys(first, exclude_param_names_regex)
     if excluded and pretrained is None:
         raise ValueError(
             f"Excluded tensors keep the pretrained value: pass `pretrained` (excluded: {sorted(excluded)[:3]}...)."
         )
     if pretrained is not None:
         check_finetuned(pretrained, finetuned)
-
-    merged = simple_average_merge(finetuned)  # every tensor without a Gram: the plain mean
     modules = list(grams[tasks[0]])
     for task in tasks[1:]:
         if set(grams[task]) != set(modules):
             raise ValueError(f"The Grams of {task!r} cover other modules than those of {tasks[0]!r}.")
-    for module in modules:
-        key = f"{module}.weight"
-        if key not in merged:
-            raise KeyError(f"A Gram matrix is given for {module!r} but the bodies have no tensor {key!r}.")
+    solved = solved_weights(modules, first)
+    merged = {}
+    for key in first:
+        thetas = [finetuned[task][key] for task in tasks]
         if key in excluded:
-            continue
-        weight_dim = finetuned[tasks[0]][key].shape[0]
-        for task in tasks:
-            if grams[task][module].shape != (weight_dim, weight_dim):
-                raise ValueError(
-                    f"The Gram of {module!r} for {task!r} is {tuple(grams[task][module].shape)}; "
-                    f"its weight {key!r} has {weight_dim} inputs."
-                )
-        scaled = [reduce_non_diagonal(grams[task][module].to(torch.float64), r) for task in tasks]
-        summed_gram = sum(scaled)
-        # Conv1D: W is [in, out] and y = xW + b, so G̃ W needs no transpose.
-        summed_product = sum(gram @ finetuned[task][key].to(torch.float64) for gram, task in zip(scaled, tasks))
-        condition = gram_condition_number(summed_gram)
-        if math.isfinite(condition) and condition > MAX_CONDITION_NUMBER:
-            raise MergeFailed(
-                f"RegMean: the summed Gram matrix of {module!r} ({weight_dim}x{weight_dim}) is ill-conditioned "
-                f"(condition number {condition:.1e} > {MAX_CONDITION_NUMBER:.0e}): the solve for {key!r} would be "
-                f"finite garbage. Use reduce_non_diagonal_ratio < 1, more examples (num_regmean_examples), or "
-                f"count_padding: false."
-            )
-        try:
-            solution = torch.linalg.solve(summed_gram, summed_product) if math.isfinite(condition) else None
-        except torch.linalg.LinAlgError:
-            solution = None
-        if solution is None or not torch.isfinite(solution).all():
-            raise ValueError(
-                f"RegMean: the summed Gram matrix of {module!r} ({weight_dim}x{weight_dim}) is singular, so {key!r} "
-                f"has no unique merge. An input feature is zero on every counted position, or fewer positions were "
-                f"counted than it has inputs; use more examples, or reduce_non_diagonal_ratio < 1."
-            )
-        merged[key] = solution.to(merged[key].dtype)
-    for key in excluded:
-        merged[key] = pretrained[key].clone()
+            merged[key] = pretrained[key].clone()
+        elif key in solved:
+            module = solved[key]
+            merged[key] = regmean_solve(module, tasks, [grams[task][module] for task in tasks], thetas, r).to(first[key].dtype)
+        else:
+            merged[key] = mean_tensor(thetas)
     return merged
 
 
@@ -152,7 +198,9 @@ class RegMean(MergeMethod):
     The Grams Gi of each Conv1D's inputs come from each task's train examples. The statistics
     run as ``trainer.predict`` loops before testing (``prepare``), with a progress bar per task,
     and are cached under ``cache_dir``: a second run with the same models, data and sampling
-    arguments loads them (the log says so).
+    arguments loads them (the log says so, and the report's costs show what computing them took).
+    ``prepare`` leaves them in ``statistics`` (a ``StoredStatistics``: the merge reads each task's
+    Gram of one Conv1D at a time from its cache file).
 
     Args:
         num_regmean_examples: train examples per task for the Gram matrices (FusionBench: 256).
@@ -170,6 +218,7 @@ class RegMean(MergeMethod):
 
     display_name = "RegMean"
     symbols = {"reduce_non_diagonal_ratio": "r"}
+    quick = {"num_regmean_examples": 32}
     data = "train inputs"
 
     def __init__(
@@ -184,23 +233,21 @@ class RegMean(MergeMethod):
         cache_dir: str = DEFAULT_CACHE_DIR,
     ):
         super().__init__(pool)
-        if num_regmean_examples < 1:
-            raise ValueError(f"num_regmean_examples must be >= 1, got {num_regmean_examples}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        matching_keys([], exclude_param_names_regex)  # fail now on a pattern that does not compile
-        self.num_regmean_examples = num_regmean_examples
-        self.batch_size = batch_size
+        self.num_regmean_examples = check_integer(num_regmean_examples, "num_regmean_examples", minimum=1)
+        self.batch_size = check_integer(batch_size, "batch_size", minimum=1)
         self.reduce_non_diagonal_ratio = _check_ratio(reduce_non_diagonal_ratio)
-        self.count_padding = count_padding
+        self.count_padding = check_choice(count_padding, "count_padding", (True, False))
+        matching_keys([], exclude_param_names_regex)  # fail now on a pattern that does not compile
         self.exclude_param_names_regex = list(exclude_param_names_regex)
-        self.seed = seed
+        self.seed = check_integer(seed, "seed", minimum=None)
         self.cache_dir = cache_dir
-        self.grams: dict[str, dict[str, Tensor]] | None = None
+        self.statistics: StoredStatistics | None = None
+        self._excluded: set[str] = set()
+        self._solved: dict[str, str] = {}
         self.save_hyperparameters(ignore=["pool"])
 
     def prepare(self, trainer: L.Trainer, datamodule) -> None:
-        self.grams = gram_statistics(
+        self.statistics = gram_statistics(
             trainer,
             datamodule,
             self.pool,
@@ -211,16 +258,27 @@ class RegMean(MergeMethod):
             cache_dir=self.cache_dir,
         )
 
-    def merge(self) -> dict[str, Tensor]:
-        if self.grams is None:
+    def prepare_merge(self) -> None:
+        """Which keys are solved from Grams (every task's Grams must cover the same Conv1D modules)."""
+        statistics = self.statistics
+        if statistics is None:
             raise RuntimeError(
                 "RegMean has no Gram statistics: call `method.prepare(trainer, datamodule)` before "
                 "`trainer.test(method, datamodule)` (the `mergelit test` command does this for you)."
             )
-        return regmean_merge(
-            self.pool.finetuned_bodies(),
-            self.grams,
-            reduce_non_diagonal_ratio=self.reduce_non_diagonal_ratio,
-            pretrained=self.pool.pretrained_body(),
-            exclude_param_names_regex=self.exclude_param_names_regex,
-        )
+        modules = statistics.names(self.tasks[0])
+        for task in self.tasks[1:]:
+            if set(statistics.names(task)) != set(modules):
+                raise ValueError(f"The Grams of {task!r} cover other modules than those of {self.tasks[0]!r}.")
+        keys = self.pool.keys()
+        self._excluded = matching_keys(keys, self.exclude_param_names_regex)
+        self._solved = solved_weights(modules, keys)
+
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        if key in self._excluded:
+            return theta0
+        module = self._solved.get(key)
+        if module is None:
+            return mean_tensor(thetas)
+        grams = (self.statistics.tensor(task, module) for task in self.tasks)
+        return regmean_solve(module, self.tasks, grams, thetas, self.reduce_non_diagonal_ratio).to(theta0.dtype)
