@@ -98,7 +98,7 @@ def test_every_method_config_parses():
         assert cli.model.pool.tasks == list(TASKS)
         assert cli.datamodule.tasks == list(TASKS)
         assert cli.datamodule.tokenizer_path == "gpt2"
-        assert cli.model.body is None  # parsing never merges or loads weights
+        assert cli.model._body is None and not cli.model.pool._checkpoints  # parsing never merges or reads weights
 
 
 def assert_refused(call, message: str, capsys) -> None:
