@@ -192,3 +192,40 @@ def disjoint_merge(trimmed: Iterable[Tensor], sign: Tensor, merge_func: str) -> 
         magnitude /= count.clamp_(min=1)
     # Every kept entry has sign s, so their sum (mean, max) is s times the sum (mean, max) of magnitudes.
     return magnitude.mul_(sign)
+
+
+def trim_below(magnitudes: Tensor, threshold: float) -> float:
+    """TIES's trim cut of a whole body as the largest float32 below it: ``magnitudes`` is |τ| of
+    every entry, flat (partitioned in place, so a buffer of the caller's); ``trimmed(τ, below)``
+    then keeps exactly the entries ``trim`` keeps, tensor by tensor."""
+    cut = kth_smallest(magnitudes, trim_rank(magnitudes.numel(), threshold), in_place=True)
+    return float(torch.nextafter(cut, torch.tensor(-float("inf"))))
+
+
+def trimmed(tau: Tensor, below: float) -> Tensor:
+    """τ with the entries below TIES's cut set to +0 (new tensor), ``below`` from ``trim_below``.
+
+    ``hardshrink`` keeps x where |x| > below, i.e. |x| >= the cut (no float32 lies between them),
+    and writes +0 elsewhere: the bits of ``tau.masked_fill_(tau.abs() < cut, 0)``, faster.
+    """
+    return torch.nn.functional.hardshrink(tau, below)
+
+
+# ---- bit-packed boolean masks (EMR-Merging's per-task masks) ------------------------------------
+def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean tensor as a flat uint8 tensor of ceil(numel / 8) bytes, 8 entries a byte in
+    ``reshape(-1)`` order (numpy's ``packbits``, big-endian bits): 1/32 of the fp32 tensor's size."""
+    import numpy as np
+
+    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy()))
+
+
+def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """The boolean tensor of ``shape`` that ``pack_bits`` packed (a new tensor)."""
+    import math
+
+    import numpy as np
+
+    numel = math.prod(shape)
+    bits = np.unpackbits(packed.numpy(), count=numel)  # 0/1 bytes
+    return torch.from_numpy(bits).view(torch.bool).view(tuple(shape))
