@@ -34,21 +34,22 @@ Numerics: ``u > p`` is strict, so even p = 0 drops an entry whose draw is exactl
 rescale is a division (x / 0.1 and x * 10 round differently), as FusionBench.
 
 Streaming. The draws are model-major but the merge goes key by key, so one pass over the pool
-first (``prepare_merge``; for DARE-TIES the pass that finds each τ̃i's trim cut) draws every mask
-in FusionBench's order and records the generator's state before each (model, tensor) draw; the
+first (for DARE-TIES, the pass that finds each τ̃i's trim cut) draws every mask in FusionBench's
+order and records the generator's state before each (model, tensor) draw (``DareDraws``); the
 merge of a key restores those states and draws τ̃i[key] again, the same bits. Beside the merged
-body a merge holds one key's tensors and the recorded states (5 KB per dropped tensor and model);
-DARE-TIES adds one flat body for the trim cuts and the elected signs (int8, a quarter body), as
-TIES-Merging. The draws are made two (DARE-TA) or three (DARE-TIES) times instead of once.
-
-Cost at GPT-2 small, 7 tasks (``benchmarks/method_cost.py``, 2 threads, shared host): see
-``benchmarks/README.md``.
+body a merge holds a few tensors of one key and the recorded states (5 KB per dropped tensor and
+model); DARE-TIES adds one flat body for the trim cuts and the elected signs (int8, a quarter
+body), as TIES-Merging. The price is time: the masks are drawn twice (DARE-TA) or three times
+(DARE-TIES) instead of once. On a 2-layer, 256-wide pool (56 MB a body, ``wte`` 88 % of it) the
+peak RSS above the merge's start was 259 MB at N = 2 and 260 MB at N = 7 for DARE-TA, 459 and
+460 MB for DARE-TIES (the whole-body functions: 389 → 733 MB and 509 → 1075 MB), with glibc's
+mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed tensors leave the RSS.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -99,8 +100,10 @@ def drop_and_rescale(tau: Tensor, sparsity_ratio: float, rescale: bool, generato
     # in order (for GPT-2's Conv1D weights, the stored [in, out] layout) exactly as FusionBench's.
     keep = torch.empty_like(tau).uniform_(0, 1, generator=generator) > sparsity_ratio
     dropped = tau * keep
-    # A division, as FusionBench: for p = 0.9, x / 0.1 and x * 10 differ in the last bit.
-    return dropped / (1 - sparsity_ratio) if rescale else dropped
+    del keep
+    # A division, as FusionBench: for p = 0.9, x / 0.1 and x * 10 differ in the last bit. In place
+    # on our own product: the same bits as `dropped / (1 - p)`, one tensor fewer.
+    return dropped.div_(1 - sparsity_ratio) if rescale else dropped
 
 
 def _is_dropped(key: str, only_conv1d_weights: bool) -> bool:
@@ -254,9 +257,9 @@ class DareDraws:
 
     ``record`` makes the model-major pass: one generator seeded with ``seed``, for each task in
     pool order and each key in state-dict order, the generator's state is saved, then that τ's
-    draws are made (and discarded, or handed to ``visit``). ``dropped(index, key, theta0, theta)``
-    then restores the state saved for (task ``index``, ``key``) and draws τ̃i[key] again: the bits
-    of the whole-body ``dare_task_vectors``.
+    draws are made (and discarded, or handed to ``visit``). ``dropped(index, key, tau)`` then
+    restores the state saved for (task ``index``, ``key``) and draws τ̃i[key] again: the bits of
+    the whole-body ``dare_task_vectors``.
     """
 
     def __init__(self, pool: ModelPool, sparsity_ratio: float, rescale: bool, seed: int, only_conv1d_weights: bool):
@@ -269,7 +272,7 @@ class DareDraws:
     def is_dropped(self, key: str) -> bool:
         return _is_dropped(key, self.only_conv1d_weights)
 
-    def record(self, visit=None) -> None:
+    def record(self, visit: Callable[[int, str, Tensor], None] | None = None) -> None:
         """The model-major pass: save the state before each (task, key) draw, then draw.
 
         ``visit(index, key, tau)`` (optional) receives each τ̃i[key] in that order (τi itself for a
@@ -288,22 +291,23 @@ class DareDraws:
                 if visit is not None:
                     tau = pool.finetuned_tensor(task, key) - pool.pretrained_tensor(key)
                     visit(index, key, drop_and_rescale(tau, self.sparsity_ratio, self.rescale, generator) if dropped else tau)
+                    del tau  # not held while the next one is read
                 elif dropped:
                     # The same number of uniform draws as rand_like(τ) (one per entry, in order).
                     scratch[: math.prod(shapes[key])].uniform_(0, 1, generator=generator)
 
-    def dropped(self, index: int, key: str, theta0: Tensor, theta: Tensor) -> Tensor:
-        """τ̃i[key] of task ``index`` (τi[key] where nothing is dropped), drawn again from the saved state."""
-        tau = theta - theta0
+    def dropped(self, index: int, key: str, tau: Tensor) -> Tensor:
+        """τ̃i[key] of task ``index`` from τi[key] = ``tau``, drawn again from the saved state (``tau``
+        itself where nothing is dropped)."""
         if not self.is_dropped(key):
             return tau
         self._generator.set_state(self.states[key][index])
         return drop_and_rescale(tau, self.sparsity_ratio, self.rescale, self._generator)
 
     def all_dropped(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Iterator[Tensor]:
-        """τ̃1[key] … τ̃n[key], one at a time (each θi read when its turn comes)."""
-        for index, theta in enumerate(thetas):
-            yield self.dropped(index, key, theta0, theta)
+        """τ̃1[key] … τ̃n[key], one at a time (each θi read when its turn comes, and not kept)."""
+        for index in range(len(thetas)):
+            yield self.dropped(index, key, thetas[index] - theta0)
 
     def forget(self, key: str) -> None:
         """Drop the states saved for ``key`` (merged: they are not needed again)."""
@@ -336,8 +340,8 @@ def dare_ties_election(draws: DareDraws, threshold: float) -> tuple[list[float],
     del buffer
     signs, total = {}, 0.0
     for key in keys:
-        theta0 = pool.pretrained_tensor(key)
-        sign = summed_sign(trimmed(tau, below) for tau, below in zip(draws.all_dropped(key, theta0, pool.finetuned_tensors(key)), belows))
+        sparse = draws.all_dropped(key, pool.pretrained_tensor(key), pool.finetuned_tensors(key))
+        sign = summed_sign(trimmed(tau, below) for tau, below in zip(sparse, belows))
         total += float(sign.sum(dtype=torch.float64))  # an integer count, exact in float64
         signs[key] = sign.to(torch.int8)
     return belows, float(torch.sign(torch.tensor(total, dtype=torch.float64))), signs
@@ -404,6 +408,7 @@ class DareTaskArithmetic(MergeMethod):
         summed = None
         for tau in self._draws.all_dropped(key, theta0, thetas):
             summed = tau if summed is None else summed.add_(tau)
+            del tau  # not held while the next τ̃i is drawn
         self._draws.forget(key)
         return summed
 
