@@ -25,7 +25,8 @@ def build_body(config, state: dict[str, Tensor], fused_gelu: bool = False) -> nn
 
     with torch.device("meta"):
         body = GPT2Model(config)
-    body.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+    # assign: the body takes the given tensors (a merge's fresh output) without a copy of a whole body.
+    body.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True, assign=True)
     if fused_gelu:
         for block in body.h:
             block.mlp.act = nn.GELU(approximate="tanh")

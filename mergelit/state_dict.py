@@ -194,6 +194,43 @@ def disjoint_merge(trimmed: Iterable[Tensor], sign: Tensor, merge_func: str) -> 
     return magnitude.mul_(sign)
 
 
+def trim_below(magnitudes: Tensor, threshold: float) -> float:
+    """TIES's trim cut of a whole body as the largest float32 below it: ``magnitudes`` is |τ| of
+    every entry, flat (partitioned in place, so a buffer of the caller's); ``trimmed(τ, below)``
+    then keeps exactly the entries ``trim`` keeps, tensor by tensor."""
+    cut = kth_smallest(magnitudes, trim_rank(magnitudes.numel(), threshold), in_place=True)
+    return float(torch.nextafter(cut, torch.tensor(-float("inf"))))
+
+
+def trimmed(tau: Tensor, below: float) -> Tensor:
+    """τ with the entries below TIES's cut set to +0 (new tensor), ``below`` from ``trim_below``.
+
+    ``hardshrink`` keeps x where |x| > below, i.e. |x| >= the cut (no float32 lies between them),
+    and writes +0 elsewhere: the bits of ``tau.masked_fill_(tau.abs() < cut, 0)``, faster.
+    """
+    return torch.nn.functional.hardshrink(tau, below)
+
+
+# ---- bit-packed boolean masks (EMR-Merging's per-task masks) ------------------------------------
+def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean tensor as a flat uint8 tensor of ceil(numel / 8) bytes, 8 entries a byte in
+    ``reshape(-1)`` order (numpy's ``packbits``, big-endian bits): 1/32 of the fp32 tensor's size."""
+    import numpy as np
+
+    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy()))
+
+
+def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """The boolean tensor of ``shape`` that ``pack_bits`` packed (a new tensor)."""
+    import math
+
+    import numpy as np
+
+    numel = math.prod(shape)
+    bits = np.unpackbits(packed.numpy(), count=numel)  # 0/1 bytes
+    return torch.from_numpy(bits).view(torch.bool).view(tuple(shape))
+
+
 class TiesElection:
     """The whole-body part of TIES-Merging, computed once: each task's trim cut and the elected sign of
     every key (``ties_election``). ``trimmed`` trims a key's task vectors with the cuts, ``sign(key)``
@@ -203,11 +240,9 @@ class TiesElection:
         self.belows, self.fill, self.signs = belows, fill, signs
 
     def trimmed(self, task_vectors: Iterable[Tensor]) -> Iterable[Tensor]:
-        """Trim each τi of one key (in task order) at its task's cut, one at a time. ``hardshrink``
-        keeps x where |x| > below, i.e. |x| >= the cut (no float32 lies between them), and writes +0
-        elsewhere: the bits of ``tau.masked_fill_(tau.abs() < cut, 0)``, faster."""
+        """Trim each τi of one key (in task order) at its task's cut, one at a time (``trimmed``)."""
         for tau, below in zip(task_vectors, self.belows):
-            yield torch.nn.functional.hardshrink(tau, below)
+            yield trimmed(tau, below)
 
     def sign(self, key: str) -> Tensor:
         """The elected sign s of ``key`` (float32; zeros filled with sign(Σ s)), handed out once."""
@@ -227,18 +262,14 @@ def ties_election(
     Holds one body-sized buffer in pass 1 and the int8 signs (a quarter of a body) after it, whatever
     the number of tasks.
     """
-    import math
-
     buffer = torch.empty(sum(numels.values()))
-    rank = trim_rank(buffer.numel(), threshold)
     belows = []
     for i in range(num_tasks):
         offset = 0
         for key, numel in numels.items():
             torch.abs(task_vector(i, key).reshape(-1), out=buffer[offset : offset + numel])
             offset += numel
-        cut = kth_smallest(buffer, rank, in_place=True)
-        belows.append(float(torch.nextafter(cut, torch.tensor(-math.inf))))
+        belows.append(trim_below(buffer, threshold))
     del buffer
     election = TiesElection(belows, 0.0, {})
     total = 0.0

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergelit.errors import MergelitError
 from mergelit.methods.breadcrumbs import (
     Breadcrumbs,
     breadcrumbs_merge,
@@ -36,7 +37,7 @@ def body(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     return {key: scale * torch.randn(shape, generator=g) for key, shape in SHAPES.items()}
 
 
-def tiny_pool() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+def tiny_bodies() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     pretrained = body(0)
     finetuned = {
         task: {k: v + d for (k, v), d in zip(pretrained.items(), body(i + 1, 0.1).values())}
@@ -187,7 +188,7 @@ def test_per_row_masks_conv1d_weights_as_out_in():
 
 
 def test_merge_is_theta0_plus_lambda_sum_of_masked():
-    pretrained, finetuned = tiny_pool()
+    pretrained, finetuned = tiny_bodies()
     merged = breadcrumbs_merge(pretrained, finetuned, 0.4, 0.5, 0.1)
     for key, theta0 in pretrained.items():
         summed = sum(mask_magnitude_outliers(body[key] - theta0, 0.5, 0.1) for body in finetuned.values())
@@ -195,7 +196,7 @@ def test_merge_is_theta0_plus_lambda_sum_of_masked():
 
 
 def test_keep_fraction_one_is_task_arithmetic_bit_exact():
-    pretrained, finetuned = tiny_pool()
+    pretrained, finetuned = tiny_bodies()
     expected = task_arithmetic_merge(pretrained, finetuned, 0.3)
     # Per tensor, keep 1 leaves τ untouched whatever γ (mergekit). Per row (the original rule),
     # keep 1 still removes each row's outliers, so only γ = 0 gives Task Arithmetic.
@@ -205,7 +206,7 @@ def test_keep_fraction_one_is_task_arithmetic_bit_exact():
 
 
 def test_deterministic_and_inputs_untouched():
-    pretrained, finetuned = tiny_pool()
+    pretrained, finetuned = tiny_bodies()
     copies = (
         {k: v.clone() for k, v in pretrained.items()},
         {t: {k: v.clone() for k, v in b.items()} for t, b in finetuned.items()},
@@ -220,21 +221,61 @@ def test_deterministic_and_inputs_untouched():
 
 
 def test_per_row_differs_from_per_tensor():
-    pretrained, finetuned = tiny_pool()
+    pretrained, finetuned = tiny_bodies()
     a = breadcrumbs_merge(pretrained, finetuned, 0.3, 0.5, 0.1, per_row=False)
     b = breadcrumbs_merge(pretrained, finetuned, 0.3, 0.5, 0.1, per_row=True)
     assert not torch.equal(a["h.0.mlp.c_fc.weight"], b["h.0.mlp.c_fc.weight"])
 
 
-# ---- the MergeMethod -----------------------------------------------------------------------------
+# ---- the MergeMethod: key by key over a real pool ------------------------------------------------
 
-FAKE_POOL = dict(pretrained="/nonexistent/gpt2", finetuned={"cola": "/nonexistent/cola"})
+
+def same_bits(a: dict, b: dict) -> bool:
+    """The same keys in the same order and the same float32 bits (so +0 and −0 differ)."""
+    return list(a) == list(b) and all(a[k].shape == b[k].shape and torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in a)
+
+
+@pytest.fixture
+def pool(pool_paths) -> ModelPool:
+    """The tiny real pool (7 tasks, 2 layers, 64 wide), read tensor by tensor."""
+    return ModelPool(**pool_paths)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"per_row": True, "scaling_factor": 0.5},
+        {"keep_fraction": 1.0},
+        {"keep_fraction": 0.3, "outlier_fraction": 0.0},
+    ],
+)
+def test_per_key_merge_equals_whole_body_bit_for_bit(pool, kwargs):
+    merged = Breadcrumbs(pool, **kwargs).merge()
+    assert same_bits(merged, breadcrumbs_merge(pool.pretrained_body(), pool.finetuned_bodies(), **kwargs))
+    assert any(not torch.equal(merged[k], pool.pretrained_tensor(k)) for k in merged)
+
+
+def test_a_lambda_sweep_masks_once(pool, monkeypatch):
+    import mergelit.methods.breadcrumbs as breadcrumbs
+
+    expected = breadcrumbs_merge(pool.pretrained_body(), pool.finetuned_bodies(), 0.9)
+    pool.keep_reused(True)
+    Breadcrumbs(pool, scaling_factor=0.3).merge()
+    calls = []
+    original = breadcrumbs.breadcrumbs_tensor
+    monkeypatch.setattr(breadcrumbs, "breadcrumbs_tensor", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    merged = Breadcrumbs(pool, scaling_factor=0.9).merge()
+    assert calls == [] and same_bits(merged, expected)
+    Breadcrumbs(pool, scaling_factor=0.9, keep_fraction=0.2).merge()  # other masks: computed
+    assert calls == pool.keys()
 
 
 @pytest.mark.parametrize(
     "kwargs,name",
     [
         ({"scaling_factor": math.nan}, "scaling_factor"),
+        ({"scaling_factor": True}, "scaling_factor"),
         ({"keep_fraction": 0.0}, "keep_fraction"),
         ({"keep_fraction": 1.5}, "keep_fraction"),
         ({"outlier_fraction": -0.1}, "outlier_fraction"),
@@ -242,22 +283,14 @@ FAKE_POOL = dict(pretrained="/nonexistent/gpt2", finetuned={"cola": "/nonexisten
         ({"keep_fraction": 0.9, "outlier_fraction": 0.2}, "keep_fraction \\+ outlier_fraction"),
     ],
 )
-def test_argument_validation(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        Breadcrumbs(ModelPool(**FAKE_POOL), **kwargs)
+def test_argument_validation(pool, kwargs, name):
+    with pytest.raises(MergelitError, match=name):
+        Breadcrumbs(pool, **kwargs)
 
 
-def test_class_attributes_and_hyperparameters():
-    method = Breadcrumbs(ModelPool(**FAKE_POOL), **Breadcrumbs.recommended)
+def test_class_attributes_and_hyperparameters(pool):
+    method = Breadcrumbs(pool, **Breadcrumbs.recommended)
     assert Breadcrumbs.display_name == "Model Breadcrumbs"
     assert set(Breadcrumbs.symbols) <= set(method.hparams)
     assert method.hparams["keep_fraction"] == 0.15 and method.hparams["outlier_fraction"] == 0.006
-
-
-def test_runs_on_the_tiny_pool(pool_paths):
-    pool = ModelPool(**pool_paths)
-    merged = Breadcrumbs(pool, **Breadcrumbs.recommended).merge()
-    pretrained = pool.pretrained_body()
-    assert list(merged) == list(pretrained)
-    assert all(merged[k].shape == pretrained[k].shape and torch.isfinite(merged[k]).all() for k in merged)
-    assert any(not torch.equal(merged[k], pretrained[k]) for k in merged)
+    assert method.bodies_at_inference() == 1.0

@@ -1,12 +1,16 @@
-"""DARE + Task Arithmetic / TIES: FusionBench's draw order bit-exactly, the spec's cases, validation."""
+"""DARE + Task Arithmetic / TIES: FusionBench's draw order bit-exactly, the spec's cases, the per-key
+merge against the whole-body functions, validation."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
+import mergelit.methods.dare as dare
+from mergelit.errors import MergelitError
 from mergelit.methods.dare import (
     DareTaskArithmetic,
     DareTiesMerging,
@@ -17,7 +21,7 @@ from mergelit.methods.dare import (
     drop_and_rescale,
 )
 from mergelit.methods.task_arithmetic import TaskArithmetic, task_arithmetic_merge
-from mergelit.methods.ties import TiesMerging, ties_task_vector_from_task_vectors
+from mergelit.methods.ties import TiesMerging
 from mergelit.pool import ModelPool
 
 SHAPES = {
@@ -41,7 +45,8 @@ def body(seed: int, scale: float = 1.0, shapes: dict = SHAPES) -> dict[str, torc
     return {key: scale * torch.randn(shape, generator=g) for key, shape in shapes.items()}
 
 
-def tiny_pool(shapes: dict = SHAPES):
+def tiny_bodies(shapes: dict = SHAPES):
+    """θ0 and three θi as hand-sized state dicts (for the whole-body functions)."""
     pretrained = body(0, shapes=shapes)
     finetuned = {
         task: {k: v + d for (k, v), d in zip(pretrained.items(), body(i + 1, 0.1, shapes).values())}
@@ -77,8 +82,37 @@ def fusionbench_reference_task_arithmetic(pretrained, finetuned, p, rescale, see
     return {k: pretrained[k] + summed[k] * scaling_factor for k in pretrained}  # delta * λ, then add_
 
 
+def fusionbench_ties_merging(flat_task_checks: torch.Tensor, reset_thresh: float, merge_func: str) -> torch.Tensor:
+    """FusionBench's ``ties_merging`` on the [n, d] stack of flat task vectors, line by line:
+    ``topk_values_mask`` (kthvalue per row), ``resolve_sign`` (majority for zeros), ``disjoint_merge``."""
+    checks = flat_task_checks.clone()
+    fraction = reset_thresh / 100 if reset_thresh > 1 else reset_thresh
+    d = checks.shape[1]
+    kth = checks.abs().kthvalue(d - int(d * fraction), dim=1, keepdim=True).values
+    updated = checks * (checks.abs() >= kth)
+    sign = torch.sign(updated.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    selected = updated * torch.where(sign.unsqueeze(0) > 0, updated > 0, updated < 0)
+    if merge_func == "mean":
+        return selected.sum(dim=0) / torch.clamp((selected != 0).sum(dim=0).float(), min=1)
+    if merge_func == "sum":
+        return selected.sum(dim=0)
+    return selected.abs().max(dim=0)[0] * sign
+
+
 def all_equal(a: dict, b: dict) -> bool:
     return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def same_bits(a: dict, b: dict) -> bool:
+    """The same keys in the same order and the same float32 bits (so +0 and −0 differ)."""
+    return list(a) == list(b) and all(a[k].shape == b[k].shape and torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in a)
+
+
+@pytest.fixture
+def pool(pool_paths) -> ModelPool:
+    """The tiny real pool (7 tasks, 2 layers, 64 wide), read tensor by tensor."""
+    return ModelPool(**pool_paths)
 
 
 # ---- (3) the same generator state reproduces FusionBench bit-exactly -----------------------------
@@ -87,25 +121,29 @@ def all_equal(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("p,rescale", [(0.5, True), (0.9, True), (0.3, False), (0.0, True)])
 @pytest.mark.parametrize("seed", [0, 42])
 def test_task_arithmetic_equals_fusionbench_loop_bit_exactly(p, rescale, seed):
-    pretrained, finetuned = tiny_pool()
+    pretrained, finetuned = tiny_bodies()
     ours = dare_task_arithmetic_merge(pretrained, finetuned, 0.3, p, rescale, seed)
     assert all_equal(ours, fusionbench_reference_task_arithmetic(pretrained, finetuned, p, rescale, seed, 0.3))
 
 
-@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
 def test_ties_equals_fusionbench_loop_bit_exactly(merge_func):
-    # FusionBench passes the τ̃i themselves to TIES, then θ0 + λ τm.
-    pretrained, finetuned = tiny_pool()
+    # FusionBench flattens the τ̃i themselves (keys sorted by name), runs ties_merging, then θ0 + τm·λ.
+    pretrained, finetuned = tiny_bodies()
     tvs = fusionbench_reference_task_vectors(pretrained, finetuned, 0.5, True, 7)
-    merged_tau = ties_task_vector_from_task_vectors(tvs, 20, merge_func)
-    expected = {k: pretrained[k] + merged_tau[k] * 0.5 for k in pretrained}
+    keys = sorted(pretrained)
+    merged = fusionbench_ties_merging(torch.stack([torch.cat([tv[k].reshape(-1) for k in keys]) for tv in tvs]), 20, merge_func)
+    pieces = dict(zip(keys, merged.split([pretrained[k].numel() for k in keys])))
+    expected = {k: pretrained[k] + pieces[k].view(pretrained[k].shape) * 0.5 for k in pretrained}
     assert all_equal(dare_ties_merge(pretrained, finetuned, 0.5, 0.5, True, 7, False, 20, merge_func), expected)
 
 
-def test_global_rng_untouched():
-    pretrained, finetuned = tiny_pool()
+def test_global_rng_untouched(pool):
+    pretrained, finetuned = tiny_bodies()
     state = torch.random.get_rng_state()
     dare_task_arithmetic_merge(pretrained, finetuned, 0.3, 0.5, True, 0)
+    DareTaskArithmetic(pool).merge()
+    DareTiesMerging(pool).merge()
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -124,19 +162,98 @@ def test_masks_follow_conv1d_storage_order():
     assert torch.equal(view, stored.T)
 
 
+# ---- key by key over a pool: the same bits as the whole-body functions ----------------------------
+
+TA_VARIANTS = [
+    {},
+    {"sparsity_ratio": 0.9, "seed": 3},
+    {"only_conv1d_weights": True},
+    {"rescale": False, "scaling_factor": 0.7},
+    {"sparsity_ratio": 1.0, "rescale": False},
+]
+
+
+@pytest.mark.parametrize("kwargs", TA_VARIANTS)
+def test_task_arithmetic_per_key_equals_whole_body_bit_for_bit(pool, kwargs):
+    merged = DareTaskArithmetic(pool, **kwargs).merge()
+    args = {"scaling_factor": 0.3, **kwargs}
+    assert same_bits(merged, dare_task_arithmetic_merge(pool.pretrained_body(), pool.finetuned_bodies(), **args))
+
+
+TIES_VARIANTS = [
+    {},
+    {"merge_func": "mean", "seed": 5},
+    {"merge_func": "max", "scaling_factor": 0.6},
+    {"only_conv1d_weights": True, "threshold": 10},
+    {"threshold": 100, "rescale": False},  # keeps everything: the cut is the smallest |τ̃|, 0 (dropped entries, ±0)
+]
+
+
+@pytest.mark.parametrize("kwargs", TIES_VARIANTS)
+def test_ties_per_key_equals_whole_body_bit_for_bit(pool, kwargs):
+    merged = DareTiesMerging(pool, **kwargs).merge()
+    args = {"scaling_factor": 0.5, **kwargs}
+    assert same_bits(merged, dare_ties_merge(pool.pretrained_body(), pool.finetuned_bodies(), **args))
+
+
+def test_ties_threshold_02_is_20(pool, caplog):
+    # As FusionBench (and TIES-Merging): a threshold <= 1 is a fraction, so 0.2 keeps 20 %, not 0.2 %.
+    with caplog.at_level(logging.INFO):
+        fraction = DareTiesMerging(pool, threshold=0.2)
+    assert "read as a fraction" in caplog.text and "20 %" in caplog.text
+    percent = DareTiesMerging(pool, threshold=20)
+    assert fraction.reusable_key() == percent.reusable_key()
+    merged = fraction.merge()
+    assert same_bits(merged, percent.merge())
+    assert same_bits(merged, dare_ties_merge(pool.pretrained_body(), pool.finetuned_bodies(), threshold=0.2))
+
+
+@pytest.mark.parametrize("cls", [DareTaskArithmetic, DareTiesMerging])
+def test_a_key_merged_again_gives_the_same_bits(pool, cls):
+    # The recorded draws of a key are dropped once it is merged; asking for it again redraws them.
+    method = cls(pool)
+    merged = method.merge()
+    key = "h.1.mlp.c_fc.weight"
+    again = method.merge_tensor(key, pool.pretrained_tensor(key), pool.finetuned_tensors(key))
+    assert torch.equal(again.view(torch.int32), merged[key].view(torch.int32))
+
+
+def test_a_lambda_sweep_draws_once(pool, monkeypatch):
+    # With the pool keeping λ-free parts (a sweep), the second λ neither draws nor elects again.
+    pretrained, finetuned = pool.pretrained_body(), pool.finetuned_bodies()
+    pool.keep_reused(True)
+    DareTiesMerging(pool, scaling_factor=0.3, threshold=20).merge()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("drew again")
+
+    monkeypatch.setattr(dare.DareDraws, "record", refused)
+    # 0.2 is the same trim as 20: the same λ-free parts.
+    ties = DareTiesMerging(pool, scaling_factor=0.8, threshold=0.2).merge()
+    assert same_bits(ties, dare_ties_merge(pretrained, finetuned, 0.8))
+    monkeypatch.undo()
+    DareTaskArithmetic(pool, scaling_factor=0.3).merge()  # another method's group: drawn, kept instead
+    monkeypatch.setattr(dare.DareDraws, "record", refused)
+    ta = DareTaskArithmetic(pool, scaling_factor=0.7).merge()
+    assert same_bits(ta, dare_task_arithmetic_merge(pretrained, finetuned, 0.7))
+    # A different seed is another group: it draws.
+    with pytest.raises(AssertionError, match="drew again"):
+        DareTaskArithmetic(pool, scaling_factor=0.7, seed=1).merge()
+
+
 # ---- (1) only_conv1d_weights ----------------------------------------------------------------------
 
 
 def test_only_conv1d_on_a_body_without_conv1d_keys_is_task_arithmetic():
     # The analogue of FusionBench's only_on_linear_weights on GPT-2: nothing qualifies, nothing drops.
     shapes = {k: v for k, v in SHAPES.items() if k not in CONV1D}
-    pretrained, finetuned = tiny_pool(shapes)
+    pretrained, finetuned = tiny_bodies(shapes)
     ours = dare_task_arithmetic_merge(pretrained, finetuned, 0.3, 0.5, True, 0, only_conv1d_weights=True)
     assert all_equal(ours, task_arithmetic_merge(pretrained, finetuned, 0.3))
 
 
 def test_only_conv1d_drops_exactly_the_conv1d_weights_in_fusionbench_order():
-    pretrained, finetuned = tiny_pool()
+    pretrained, finetuned = tiny_bodies()
     ours = dare_task_arithmetic_merge(pretrained, finetuned, 0.3, 0.5, True, 3, only_conv1d_weights=True)
     plain = task_arithmetic_merge(pretrained, finetuned, 0.3)
     for key in SHAPES:
@@ -149,17 +266,15 @@ def test_only_conv1d_drops_exactly_the_conv1d_weights_in_fusionbench_order():
 # ---- (2) p = 0 equals Task Arithmetic (TIES) on the tiny pool ------------------------------------
 
 
-def test_p0_equals_task_arithmetic_and_ties_on_the_tiny_pool(pool_paths):
+def test_p0_equals_task_arithmetic_and_ties_on_the_tiny_pool(pool):
     # u > 0 still drops a draw of exactly 0 (probability 2^-24). The draws depend only on the seed and
     # the shapes: for seed 0 none of the tiny pool's 23.4 M draws is 0 (checked), so this is bit-exact.
-    pool = ModelPool(**pool_paths)
-    pretrained, finetuned = pool.pretrained_body(), pool.finetuned_bodies()
     ta = TaskArithmetic(pool, scaling_factor=0.3).merge()
     assert all_equal(DareTaskArithmetic(pool, scaling_factor=0.3, sparsity_ratio=0.0).merge(), ta)
     ties = TiesMerging(pool, scaling_factor=0.5).merge()
     assert all_equal(DareTiesMerging(pool, scaling_factor=0.5, sparsity_ratio=0.0).merge(), ties)
-    expected = task_arithmetic_merge(pretrained, finetuned, 0.3)
-    assert all_equal(dare_task_arithmetic_merge(pretrained, finetuned, 0.3, 0.0), expected)
+    expected = task_arithmetic_merge(pool.pretrained_body(), pool.finetuned_bodies(), 0.3)
+    assert all_equal(dare_task_arithmetic_merge(pool.pretrained_body(), pool.finetuned_bodies(), 0.3, 0.0), expected)
 
 
 # ---- (4) unbiased; kept fraction Binomial(N, 1 − p) ----------------------------------------------
@@ -184,23 +299,23 @@ def test_mean_over_seeds_is_task_arithmetic_and_kept_fraction_within_3_sigma():
 
 # ---- (5) p = 1 with rescale raises; without rescale it drops everything --------------------------
 
-FAKE_POOL = dict(pretrained="/nonexistent/gpt2", finetuned={"cola": "/nonexistent/cola"})
-
 
 @pytest.mark.parametrize("cls", [DareTaskArithmetic, DareTiesMerging])
-def test_p1_with_rescale_raises(cls):
-    with pytest.raises(ValueError, match="sparsity_ratio 1 with rescale"):
-        cls(ModelPool(**FAKE_POOL), sparsity_ratio=1.0)
-    cls(ModelPool(**FAKE_POOL), sparsity_ratio=1.0, rescale=False)  # allowed: drops every entry
-    pretrained, finetuned = tiny_pool()
-    with pytest.raises(ValueError, match="sparsity_ratio"):
+def test_p1_with_rescale_raises(pool, cls):
+    with pytest.raises(MergelitError, match="sparsity_ratio 1 with rescale"):
+        cls(pool, sparsity_ratio=1.0)
+    cls(pool, sparsity_ratio=1.0, rescale=False)  # allowed: drops every entry
+    pretrained, finetuned = tiny_bodies()
+    with pytest.raises(MergelitError, match="sparsity_ratio"):
         dare_task_arithmetic_merge(pretrained, finetuned, 0.3, 1.0, True)
 
 
-def test_p1_without_rescale_is_pretrained():
-    pretrained, finetuned = tiny_pool()
+def test_p1_without_rescale_is_pretrained(pool):
+    pretrained, finetuned = tiny_bodies()
     merged = dare_task_arithmetic_merge(pretrained, finetuned, 0.3, 1.0, rescale=False)
     assert all(torch.equal(merged[k], pretrained[k]) for k in pretrained)
+    merged = DareTaskArithmetic(pool, sparsity_ratio=1.0, rescale=False).merge()
+    assert all(torch.equal(merged[k], pool.pretrained_tensor(k)) for k in pool.keys())
 
 
 # ---- determinism, inputs, validation -------------------------------------------------------------
@@ -208,7 +323,7 @@ def test_p1_without_rescale_is_pretrained():
 
 @pytest.mark.parametrize("merge", [dare_task_arithmetic_merge, dare_ties_merge])
 def test_same_seed_bit_identical_different_seed_different(merge):
-    pretrained, finetuned = tiny_pool()
+    pretrained, finetuned = tiny_bodies()
     copies = {t: {k: v.clone() for k, v in b.items()} for t, b in finetuned.items()}
     first = merge(pretrained, finetuned, 0.3, 0.5, True, 11)
     assert all_equal(first, merge(pretrained, finetuned, 0.3, 0.5, True, 11))
@@ -218,7 +333,7 @@ def test_same_seed_bit_identical_different_seed_different(merge):
 
 
 def test_sum_is_reused_across_lambda():
-    pretrained, finetuned = tiny_pool()
+    pretrained, finetuned = tiny_bodies()
     summed = dare_task_vector_sum(pretrained, finetuned, 0.5, True, 0)
     for scaling_factor in (0.0, 0.3, 1.0):
         expected = {k: pretrained[k] + scaling_factor * summed[k] for k in pretrained}
@@ -229,32 +344,40 @@ def test_sum_is_reused_across_lambda():
     "kwargs,name",
     [
         ({"scaling_factor": math.inf}, "scaling_factor"),
+        ({"scaling_factor": "0.3"}, "scaling_factor"),
         ({"sparsity_ratio": -0.1}, "sparsity_ratio"),
         ({"sparsity_ratio": 1.5, "rescale": False}, "sparsity_ratio"),
+        ({"sparsity_ratio": math.nan}, "sparsity_ratio"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**32}, "seed"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
     ],
 )
 @pytest.mark.parametrize("cls", [DareTaskArithmetic, DareTiesMerging])
-def test_argument_validation(cls, kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        cls(ModelPool(**FAKE_POOL), **kwargs)
+def test_argument_validation(pool, cls, kwargs, name):
+    with pytest.raises(MergelitError, match=name):
+        cls(pool, **kwargs)
 
 
 @pytest.mark.parametrize(
-    "kwargs,name", [({"threshold": 0}, "threshold"), ({"threshold": 101}, "threshold"), ({"merge_func": "median"}, "merge_func")]
+    "kwargs,name",
+    [({"threshold": 0}, "threshold"), ({"threshold": 101}, "threshold"), ({"threshold": -0.2}, "threshold"), ({"merge_func": "median"}, "merge_func")],
 )
-def test_ties_argument_validation(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        DareTiesMerging(ModelPool(**FAKE_POOL), **kwargs)
+def test_ties_argument_validation(pool, kwargs, name):
+    with pytest.raises(MergelitError, match=name):
+        DareTiesMerging(pool, **kwargs)
+    pretrained, finetuned = tiny_bodies()
+    with pytest.raises(MergelitError, match=name):
+        dare_ties_merge(pretrained, finetuned, **kwargs)
 
 
-def test_defaults_and_hyperparameters():
-    ta = DareTaskArithmetic(ModelPool(**FAKE_POOL))
+def test_defaults_and_hyperparameters(pool):
+    ta = DareTaskArithmetic(pool)
     defaults = (ta.scaling_factor, ta.sparsity_ratio, ta.rescale, ta.seed, ta.only_conv1d_weights)
     assert defaults == (0.3, 0.5, True, 0, False)
-    ties = DareTiesMerging(ModelPool(**FAKE_POOL))
+    ties = DareTiesMerging(pool)
     assert (ties.scaling_factor, ties.threshold, ties.merge_func) == (0.5, 20, "sum")
     assert ties.hparams["seed"] == 0 and set(DareTiesMerging.symbols) <= set(ties.hparams)
     assert DareTaskArithmetic.display_name == "DARE + Task Arithmetic"
+    assert ta.bodies_at_inference() == ties.bodies_at_inference() == 1.0

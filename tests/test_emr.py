@@ -1,13 +1,22 @@
-"""EMR-Merging: the spec's worked example, its invariants, and one fresh body per task."""
+"""EMR-Merging: the spec's worked example and invariants (whole-body functions), the streamed parts
+and per-task bodies against them bit for bit, bit-packed masks, one body at a time."""
 
 from __future__ import annotations
+
+import gc
+import math
+import weakref
 
 import pytest
 import torch
 import yaml
 
-from mergelit.methods.emr import EMRMerging, elect_sign, emr_merge
+from mergelit import costs
+from mergelit.errors import KeyMissing
+from mergelit.methods.emr import EMRMerging, elect_sign, emr_merge, emr_parts, modulated_body
 from mergelit.pool import ModelPool
+from mergelit.state_dict import pack_bits, unpack_bits
+from mergelit.synthetic import write_pool
 
 SHAPES = {
     "wte.weight": (11, 4),
@@ -17,7 +26,7 @@ SHAPES = {
 }
 
 
-def make_pool(n_tasks: int = 3, seed: int = 0, dyadic: bool = False):
+def hand_bodies(n_tasks: int = 3, seed: int = 0, dyadic: bool = False):
     """θ0 and θi by hand. ``dyadic``: multiples of 1/8, so θ0 + (θi − θ0) == θi exactly."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -29,20 +38,6 @@ def make_pool(n_tasks: int = 3, seed: int = 0, dyadic: bool = False):
     pretrained = {key: draw(shape, 1.0) for key, shape in SHAPES.items()}
     finetuned = {task: {k: pretrained[k] + draw(s, 0.1) for k, s in SHAPES.items()} for task in "abc"[:n_tasks]}
     return pretrained, finetuned
-
-
-class StubPool:
-    """The ModelPool methods a data-free merge reads."""
-
-    def __init__(self, pretrained, finetuned):
-        self.tasks = list(finetuned)
-        self._pretrained, self._finetuned = pretrained, finetuned
-
-    def pretrained_body(self):
-        return self._pretrained
-
-    def finetuned_bodies(self):
-        return self._finetuned
 
 
 def emr_reference(pretrained, finetuned):
@@ -76,13 +71,14 @@ def test_the_specs_worked_example():
     assert torch.equal(tau_uni["w"], torch.tensor([2.0, 3.0, -2.0]))
     assert rescalers["a"] == pytest.approx(1.5, rel=1e-6)
     assert rescalers["b"] == pytest.approx(6 / 7, rel=1e-6)
-    method = EMRMerging(StubPool(pretrained, finetuned))
-    torch.testing.assert_close(method.merge_task("a")["w"], theta0 + torch.tensor([3.0, 0.0, 0.0]))
-    torch.testing.assert_close(method.merge_task("b")["w"], theta0 + 6 / 7 * torch.tensor([2.0, 3.0, -2.0]))
+    body_a = modulated_body(pretrained, tau_uni, masks["a"], rescalers["a"])
+    body_b = modulated_body(pretrained, tau_uni, masks["b"], rescalers["b"])
+    torch.testing.assert_close(body_a["w"], theta0 + torch.tensor([3.0, 0.0, 0.0]))
+    torch.testing.assert_close(body_b["w"], theta0 + 6 / 7 * torch.tensor([2.0, 3.0, -2.0]))
 
 
 def test_matches_the_specs_formulas_on_random_tensors():
-    pretrained, finetuned = make_pool()
+    pretrained, finetuned = hand_bodies()
     tau_uni, masks, rescalers = emr_merge(pretrained, finetuned)
     expected_uni, expected_masks, expected_rescalers = emr_reference(pretrained, finetuned)
     assert all(torch.equal(tau_uni[k], expected_uni[k]) for k in pretrained)
@@ -90,24 +86,33 @@ def test_matches_the_specs_formulas_on_random_tensors():
     assert rescalers == expected_rescalers
 
 
-def test_one_task_gives_its_own_body():
-    pretrained, finetuned = make_pool(n_tasks=1, dyadic=True)
-    _, _, rescalers = emr_merge(pretrained, finetuned)
+def test_one_task_gives_its_own_body(tmp_path):
+    pretrained, finetuned = hand_bodies(n_tasks=1, dyadic=True)
+    tau_uni, masks, rescalers = emr_merge(pretrained, finetuned)
     assert rescalers == {"a": 1.0}
-    body = EMRMerging(StubPool(pretrained, finetuned)).merge_task("a")
+    body = modulated_body(pretrained, tau_uni, masks["a"], rescalers["a"])
     assert all(torch.equal(body[k], finetuned["a"][k]) for k in pretrained)
+    # On a real one-task pool: r = 1 exactly and the body is θ0 + (θ1 − θ0), θ1 up to its rounding.
+    pool = ModelPool(**write_pool(tmp_path, tasks=["rte"], n_layer=1, n_embd=32, n_head=2))
+    method = EMRMerging(pool)
+    assert method.parts()[2] == {"rte": 1.0}
+    state = method.body_for("rte").state_dict()
+    for key in pool.keys():
+        theta0, theta1 = pool.pretrained_tensor(key), pool.finetuned_tensor("rte", key)
+        assert torch.equal(state[key], theta0 + (theta1 - theta0)), key
+        torch.testing.assert_close(state[key], theta1, rtol=0, atol=1e-6)
 
 
 def test_entries_no_task_changed_stay_at_theta0():
-    pretrained, finetuned = make_pool()
+    pretrained, finetuned = hand_bodies()
     key = "h.0.attn.c_attn.weight"
     untouched = torch.zeros(SHAPES[key], dtype=torch.bool)
     untouched[1, 3:7] = True
     for body in finetuned.values():
         body[key] = torch.where(untouched, pretrained[key], body[key])
-    method = EMRMerging(StubPool(pretrained, finetuned))
+    tau_uni, masks, rescalers = emr_merge(pretrained, finetuned)
     for task in finetuned:
-        body = method.merge_task(task)[key]
+        body = modulated_body(pretrained, tau_uni, masks[task], rescalers[task])[key]
         assert torch.equal(body[untouched], pretrained[key][untouched]), task
         assert not torch.equal(body[~untouched], pretrained[key][~untouched]), task
 
@@ -135,52 +140,103 @@ def test_a_task_with_no_agreeing_entry_keeps_theta0():
     finetuned = {"a": {"w": torch.tensor([1.0, 2.0])}, "b": {"w": torch.tensor([1.5, 2.5])}}  # τa = 0
     _, masks, rescalers = emr_merge(pretrained, finetuned)
     assert not masks["a"]["w"].any() and rescalers["a"] == 1.0
-    assert torch.equal(EMRMerging(StubPool(pretrained, finetuned)).merge_task("a")["w"], pretrained["w"])
+    tau_uni = emr_merge(pretrained, finetuned)[0]
+    assert torch.equal(modulated_body(pretrained, tau_uni, masks["a"], rescalers["a"])["w"], pretrained["w"])
 
 
-def test_bodies_do_not_depend_on_the_order_tasks_are_built():
-    pretrained, finetuned = make_pool()
-    clone = lambda state: {k: v.clone() for k, v in state.items()}  # noqa: E731
-    snapshot = clone(pretrained), {task: clone(body) for task, body in finetuned.items()}
-    method = EMRMerging(StubPool(pretrained, finetuned))
-    first = {task: method.merge_task(task) for task in ("b", "a", "c")}
-    again = {task: method.merge_task(task) for task in ("a", "c", "b", "a")}
-    fresh = EMRMerging(StubPool(pretrained, finetuned))
-    for task in finetuned:
-        alone = fresh.merge_task(task)
-        for k in pretrained:
-            assert torch.equal(first[task][k], again[task][k]) and torch.equal(first[task][k], alone[k]), (task, k)
-    # Distinct tasks get distinct bodies, and the pool's tensors are untouched.
-    assert not torch.equal(first["a"]["wte.weight"], first["b"]["wte.weight"])
-    assert all(torch.equal(pretrained[k], snapshot[0][k]) for k in pretrained)
-    assert all(torch.equal(finetuned[t][k], snapshot[1][t][k]) for t in finetuned for k in pretrained)
+# ---- the method over a real pool: streamed parts, bit-packed masks, one body at a time -------------
 
 
-def test_no_single_merged_body_and_unknown_task_refused():
-    method = EMRMerging(StubPool(*make_pool()))
-    assert method.kind == "task-aware" and method.display_name == "EMR-Merging"
-    with pytest.raises(NotImplementedError, match="merge_task"):
-        method.merge()
-    with pytest.raises(ValueError, match="'zzz'"):
-        method.merge_task("zzz")
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-def test_inference_parameters_counts_theta0_tau_uni_masks_and_scalars():
-    pretrained, finetuned = make_pool()
-    d = sum(t.numel() for t in pretrained.values())
-    method = EMRMerging(StubPool(pretrained, finetuned))
-    assert method.inference_parameters() == pytest.approx(2 + 3 / 32 + 3 / d)
-    assert method.inference_parameters(packed=False) == pytest.approx(2 + 3 / 4 + 3 / d)
+@pytest.fixture
+def pool(pool_paths) -> ModelPool:
+    """The tiny real pool (7 tasks, 2 layers, 64 wide), read tensor by tensor."""
+    return ModelPool(**pool_paths)
 
 
-def test_runs_on_the_tiny_pool(fixtures_root):
-    pool = ModelPool(**yaml.safe_load((fixtures_root / "config.yaml").read_text())["pool"])
-    method = EMRMerging(pool, **EMRMerging.recommended)
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (8,), (9,), (3, 5), (2, 3, 11), (64, 192)])
+def test_bit_pack_round_trip(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (math.ceil(mask.numel() / 8),)
+    unpacked = unpack_bits(packed, shape)
+    assert unpacked.dtype == torch.bool and torch.equal(unpacked, mask)
+    # 8 entries a byte, the first entry in the highest bit (numpy's packbits).
+    assert pack_bits(torch.tensor([True, False, False, False, False, False, False, True, True])).tolist() == [129, 128]
+
+
+def test_streamed_parts_equal_the_whole_body_function_bit_for_bit(pool):
+    tau_uni, masks, rescalers = emr_merge(pool.pretrained_body(), pool.finetuned_bodies())
+    streamed_uni, packed, streamed_rescalers = emr_parts(pool)
+    shapes = pool.body_shapes()
+    assert list(streamed_uni) == pool.keys() and all(same_bits(streamed_uni[k], tau_uni[k]) for k in tau_uni)
+    assert streamed_rescalers == rescalers
+    for task in pool.tasks:
+        for key, shape in shapes.items():
+            assert packed[task][key].dtype == torch.uint8 and packed[task][key].numel() == math.ceil(math.prod(shape) / 8)
+            assert torch.equal(unpack_bits(packed[task][key], shape), masks[task][key]), (task, key)
+
+
+def test_each_tasks_body_equals_the_whole_body_function_bit_for_bit(pool):
     pretrained = pool.pretrained_body()
-    body = method.merge_task(pool.tasks[0])
-    assert list(body) == list(pretrained)
-    assert all(body[k].shape == pretrained[k].shape and torch.isfinite(body[k]).all() for k in body)
-    assert 2 < method.inference_parameters() < 2 + len(pool.tasks) / 32 + 1e-3
+    tau_uni, masks, rescalers = emr_merge(pretrained, pool.finetuned_bodies())
+    method = EMRMerging(pool)
+    for task in pool.tasks:
+        expected = modulated_body(pretrained, tau_uni, masks[task], rescalers[task])
+        state = method.body_for(task).state_dict()
+        assert list(state) == list(expected) and all(same_bits(state[k], expected[k]) for k in expected), task
+    assert not torch.equal(method.body_for("cola").h[0].mlp.c_fc.weight, method.body_for("rte").h[0].mlp.c_fc.weight)
+
+
+def test_one_body_at_a_time_and_the_same_bits_in_any_order(pool):
+    method = EMRMerging(pool)
+    first = method.body_for("rte")
+    assert method.body_for("rte") is first  # kept while the same task is scored
+    cola = {k: v.clone() for k, v in method.body_for("cola").state_dict().items()}
+    reference = weakref.ref(first)
+    del first
+    gc.collect()
+    assert reference() is None  # rte's body was let go when cola's was built
+    method.body_for("rte")
+    fresh = EMRMerging(pool)
+    again = method.body_for("cola").state_dict()
+    alone = fresh.body_for("cola").state_dict()
+    assert all(same_bits(again[k], cola[k]) and same_bits(alone[k], cola[k]) for k in cola)
+
+
+def test_bodies_are_built_in_the_merge_phase(pool):
+    method = EMRMerging(pool)
+    with costs.recording(costs.CostRecord()) as record:
+        method.body_for("sst2")
+    # The first body also computes τuni, the masks and the rescalers (reading the pool inside it):
+    # the whole merge is charged to the merge phase.
+    assert {"merge", "load"} <= set(record.phases)
+    assert method._parts is not None
+
+
+def test_task_aware_no_single_merged_body_and_unknown_task_refused(pool):
+    method = EMRMerging(pool)
+    assert method.kind == "task-aware" and method.display_name == "EMR-Merging" and method.exportable()
+    assert not hasattr(method, "merge_task")
+    with pytest.raises(NotImplementedError):
+        method.merge()  # no merged body: task t is scored with body_for(t)
+    with pytest.raises(KeyMissing, match="'zzz'"):
+        method.body_for("zzz")
+
+
+def test_bodies_at_inference_counts_theta0_tau_uni_packed_masks_and_scalars(pool):
+    d = sum(t.numel() for t in pool.pretrained_body().values())
+    n = len(pool.tasks)
+    method = EMRMerging(pool)
+    assert method.bodies_at_inference() == pytest.approx(2 + n / 32 + n / d, rel=1e-12)
+    # What the method holds for inference agrees: τuni one fp32 body, the masks n/32 of one.
+    tau_uni, packed, _ = method.parts()
+    assert sum(t.numel() * 4 for t in tau_uni.values()) == 4 * d
+    mask_bytes = sum(m.numel() for masks in packed.values() for m in masks.values())
+    assert n * d / 8 <= mask_bytes <= n * d / 8 + n * len(pool.keys())  # each tensor rounds up to a byte
 
 
 def test_mergelit_test_scores_and_exports_each_tasks_own_body(fixtures_root, tmp_path, monkeypatch):
@@ -198,12 +254,13 @@ def test_mergelit_test_scores_and_exports_each_tasks_own_body(fixtures_root, tmp
     main(["test", "-c", str(fixtures_root / "config.yaml"), "-c", str(configs / "methods" / "emr.yaml"),
           "--report_save_path", str(tmp_path / "report.json"), "--merged_model_save_path", str(tmp_path / "export")])
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["protocol"]["kind"] == "task-aware" and report["protocol"]["bodies_at_inference"] > 2
     method = EMRMerging(ModelPool(**yaml.safe_load((fixtures_root / "config.yaml").read_text())["pool"]))
+    assert report["protocol"]["kind"] == "task-aware"
+    assert report["protocol"]["bodies_at_inference"] == pytest.approx(method.bodies_at_inference())
     bodies = {}
     for task in ("cola", "rte"):
         exported = GPT2ForSequenceClassification.from_pretrained(tmp_path / "export" / task).transformer.state_dict()
-        expected = method.merge_task(task)
+        expected = method.body_for(task).state_dict()
         assert all(torch.equal(exported[key], expected[key]) for key in expected), task
         bodies[task] = exported
     assert not torch.equal(bodies["cola"]["h.0.mlp.c_fc.weight"], bodies["rte"]["h.0.mlp.c_fc.weight"])

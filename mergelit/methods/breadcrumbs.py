@@ -28,37 +28,41 @@ by row and transposed back; ``wte``/``wpe`` are masked as stored (a row per toke
 No randomness. Cost: one selection per tensor per task. A stable sort of ``wte``'s τ (38.6 M
 entries) takes ≈6 s on this CPU, so the two cut-off magnitudes are found with ``numpy.partition``
 and only entries tied with a cut-off are ordered by position: the same mask as the sort, ≈1 s
-per ``wte``. At GPT-2 small with 7 tasks the merge took ≈80 s (2 threads, shared host) and
-≈1.3 GiB beside the pool (``benchmarks/method_cost.py``).
+per ``wte``. At GPT-2 small with 7 tasks the merge took ≈80 s (2 threads, shared host;
+``benchmarks/method_cost.py``). It streams key by key (``merge_tensor``), one θi at a time, so
+beside the merged body it holds a few copies of one tensor (``wte``'s, the largest) whatever the
+number of models: on a 2-layer, 256-wide pool (56 MB a body, ``wte`` 88 % of it) the peak RSS
+above the merge's start was 308 MB at N = 2 and 318 MB at N = 7 (the whole-body function: 432
+and 733 MB; glibc's mmap threshold fixed at 64 KiB). The 10 MB are not N's: two of the seven
+tasks have |τ| ties at ``wte``'s cut-offs, whose ordering takes one more ``wte``-sized mask.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mergelit.errors import MergelitError, check_number
 from mergelit.gpt2 import is_conv1d_weight
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import add_scaled, check_finetuned
 
 
-
-def _check_arguments(scaling_factor: float, keep_fraction: float, outlier_fraction: float) -> None:
-    if not math.isfinite(scaling_factor):
-        raise ValueError(f"scaling_factor (λ) must be a finite number, got {scaling_factor}.")
-    if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction (mergekit's density) must be in (0, 1], got {keep_fraction}.")
-    if not 0 <= outlier_fraction < 1:
-        raise ValueError(f"outlier_fraction (mergekit's gamma) must be in [0, 1), got {outlier_fraction}.")
+def _check_arguments(scaling_factor: float, keep_fraction: float, outlier_fraction: float) -> tuple[float, float, float]:
+    """``(λ, k, γ)`` checked: k in (0, 1], γ in [0, 1), k + γ <= 1 unless k = 1."""
+    scaling_factor = check_number(scaling_factor, "scaling_factor (λ)")
+    keep_fraction = check_number(keep_fraction, "keep_fraction (mergekit's density)", 0, 1, low_open=True)
+    outlier_fraction = check_number(outlier_fraction, "outlier_fraction (mergekit's gamma)", 0, 1, high_open=True)
     if keep_fraction < 1 and keep_fraction + outlier_fraction > 1:
-        raise ValueError(
+        raise MergelitError(
             f"keep_fraction + outlier_fraction must be at most 1 (the kept entries lie below the outliers), "
             f"got {keep_fraction} + {outlier_fraction}."
         )
+    return scaling_factor, keep_fraction, outlier_fraction
 
 
 def mask_magnitude_outliers(tau: Tensor, keep_fraction: float, outlier_fraction: float) -> Tensor:
@@ -89,6 +93,7 @@ def mask_magnitude_outliers(tau: Tensor, keep_fraction: float, outlier_fraction:
     if int(keep.sum()) > last - first + 1:
         # Entries tied with a cut-off: a stable sort puts them in index order, at consecutive ranks
         # from (number of smaller entries); keep only those whose rank falls in [first, last].
+        del keep
         keep = (magnitude > low) & (magnitude < high)
         for cutoff in {low, high}:
             if cutoff == 0:  # zeros are 0 whether kept or not: skip ordering a huge tie
@@ -116,19 +121,19 @@ def mask_magnitude_outliers_per_row(tau: Tensor, keep_fraction: float, outlier_f
 def breadcrumbs_tensor(
     key: str,
     pretrained: Tensor,
-    finetuned: list[Tensor],
+    finetuned: Sequence[Tensor],
     keep_fraction: float = 0.15,
     outlier_fraction: float = 0.006,
     per_row: bool = False,
 ) -> Tensor:
     """Σi τ̃i for one tensor ``key``: each τi = θi − θ0 masked, then summed in task order.
 
-    Per key, so a merge can stream tensor by tensor. ``key`` matters only with ``per_row``
-    (Conv1D weights are masked as [out, in]).
+    Per key, so a merge streams tensor by tensor, one θi at a time. ``key`` matters only with
+    ``per_row`` (Conv1D weights are masked as [out, in]).
     """
     summed = torch.zeros_like(pretrained)
-    for theta in finetuned:
-        tau = theta - pretrained
+    for index in range(len(finetuned)):  # by index: neither θi nor τi is held while the next is read
+        tau = finetuned[index] - pretrained
         if not per_row:
             summed += mask_magnitude_outliers(tau, keep_fraction, outlier_fraction)
         elif is_conv1d_weight(key):
@@ -136,6 +141,7 @@ def breadcrumbs_tensor(
             summed += mask_magnitude_outliers_per_row(tau.T, keep_fraction, outlier_fraction).T
         else:
             summed += mask_magnitude_outliers_per_row(tau, keep_fraction, outlier_fraction)
+        del tau
     return summed
 
 
@@ -214,10 +220,7 @@ class Breadcrumbs(MergeMethod):
         per_row: bool = False,
     ):
         super().__init__(pool)
-        _check_arguments(scaling_factor, keep_fraction, outlier_fraction)
-        self.scaling_factor = float(scaling_factor)
-        self.keep_fraction = float(keep_fraction)
-        self.outlier_fraction = float(outlier_fraction)
+        self.scaling_factor, self.keep_fraction, self.outlier_fraction = _check_arguments(scaling_factor, keep_fraction, outlier_fraction)
         self.per_row = bool(per_row)
         self.save_hyperparameters(ignore=["pool"])
 
@@ -225,10 +228,8 @@ class Breadcrumbs(MergeMethod):
         # Σ τ̃i depends on the masks' arguments, not on λ: a λ sweep masks once.
         return ("breadcrumbs_task_vector", self.keep_fraction, self.outlier_fraction, self.per_row)
 
-    def merge(self) -> dict[str, Tensor]:
-        pretrained = self.pool.pretrained_body()
-        if self.reusable is None:
-            self.reusable = breadcrumbs_task_vector(
-                pretrained, self.pool.finetuned_bodies(), self.keep_fraction, self.outlier_fraction, self.per_row
-            )
-        return add_scaled(pretrained, self.reusable, self.scaling_factor)
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        summed = self.reused(
+            key, lambda: breadcrumbs_tensor(key, theta0, thetas, self.keep_fraction, self.outlier_fraction, self.per_row)
+        )
+        return theta0 + self.scaling_factor * summed

@@ -24,37 +24,50 @@ agrees with γ (e.g. τi = 0) has Mi = 0 and body θ0; FusionBench's rescaler is
 here 1.
 
 **Storage** (what inference keeps): θ0 and τuni (one fp32 body each), n masks and n scalars. The
-masks are held as ``torch.bool`` (1 byte per entry: n/4 of an fp32 body), so in memory
-2 + n/4 = 3.75 bodies for n = 7 (GPT-2 small: 1.9 GB vs 3.5 GB for the 7 bodies); bit-packed masks
-would take n/32 of a body, 2.22 bodies (1.1 GB). ``EMRMerging.inference_parameters()`` gives these.
+masks are bit-packed (``state_dict.pack_bits``: n/32 of an fp32 body), so 2 + n/32 bodies,
+2.22 for n = 7 (GPT-2 small: 1.1 GB vs 3.5 GB for the 7 bodies); ``bodies_at_inference()``.
+
+**Streaming.** τuni, the packed masks and the rescalers come from one pass over the pool, key by
+key (``emr_parts``), reading one θi at a time: beside τuni and the masks it holds a few tensors of
+one key, whatever n. Task t's body is then built key by key from θ0 (read per key), its unpacked
+mask and τuni, when t is scored; the previous task's body is let go first, so one body is in
+memory at a time. ``emr_merge`` is the same maths over whole bodies (the test oracle). On a
+2-layer, 256-wide pool (56 MB a body, ``wte`` 88 % of it), computing the parts and building every
+task's body in turn peaked 410 MB above the start at N = 2 and 418 MB at N = 7 (the masks' n/32);
+the whole-body functions: 543 and 1138 MB (glibc's mmap threshold fixed at 64 KiB).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import math
+from typing import Iterable
 
+import torch
+from torch import Tensor, nn
+
+from mergelit import costs
+from mergelit.errors import KeyMissing
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
-from mergelit.state_dict import check_finetuned
+from mergelit.state_dict import check_finetuned, pack_bits, unpack_bits
 
 
-def elect_sign(task_vectors: list[Tensor]) -> Tensor:
+def elect_sign(task_vectors: Iterable[Tensor]) -> Tensor:
     """γ = 2·[Σi τi > 0] − 1: +1 where the summed task vector is positive, else −1.
 
     Held as float32 ±1 (FusionBench: int64); multiplying by ±1 is exact either way, and the
     float version avoids an 8-byte-per-entry temporary (3 s on wte alone).
     """
-    summed = task_vectors[0].clone()
-    for tau in task_vectors[1:]:  # in task order, as FusionBench's state-dict sum
-        summed += tau
+    summed = None
+    for tau in task_vectors:  # in task order, as FusionBench's state-dict sum
+        summed = tau.clone() if summed is None else summed.add_(tau)
     return torch.where(summed > 0, 1.0, -1.0)
 
 
 def emr_merge(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]]
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, float]]:
-    """Elect, mask, rescale.
+    """Elect, mask, rescale, over whole bodies (the reference ``emr_parts`` is tested against).
 
     Args:
         pretrained: θ0, the pretrained body's state dict.
@@ -86,64 +99,112 @@ def emr_merge(
         for i, task in enumerate(tasks):
             # |Mi ⊙ τuni| = Mi ⊙ largest, entry for entry.
             unified_means[i] += torch.mean(torch.where(masks[task][key], largest, 0.0))
+    return tau_uni, masks, _rescalers(tasks, task_means, unified_means)
+
+
+def _rescalers(tasks: list[str], task_means: Tensor, unified_means: Tensor) -> dict[str, float]:
     rescalers = {}
     for i, task in enumerate(tasks):
         # No agreeing entry anywhere: the mask is all False and the body θ0 whatever ri is.
         rescalers[task] = float(task_means[i] / unified_means[i]) if unified_means[i] > 0 else 1.0
-    return tau_uni, masks, rescalers
+    return rescalers
+
+
+def emr_parts(pool: ModelPool) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, float]]:
+    """``emr_merge`` over a pool, streamed key by key: ``(tau_uni, packed_masks, rescalers)``.
+
+    The same numbers (the same float32 operations in the same order), but each θi is read when
+    its turn comes (twice per key: for γ, then for the masks) and each mask is bit-packed as soon
+    as it is made (``pack_bits``; ``unpack_bits(packed, shape)`` gives it back), so what is held
+    is τuni, n/32 of a body of masks, and a few tensors of one key.
+    """
+    tasks = list(pool.tasks)
+    tau_uni: dict[str, Tensor] = {}
+    masks: dict[str, dict[str, Tensor]] = {task: {} for task in tasks}
+    task_means = torch.zeros(len(tasks))
+    unified_means = torch.zeros(len(tasks))
+    for key in pool.keys():
+        base = pool.pretrained_tensor(key)
+        sign = elect_sign(theta - base for theta in pool.finetuned_tensors(key))
+        largest = torch.zeros_like(base)  # maxi |Mi ⊙ τi| = |τuni|
+        for i, theta in enumerate(pool.finetuned_tensors(key)):
+            tau = theta - base
+            mask = tau * sign > 0  # agrees with the elected sign (zeros never do)
+            masks[tasks[i]][key] = pack_bits(mask)
+            magnitude = torch.abs(tau)
+            task_means[i] += torch.mean(magnitude)
+            torch.maximum(largest, magnitude.masked_fill_(~mask, 0), out=largest)
+        tau_uni[key] = largest * sign
+        for i, task in enumerate(tasks):
+            mask = unpack_bits(masks[task][key], base.shape)
+            unified_means[i] += torch.mean(torch.where(mask, largest, 0.0))
+    return tau_uni, masks, _rescalers(tasks, task_means, unified_means)
+
+
+def modulated_tensor(base: Tensor, tau_uni: Tensor, mask: Tensor, rescaler: float) -> Tensor:
+    """θt[key] = θ0[key] + rt · (Mt[key] ⊙ τuni[key]) (new tensor, built from θ0)."""
+    return base + (tau_uni * mask) * torch.tensor(rescaler, dtype=torch.float32)
 
 
 def modulated_body(
     pretrained: dict[str, Tensor], tau_uni: dict[str, Tensor], mask: dict[str, Tensor], rescaler: float
 ) -> dict[str, Tensor]:
     """θt = θ0 + rt · (Mt ⊙ τuni), new tensors built from θ0 (nothing added or removed in place)."""
-    scale = torch.tensor(rescaler, dtype=torch.float32)
-    return {key: base + (tau_uni[key] * mask[key]) * scale for key, base in pretrained.items()}
+    return {key: modulated_tensor(base, tau_uni[key], mask[key], rescaler) for key, base in pretrained.items()}
 
 
 class EMRMerging(MergeMethod):
     """EMR-Merging: task t is scored with θ0 + rt · (Mt ⊙ τuni); γ elected, Mi masks, ri rescalers.
 
-    No hyperparameters. Task-aware: there is one body per task, built when that task is scored,
-    and inference needs the task identity.
+    No hyperparameters. Task-aware: there is one body per task, built when that task is scored
+    (one in memory at a time), and inference needs the task identity.
     """
 
     display_name = "EMR-Merging"
     symbols: dict[str, str] = {}
     recommended: dict = {}
     kind = "task-aware"
+    data = "none"
 
     def __init__(self, pool: ModelPool):
         super().__init__(pool)
-        self._emr: tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, float]] | None = None
+        self._parts: tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, float]] | None = None
+        self._body_task: str | None = None
 
-    def emr(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, float]]:
-        """``(tau_uni, masks, rescalers)`` of the pool, computed on first use."""
-        if self._emr is None:
-            self._emr = emr_merge(self.pool.pretrained_body(), self.pool.finetuned_bodies())
-        return self._emr
+    def prepare_merge(self) -> None:
+        """τuni, the bit-packed masks and the rescalers of the pool (``emr_parts``), once."""
+        if self._parts is None:
+            self._parts = emr_parts(self.pool)
 
-    def merge(self) -> dict[str, Tensor]:
-        raise NotImplementedError(
-            "EMR-Merging has no single merged body: task t is scored with its own θ0 + rt (Mt ⊙ τuni); "
-            "use merge_task(task)."
-        )
+    def parts(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, float]]:
+        """``(tau_uni, packed_masks, rescalers)``: task -> key -> ``pack_bits(Mt[key])``, task -> rt."""
+        self.prepare_merge()
+        return self._parts
 
-    def merge_task(self, task: str) -> dict[str, Tensor]:
-        """The body task ``task`` is scored with: θ0 + r_task · (M_task ⊙ τuni)."""
-        tau_uni, masks, rescalers = self.emr()
-        if task not in masks:
-            raise ValueError(f"EMR-Merging has no task {task!r}; the pool's tasks are {list(masks)}.")
-        return modulated_body(self.pool.pretrained_body(), tau_uni, masks[task], rescalers[task])
+    def body_for(self, task: str) -> nn.Module:
+        """Task ``task``'s own body θ0 + r_task · (M_task ⊙ τuni), built when first asked for and
+        kept until another task's is (one body in memory at a time)."""
+        if task not in self.tasks:
+            raise KeyMissing(f"EMR-Merging has no task {task!r}; the pool's tasks are {', '.join(self.tasks)}.")
+        if self._body_task != task:
+            self._body, self._body_task = None, None  # let the previous body go before building this one
+            with costs.phase("merge"):  # the first call also computes τuni, the masks and the rescalers
+                tau_uni, masks, rescalers = self.parts()
+                shapes = self.pool.body_shapes()
+                state = {
+                    key: modulated_tensor(
+                        self.pool.pretrained_tensor(key), tau_uni[key], unpack_bits(masks[task][key], shapes[key]), rescalers[task]
+                    )
+                    for key in self.pool.keys()
+                }
+                self._body = self.build_body(state, f"EMR-Merging body of {task!r}").to(self.device)
+                self._body_task = task
+                del state
+        return self._body
 
-    def inference_parameters(self, packed: bool = True) -> float:
-        """What inference keeps, in fp32-body equivalents (one body = its number count × 4 bytes).
-
-        θ0 + τuni (2 bodies) + n masks + n fp32 scalars: 2 + n/32 + n/d with the masks bit-packed
-        (``packed``; 2.21875 for n = 7), 2 + n/4 + n/d as mergelit holds them (torch.bool, one byte
-        an entry; 3.75 for n = 7). d is the body's number count (124,439,808 at GPT-2 small).
-        """
-        d = sum(tensor.numel() for tensor in self.pool.pretrained_body().values())
+    def bodies_at_inference(self) -> float:
+        """θ0 + τuni (2 fp32 bodies), n bit-packed masks (n/32) and n fp32 scalars (n/d), d the
+        body's number count (124,439,808 at GPT-2 small): 2.21875 + 7/d for n = 7."""
+        d = sum(math.prod(shape) for shape in self.pool.body_shapes().values())
         n = len(self.tasks)
-        mask_bits = 1 if packed else 8
-        return 2 + n * mask_bits / 32 + n / d
+        return 2 + n / 32 + n / d
