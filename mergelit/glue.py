@@ -73,8 +73,16 @@ def load_tokenizer(path: str):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides token ids: vocabulary, merges, normalizer, pad."""
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    """A hash of everything that decides token ids: vocabulary, merges, normalizer, pad.
+
+    Not the truncation and padding settings the backend keeps from its last call (``tokenizer(...,
+    truncation=True)`` writes them): the same tokenizer must hash the same before and after use."""
+    import json
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
     digest.update(f"pad={tokenizer.pad_token_id}".encode())
     return digest.hexdigest()[:16]
 

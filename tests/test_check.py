@@ -60,6 +60,6 @@ def test_flop_count_by_hand():
     from transformers import GPT2Config
 
     config = GPT2Config(n_embd=4, n_layer=2, n_head=2)
-    # per token: 2 · 2 layers · (4·12 + 4·4 + 2·4·16) = 4 · 320 = 1280; attention: 4 · 2 · 4 · (Σ L² / 2).
-    assert forward_flops(config, tokens=10, squared_lengths=50) == 1280 * 10 + 32 * 25
+    # per token: 2 · 2 layers · (4·12 + 4·4 + 2·4·16) = 4 · 192 = 768; attention: 4 · 2 layers · 4 wide · (Σ L² / 2 = 25).
+    assert forward_flops(config, tokens=10, squared_lengths=50) == 768 * 10 + 32 * 25
     assert percentile([5, 1, 3, 2, 4], 50) == 3 and percentile([1, 2, 3, 4], 95) == 4

@@ -301,7 +301,7 @@ def test_loops_cut_short_are_not_cached_but_still_used(one_task, tmp_path):
 def test_rows_held_out_by_the_data_are_not_drawn(one_task, tmp_path):
     pool, _ = one_task
     data = GLUEDataModule(tasks=["rte"], tokenizer=pool.tokenizer_path, path=one_task[1].path, cache_dir=None,
-                          dev_size=20, hold_out_dev=True)
+                          dev_source="train", dev_size=20, hold_out_dev=True)
     statistics.gram_statistics(trainer(), data, pool, num_examples=30, batch_size=10, count_padding=False, cache_dir=tmp_path)
     (path,) = (tmp_path / "regmean").iterdir()
     drawn = json.loads(read_statistics(path)[1]["indices"])
