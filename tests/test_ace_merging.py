@@ -67,6 +67,15 @@ def test_a_refined_tensor_with_no_direction_is_refused_naming_it(tmp_path):
     ACEMerging(pool, heterogeneity_threshold=2.5).merge()  # unflagged: no refinement, no k
 
 
+def test_a_zero_task_vector_in_a_refined_tensor_is_named(tmp_path):
+    # A zero τ has log(0 + 1e-12) among the log traces (refined) and a zero centred trace: ridge ε / 1e-12.
+    generator = torch.Generator().manual_seed(2)
+    pool = hand_pool(tmp_path, 4, [torch.randn(4, 4, generator=generator), torch.zeros(4, 4), torch.randn(4, 4, generator=generator)])
+    with pytest.warns(UserWarning, match=r"task mrpc's update of 'h\.0\.attn\.c_proj\.weight' is zero"):
+        merged = ACEMerging(pool).merge()
+    assert torch.isfinite(merged[KEY]).all()
+
+
 def test_covariance_side_input_is_stored_on_the_transposed_conv1d(tmp_path):
     generator = torch.Generator().manual_seed(0)
     theta0 = torch.randn(4, 4, generator=generator)

@@ -23,7 +23,9 @@ With τi = θi − θ0 (n tasks), per body tensor:
 
 **Quirks kept** (all in the official GPT-2 run): the prior is a row vector broadcast over the rows (A
 is not symmetric); B uses the centred τ, R the uncentred; tr_i is uncentred while the normalisation
-uses the centred trace; n = 1 does not give θ1 (the variance of one value is NaN: no flag).
+uses the centred trace; n = 1 does not give θ1 (the variance of one value is NaN: no flag). A task
+whose update of a refined tensor is zero (once centred) gets the ridge ε / 1e-12, which swamps A: kept
+as computed, with a warning naming the tensor and the task.
 
 **Conv1D layout** (``covariance_side``). The official code takes its Gram matrices over dim 1 of the
 stored tensor: for nn.Linear [out, in] the input features, for GPT-2's Conv1D [in, out] the **output**
@@ -44,6 +46,7 @@ for R, recomputing each Ci: one τi and a few [d, d] matrices in memory, whateve
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -89,15 +92,25 @@ def ace_tensor(
     k_frac: float = 0.3,
     heterogeneity_threshold: float = 0.3,
     name: str = "tensor",
+    tasks: Sequence[str] | None = None,
 ) -> tuple[Tensor, float]:
     """(τm, γ) of one 2-D tensor from ``task_vector(i)`` = τi (float64, a new tensor each call; called
-    two or three times per task), following ``MergeStrategy.ace_merging`` (see the module docstring)."""
+    two or three times per task), following ``MergeStrategy.ace_merging`` (see the module docstring).
+    ``name`` and ``tasks`` name the tensor and the tasks in messages."""
     traces = torch.tensor([float((tau * tau).sum()) for tau in map(task_vector, range(n))], dtype=torch.float64)
     gamma = heterogeneity(traces)
     flag = gamma > heterogeneity_threshold
     summed_covariance = weighted_sum = gram_sum = None
     for i in range(n):
         centred, covariance, task_eps = _centred_covariance(task_vector(i), flag, eps)
+        if flag and not bool(centred.any()):
+            task = tasks[i] if tasks else f"number {i}"
+            warnings.warn(
+                f"ACE-Merging: task {task}'s update of {name!r} is zero once its column means are removed, so the "
+                f"normalisation divides by a zero trace (+1e-12): its ridge ε/1e-12 = {eps / 1e-12:g} dominates A and "
+                f"shrinks this tensor's merge towards 0. Kept as the official code computes it.",
+                stacklevel=2,
+            )
         regularised = covariance + task_eps * torch.eye(covariance.shape[0], dtype=covariance.dtype)
         if weighted_sum is None:
             summed_covariance, weighted_sum, gram_sum = covariance.clone(), centred @ regularised, regularised
@@ -155,7 +168,7 @@ def ace_task_vector(
         tau = (thetas[i] - theta0).double()
         return tau.T if transpose else tau
 
-    merged, gamma = ace_tensor(task_vector, n, eps, k_frac, heterogeneity_threshold, key)
+    merged, gamma = ace_tensor(task_vector, n, eps, k_frac, heterogeneity_threshold, key, getattr(thetas, "tasks", None))
     return (merged.T if transpose else merged).contiguous().to(theta0.dtype), gamma
 
 

@@ -25,7 +25,8 @@ after (the denominator ‖ΔWiᵀ u_r‖² becomes ‖ΔWi v_r‖², so the resu
 stored (their left side is the token / position index).
 
 **Streaming.** The responses of the θi are computed one θi at a time (FusionBench stacks the K task
-matrices: 2 GiB for wte in float64); the same products, to rounding (1e-16 relative).
+matrices: 2 GiB for wte in float64); on the test pool the result equals the stacked computation
+(``svc_merge``) bit for bit.
 
 **Base.** Any method that merges one body per key (``kind == "merged"``, with ``merge_tensor``);
 refused: the ensemble, task-aware methods (one body per task), Pretrained and Individual (nothing
