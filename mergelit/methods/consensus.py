@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Iterable, Literal, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mergelit.errors import check_choice, check_integer, check_number
@@ -62,7 +63,8 @@ def task_vector_sum(theta0: Tensor, thetas: Iterable[Tensor]) -> Tensor:
 
 def tall_mask(theta0: Tensor, theta: Tensor, theta_mtl: Tensor, tall_mask_lambda: Tensor) -> Tensor:
     """m_t = |θ0 − θt| > |θ_MTL − θt| · λ (bool), the official expression; λ a float32 0-d tensor."""
-    return (theta0 - theta).abs() > (theta_mtl - theta).abs() * tall_mask_lambda
+    # In place on the two fresh differences (the same bits as the expression): fewer temporaries.
+    return (theta0 - theta).abs_() > (theta_mtl - theta).abs_().mul_(tall_mask_lambda)
 
 
 def consensus_mask(theta0: Tensor, thetas: Iterable[Tensor], tau_mtl: Tensor, tall_mask_lambda: float, min_agreement: int) -> Tensor:
@@ -161,6 +163,9 @@ class ConsensusMerging(MergeMethod):
         tau_mtl = task_vector_sum(theta0, thetas) if self.base == "task_arithmetic" else self._ties_vector(key, theta0, thetas)
         keep = consensus_mask(theta0, thetas, tau_mtl, self.tall_mask_lambda, self.min_agreement)  # a second read of the θt
         self.kept[key] = (int(keep.sum()), keep.numel())
+        if key == self.pool.keys()[-1]:
+            kept = sum(k for k, _ in self.kept.values()) / sum(n for _, n in self.kept.values())
+            rank_zero_info(f"Consensus Merging (k = {self.min_agreement}, λ = {self.tall_mask_lambda:g}): keeps {100 * kept:.1f} % of the entries.")
         return tau_mtl * keep
 
     def _ties_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:

@@ -56,18 +56,19 @@ def calibrate(theta0: Tensor, thetas: Iterable[Tensor], merged: Tensor, alpha: f
     ``thetas`` are read one at a time; K is their number.
     """
     base = theta0.to(torch.float64)
-    delta = merged.to(torch.float64) - base
+    delta = merged.to(torch.float64, copy=True).sub_(base)  # in place on fresh copies: fewer float64 temporaries
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     directions = U.transpose(0, 1).contiguous()  # [R, m]
     merged_response = directions @ delta  # a_r^m, [R, n]
+    del delta
     coefficients = []
     for theta in thetas:
-        response = directions @ (theta.to(torch.float64) - base)  # a_r^i, [R, n]
+        response = directions @ theta.to(torch.float64, copy=True).sub_(base)  # a_r^i, [R, n]
         squared = (response * response).sum(dim=-1).clamp_min(1e-12)
         coefficients.append((merged_response * response).sum(dim=-1) / squared)
     coefficients = torch.nan_to_num(torch.stack(coefficients, dim=1), nan=alpha, neginf=alpha)  # s, [R, K]
     gamma = coefficients.shape[1] / torch.maximum(coefficients, torch.as_tensor(alpha, dtype=torch.float64)).sum(dim=1)
-    calibrated = (U * (gamma * S).unsqueeze(0)) @ Vh + base
+    calibrated = ((U * (gamma * S).unsqueeze(0)) @ Vh).add_(base)
     return calibrated.to(merged.dtype)
 
 
