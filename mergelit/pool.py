@@ -358,16 +358,18 @@ class ModelPool:
     def reused(self, group: Any, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, or the value kept for ``(group, key)`` by an earlier merge of this pool.
 
-        Only while ``keep_reused`` is on (a sweep): a plain run keeps nothing. One group is kept at
-        a time (a new group drops the previous one), so a sweep over several methods holds one
-        method's parts, not all of them.
+        Only while ``keep_reused`` is on (a sweep): a plain run keeps nothing. Two groups are kept,
+        the most recently used (a wrapper's parts and its base method's), so a sweep over several
+        methods holds one method's parts, not all of them.
         """
         if not self._keep_reused:
             return compute()
         if group not in self._reused:
-            self._reused.clear()
             self._reused[group] = {}
-        parts = self._reused[group]
+            while len(self._reused) > 2:
+                del self._reused[next(iter(self._reused))]  # the least recently used group
+        parts = self._reused.pop(group)
+        self._reused[group] = parts  # now the most recent
         if key not in parts:
             parts[key] = compute()
         return parts[key]

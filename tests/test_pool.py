@@ -108,10 +108,11 @@ def test_reused_parts_are_kept_for_one_group_and_only_in_sweeps(pool_paths):
     assert pool.reused("a", "k", compute) == 1 and pool.reused("a", "k", compute) == 2  # a plain run keeps nothing
     pool.keep_reused(True)
     assert pool.reused("a", "k", compute) == 3 and pool.reused("a", "k", compute) == 3
-    assert pool.reused("b", "k", compute) == 4  # another method's parts replace the first's
-    assert pool.reused("a", "k", compute) == 5
+    assert pool.reused("b", "k", compute) == 4 and pool.reused("a", "k", compute) == 3  # a wrapper and its base
+    assert pool.reused("c", "k", compute) == 5  # a third group drops the least recently used ("b")
+    assert pool.reused("a", "k", compute) == 3 and pool.reused("b", "k", compute) == 6
     pool.keep_reused(False)
-    assert pool.reused("a", "k", compute) == 6
+    assert pool.reused("a", "k", compute) == 7
 
 
 ARCHITECTURE_CHANGES = [

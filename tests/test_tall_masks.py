@@ -16,7 +16,8 @@ from conftest import body_shapes, tiny_gpt2_config, write_integer_pool, write_st
 from mergelit.__main__ import main
 from mergelit.errors import KeyMissing, MergelitError
 from mergelit.methods import TallMasks
-from mergelit.methods.tall_masks import pack_bits, tall_mask_bodies, unpack_bits
+from mergelit.methods.tall_masks import tall_mask_bodies
+from mergelit.state_dict import pack_bits, unpack_bits
 from mergelit.pool import ModelPool
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -32,7 +32,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from mergelit import costs, progress
-from mergelit.errors import MergeFailed
+from mergelit.errors import KeyMissing, MergeFailed, MergelitError
 from mergelit.gpt2 import build_body, build_head, last_non_pad_index
 from mergelit.metrics import EXTRA_METRICS, BinaryCounts
 from mergelit.pool import ModelPool
@@ -244,3 +244,54 @@ class MergeMethod(L.LightningModule):
                 self.log(f"test/{entry}/{name}", value, add_dataloader_idx=False, sync_dist=False)
         for metric in (*self.test_accuracy.values(), *self.test_loss.values(), *self.test_extra.values()):
             metric.reset()
+
+
+# ---- methods named in a config (a wrapper's ``base:``) ------------------------------------------
+def method_class(class_path: str) -> type[MergeMethod]:
+    """The method class a config names (``mergelit.methods.TiesMerging``, its module path, or
+    ``TiesMerging``), looked up among mergelit's methods: nothing is imported from the path."""
+    from mergelit.methods import method_classes
+
+    for cls in method_classes():
+        if class_path in (cls.__name__, f"mergelit.methods.{cls.__name__}", f"{cls.__module__}.{cls.__name__}"):
+            return cls
+    names = ", ".join(sorted(cls.__name__ for cls in method_classes()))
+    raise KeyMissing(f"{class_path!r} is not a mergelit method; the methods are {names}.")
+
+
+def wrapped_method(pool: ModelPool, base: Any, wrapper: str) -> MergeMethod:
+    """The method ``wrapper`` (SVC, Subspace Boosting) wraps, built on ``pool``: ``base`` is a method
+    config ``{class_path, init_args}`` or, as the CLI parses that config, a callable pool -> method.
+    Refuses a method with no one merged body per key."""
+    from collections.abc import Mapping
+
+    if isinstance(base, Mapping):
+        unknown = sorted(set(base) - {"class_path", "init_args"})
+        if unknown or "class_path" not in base:
+            raise MergelitError(f"{wrapper}: base must be a method config {{class_path: ..., init_args: {{...}}}}, got {dict(base)!r}.")
+        try:
+            cls = method_class(base["class_path"])
+        except KeyMissing as error:
+            raise MergelitError(f"{wrapper}: base class_path {error}") from None
+        init_args = dict(base.get("init_args") or {})
+        if "pool" in init_args:
+            raise MergelitError(f"{wrapper}: the base's pool is the wrapper's; remove base.init_args.pool.")
+        try:
+            method = cls(pool, **init_args)
+        except TypeError as error:
+            raise MergelitError(f"{wrapper}: base {cls.__name__} does not take init_args {init_args!r} ({error}).") from None
+    elif callable(base) and not isinstance(base, MergeMethod):
+        method = base(pool)
+    else:
+        raise MergelitError(f"{wrapper}: base must be a method config {{class_path: ..., init_args: {{...}}}}, got {base!r}.")
+    cls = type(method)
+    if cls.merge_tensor is MergeMethod.merge_tensor or not cls.exportable:
+        raise MergelitError(f"{wrapper} cannot wrap {cls.display_name}: it has no one merged body; give a method that merges one.")
+    if cls.__name__ in ("Pretrained", "Individual"):
+        raise MergelitError(f"{wrapper} cannot wrap {cls.display_name}: it merges no task vectors; give a merge method.")
+    return method
+
+
+def method_config(method: MergeMethod) -> dict[str, Any]:
+    """``{class_path, init_args}`` of a built method, all its arguments spelled out (for the report)."""
+    return {"class_path": f"mergelit.methods.{type(method).__name__}", "init_args": dict(method.hparams)}

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from mergelit.errors import MergelitError, check_choice, check_number
-from mergelit.methods.base import MergeMethod
+from mergelit.methods.base import MergeMethod, method_config, wrapped_method
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 
@@ -121,64 +121,6 @@ def svc_merge(
     return out
 
 
-# ---- the base method ----------------------------------------------------------------------------
-def known_methods() -> list[type[MergeMethod]]:
-    """The method classes of ``mergelit.methods`` loaded so far (``mergelit.methods.method_classes()``
-    loads them all: the CLI, sweeps and ``mergelit.methods.<Name>`` do). A method file does not import
-    the package (tests/test_architecture.py), so the classes are found as MergeMethod's subclasses."""
-    found, stack = [], list(MergeMethod.__subclasses__())
-    while stack:
-        cls = stack.pop(0)
-        stack.extend(cls.__subclasses__())
-        if cls.__module__.startswith("mergelit.methods.") and cls not in found:
-            found.append(cls)
-    return found
-
-
-def method_class(class_path: Any, wrapper: str) -> type[MergeMethod]:
-    """The method class ``class_path`` names (``mergelit.methods.TiesMerging``, its module path, or
-    ``TiesMerging``), looked up among mergelit's methods: nothing is imported from the path."""
-    for cls in known_methods():
-        if class_path in (cls.__name__, f"mergelit.methods.{cls.__name__}", f"{cls.__module__}.{cls.__name__}"):
-            return cls
-    names = ", ".join(sorted(cls.__name__ for cls in known_methods()))
-    raise MergelitError(f"{wrapper}: base class_path {class_path!r} is not a mergelit method; give one of {names}.")
-
-
-def base_method(pool: ModelPool, base: Any, wrapper: str) -> MergeMethod:
-    """The method ``wrapper`` wraps, built on ``pool``: ``base`` is a method config ``{class_path,
-    init_args}`` or, as the CLI parses that config, a callable pool -> method. Refuses a method with no
-    one merged body per key."""
-    if isinstance(base, Mapping):
-        unknown = sorted(set(base) - {"class_path", "init_args"})
-        if unknown or "class_path" not in base:
-            raise MergelitError(f"{wrapper}: base must be a method config {{class_path: ..., init_args: {{...}}}}, got {dict(base)!r}.")
-        cls = method_class(base["class_path"], wrapper)
-        init_args = dict(base.get("init_args") or {})
-        if "pool" in init_args:
-            raise MergelitError(f"{wrapper}: the base's pool is the wrapper's; remove base.init_args.pool.")
-        try:
-            method = cls(pool, **init_args)
-        except TypeError as error:
-            raise MergelitError(f"{wrapper}: base {cls.__name__} does not take init_args {init_args!r} ({error}).") from None
-    elif callable(base) and not isinstance(base, MergeMethod):
-        method = base(pool)
-    else:
-        raise MergelitError(f"{wrapper}: base must be a method config {{class_path: ..., init_args: {{...}}}}, got {base!r}.")
-    cls = type(method)
-    if method.kind != "merged":
-        reason = "it merges no weights" if method.kind == "ensemble" else "it has one body per task"
-        raise MergelitError(f"{wrapper} cannot wrap {cls.display_name}: {reason}; give a method that merges one body.")
-    if cls.__name__ in ("Pretrained", "Individual") or cls.merge_tensor is MergeMethod.merge_tensor:
-        raise MergelitError(f"{wrapper} cannot wrap {cls.display_name}: it merges no task vectors; give a merge method.")
-    return method
-
-
-def method_config(method: MergeMethod) -> dict[str, Any]:
-    """``{class_path, init_args}`` of a built method, all its arguments spelled out (for the report)."""
-    return {"class_path": f"mergelit.methods.{type(method).__name__}", "init_args": dict(method.hparams)}
-
-
 class SingularValueCalibration(MergeMethod):
     """SVC: the base merge with each 2-D tensor's singular values rescaled by γ_r = K / Σi max(s_r^i, α).
 
@@ -207,7 +149,7 @@ class SingularValueCalibration(MergeMethod):
         super().__init__(pool)
         self.alpha = check_number(alpha, "alpha (α)", 0, low_open=True)
         self.projection_side = check_choice(projection_side, "projection_side", PROJECTION_SIDES)
-        self.base = base_method(pool, base, "SVC")
+        self.base = wrapped_method(pool, base, "SVC")
         self.data = self.base.data  # what the base reads (statistics, adaptation)
         self.save_hyperparameters(ignore=["pool", "base"])
         self.hparams["base"] = method_config(self.base)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -43,7 +42,7 @@ from mergelit import costs
 from mergelit.errors import KeyMissing, check_number
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
-from mergelit.state_dict import check_finetuned
+from mergelit.state_dict import check_finetuned, pack_bits, unpack_bits
 
 
 def task_vector_sum(theta0: Tensor, thetas: Iterable[Tensor]) -> Tensor:
@@ -77,17 +76,6 @@ def tall_mask_bodies(pretrained: dict[str, Tensor], finetuned: dict[str, dict[st
         for task, body in finetuned.items():
             bodies[task][key] = masked_body_tensor(theta0, tau_mtl, tall_mask(theta0, body[key], theta_mtl, scale))
     return bodies
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """A bool tensor as ceil(numel / 8) bytes (numpy ``packbits``, the official storage): 1/32 of fp32."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
-
-
-def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
-    """The bool tensor of ``shape`` that ``pack_bits`` packed."""
-    bits = np.unpackbits(packed.numpy(), count=math.prod(shape))
-    return torch.from_numpy(bits).view(torch.bool).view(tuple(shape))
 
 
 class TallMasks(MergeMethod):
