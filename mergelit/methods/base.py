@@ -285,8 +285,9 @@ def wrapped_method(pool: ModelPool, base: Any, wrapper: str) -> MergeMethod:
     else:
         raise MergelitError(f"{wrapper}: base must be a method config {{class_path: ..., init_args: {{...}}}}, got {base!r}.")
     cls = type(method)
-    if cls.merge_tensor is MergeMethod.merge_tensor or not cls.exportable:
-        raise MergelitError(f"{wrapper} cannot wrap {cls.display_name}: it has no one merged body; give a method that merges one.")
+    if not cls.exportable or cls.merge_tensor is MergeMethod.merge_tensor:
+        reason = "it merges no weights" if not cls.exportable else "it has one body per task"
+        raise MergelitError(f"{wrapper} cannot wrap {cls.display_name}: {reason}; give a method that merges one body.")
     if cls.__name__ in ("Pretrained", "Individual"):
         raise MergelitError(f"{wrapper} cannot wrap {cls.display_name}: it merges no task vectors; give a merge method.")
     return method
