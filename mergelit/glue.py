@@ -73,8 +73,16 @@ def load_tokenizer(path: str):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides token ids: vocabulary, merges, normalizer, pad."""
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    """A hash of everything that decides token ids: vocabulary, merges, normalizer, pad.
+
+    Not the truncation and padding settings the backend keeps from its last call (a tokenizer that
+    has tokenized once would hash otherwise): each call passes its own."""
+    import json
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
     digest.update(f"pad={tokenizer.pad_token_id}".encode())
     return digest.hexdigest()[:16]
 
@@ -486,8 +494,12 @@ class GLUEDataModule(L.LightningDataModule):
         if task not in self._dev:  # a sweep scores the same dev rows at every point: select them once
             indices = self.dev_indices(task)
             if not indices:
-                raise ValueError(f"{task} has no dev rows (dev_size {self.dev_size}, train rows "
-                                 f"{len(self.train_dataset(task))}); set data.dev_size > 0.")
+                split = self.dev_split(task)
+                raise BadData(
+                    f"Task {task!r} split {split!r} in {self.path!r} gives no dev rows ({len(self.raw(task, split))} rows, "
+                    f"dev_source {self.dev_source}, dev_size {self.dev_size}): a dev split needs a split of at least 2 rows"
+                    + ("; set data.dev_size > 0." if self.dev_source == "train" and not self.dev_size else ".")
+                )
             self._dev[task] = self.tokenized(task, self.dev_split(task)).select(indices)
         return self._dev[task]
 
