@@ -411,6 +411,26 @@ def _texts(task, split, row, fields, value):
     return edit
 
 
+def _string_labels(task, split):
+    import datasets
+
+    def edit(d):
+        part = d[split].cast_column("label", datasets.Value("int64")).map(lambda r: {"label": str(r["label"])})
+        return datasets.DatasetDict({**d, split: part.cast_column("label", datasets.Value("string"))})
+
+    return edit
+
+
+def _bytes_texts(task, split, field):
+    import datasets
+
+    def edit(d):
+        part = d[split].map(lambda r: {"encoded": r[field].encode()}).remove_columns(field).rename_column("encoded", field)
+        return datasets.DatasetDict({**d, split: part})
+
+    return edit
+
+
 def _mismatched(kind):
     import datasets
 
@@ -431,6 +451,9 @@ def _mismatched(kind):
         ("empty pair texts", "rte", _texts("rte", "validation", 3, ("sentence1", "sentence2"), ""),
          ["'rte'", "'validation'", "row 3 has no text"]),
         ("None text", "cola", _texts("cola", "validation", 5, ("sentence",), None), ["'cola'", "'validation'", "row 5", "NoneType"]),
+        ("NaN label", "cola", _relabel_float("cola", "validation", 1, math.nan), ["'cola'", "'validation'", "'label' row 1 is nan"]),
+        ("string labels", "rte", _string_labels("rte", "validation"), ["'rte'", "'validation'", "'label' row 0 is str"]),
+        ("bytes texts", "cola", _bytes_texts("cola", "validation", "sentence"), ["'cola'", "'validation'", "'sentence'", "not text"]),
         ("mismatched -1 labels", "mnli", _mismatched("-1"), ["'mnli'", "'validation_mismatched'", "row 0 is -1"]),
         ("mismatched empty", "mnli", _mismatched("empty"), ["'mnli'", "empty"]),
     ],
