@@ -18,14 +18,12 @@ import random
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mergelit.__main__ import main
 from mergelit.report import make_report, write_report
@@ -56,11 +54,9 @@ def small_config(fixtures_root: Path, folder: Path, tasks=("cola", "rte"), **fin
     return path
 
 
-def test_args(config: Path, *extra: str, method: Path = METHOD) -> list[str]:
+def run_args(config: Path, *extra: str, method: Path = METHOD) -> list[str]:
+    """``mergelit test -c CONFIG -c METHOD EXTRA...``."""
     return ["test", "-c", str(config), "-c", str(method), *extra]
-
-
-test_args.__test__ = False  # a helper, not a test
 
 
 def reports_under(folder: Path) -> list[Path]:
@@ -71,7 +67,7 @@ def reports_under(folder: Path) -> list[Path]:
 def test_two_concurrent_runs_get_two_log_versions(fixtures_root, workdir):
     """Two real `mergelit test` processes started together in one folder: two version folders."""
     config = small_config(fixtures_root, workdir)
-    command = [sys.executable, "-m", "mergelit", *test_args(config, "--quiet")]
+    command = [sys.executable, "-m", "mergelit", *run_args(config, "--quiet")]
     runs = [subprocess.Popen(command, cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]
@@ -102,15 +98,15 @@ def test_a_reused_report_path_keeps_no_earlier_predictions(fixtures_root, workdi
     predictions = report.parent / "predictions"
     three = small_config(fixtures_root, workdir, ("cola", "rte", "sst2"))
     two = small_config(fixtures_root, workdir, ("cola", "rte"))
-    code, err = mergelit(capsys, *test_args(three, "--report_save_path", str(report), "--save_predictions", "true"))
+    code, err = mergelit(capsys, *run_args(three, "--report_save_path", str(report), "--save_predictions", "true"))
     assert code == 0, err
     assert sorted(p.name for p in predictions.glob("*.jsonl")) == ["cola.jsonl", "rte.jsonl", "sst2.jsonl"]
-    code, err = mergelit(capsys, *test_args(two, "--report_save_path", str(report), "--save_predictions", "true"))
+    code, err = mergelit(capsys, *run_args(two, "--report_save_path", str(report), "--save_predictions", "true"))
     assert code == 0, err
     assert sorted(p.name for p in predictions.iterdir()) == ["cola.jsonl", "manifest.json", "rte.jsonl"]
     rescored, written = tables.metrics_from_predictions(predictions), json.loads(report.read_text())
     assert rescored["average"]["accuracy"] == written["average"]["accuracy"]  # the folder is this run's alone
-    code, err = mergelit(capsys, *test_args(two, "--report_save_path", str(report)))  # no predictions asked
+    code, err = mergelit(capsys, *run_args(two, "--report_save_path", str(report)))  # no predictions asked
     assert code == 0, err
     assert not list(predictions.iterdir())
 
@@ -118,7 +114,7 @@ def test_a_reused_report_path_keeps_no_earlier_predictions(fixtures_root, workdi
 def test_a_reused_export_folder_keeps_no_earlier_task_folders(fixtures_root, workdir, capsys):
     export = workdir / "merged"
     for tasks in (("cola", "rte"), ("cola", "sst2")):
-        code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir, tasks), "--merged_model_save_path", str(export)))
+        code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir, tasks), "--merged_model_save_path", str(export)))
         assert code == 0, err
     assert sorted(p.name for p in export.iterdir()) == ["cola", "sst2"]
 
@@ -131,14 +127,14 @@ def test_an_export_path_that_is_not_an_export_folder_is_refused_first(kind, fixt
     else:
         export.mkdir()
         (export / "notes.txt").write_text("mine")
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--merged_model_save_path", str(export)))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--merged_model_save_path", str(export)))
     assert_short_error(code, err, str(export), *(["notes.txt", "not a mergelit export"] if kind != "a file" else ["is a file"]))
     assert (export / "notes.txt").exists() or export.is_file()
 
 
 def test_an_existing_folder_as_report_path_is_refused_first(fixtures_root, workdir, capsys, heavy_work_forbidden):
     (workdir / "r.json").mkdir()
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--report_save_path", str(workdir / "r.json")))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--report_save_path", str(workdir / "r.json")))
     assert_short_error(code, err, "r.json", "is a folder")
 
 
@@ -153,9 +149,9 @@ def test_a_forward_that_overflows_fails_naming_the_task_and_writes_no_report(cas
     if case == "one 3e38 entry":
         cola = copy_model(fixtures_root, "cola", workdir / "huge_cola")
         edit_weights(cola, _huge_entry)
-        args = test_args(small_config(fixtures_root, workdir, cola=str(cola)))
+        args = run_args(small_config(fixtures_root, workdir, cola=str(cola)))
     else:
-        args = test_args(small_config(fixtures_root, workdir), "--model.init_args.scaling_factor", "1e30")
+        args = run_args(small_config(fixtures_root, workdir), "--model.init_args.scaling_factor", "1e30")
     code, err = mergelit(capsys, *args, "--report_save_path", str(workdir / "r.json"))
     assert_short_error(code, err, "Task 'cola'", "non-finite logits", "overflows", "scaling factor", "extreme weight")
     assert not (workdir / "r.json").exists() and not reports_under(workdir)
@@ -165,7 +161,7 @@ def test_a_partial_runs_predictions_are_marked_and_refused_by_rescoring(fixtures
     from mergelit import tables
 
     report = workdir / "r.json"
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--trainer.limit_test_batches", "1",
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--trainer.limit_test_batches", "1",
                                             "--report_save_path", str(report), "--save_predictions", "true"))
     assert code == 0, err
     assert json.loads((workdir / "predictions" / "manifest.json").read_text())["partial"] is True
@@ -188,7 +184,7 @@ def _relabel_float(task, split, row, value):
 
 def test_a_float_label_is_refused_naming_task_split_and_row(fixtures_root, workdir, capsys, heavy_work_forbidden):
     data = copy_data(fixtures_root, workdir / "glue", "cola", _relabel_float("cola", "validation", 2, 0.7))
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--data.path", str(data)))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--data.path", str(data)))
     assert_short_error(code, err, "'cola'", "'validation'", "'label' row 2 is 0.7")
 
 
@@ -307,7 +303,7 @@ def test_a_fine_tuned_body_of_another_architecture_is_refused_naming_the_field(f
                                                                                heavy_work_forbidden):
     rte = copy_model(fixtures_root, "rte", workdir / "other_rte")
     edit_config(rte, **{field: value})
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir, rte=str(rte))))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir, rte=str(rte))))
     assert_short_error(code, err, "'rte'", "other_rte", f"{field} {value!r}", "architecture")
 
 
@@ -329,7 +325,7 @@ def test_a_fine_tuned_body_with_another_tensor_set_is_refused_naming_the_tensor(
     else:
         edit_weights(rte, lambda t: t.pop("transformer.h.1.attn.c_proj.bias"))
         needles = ["'transformer.h.1.attn.c_proj.bias'"]
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir, rte=str(rte))))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir, rte=str(rte))))
     assert_short_error(code, err, "'rte'", *needles)
 
 
@@ -393,11 +389,11 @@ def test_a_tokenizer_with_a_permuted_vocabulary_is_refused(fixtures_root, workdi
     same vocabulary in the same files passes the check (and fails only at the forbidden test)."""
     config = small_config(fixtures_root, workdir)
     permuted = tokenizer_copy(fixtures_root, workdir / "permuted", permute=True)
-    code, err = mergelit(capsys, *test_args(config, "--pool.tokenizer", str(permuted)))
+    code, err = mergelit(capsys, *run_args(config, "--pool.tokenizer", str(permuted)))
     assert_short_error(code, err, "permuted", "other token ids", str(fixtures_root / "pool" / "cola"), "pool.tokenizer")
     same = tokenizer_copy(fixtures_root, workdir / "same", permute=False)
     with pytest.raises(AssertionError, match="heavy work started"):
-        main(test_args(config, "--pool.tokenizer", str(same)))
+        main(run_args(config, "--pool.tokenizer", str(same)))
 
 
 # ==== 4. checked before the heavy work ============================================================
@@ -461,19 +457,19 @@ def _mismatched(kind):
 def test_bad_data_is_refused_before_the_merge(case, task, edit, needles, fixtures_root, workdir, capsys, heavy_work_forbidden):
     data = copy_data(fixtures_root, workdir / "glue", task, edit)
     config = small_config(fixtures_root, workdir, ("cola", "mnli", "rte"))
-    code, err = mergelit(capsys, *test_args(config, "--data.path", str(data)))
+    code, err = mergelit(capsys, *run_args(config, "--data.path", str(data)))
     assert_short_error(code, err, *needles)
 
 
 def test_adamerging_coefficients_path_that_is_a_folder_is_refused_before_adapting(fixtures_root, workdir, capsys, heavy_work_forbidden):
     (workdir / "lambda").mkdir()
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--model.init_args.max_steps", "3",
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--model.init_args.max_steps", "3",
                                             "--model.init_args.coefficients_path", str(workdir / "lambda"), method=ADAMERGING))
     assert_short_error(code, err, "coefficients_path", str(workdir / "lambda"), "is a folder")
 
 
 def test_adamerging_with_max_time_is_refused_before_adapting(fixtures_root, workdir, capsys, heavy_work_forbidden):
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--model.init_args.max_steps", "3",
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--model.init_args.max_steps", "3",
                                             "--trainer.max_time", "00:00:10:00", method=ADAMERGING))
     assert_short_error(code, err, "trainer.max_time", "AdaMerging")
 
@@ -528,7 +524,7 @@ def test_a_full_disk_names_the_report_path_and_leaves_no_file(fixtures_root, wor
 
     monkeypatch.setattr(os, "fsync", full)
     report = workdir / "out" / "r.json"
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--trainer.logger", "false",
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--trainer.logger", "false",
                                             "--report_save_path", str(report)))
     assert_short_error(code, err, str(report), "No space left on device")
     assert not list(report.parent.iterdir())  # neither the report nor its temporary file
@@ -537,7 +533,7 @@ def test_a_full_disk_names_the_report_path_and_leaves_no_file(fixtures_root, wor
 def test_a_report_path_that_cannot_be_written_is_named_before_the_merge(fixtures_root, workdir, capsys, heavy_work_forbidden):
     # /sys refuses new files even to root, where os.access says yes: a real file is tried.
     path = "/sys/mergelit-nowhere/r.json"
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--report_save_path", path))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--report_save_path", path))
     assert_short_error(code, err, path, "cannot be written")
 
 
@@ -553,7 +549,7 @@ def test_a_tokenizer_folder_without_vocabulary_files_is_named(fixtures_root, wor
     folder = workdir / "tok"
     folder.mkdir()
     (folder / "tokenizer_config.json").write_text("{}")
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--pool.tokenizer", str(folder)))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--pool.tokenizer", str(folder)))
     assert_short_error(code, err, "tok", "no tokenizer files", "vocab.json")
     assert "pad" not in err
 
@@ -562,7 +558,7 @@ def test_a_pretrained_config_that_contradicts_its_weights_blames_the_pretrained_
                                                                                       heavy_work_forbidden):
     pretrained = copy_model(fixtures_root, "pretrained", workdir / "pre")
     edit_config(pretrained, n_positions=1024)  # its wpe has 512 rows
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--pool.pretrained", str(pretrained)))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--pool.pretrained", str(pretrained)))
     assert_short_error(code, err, "pretrained model", "'wpe.weight'", "(512,", "(1024,")
     assert "fine-tuned" not in err
 
@@ -582,7 +578,7 @@ def sharded(fixtures_root: Path, folder: Path, index) -> Path:
 ])
 def test_a_damaged_sharded_checkpoint_index_is_named(case, index, needles, fixtures_root, workdir, capsys, heavy_work_forbidden):
     cola = sharded(fixtures_root, workdir / "sharded", index)
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir, cola=str(cola))))
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir, cola=str(cola))))
     assert_short_error(code, err, "model.safetensors.index.json", *needles)
 
 
@@ -797,7 +793,7 @@ def test_a_link_out_of_the_output_folder_is_refused_before_the_merge(link, fixtu
     else:
         (out / "predictions").symlink_to(workdir / "elsewhere")
         needles = [str(out / "predictions"), "is a link"]
-    code, err = mergelit(capsys, *test_args(small_config(fixtures_root, workdir), "--report_save_path", str(out / "r.json"),
+    code, err = mergelit(capsys, *run_args(small_config(fixtures_root, workdir), "--report_save_path", str(out / "r.json"),
                                             "--save_predictions", "true"))
     assert_short_error(code, err, *needles)
     assert not list((workdir / "elsewhere").iterdir())
