@@ -76,7 +76,8 @@ def check_config_files(argv: list[str]) -> None:
     """Each ``-c/--config FILE``: a readable YAML file, not empty, a mapping, no key repeated (named errors, before parsing)."""
     from mergelit.configfile import load_yaml
 
-    for flag, value in zip(argv, argv[1:]):
+    pairs = list(zip(argv, argv[1:])) + [("--config", a.split("=", 1)[1]) for a in argv if a.startswith("--config=")]
+    for flag, value in pairs:
         if flag not in ("-c", "--config") or value.lstrip().startswith(("{", "[")) or "\n" in value:
             continue
         loaded = load_yaml(value)

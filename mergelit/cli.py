@@ -45,12 +45,11 @@ TRAINER_DEFAULTS = {
 def _yaml_file(value: str):
     import os
 
-    import yaml
+    from mergelit.configfile import load_yaml
 
     if not os.path.isfile(value):
         return None
-    with open(value) as f:
-        return yaml.safe_load(f)
+    return load_yaml(value)  # named errors; a key (a task) given twice in a mapping is refused
 
 
 def fusionbench_args(args):

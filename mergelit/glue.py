@@ -494,8 +494,12 @@ class GLUEDataModule(L.LightningDataModule):
         if task not in self._dev:  # a sweep scores the same dev rows at every point: select them once
             indices = self.dev_indices(task)
             if not indices:
-                raise ValueError(f"{task} has no dev rows (dev_size {self.dev_size}, train rows "
-                                 f"{len(self.train_dataset(task))}); set data.dev_size > 0.")
+                split = self.dev_split(task)
+                raise BadData(
+                    f"Task {task!r} split {split!r} in {self.path!r} gives no dev rows ({len(self.raw(task, split))} rows, "
+                    f"dev_source {self.dev_source}, dev_size {self.dev_size}): a dev split needs a split of at least 2 rows"
+                    + ("; set data.dev_size > 0." if self.dev_source == "train" and not self.dev_size else ".")
+                )
             self._dev[task] = self.tokenized(task, self.dev_split(task)).select(indices)
         return self._dev[task]
 

@@ -20,11 +20,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from mergelit import tables
+from mergelit.errors import BadData
 from mergelit.report import atomic_write_text
 
 # The sweep's base config needs *a* model even when the grid lists whole methods (``model: [...]``);
 # this placeholder is never run: a sweep that does not sweep ``model`` must name one.
 PLACEHOLDER_MODEL = "mergelit.methods.MergeMethod"
+
+
+def is_placeholder(class_path: str) -> bool:
+    """Whether ``class_path`` is the placeholder (jsonargparse may spell it ``mergelit.MergeMethod``)."""
+    return str(class_path).rsplit(".", 1)[-1] == PLACEHOLDER_MODEL.rsplit(".", 1)[-1]
 
 # Settings that cannot change a report: left out of the fingerprint, so a resumed sweep may change them.
 NOT_IN_FINGERPRINT = (
@@ -210,7 +216,7 @@ def check_grid(grid: dict[str, list[Any]], config) -> None:
             close = difflib.get_close_matches(key, known, n=5, cutoff=0.6)
             close += [k for k in known if tables.short_key(k) == tables.short_key(key) and k not in close]
             hint = f" Close matches: {', '.join(close)}." if close else ""
-            if key.startswith("model.init_args.") and config.model.class_path == PLACEHOLDER_MODEL:
+            if key.startswith("model.init_args.") and is_placeholder(config.model.class_path):
                 hint += " No method is configured: add its config, e.g. -c configs/methods/task_arithmetic.yaml."
             raise ValueError(
                 f"sweep.grid key {key!r} is not a key of this config.{hint} `--print_config` lists every key."
@@ -283,18 +289,47 @@ def is_complete(path: Path, tasks: Sequence[str]) -> bool:
     return True
 
 
+SWEEP_FILES = ("table.md", "table.csv", "plot.png", "config.yaml", tables.SELECTION, tables.MANIFEST)
+"""The files of a sweep folder beside its points' reports and criterion files."""
+
+
+def _old_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest an earlier sweep left in ``folder``: readable JSON with a fingerprint and point
+    names that stay inside the folder, else ``BadData`` saying it is damaged (naming it)."""
+    path = folder / tables.MANIFEST
+    fix = "so the results in the folder cannot be matched to a config."
+    old = tables.read_json(path, "The sweep manifest", fix)
+    if not (isinstance(old, dict) and isinstance(old.get("fingerprint"), str) and isinstance(old.get("points", {}), dict)
+            and isinstance(old.get("config", {}), dict)):
+        raise BadData(f"The sweep manifest {str(path)!r} is damaged (no fingerprint or points); {fix}")
+    for name in old.get("points", {}):
+        tables.inside(folder, f"{name}.json", f"The sweep manifest {str(path)!r}")
+    return old
+
+
+def _links_out(folder: Path, names: Sequence[str]) -> None:
+    """Refuse a file of the sweep folder that is a link leading out of it (reading a report through
+    it would read elsewhere)."""
+    for name in names:
+        if (folder / name).is_symlink():
+            tables.inside(folder, name, f"The sweep folder {str(folder)!r}")
+
+
 def prepare_folder(folder: Path, manifest: dict[str, Any], points: Sequence[Point], overwrite: bool) -> None:
     """Check that ``folder`` holds nothing but this sweep's results (or clear it with ``overwrite``),
-    then write the manifest. Raises ``FileExistsError`` naming the differences otherwise."""
+    then write the manifest. Raises ``FileExistsError`` naming the differences (or the damaged
+    manifest) otherwise. ``folder`` must not be a link, nor hold links out of it."""
+    tables.check_output_folder(folder, "sweep output folder (--output_dir)")
     path = folder / tables.MANIFEST
     names = {f"{p.name}.json" for p in points}
+    _links_out(folder, [*sorted(names), *(n.replace(".json", tables.CRITERION_SUFFIX) for n in sorted(names)), *SWEEP_FILES])
     conflict = None
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("fingerprint") != manifest["fingerprint"]:
+            old = _old_manifest(folder)
+        except BadData as error:
+            old, conflict = {}, str(error)
+        if conflict is None and old.get("fingerprint") != manifest["fingerprint"]:
             conflict = f"{folder} holds a sweep of another config:\n" + _differences(
                 {"sweep keys": old.get("grid_keys"), **(old.get("config") or {})},
                 {"sweep keys": manifest["grid_keys"], **manifest["config"]},
@@ -313,5 +348,3 @@ def prepare_folder(folder: Path, manifest: dict[str, Any], points: Sequence[Poin
         for name in sorted(names) + criteria + ["table.md", "table.csv", "plot.png", tables.SELECTION, tables.MANIFEST]:
             (folder / name).unlink(missing_ok=True)
     atomic_write_text(path, json.dumps(manifest, indent=2, default=str) + "\n")
-
-

@@ -465,10 +465,18 @@ _PRETRAINED_EXTRA = ("lm_head.weight",)
 _FINETUNED_EXTRA = ("score.weight",)
 
 
+def _architecture_value(config, field: str):
+    # GPT-2's n_inner None means 4 * n_embd: the same MLP as an explicit 4 * n_embd.
+    value = getattr(config, field, None)
+    if field == "n_inner" and value is None and isinstance(getattr(config, "n_embd", None), int):
+        return 4 * config.n_embd
+    return value
+
+
 def _check_architecture(reference, config, name: str, path: str) -> None:
     """Refuse ``config`` if it differs from the pretrained ``reference`` in any architecture field."""
     for field in ARCHITECTURE_FIELDS:
-        mine, theirs = getattr(config, field, None), getattr(reference, field, None)
+        mine, theirs = _architecture_value(config, field), _architecture_value(reference, field)
         if mine != theirs:
             raise BadCheckpoint(
                 f"The {name} in {path!r} is another architecture than the pretrained model: its config has "
@@ -499,6 +507,37 @@ def _check_tensor_names(checkpoint: "_Checkpoint", shapes: dict[str, torch.Size]
             )
 
 
+def _sharded_files(folder: str, index: str) -> dict[str, str]:
+    """Tensor name -> shard file, from a sharded checkpoint's ``model.safetensors.index.json``: a
+    ``weight_map`` mapping each name to a ``*.safetensors`` file of the folder; anything else (not
+    JSON, no ``weight_map``, a shard missing or outside the folder) is refused naming the index."""
+    import json
+
+    try:
+        with open(index) as file:
+            weight_map = json.load(file)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise TypeError("its weight_map is not a mapping of tensor names to shard files")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problem = f"no {error.args[0]!r} entry" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise BadCheckpoint(
+            f"The sharded checkpoint index {index!r} is damaged ({problem}); it must map every tensor to its shard "
+            f"(weight_map). Re-download or re-export the checkpoint."
+        ) from None
+    root = os.path.realpath(folder)
+    files = {}
+    for name, shard in weight_map.items():
+        path = os.path.join(folder, shard)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root or not shard.endswith(".safetensors"):
+            raise BadCheckpoint(f"The sharded checkpoint index {index!r} maps {name!r} to {shard!r}, which is not a "
+                                f"safetensors file of the checkpoint's folder.")
+        if not os.path.isfile(path):
+            raise BadCheckpoint(f"The sharded checkpoint index {index!r} maps {name!r} to the shard {shard!r}, which is "
+                                f"missing from {folder!r}; re-download the checkpoint.")
+        files[name] = path
+    return files
+
+
 class _Checkpoint:
     """The safetensors file(s) of one checkpoint folder, read one tensor at a time.
 
@@ -508,16 +547,12 @@ class _Checkpoint:
     """
 
     def __init__(self, folder: str):
-        import json
-
         from safetensors import safe_open
 
         self.folder = folder
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as file:
-                weight_map = json.load(file)["weight_map"]
-            files = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+            files = _sharded_files(folder, index)
         else:
             single = os.path.join(folder, "model.safetensors")
             paths = [single] if os.path.exists(single) else sorted(glob.glob(os.path.join(folder, "*.safetensors")))
@@ -598,6 +633,10 @@ def fusionbench_pool_args(config: dict[str, Any]) -> dict[str, Any]:
             entries.append((model["name"], model))
     else:
         raise ValueError(f"A FusionBench pool's `models:` is a list of {{name, path}} or a mapping, not {models!r}.")
+    names = [str(name) for name, _ in entries]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DuplicateName(f"The FusionBench pool names the model {twice[0]!r} twice; keep one model per name.")
     paths = {str(name): _model_path(str(name), spec) for name, spec in entries}
     if FUSIONBENCH_PRETRAINED not in paths:
         raise ValueError(f"The FusionBench pool names no `{FUSIONBENCH_PRETRAINED}` model (the pretrained GPT-2).")
@@ -625,8 +664,7 @@ def fusionbench_pool_args(config: dict[str, Any]) -> dict[str, Any]:
 def from_fusionbench(config: dict[str, Any] | str | os.PathLike) -> ModelPool:
     """A ``ModelPool`` from a FusionBench pool file (path) or its parsed content."""
     if not isinstance(config, dict):
-        import yaml
+        from mergelit.configfile import load_yaml
 
-        with open(config) as f:
-            config = yaml.safe_load(f)
+        config = load_yaml(config, "FusionBench pool file")  # a task named twice in a mapping is refused
     return ModelPool(**fusionbench_pool_args(config))

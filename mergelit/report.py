@@ -170,7 +170,10 @@ def read_predictions(folder: str | os.PathLike, allow_partial: bool = False) -> 
     """``folder/<entry>.jsonl`` files -> ``{entry: [row, ...]}``, as its manifest lists them.
 
     A partial run's predictions (``limit_test_batches``, ``fast_dev_run``) are refused unless
-    ``allow_partial``: they do not score the whole split."""
+    ``allow_partial``: they do not score the whole split. The manifest may name report entries only
+    (a task or ``mnli_mismatched``), so no file outside the folder is read; every row must hold an
+    integer ``idx``, ``label`` and ``prediction`` (and numbers as its ``logits`` and ``loss``, where
+    it has them): a damaged file is named with its line."""
     folder = Path(folder)
     manifest_path = folder / PREDICTIONS_MANIFEST
     entries = None
@@ -178,9 +181,19 @@ def read_predictions(folder: str | os.PathLike, allow_partial: bool = False) -> 
         try:
             manifest = json.loads(manifest_path.read_text())
             entries = list(manifest["entries"])
-            partial = bool(manifest.get("partial", False))
-        except (ValueError, KeyError, TypeError) as error:
+            if not all(isinstance(entry, str) for entry in entries):
+                raise TypeError("its 'entries' are not names")
+            partial = manifest.get("partial", False)
+            if not isinstance(partial, bool):
+                raise TypeError(f"'partial' is {partial!r:.40}, not true or false")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise BadData(f"The predictions manifest {str(manifest_path)!r} is damaged ({type(error).__name__}: {error}).") from None
+        unknown = [entry for entry in entries if entry not in GLUE_TASKS and entry not in EXTRA_ENTRIES]
+        if unknown:
+            raise BadData(
+                f"The predictions manifest {str(manifest_path)!r} names {unknown[0]!r}, which is no report entry "
+                f"(a GLUE task or {', '.join(EXTRA_ENTRIES)}); mergelit reads only <entry>.jsonl files of the folder."
+            )
         if partial and not allow_partial:
             raise BadData(
                 f"The predictions in {str(folder)!r} come from a partial run (limit_test_batches / fast_dev_run): "
@@ -193,7 +206,28 @@ def read_predictions(folder: str | os.PathLike, allow_partial: bool = False) -> 
             out[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as error:
             raise BadData(f"The predictions file {str(path)!r} cannot be read ({type(error).__name__}: {error}).") from None
+        for line, row in enumerate(out[path.stem], 1):
+            if not _prediction_row(row):
+                raise BadData(
+                    f"The predictions file {str(path)!r} line {line} is not a prediction row (integer idx, label and "
+                    f"prediction; a list of logits and a number loss if any): {json.dumps(row)[:80]}"
+                )
     return out
+
+
+def _prediction_row(row: Any) -> bool:
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    logits = row.get("logits", [0.0]) if isinstance(row, dict) else None
+    return (
+        isinstance(row, dict) and all(integer(row.get(key)) for key in ("idx", "label", "prediction"))
+        and isinstance(logits, list) and bool(logits) and all(number(z) for z in logits)
+        and number(row.get("loss", 0.0))
+    )
 
 
 def check_finite_predictions(predictions: Mapping[str, list[Mapping[str, Any]]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -94,6 +95,14 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
     folder = existing if existing.is_dir() else existing.parent
     if not os.access(folder, os.W_OK | os.X_OK):
         raise NotWritable(f"The {what} {str(path)!r} cannot be written: no write permission in {str(folder)!r}.")
+    # os.access says yes to root on a read-only or pseudo file system: a real file says it now, not after the run.
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mergelit-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise NotWritable(f"The {what} {str(path)!r} cannot be written: {reason} in {str(folder)!r}.") from None
 
 
 def _check_batches_per_process(trainer: L.Trainer, datamodule) -> None:
@@ -142,8 +151,19 @@ def check_inputs(
     ):
         if path:
             check_writable(path, what)
+    if report_save_path and Path(report_save_path).is_symlink():
+        raise NotWritable(
+            f"The report path (--report_save_path) {str(report_save_path)!r} is a link (to {os.readlink(report_save_path)!r}); "
+            f"mergelit writes its report only as a file of its own. Give another path, or remove the link."
+        )
     if report_save_path and Path(report_save_path).is_dir():
         raise NotWritable(f"The report path (--report_save_path) {str(report_save_path)!r} is a folder; give a file name.")
+    if report_save_path and (Path(report_save_path).parent / "predictions").is_symlink():
+        # Predictions beside the report go to predictions/: never through a link out of the output folder.
+        raise NotWritable(
+            f"The predictions folder {str(Path(report_save_path).parent / 'predictions')!r} beside the report is a link; "
+            f"mergelit writes only inside its output folder. Remove the link, or choose another --report_save_path."
+        )
     if merged_model_save_path:
         if not method.exportable:
             raise MergelitError(
@@ -247,7 +267,7 @@ def _log_artifact(trainer: L.Trainer, method: MergeMethod, folder: str) -> None:
 def _print_report(method: MergeMethod, report: Report, written: list[Path], extra_metrics: bool = True) -> None:
     print(f"\n{method.display_name} on {len(method.tasks)} GLUE tasks\n{format_report(report, extra_metrics)}\n")
     for path in written:
-        if path.suffix != ".jsonl":
+        if path.suffix != ".jsonl" and path.parent.name != "predictions":
             print(f"Report: {path}")
     for folder in dict.fromkeys(path.parent for path in written if path.suffix == ".jsonl"):
         print(f"Predictions: {folder}/<task>.jsonl")

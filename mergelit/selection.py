@@ -35,6 +35,8 @@ each method group's point and writes ``selection.json``. It never rewrites a rep
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -42,11 +44,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from mergelit.errors import BadData
 from mergelit.glue import GLUEDataModule, rows_hash
 from mergelit.methods.base import MergeMethod
 from mergelit.methods.individual import Individual
 from mergelit.pool import ModelPool
-from mergelit.tables import CRITERION_SUFFIX, SELECTION
+from mergelit.tables import CRITERION_SUFFIX, SELECTION, inside, read_json
 
 CRITERIA = ("dev", "agreement")
 """The values of ``sweep.select_on`` that select (``none`` does not)."""
@@ -168,15 +171,61 @@ def criterion_path(report_path: Path) -> Path:
     return report_path.with_name(report_path.name.removesuffix(".json") + CRITERION_SUFFIX)
 
 
-def read_criterion(report_path: Path, select_on: str, dev: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """The point's stored criterion, or None when missing or computed for another criterion or dev rows."""
-    try:
-        scored = json.loads(criterion_path(report_path).read_text())
-    except (OSError, json.JSONDecodeError):
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_criterion(path: Path) -> Optional[dict[str, Any]]:
+    """The criterion file at ``path``, or None when there is none; a truncated or damaged one (not
+    JSON, or without its criterion, value, per-task values and dev rows' hash) is ``BadData`` naming it."""
+    if not (path.exists() or path.is_symlink()):
         return None
-    if not isinstance(scored, dict) or scored.get("select_on") != select_on or scored.get("dev_sha256") != dev["sha256"]:
+    inside(path.parent, path.name, f"The sweep folder {str(path.parent)!r}")
+    fix = "the sweep scores its point again."
+    scored = read_json(path, "The criterion file", fix)
+    per_task = scored.get("per_task") if isinstance(scored, dict) else None
+    if not (isinstance(scored.get("select_on") if isinstance(scored, dict) else None, str) and _finite(scored.get("value"))
+            and isinstance(per_task, dict) and per_task and all(_finite(v) for v in per_task.values())
+            and isinstance(scored.get("dev_sha256"), str)):
+        raise BadData(f"The criterion file {str(path)!r} is damaged (expected select_on, value, per_task and dev_sha256); {fix}")
+    return scored
+
+
+def read_criterion(report_path: Path, select_on: str, dev: Mapping[str, Any], rescore: bool = False) -> Optional[dict[str, Any]]:
+    """The point's stored criterion, or None when missing or computed for another criterion or dev rows.
+
+    A damaged file raises ``BadData`` naming it, unless ``rescore`` (a sweep resuming: it warns,
+    naming the file, and the point is scored again)."""
+    try:
+        scored = load_criterion(criterion_path(report_path))
+    except BadData as error:
+        if not rescore:
+            raise
+        warnings.warn(str(error), stacklevel=2)
+        return None
+    if scored is None or scored.get("select_on") != select_on or scored.get("dev_sha256") != dev["sha256"]:
         return None
     return scored
+
+
+def check_dev_split(datamodule: GLUEDataModule, tasks: Sequence[str]) -> None:
+    """Before any point runs: every task's dev split can be drawn. A split of fewer than 2 rows
+    cannot give one (train: at most half is drawn; validation: at least one row must be left to
+    score): refused naming the task, the split and its rows, with the fix that applies."""
+    for task in tasks:
+        split = datamodule.dev_split(task)
+        rows = len(datamodule.raw(task, split))
+        if datamodule.dev_indices(task):
+            continue
+        if datamodule.dev_source == "train":
+            fix = ("a dev split of train rows takes at most half of them (min(data.dev_size, rows // 2)), so it needs at "
+                   "least 2 train rows; use --data.dev_source validation, or a train split with more rows")
+        else:
+            fix = ("a dev split of validation rows holds out at least one and leaves at least one to score, so it needs at "
+                   "least 2 rows; use --data.dev_source train, or a validation split with more rows")
+        raise BadData(
+            f"Selection needs a dev split, but task {task!r} split {split!r} in {datamodule.path!r} has {rows} row(s): {fix}."
+        )
 
 
 def write_selection(
@@ -191,7 +240,7 @@ def write_selection(
         for name in names:
             scored = read_criterion(folder / f"{name}.json", select_on, dev)
             if scored is None:
-                raise ValueError(f"Sweep folder {folder}: point {name!r} has no {select_on} criterion for these dev rows.")
+                raise BadData(f"Sweep folder {folder}: point {name!r} has no {select_on} criterion for these dev rows.")
             values[name] = scored["value"]
     chosen = {group: select(list(names), values) for group, names in groups.items()}
     result = {

@@ -64,6 +64,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from mergelit import costs, selection, tables, tracking
 from mergelit.cli import HintingArgumentParser, MergeCLI, fusionbench_args, parse_config
+from mergelit.errors import MergelitError
 from mergelit.glue import GLUEDataModule
 from mergelit.grid import (
     ALL_METHODS,
@@ -77,6 +78,7 @@ from mergelit.grid import (
     fingerprint_config,
     grid_points,
     is_complete,
+    is_placeholder,
     plain,
     prepare_folder,
     weights_fingerprint,
@@ -252,7 +254,7 @@ class SweepRunner:
         if grid.get("model") == ALL_METHODS:
             grid["model"] = every_method()
         check_grid(grid, base)
-        if "model" not in grid and base.model.class_path == PLACEHOLDER_MODEL:
+        if "model" not in grid and is_placeholder(base.model.class_path):
             raise ValueError(
                 "No method to sweep: add a method config (-c configs/methods/<method>.yaml) or list methods in "
                 "sweep.grid.model."
@@ -269,7 +271,20 @@ class SweepRunner:
             parse_config(self.parser, [*self.args, *point.cli_args()], what=f"Sweep point {point.name} ({' '.join(point.cli_args())})")
             for point in points
         ]
+        for point, config in zip(points, configs):
+            self.check_point(point, config)
         return grid, points, configs
+
+    def check_point(self, point: Point, config) -> None:
+        """Make the point's pool, data module and method now (their constructors read no weights and
+        no data), so that a value only a constructor refuses (a TIES threshold of 200, a dev fraction
+        of 1) fails before the first point runs, naming the point."""
+        try:
+            pool = self.pool_for(config)
+            self.datamodule_for(config)
+            make_method(config.model, pool)
+        except ValueError as error:  # MergelitError, and the ValueErrors of constructors' checks
+            raise MergelitError(f"Sweep point {point.name} ({' '.join(point.cli_args())}): {error}") from error
 
     def output_dir(self, name: str) -> Path:
         if self.config.output_dir:
@@ -311,6 +326,8 @@ class SweepRunner:
         options = self.options
         grid, points, configs = self.plan()
         tasks = list(self.config.data.tasks)  # linked from pool.finetuned, in the one task order
+        if options.select_on != "none":  # the dev rows exist, before any point runs (reads the data)
+            selection.check_dev_split(self.datamodule_for(self.config), tasks)
         manifest = self.manifest(grid, points, configs, tasks)
         folder = self.output_dir(self.group)
         selecting = options.select_on != "none"
@@ -331,7 +348,7 @@ class SweepRunner:
             self.scorer = selection.CriterionScorer(options.select_on)
             self.dev = selection.dev_record(self.datamodule_for(self.config), tasks)
             unscored = [(p, c) for p, c in zip(points, configs)
-                        if selection.read_criterion(folder / f"{p.name}.json", options.select_on, self.dev) is None]
+                        if selection.read_criterion(folder / f"{p.name}.json", options.select_on, self.dev, rescore=True) is None]
         jobs = {p.name: (p, c) for p, c in [*full, *unscored]}
         done_full = {p.name for p, _ in full}
         done_criterion = {p.name for p, _ in unscored}
@@ -465,7 +482,7 @@ class SweepRunner:
             rows = [tables.Row(labels(p), reports[p.name]) for p in points]
             return rows, headers, rows, "accuracy (%)"
         select_on = self.options.select_on
-        picked = json.loads((folder / tables.SELECTION).read_text())
+        picked = tables.read_selection(folder)
         values = picked["criterion"]
 
         def shown(value: float) -> str:

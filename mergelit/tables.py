@@ -30,8 +30,8 @@ cached, + merge), load time, each phase's peak memory, bodies at inference, the 
 
 from __future__ import annotations
 
+import base64
 import csv
-import importlib
 import inspect
 import io
 import json
@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelit.tasks import TASKS, task_title
+from mergelit.errors import BadData, FileMissing, NotWritable
+from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks, task_title
 from mergelit.report import (
     EXTRA_METRICS,
     NON_TASK_ENTRIES,
@@ -92,12 +93,22 @@ def short_key(key: str) -> str:
 
 
 def method_class(class_path: str) -> Optional[type]:
-    """The class a ``class_path`` names, or None if it cannot be imported."""
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
+    """The method class a ``class_path`` names, or None: looked up among ``mergelit.methods.method_classes()``
+    only (the allow-list), never imported by name.
+
+    A results folder (a run's ``config.yaml``, a sweep's manifest, a report's protocol) is data, not
+    code: a class path read from it is matched against the methods mergelit ships, spelt
+    ``mergelit.methods.TiesMerging``, ``mergelit.methods.ties.TiesMerging`` or ``TiesMerging``; any
+    other name (``os.system``, a module of the user's) is an unknown method, shown by its last part.
+    """
+    from mergelit.methods import method_classes
+
+    if not isinstance(class_path, str):
         return None
+    for cls in method_classes():
+        if class_path in (cls.__name__, f"mergelit.methods.{cls.__name__}", f"{cls.__module__}.{cls.__name__}"):
+            return cls
+    return None
 
 
 def symbol(name: str, class_path: Optional[str] = None) -> str:
@@ -317,45 +328,157 @@ def plot_heatmap(
 
 
 # ---- reading runs ------------------------------------------------------------------------
-def check_report(report: Any, tasks: Optional[Sequence[str]] = None) -> Report:
-    """Raise ``ValueError`` unless ``report`` has every task (default: those it names) and the
-    average, each with a finite accuracy and loss: a complete report."""
-    if not isinstance(report, dict):
-        raise ValueError("a report is a JSON object {task: {accuracy, loss}, ..., average: {...}}")
-    tasks = list(tasks) if tasks is not None else [k for k in report if k not in NON_TASK_ENTRIES]
+# A results folder is data written by a run, and nothing in it is trusted before it is checked: a
+# report's numbers (known entries, fractions in range, the average equal to its tasks'), a sweep's
+# manifest and selection (their structure), every path they name (resolved inside the folder:
+# ``../x`` and links out of it are refused), every method class they name (looked up among
+# mergelit's methods, never imported). Every error names the file.
+METRIC_BOUNDS = {"loss": (0.0, math.inf), "mcc": (-1.0, 1.0)}
+"""Bounds of the report metrics that are not fractions: the loss (a cross-entropy, >= 0) and MCC (a
+correlation, -1..1). Every other metric (accuracy, F1) is a fraction in [0, 1]."""
+
+AVERAGE_TOLERANCE = 1e-9
+"""Relative tolerance of ``average`` against the mean of the report's tasks (float rounding only)."""
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_entry(name: str, values: Any) -> None:
+    """One report entry (a task, ``average``, ``mnli_mismatched``): a mapping with ``accuracy`` and
+    ``loss``, every metric a finite number within its bounds (``METRIC_BOUNDS``, else [0, 1])."""
+    if not isinstance(values, dict):
+        raise BadData(f"the report's {name!r} entry is {values!r:.60}, not a mapping of metrics")
+    for metric in ("accuracy", "loss"):
+        if metric not in values:
+            raise BadData(f"the report's {name!r} entry has no {metric!r}")
+    for metric, value in values.items():
+        if not _finite_number(value):
+            raise BadData(f"the report's {name}.{metric} is {value!r:.60}, not a finite number")
+        low, high = METRIC_BOUNDS.get(metric, (0.0, 1.0))
+        if not low <= value <= high:
+            bounds = "a fraction in [0, 1]" if (low, high) == (0.0, 1.0) else f"in [{low:g}, {high:g}]"
+            percent = " (a report in percent? reports hold fractions)" if metric != "loss" and 1 < value <= 100 else ""
+            raise BadData(f"the report's {name}.{metric} is {value!r}, not {bounds}{percent}")
+
+
+def _check_protocol(protocol: Any) -> None:
+    """The ``protocol`` entry, where a report has one: not partial, and the parts the leaderboard
+    reads (per-example correctness, intervals, costs, labels) of the types it reads."""
+    if protocol is None:
+        return
+    if not isinstance(protocol, dict):
+        raise BadData(f"the report's 'protocol' entry is {protocol!r:.60}, not a mapping")
+    partial = protocol.get("partial", False)
+    if not isinstance(partial, bool):
+        raise BadData(f"the report's protocol.partial is {partial!r:.60}, not true or false")
+    if partial:
+        raise BadData("the report is from a partial evaluation (limit_test_batches / fast_dev_run), not a complete one")
+    for key in ("method", "class_path", "kind", "data"):
+        if key in protocol and not isinstance(protocol[key], str):
+            raise BadData(f"the report's protocol.{key} is {protocol[key]!r:.60}, not text")
+    if not isinstance(protocol.get("costs") or {}, dict):
+        raise BadData(f"the report's protocol.costs is {protocol['costs']!r:.60}, not a mapping")
+    per_example = protocol.get("per_example")
+    if per_example is not None:
+        if not isinstance(per_example, dict):
+            raise BadData(f"the report's protocol.per_example is {per_example!r:.60}, not a mapping")
+        for entry, stored in per_example.items():
+            rows = stored.get("rows") if isinstance(stored, dict) else None
+            usable = (
+                isinstance(rows, int) and not isinstance(rows, bool) and rows > 0
+                and isinstance(stored.get("ids_sha256"), str) and isinstance(stored.get("correct"), str)
+            )
+            if usable:
+                try:
+                    usable = 8 * len(base64.b64decode(stored["correct"], validate=True)) >= rows
+                except ValueError:
+                    usable = False
+            if not usable:
+                raise BadData(f"the report's protocol.per_example.{entry} is damaged (expected rows, ids_sha256 and the "
+                              f"packed correctness of each row)")
+    intervals = protocol.get("uncertainty")
+    if intervals is not None:
+        accuracy = intervals.get("accuracy") if isinstance(intervals, dict) else None
+        if not isinstance(accuracy, dict):
+            raise BadData("the report's protocol.uncertainty has no 'accuracy' mapping of intervals")
+        for entry, pair in accuracy.items():
+            if not (isinstance(pair, list) and len(pair) == 2 and all(_finite_number(v) and 0 <= v <= 1 for v in pair)
+                    and pair[0] <= pair[1]):
+                raise BadData(f"the report's protocol.uncertainty.accuracy.{entry} is {pair!r:.60}, not an interval "
+                              f"[low, high] of fractions")
+
+
+def _check_names(report: dict[str, Any]) -> list[str]:
+    """The report's tasks (in the one task order); an entry that is neither a GLUE task nor one of
+    ``NON_TASK_ENTRIES`` is refused (a typo, another benchmark's task, a prefixed name)."""
+    unknown = [key for key in report if key not in TASKS and key not in NON_TASK_ENTRIES]
+    if unknown:
+        raise BadData(
+            f"the report has an entry {unknown[0]!r}, which is no GLUE task (the tasks are {', '.join(TASKS)}; "
+            f"the other entries are {', '.join(NON_TASK_ENTRIES)})"
+        )
+    tasks = [t for t in TASKS if t in report]
     if not tasks:
-        raise ValueError("the report names no task")
-    protocol = report.get("protocol")
-    if isinstance(protocol, dict) and protocol.get("partial"):
-        raise ValueError("the report is from a partial evaluation (limit_test_batches / fast_dev_run), not a complete one")
-    for key in [*tasks, "average"]:
-        values = report.get(key)
-        if not isinstance(values, dict):
-            raise ValueError(f"the report has no {key!r} entry")
-        for metric in ("accuracy", "loss"):
-            value = values.get(metric)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"the report's {key}.{metric} is {value!r}, not a finite number")
+        raise BadData("the report names no task")
+    return tasks
+
+
+def check_report(report: Any, tasks: Optional[Sequence[str]] = None) -> Report:
+    """``report`` if it is complete and consistent, else ``BadData`` (a ``ValueError``) saying why.
+
+    Complete: every task of ``tasks`` (default: those it names) and no other, the average, each
+    with ``accuracy`` and ``loss``; not from a partial evaluation. Consistent: only known entries
+    (the 7 GLUE tasks, ``average``, ``mnli_mismatched``, ``protocol``); every metric a finite
+    number, accuracy and F1 fractions in [0, 1] (a report in percent is refused), MCC in [-1, 1],
+    the loss >= 0; ``average`` equal to the unweighted mean of its tasks (float rounding only).
+    """
+    if not isinstance(report, dict):
+        raise BadData("a report is a JSON object {task: {accuracy, loss}, ..., average: {...}}")
+    own = _check_names(report)
+    _check_protocol(report.get(PROTOCOL))
+    if tasks is not None:
+        for task in tasks:
+            if task not in report:
+                raise BadData(f"the report has no {task!r} entry")
+        others = [task for task in own if task not in tasks]
+        if others:
+            raise BadData(f"the report scores {others} beside the expected tasks {list(tasks)}")
+    for key in [*own, "average", *(k for k in NON_TASK_ENTRIES if k in report and k not in ("average", PROTOCOL))]:
+        if key not in report:
+            raise BadData(f"the report has no {key!r} entry")
+        _check_entry(key, report[key])
+    for metric in ("accuracy", "loss"):
+        mean = sum(report[task][metric] for task in own) / len(own)
+        stated = report["average"][metric]
+        if not math.isclose(stated, mean, rel_tol=AVERAGE_TOLERANCE, abs_tol=1e-12):
+            raise BadData(
+                f"the report's average.{metric} is {stated!r} but the mean of its {len(own)} tasks' is {mean!r}: "
+                f"the report contradicts itself"
+            )
     return report
 
 
 def load_report(path: str | os.PathLike, tasks: Optional[Sequence[str]] = None) -> Report:
-    """Read and check a report file; the error names the file. A FusionBench report without an
-    ``average`` entry gets one (the unweighted mean of its tasks)."""
+    """Read and check a report file (``check_report``); the error names the file. A FusionBench
+    report without an ``average`` entry gets one (the unweighted mean of its tasks)."""
     try:
         report = read_report(path)
         if isinstance(report, dict) and "average" not in report:
             report = with_average(report)
         return check_report(report, tasks)
-    except (OSError, json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"{path} is not a complete mergelit/FusionBench report: {error}") from None
+    except (OSError, ValueError) as error:  # json's and UnicodeDecodeError are ValueErrors
+        raise BadData(f"{path} is not a complete mergelit/FusionBench report: {error}") from None
 
 
 def with_average(report: dict[str, Any]) -> Report:
     """``report`` with the ``average`` entry made from its tasks (FusionBench may not write one)."""
-    tasks = [k for k in report if k not in NON_TASK_ENTRIES]
+    tasks = _check_names(report)
+    for key, values in report.items():
+        if key != PROTOCOL:
+            _check_entry(key, values)
     others = {k: v for k, v in report.items() if k in NON_TASK_ENTRIES and k != PROTOCOL}
-    check_report({**{t: report[t] for t in tasks}, "average": {"accuracy": 0.0, "loss": 0.0}})
     return make_report({t: report[t] for t in tasks}, others, report.get(PROTOCOL))
 
 
@@ -366,17 +489,101 @@ def report_tasks(report: Report) -> list[str]:
     return [t for t in TASKS if t in names] + [t for t in names if t not in TASKS]
 
 
-def _run_label(folder: Path) -> str:
-    config = folder / "config.yaml"
-    if config.is_file():
-        import yaml
+def inside(folder: Path, name: str, what: str) -> Path:
+    """``folder / name``, refused unless it stays inside ``folder`` once ``..`` and links are resolved.
 
-        model = (yaml.safe_load(config.read_text()) or {}).get("model")
-        if isinstance(model, dict) and "class_path" in model:
-            return method_label(model)
-        if isinstance(model, str):
-            return method_label({"class_path": model})
-    return folder.name
+    ``what`` says who named it (``The sweep manifest '.../sweep.json'``): a results folder's own files
+    may name paths (point reports, predictions), and reading it must never leave the folder.
+    """
+    path = Path(folder) / name
+    try:
+        path.resolve().relative_to(Path(folder).resolve())
+    except (ValueError, OSError):
+        raise BadData(
+            f"{what} names {name!r}, which lies outside the folder {str(folder)!r} (a path that leaves it, or a link "
+            f"out of it); mergelit reads a results folder only inside it."
+        ) from None
+    return path
+
+
+def check_output_folder(folder: str | os.PathLike, what: str) -> None:
+    """Refuse an output folder that is a link (what is written would land elsewhere) or a file, naming it."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise NotWritable(
+            f"The {what} {str(folder)!r} is a link (to {os.readlink(folder)!r}); mergelit writes only into a folder it "
+            f"owns, never through a link. Give a real folder."
+        )
+    if folder.exists() and not folder.is_dir():
+        raise NotWritable(f"The {what} {str(folder)!r} is a file; give a folder.")
+
+
+def _present(folder: Path, name: str) -> bool:
+    path = folder / name
+    return path.is_symlink() or path.exists()
+
+
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """The JSON content of ``path``; a file that cannot be read or parsed (truncated, damaged) is
+    reported as damaged, naming it (``what``) and what to do (``fix``)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise BadData(f"{what} {str(path)!r} is damaged or unreadable ({type(error).__name__}: {error}); {fix}") from None
+
+
+def _checked_spec(spec: Any, where: str) -> dict[str, Any]:
+    """A method spec read from a results file: ``{class_path: str, init_args: mapping}``."""
+    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str) and isinstance(spec.get("init_args") or {}, dict):
+        return spec
+    raise BadData(f"{where} is {spec!r:.80}, not a method ({{class_path: ..., init_args: {{...}}}}); the file is damaged.")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A sweep folder's manifest (``sweep.json``), checked: its tasks, and for every point a name that
+    stays inside the folder, its overrides, method, group and swept arguments."""
+    folder = Path(folder)
+    path = inside(folder, MANIFEST, f"Sweep folder {str(folder)!r}")
+    fix = "rerun its sweep with --overwrite to rewrite it, or remove the folder."
+    manifest = read_json(path, "The sweep manifest", fix)
+    where = f"The sweep manifest {str(path)!r}"
+    if not isinstance(manifest, dict):
+        raise BadData(f"{where} holds a {type(manifest).__name__}, not a mapping: it is damaged; {fix}")
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise BadData(f"{where} has no list of 'tasks': it is damaged; {fix}")
+    try:
+        ordered_tasks(tasks)
+    except ValueError as error:
+        raise BadData(f"{where}: its 'tasks' are wrong ({error}); {fix}") from None
+    points = manifest.get("points")
+    if not isinstance(points, dict) or not points:
+        raise BadData(f"{where} has no 'points' mapping: it is damaged; {fix}")
+    for name, point in points.items():
+        inside(folder, f"{name}.json", f"{where} (point {name!r})")
+        if not isinstance(point, dict) or not isinstance(point.get("overrides"), dict):
+            raise BadData(f"{where}: point {name!r} is damaged (no 'overrides' mapping); {fix}")
+        if point.get("model") is not None:
+            _checked_spec(point["model"], f"{where}: point {name!r}'s model")
+        if not isinstance(point.get("group", ""), str) or not isinstance(point.get("swept", []), list):
+            raise BadData(f"{where}: point {name!r} is damaged (its 'group' or 'swept'); {fix}")
+    return manifest
+
+
+def _run_label(folder: Path) -> str:
+    """A run folder's label: its method and changed arguments, from its ``config.yaml`` (never imported)."""
+    from mergelit.configfile import load_yaml
+
+    if not _present(folder, "config.yaml"):
+        return folder.name
+    path = inside(folder, "config.yaml", f"Run folder {str(folder)!r}")
+    config = load_yaml(path, "Run config")
+    model = config.get("model") if isinstance(config, dict) else None
+    if model is None:
+        return folder.name
+    if isinstance(model, str):
+        model = {"class_path": model}
+    return method_label(_checked_spec(model, f"Run config {str(path)!r}: model"))
 
 
 def individual_diagonal(manifest: dict[str, Any], reports: dict[str, Report]) -> Optional[Report]:
@@ -399,22 +606,47 @@ def individual_diagonal(manifest: dict[str, Any], reports: dict[str, Report]) ->
     return make_report({t: by_task[t][t] for t in tasks}, protocol=protocol)
 
 
-def read_selection(folder: Path) -> Optional[dict[str, Any]]:
-    """A sweep folder's ``selection.json`` (written by its selection step), or None."""
-    path = folder / SELECTION
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_selection(folder: Path, manifest: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """A sweep folder's ``selection.json`` (written by its selection step), checked, or None when it
+    has none. Every group's points (and its selected one) must be points of ``manifest``."""
+    folder = Path(folder)
+    if not _present(folder, SELECTION):
+        return None
+    path = inside(folder, SELECTION, f"Sweep folder {str(folder)!r}")
+    fix = "rerun its sweep to select again, or remove the file."
+    picked = read_json(path, "The selection file", fix)
+    where = f"The selection file {str(path)!r}"
+    if not (isinstance(picked, dict) and isinstance(picked.get("select_on"), str) and isinstance(picked.get("groups"), dict)
+            and picked["groups"]):
+        raise BadData(f"{where} is damaged (expected select_on and the groups' choices); {fix}")
+    for key in ("chosen_on", "data_read", "labels_used"):
+        if key in picked and not isinstance(picked[key], str):
+            raise BadData(f"{where} is damaged (its {key!r} is {picked[key]!r:.40}); {fix}")
+    criterion = picked.get("criterion", {})
+    if not isinstance(criterion, dict) or not all(_finite_number(v) for v in criterion.values()):
+        raise BadData(f"{where} is damaged (its 'criterion' values are not numbers); {fix}")
+    known = manifest["points"] if manifest is not None else None
+    for group, info in picked["groups"].items():
+        names = info.get("points") if isinstance(info, dict) else None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names) and info.get("selected") in names):
+            raise BadData(f"{where}: group {group!r} is damaged (expected its 'points' and the 'selected' one among them); {fix}")
+        stray = [n for n in names if known is not None and n not in known]
+        if stray:
+            raise BadData(f"{where}: group {group!r} names the point {stray[0]!r}, which the sweep manifest does not list; {fix}")
+    return picked
 
 
 def sweep_rows(folder: Path) -> list[Row]:
     """A sweep folder's rows for the leaderboard: the individual diagonal; or per method (a group
     of points) its **selected** point (when the sweep selected) and its **oracle** point (when every
     point of it was scored on validation); a method of one point: that point."""
-    manifest = json.loads((folder / MANIFEST).read_text())
+    folder = Path(folder)
+    manifest = read_manifest(folder)
     tasks = manifest["tasks"]
     reports = {}
     for name in manifest["points"]:
-        path = folder / f"{name}.json"
-        if path.is_file():
+        path = folder / f"{name}.json"  # inside the folder: read_manifest checked every name
+        if _present(folder, f"{name}.json"):
             reports[name] = load_report(path, tasks)
     diagonal = individual_diagonal(manifest, reports)
     if diagonal is not None:
@@ -429,7 +661,7 @@ def sweep_rows(folder: Path) -> list[Row]:
     def data_of(name: str, read: str) -> str:
         return f"{_protocol(reports[name]).get('data', 'none')} + {read}"
 
-    picked = read_selection(folder)
+    picked = read_selection(folder, manifest)
     groups = picked["groups"] if picked else {}
     if not groups:
         for name, point in manifest["points"].items():
@@ -443,7 +675,7 @@ def sweep_rows(folder: Path) -> list[Row]:
         if picked:
             name = info["selected"]
             if name not in reports:
-                raise ValueError(f"Sweep folder {folder}: the selected point {name!r} has no complete report; rerun its sweep.")
+                raise BadData(f"Sweep folder {folder}: the selected point {name!r} has no complete report; rerun its sweep.")
             on = picked.get("chosen_on", picked["select_on"])
             rows.append(Row([f"{label_of(name)}, selected on {on} (of {len(names)})"], reports[name],
                             role="selected", data=data_of(name, picked.get("data_read", picked.get("labels_used", "dev rows")))))
@@ -454,31 +686,38 @@ def sweep_rows(folder: Path) -> list[Row]:
             rows.append(Row([f"{label_of(best)}, best of {of} (oracle)"], reports[best], role="oracle",
                             data=data_of(best, "validation labels (oracle)")))
     if not rows:
-        raise ValueError(f"Sweep folder {folder} has no complete point yet; run its sweep first.")
+        raise BadData(f"Sweep folder {folder} has no complete point yet; run its sweep first.")
     return rows
 
 
+def _natural(path: Path) -> list:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
+
+
 def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
-    """Rows for the methods table from report files, run folders, sweep folders, or folders of runs."""
+    """Rows for the methods table from report files, run folders, sweep folders, or folders of runs.
+
+    A report file named on the command line is read wherever it is; what a folder holds (its
+    report, config, manifest, runs) is read only inside that folder."""
     rows: list[Row] = []
     for raw in paths:
         path = Path(raw)
         if path.is_file():
             rows.append(Row([path.stem], load_report(path)))
-        elif (path / MANIFEST).is_file():
+        elif _present(path, MANIFEST):
             rows.extend(sweep_rows(path))
-        elif (path / "report.json").is_file():
-            rows.append(Row([_run_label(path)], load_report(path / "report.json")))
+        elif _present(path, "report.json"):
+            report = inside(path, "report.json", f"Run folder {str(path)!r}")
+            rows.append(Row([_run_label(path)], load_report(report)))
         elif path.is_dir():
-            runs = sorted(
-                (p for p in path.iterdir() if (p / MANIFEST).is_file() or (p / "report.json").is_file()),
-                key=lambda p: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)],
-            )
+            runs = sorted((p for p in path.iterdir() if _present(p, MANIFEST) or _present(p, "report.json")), key=_natural)
             if not runs:
-                raise ValueError(f"{path} holds no report.json, sweep.json, or run folder with one of them.")
+                raise BadData(f"{path} holds no report.json, sweep.json, or run folder with one of them.")
+            for run in runs:
+                inside(path, run.name, f"The folder of runs {str(path)!r}")
             rows.extend(collect_rows(runs))
         else:
-            raise FileNotFoundError(f"{path} does not exist; give report files, run folders or sweep folders.")
+            raise FileMissing(f"{path} does not exist; give report files, run folders or sweep folders.")
     return rows
 
 
@@ -497,18 +736,22 @@ def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, fl
     from mergelit.metrics import binary_metric
 
     if not rows:
-        raise ValueError(f"no prediction rows for {task!r}")
+        raise BadData(f"no prediction rows for {task!r}")
+    classes = GLUE_TASKS[task].num_labels
+    wrong = next((r for r in rows if not (0 <= r["label"] < classes and 0 <= r["prediction"] < classes)), None)
+    if wrong is not None:
+        raise BadData(f"the prediction row {wrong['idx']} of {task!r} has label {wrong['label']} and prediction "
+                      f"{wrong['prediction']}; {task} has the classes 0..{classes - 1}")
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
     predicted = torch.tensor([r["prediction"] for r in rows], dtype=torch.long)
-    logits = torch.tensor([r["logits"] for r in rows], dtype=torch.float32)  # stored from float32: exact
-    values = {
-        "accuracy": (predicted == labels).double().sum().item() / len(rows),
-        "loss": (
-            torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
-            if all("loss" in r for r in rows)
-            else F.cross_entropy(logits, labels, reduction="none").double()
-        ).mean().item(),
-    }
+    if all("loss" in r for r in rows):
+        losses = torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
+    elif all("logits" in r for r in rows) and len({len(r["logits"]) for r in rows}) == 1:
+        logits = torch.tensor([r["logits"] for r in rows], dtype=torch.float32)  # stored from float32: exact
+        losses = F.cross_entropy(logits, labels, reduction="none").double()
+    else:
+        raise BadData(f"the prediction rows of {task!r} hold neither every row's loss nor its logits (one count per row)")
+    values = {"accuracy": (predicted == labels).double().sum().item() / len(rows), "loss": losses.mean().item()}
     metric = EXTRA_METRICS.get(task)
     if metric is not None:
         values[metric] = binary_metric(metric, predicted, labels)
@@ -520,11 +763,19 @@ def metrics_from_predictions(folder: str | os.PathLike) -> Report:
     into a report: every task's metrics, the average of the 7 tasks, and the extra entries."""
     predictions = read_predictions(folder)
     if not predictions:
-        raise ValueError(f"{folder} holds no <task>.jsonl prediction file; run `mergelit test ... --save_predictions true`.")
+        raise BadData(f"{folder} holds no <task>.jsonl prediction file; run `mergelit test ... --save_predictions true`.")
     from mergelit.report import EXTRA_ENTRIES
 
-    scored = {entry: score_predictions(EXTRA_ENTRIES.get(entry, (entry, ""))[0], rows) for entry, rows in predictions.items()}
-    tasks = [t for t in TASKS if t in scored] + [t for t in scored if t not in TASKS and t not in NON_TASK_ENTRIES]
+    scored = {}
+    for entry, rows in predictions.items():
+        path = Path(folder) / f"{entry}.jsonl"
+        if entry not in TASKS and entry not in EXTRA_ENTRIES:
+            raise BadData(f"The predictions file {str(path)!r} is of no report entry (a GLUE task or {', '.join(EXTRA_ENTRIES)}).")
+        try:
+            scored[entry] = score_predictions(EXTRA_ENTRIES.get(entry, (entry, ""))[0], rows)
+        except BadData as error:
+            raise BadData(f"The predictions file {str(path)!r} cannot be scored: {error}") from None
+    tasks = [t for t in TASKS if t in scored]
     extra = {e: v for e, v in scored.items() if e in NON_TASK_ENTRIES}
     return make_report({t: scored[t] for t in tasks}, extra)
 
@@ -901,6 +1152,8 @@ def compare(
     extra metrics unless ``extra_metrics`` is off, costs, data, kind); written to ``output_dir`` if
     given (``table.md``, ``table.csv``, ``plot.png``: average accuracy against total cost).
     Returns the markdown."""
+    if output_dir is not None:
+        check_output_folder(output_dir, "compare output folder (--output_dir)")
     rows = collect_rows(paths)
     if not rows:
         raise ValueError("Nothing to compare: give report files, run folders or sweep folders.")

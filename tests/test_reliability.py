@@ -188,7 +188,8 @@ def test_body_of_another_width(fixtures_root, workdir, capsys, heavy_work_forbid
     model = GPT2ForSequenceClassification(GPT2Config(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}))
     model.save_pretrained(workdir / "narrow")
     code, err = mergelit(capsys, *cli_args(fixtures_root, "--pool.finetuned.cola", str(workdir / "narrow")))
-    assert_short_error(code, err, "'cola'", "shape", "h.0.attn.c_attn", "(96,)", "(192,)")
+    # The config is compared first: its first differing field is named (shapes follow from it).
+    assert_short_error(code, err, "'cola'", "narrow", "another architecture", "n_layer 1", "2")
 
 
 # ---- 4. labels count ---------------------------------------------------------------------------
