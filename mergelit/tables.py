@@ -101,14 +101,15 @@ def method_class(class_path: str) -> Optional[type]:
     ``mergelit.methods.TiesMerging``, ``mergelit.methods.ties.TiesMerging`` or ``TiesMerging``; any
     other name (``os.system``, a module of the user's) is an unknown method, shown by its last part.
     """
-    from mergelit.methods import method_classes
+    from mergelit.errors import KeyMissing
+    from mergelit.methods.base import method_class as lookup
 
     if not isinstance(class_path, str):
         return None
-    for cls in method_classes():
-        if class_path in (cls.__name__, f"mergelit.methods.{cls.__name__}", f"{cls.__module__}.{cls.__name__}"):
-            return cls
-    return None
+    try:
+        return lookup(class_path)
+    except KeyMissing:
+        return None
 
 
 def symbol(name: str, class_path: Optional[str] = None) -> str:
