@@ -316,7 +316,7 @@ def test_labels_are_never_read(pool, fixtures_config, tmp_path_factory, adapted)
 def test_dev_rows_never_adapt(pool, fixtures_config, tmp_path_factory):
     """With held-out dev rows, the adaptation rows are the train rows without them: changing the dev
     rows' texts changes nothing, while the same change without the hold-out does change λ."""
-    dm = make_datamodule(fixtures_config, tmp_path_factory, hold_out_dev=True)
+    dm = make_datamodule(fixtures_config, tmp_path_factory, hold_out_dev=True, dev_source="train")
     method = AdaMerging(pool, **QUICK, adaptation_split="train")
     inputs = method.adaptation_inputs(dm)
     for task in TASKS:
@@ -326,7 +326,7 @@ def test_dev_rows_never_adapt(pool, fixtures_config, tmp_path_factory):
         assert inputs[task]["input_ids"] == dm.train_dataset(task).select(kept)["input_ids"]
     changed = {(t, GLUE_TASKS[t].train_split): dm.held_out_rows(t, GLUE_TASKS[t].train_split) for t in TASKS}
     folder = copy_data(fixtures_config, tmp_path_factory.mktemp("dev_changed"), changed)
-    dm_changed = make_datamodule(fixtures_config, tmp_path_factory, path=folder, hold_out_dev=True)
+    dm_changed = make_datamodule(fixtures_config, tmp_path_factory, path=folder, hold_out_dev=True, dev_source="train")
     assert dm_changed.train_dataset("cola")["input_ids"] != dm.train_dataset("cola")["input_ids"]  # the change is real
     held_out = adapt(pool, dm, adaptation_split="train").coefficients()
     assert torch.equal(adapt(pool, dm_changed, adaptation_split="train").coefficients(), held_out)
@@ -334,6 +334,19 @@ def test_dev_rows_never_adapt(pool, fixtures_config, tmp_path_factory):
     plain = adapt(pool, make_datamodule(fixtures_config, tmp_path_factory), adaptation_split="train").coefficients()
     plain_changed = adapt(pool, make_datamodule(fixtures_config, tmp_path_factory, path=folder), adaptation_split="train")
     assert not torch.equal(plain_changed.coefficients(), plain)
+
+
+def test_validation_dev_rows_never_adapt(pool, fixtures_config, tmp_path_factory):
+    """Transductive adaptation on the validation inputs leaves out the validation rows held out for
+    selection (data.dev_source: validation), as scoring does."""
+    dm = make_datamodule(fixtures_config, tmp_path_factory, hold_out_dev=True, dev_source="validation")
+    inputs = AdaMerging(pool, **QUICK).adaptation_inputs(dm)
+    for task in TASKS:
+        split = GLUE_TASKS[task].eval_split
+        dev = set(dm.held_out_rows(task, split))
+        assert 0 < len(dev) < len(dm.eval_dataset(task))
+        kept = [i for i in range(len(dm.eval_dataset(task))) if i not in dev]
+        assert inputs[task]["input_ids"] == dm.eval_dataset(task).select(kept)["input_ids"]
 
 
 def test_coefficients_saved_and_reloaded(pool, datamodule, adapted, tmp_path, monkeypatch):
