@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -58,6 +58,9 @@ class TaskVectors(Sequence):
         theta = self.thetas[index]
         tau = theta.T - self.theta0.T if self.transpose else theta - self.theta0
         return tau if self.weights is None else tau.mul_(self.weights[index])
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[index] for index in range(len(self)))
 
     def transposed(self) -> TaskVectors:
         """The same task vectors, each transposed (θiᵀ − θ0ᵀ: views, nothing copied)."""
