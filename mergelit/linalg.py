@@ -1,4 +1,4 @@
-"""Linear algebra shared by the SVD methods (TSV-M, Iso-C, Iso-CTS, CART): one tensor at a time.
+"""Linear algebra shared by the SVD methods (TSV-M, Iso-C, Iso-CTS, CART) and WUDI: one tensor at a time.
 
 - ``TaskVectors``: τi = αi (θi − θ0) of one tensor, computed each time it is read, so a method
   that makes two passes over a key's task vectors holds about one of them at a time.
@@ -63,7 +63,7 @@ class TaskVectors(Sequence):
         return (self[index] for index in range(len(self)))
 
     def transposed(self) -> TaskVectors:
-        """The same task vectors, each transposed (θiᵀ − θ0ᵀ: views, nothing copied)."""
+        """The same task vectors, each transposed: θiᵀ − θ0ᵀ, from views of θi and θ0."""
         return TaskVectors(self.theta0, self.thetas, self.weights, not self.transpose)
 
 
