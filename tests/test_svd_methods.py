@@ -1,18 +1,20 @@
-"""TSV-M, Iso-C, Iso-CTS and CART (the data-free SVD methods) on hand-sized tensors.
-
-Hand cases are worked out in the comments; the other checks are invariants of the maths
-(one task, orthogonal task vectors, transposition, f = 1, ρ = 1, λ = 0) from the spec.
+"""TSV-M, Iso-C, Iso-CTS and CART (the data-free SVD methods): hand cases and invariants of the maths
+on hand-sized tensors (one task, orthogonal task vectors, transposition, f = 1, ρ = 1, λ = 0, from
+the spec), and the classes, merging a real tiny pool key by key, against the whole-body functions.
 """
 
 import math
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+import mergelit.methods.cart as cart_module
+import mergelit.methods.iso as iso_module
+import mergelit.methods.tsv_merging as tsv_module
+from mergelit.errors import MergelitError
 from mergelit.gpt2 import is_conv1d_weight
-
+from mergelit.linalg import IllPosedMergeWarning, TaskVectors, low_rank, ordered_sum, running_mean
 from mergelit.methods.cart import CART, cart_components, cart_merge, cart_rank
 from mergelit.methods.iso import (
     IsoC,
@@ -24,15 +26,11 @@ from mergelit.methods.iso import (
     iso_cts_sizes,
 )
 from mergelit.methods.simple_average import simple_average_merge
-from mergelit.methods.tsv_merging import (
-    IllPosedMergeWarning,
-    LazyTaskVectors,
-    TaskSingularVectorMerging,
-    tsv_merge,
-    tsv_merge_tensor,
-)
+from mergelit.methods.tsv_merging import TaskSingularVectorMerging, tsv_merge, tsv_merge_tensor
+from mergelit.pool import ModelPool
+from mergelit.synthetic import write_pool
 
-NO_ILL_POSED = pytest.mark.filterwarnings("error::mergelit.methods.tsv_merging.IllPosedMergeWarning")
+NO_ILL_POSED = pytest.mark.filterwarnings("error::mergelit.linalg.IllPosedMergeWarning")
 
 # A 1-layer GPT-2 body, 4 wide, vocabulary 11, 6 positions; Conv1D weights stored [in, out].
 SHAPES = {
@@ -490,54 +488,110 @@ def test_cart_rank(k, ratio, rank):
     assert cart_rank(k, ratio) == rank
 
 
-# ---- the MergeMethod classes --------------------------------------------------------------------
+# ---- the shared helpers --------------------------------------------------------------------------
 
 
-def fake_pool(num_tasks=3):
-    """Just enough of a ModelPool for the constructors and merge()."""
-    pretrained, finetuned = random_pool_bodies(num_tasks)
-    return SimpleNamespace(
-        tasks=list(finetuned),
-        pretrained_body=lambda: pretrained,
-        finetuned_bodies=lambda: finetuned,
-        finetuned_body=lambda task: finetuned[task],
-    )
+def test_task_vectors_are_read_when_indexed_and_give_the_same_bits_as_a_list():
+    # The per-key merges read each τi = θi − θ0 when they need it (twice for Iso-CTS and CART): the
+    # results must be the bits of a plain list of task vectors.
+    generator = torch.Generator().manual_seed(6)
+    base = torch.randn(6, 4, generator=generator)
+    bodies = [base + 0.1 * torch.randn(6, 4, generator=generator) for _ in range(3)]
+    lazy = TaskVectors(base, bodies)
+    listed = [body - base for body in bodies]
+    assert torch.equal(tsv_merge_tensor(lazy), tsv_merge_tensor(listed))
+    assert torch.equal(iso_c_merge_tensor(lazy), iso_c_merge_tensor(listed))
+    assert torch.equal(iso_cts_merge_tensor(lazy, 0.5), iso_cts_merge_tensor(listed, 0.5))
+    for a, b in zip(cart_components(base, lazy, 0.5, True), cart_components(base, listed, 0.5, True)):
+        assert torch.equal(a, b)
+    weighted = TaskVectors(base, bodies, [2.0, 0.5, -1.0])
+    assert torch.equal(weighted[2], -1.0 * (bodies[2] - base))
+    assert torch.equal(lazy.transposed()[1], (bodies[1] - base).T)
+    assert torch.equal(lazy.transposed().transposed()[1], bodies[1] - base)
+    with pytest.raises(TypeError, match="one at a time"):
+        lazy[0:2]
 
 
-@pytest.mark.parametrize(
-    "cls, merge",
-    [
-        (TaskSingularVectorMerging, lambda p, f, a: tsv_merge(p, f, **a)),
-        (IsoC, lambda p, f, a: iso_c_merge(p, f, **a)),
-        (IsoCTS, lambda p, f, a: iso_cts_merge(p, f, **a)),
-        (CART, lambda p, f, a: cart_merge(p, f, **a)),
-    ],
-)
-def test_the_classes_merge_as_their_pure_functions_and_reuse_across_a_sweep(cls, merge):
-    pool = fake_pool()
-    method = cls(pool, **cls.recommended)
-    expected = merge(pool.pretrained_body(), pool.finetuned_bodies(), cls.recommended)
-    assert_bodies_close(method.merge(), expected, atol=0)
-    # A sweep hands the λ-independent part to the next point: only the scaling changes.
-    scale = "alpha" if cls is TaskSingularVectorMerging else "scaling_factor"
-    other = cls(pool, **{**cls.recommended, scale: 0.25})
-    assert other.reusable_key() == method.reusable_key()
-    other.reusable = method.reusable
-    pool.finetuned_bodies = lambda: pytest.fail("the reused part was recomputed")
-    other.merge()
+def test_ordered_sum_running_mean_and_low_rank():
+    assert torch.equal(ordered_sum([A, B, C]), (A + B) + C)
+    assert torch.equal(running_mean([A, B, C]), _running_mean_abc())
+    # diag(3, 2, 1) keeps its top two singular triplets: diag(3, 2, 0).
+    assert_close(low_rank(diag(3.0, 2.0, 1.0), 2), diag(3.0, 2.0, 0.0))
+
+
+# ---- the MergeMethod classes on a real tiny pool ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> ModelPool:
+    """Three fine-tuned GPT-2s, 1 layer, 8 wide (wte [50257, 8]), written as safetensors checkpoints."""
+    paths = write_pool(tmp_path_factory.mktemp("svd_pool"), seed=3, tasks=TASKS, n_layer=1, n_embd=8, n_head=2)
+    return ModelPool(**paths)
+
+
+CLASS_CASES = [
+    (TaskSingularVectorMerging, tsv_merge, {"alpha": 0.7}),
+    (TaskSingularVectorMerging, tsv_merge, {"alpha": [0.5, 1.5, 1.0]}),
+    (TaskSingularVectorMerging, tsv_merge, {"svd_keys": "conv1d", "exclude_keys": ["h.0.attn.c_proj.weight"]}),
+    (IsoC, iso_c_merge, {"scaling_factor": 1.3}),
+    (IsoC, iso_c_merge, {"svd_keys": "conv1d"}),
+    (IsoCTS, iso_cts_merge, {"scaling_factor": 0.9, "common_space_fraction": 0.5}),
+    (IsoCTS, iso_cts_merge, {"projection_side": "paper", "exclude_keys": ["wpe.weight"]}),
+    (CART, cart_merge, {"scaling_factor": 1.5, "rank_ratio": 0.3}),
+    (CART, cart_merge, {}),
+]
+
+
+@NO_ILL_POSED
+@pytest.mark.parametrize("cls, whole_body, kwargs", CLASS_CASES, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CLASS_CASES)])
+def test_the_key_by_key_merge_equals_the_whole_body_function(pool, cls, whole_body, kwargs):
+    # The class streams the pool key by key from the checkpoints; the whole-body function gets
+    # every body in memory: the same bits.
+    merged = cls(pool, **kwargs).merge()
+    expected = whole_body(pool.pretrained_body(), pool.finetuned_bodies(), **kwargs)
+    assert list(merged) == list(pool.keys())
+    assert_bodies_close(merged, expected, atol=0)
+    assert all(torch.equal(merged[key].view(torch.int32), expected[key].view(torch.int32)) for key in merged)
+
+
+REUSE_CASES = [
+    (TaskSingularVectorMerging, tsv_module, "tsv_task_vector_tensor", "alpha", tsv_merge),
+    (IsoC, iso_module, "iso_c_task_vector_tensor", "scaling_factor", iso_c_merge),
+    (IsoCTS, iso_module, "iso_cts_task_vector_tensor", "scaling_factor", iso_cts_merge),
+    (CART, cart_module, "cart_parts_tensor", "scaling_factor", cart_merge),
+]
+
+
+@NO_ILL_POSED
+@pytest.mark.parametrize("cls, module, part, scale, whole_body", REUSE_CASES, ids=[c[0].__name__ for c in REUSE_CASES])
+def test_a_sweep_computes_the_scale_free_part_once(pool, monkeypatch, cls, module, part, scale, whole_body):
+    pool.keep_reused(True)
+    try:
+        first = cls(pool, **cls.recommended)
+        first.merge()
+        other = cls(pool, **{**cls.recommended, scale: 0.25})
+        assert other.reusable_key() == first.reusable_key()
+        monkeypatch.setattr(module, part, lambda *args, **kwargs: pytest.fail("the reused part was recomputed"))
+        merged = other.merge()
+    finally:
+        pool.keep_reused(False)
+    monkeypatch.undo()
+    expected = whole_body(pool.pretrained_body(), pool.finetuned_bodies(), **{**cls.recommended, scale: 0.25})
+    assert_bodies_close(merged, expected, atol=0)
     assert cls.display_name and cls.kind == "merged"
 
 
-def test_tsv_alpha_list_is_not_reusable():
-    assert TaskSingularVectorMerging(fake_pool(), alpha=[1.0, 1.0, 1.0]).reusable_key() is None
+def test_tsv_alpha_list_is_not_reusable(pool):
+    assert TaskSingularVectorMerging(pool, alpha=[1.0, 1.0, 1.0]).reusable_key() is None
 
 
 @pytest.mark.parametrize(
     "make, match",
     [
         (lambda pool: TaskSingularVectorMerging(pool, alpha=math.nan), "alpha"),
+        (lambda pool: TaskSingularVectorMerging(pool, alpha=True), "alpha"),
         (lambda pool: TaskSingularVectorMerging(pool, alpha=[1.0, 2.0]), r"alpha.*one finite number per task \(3"),
-        (lambda pool: TaskSingularVectorMerging(pool, alpha=[1.0, math.inf, 1.0]), "alpha"),
+        (lambda pool: TaskSingularVectorMerging(pool, alpha=[1.0, math.inf, 1.0]), r"alpha\[1\]"),
         (lambda pool: TaskSingularVectorMerging(pool, svd_keys="linear"), r"svd_keys.*'linear'"),
         (lambda pool: IsoC(pool, scaling_factor=math.inf), "scaling_factor"),
         (lambda pool: IsoC(pool, svd_keys="2d"), "svd_keys"),
@@ -549,13 +603,19 @@ def test_tsv_alpha_list_is_not_reusable():
         (lambda pool: CART(pool, rank_ratio=1.2), "rank_ratio"),
     ],
 )
-def test_argument_validation(make, match):
-    with pytest.raises(ValueError, match=match):
-        make(fake_pool())
+def test_argument_validation(pool, make, match):
+    with pytest.raises(MergelitError, match=match):
+        make(pool)
 
 
-def test_defaults_are_fusionbenchs_and_cart_uses_its_8_task_setting():
-    pool = fake_pool()
+@pytest.mark.parametrize("cls", [TaskSingularVectorMerging, IsoC, IsoCTS])
+def test_an_unknown_excluded_key_is_refused_before_any_merging(pool, cls):
+    method = cls(pool, exclude_keys=["wpe"])
+    with pytest.raises(MergelitError, match=r"exclude_keys.*'wpe'"):
+        method.merge()
+
+
+def test_defaults_are_fusionbenchs_and_cart_uses_its_8_task_setting(pool):
     tsv, iso_c, iso_cts, cart = TaskSingularVectorMerging(pool), IsoC(pool), IsoCTS(pool), CART(pool)
     assert (tsv.alpha, tsv.exclude_keys, tsv.svd_keys) == (1.0, [], "all_2d")
     assert (iso_c.scaling_factor, iso_c.svd_keys) == (1.0, "all_2d")
@@ -567,21 +627,3 @@ def test_merges_are_deterministic():
     pretrained, finetuned = random_pool_bodies()
     for merge in (tsv_merge, iso_c_merge, iso_cts_merge, cart_merge):
         assert_bodies_close(merge(pretrained, finetuned), merge(pretrained, finetuned), atol=0)
-
-
-def test_lazy_task_vectors_give_the_same_bits_as_a_list():
-    # The state-dict merges read each key's τi = θi − θ0 lazily (recomputed per pass); a streaming
-    # merge may hand the per-key functions plain lists: both must agree bit for bit.
-    generator = torch.Generator().manual_seed(6)
-    base = torch.randn(6, 4, generator=generator)
-    bodies = [base + 0.1 * torch.randn(6, 4, generator=generator) for _ in range(3)]
-    lazy = LazyTaskVectors(base, bodies)
-    listed = [body - base for body in bodies]
-    assert torch.equal(tsv_merge_tensor(lazy), tsv_merge_tensor(listed))
-    assert torch.equal(iso_c_merge_tensor(lazy), iso_c_merge_tensor(listed))
-    assert torch.equal(iso_cts_merge_tensor(lazy, 0.5), iso_cts_merge_tensor(listed, 0.5))
-    for a, b in zip(cart_components(base, lazy, 0.5, True), cart_components(base, listed, 0.5, True)):
-        assert torch.equal(a, b)
-    weighted = LazyTaskVectors(base, bodies, [2.0, 0.5, -1.0])
-    assert torch.equal(weighted[2], -1.0 * (bodies[2] - base))
-    assert torch.equal(lazy.transposed()[1], (bodies[1] - base).T)

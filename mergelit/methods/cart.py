@@ -26,24 +26,27 @@ for NLP or 7 tasks; mergelit uses the 8-task setting, λ = 2.0 and ρ = 0.12. Th
 ``energy_threshold`` rank rule is not offered.
 
 Cost (``benchmarks/svd_method_cost.py``): n thin SVDs per Conv1D weight, none of the
-embeddings. The class keeps θ̄ and Σ lowrank(τ'i) (two bodies) so that a λ sweep only rescales.
+embeddings. In a λ sweep the pool keeps θ̄ and Σ lowrank(τ'i) (two bodies) so that the other
+points only rescale.
 
-The maths is per key (``cart_merge_tensor``; ``cart_low_rank_applies`` picks the keys), so a
-streaming merge can feed one tensor at a time.
+The maths is per key: ``CART.merge_tensor`` gets θ0[key] and the θi[key] (read from the
+checkpoints when asked for) and reads each τi = θi − θ0 twice (θ̄ first, then the centred
+vectors; ``mergelit.linalg.TaskVectors``), so a merge holds about one task vector at a time.
+``cart_merge`` (whole bodies) is the reference the per-key merge is tested against.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from mergelit.errors import check_number
+from mergelit.linalg import TaskVectors, low_rank, ordered_sum
 from mergelit.methods.base import MergeMethod
-from mergelit.methods.tsv_merging import LazyTaskVectors, thin_svd
 from mergelit.pool import ModelPool
-from mergelit.state_dict import add_scaled, check_finetuned
+from mergelit.state_dict import check_finetuned
 
 
 def cart_low_rank_applies(key: str, tensor: Tensor) -> bool:
@@ -61,14 +64,8 @@ def cart_rank(k: int, rank_ratio: float) -> int:
     return max(1, int(rank_ratio * k))
 
 
-def _low_rank(matrix: Tensor, rank: int) -> Tensor:
-    """The best rank-``rank`` approximation (Eckart–Young): the top singular triplets of ``matrix``."""
-    u, s, vh = thin_svd(matrix)  # float32; a wide matrix goes through its transpose (faster)
-    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(matrix.dtype)
-
-
 def cart_components(
-    pretrained: Tensor, task_vectors: Sequence[Tensor], rank_ratio: float, low_rank: bool
+    pretrained: Tensor, task_vectors: Sequence[Tensor], rank_ratio: float, reduce_rank: bool
 ) -> tuple[Tensor, Tensor]:
     """(θ̄, Σi lowrank(τ'i)) for one tensor: the parts of θ* = θ̄ + λ Σi lowrank(τ'i) free of λ.
 
@@ -76,51 +73,36 @@ def cart_components(
         pretrained: θ0 for this tensor.
         task_vectors: τ1..τn for this tensor (not modified).
         rank_ratio: ρ; each centred task vector keeps its top max(1, int(ρ·k)) singular triplets.
-        low_rank: whether to reduce the rank (``cart_low_rank_applies``); if not, τ'i is kept in full.
+        reduce_rank: whether to reduce the rank (``cart_low_rank_applies``); if not, τ'i is kept in full.
     """
     n = len(task_vectors)
     # 1. Average: θ̄ = θ0 + (1/n) Σ τi (as the original: from the task vectors, not the mean of θi).
-    total = None
-    for tau in task_vectors:
-        total = tau.clone() if total is None else total.add_(tau)
-    average = pretrained + total / n
-    del total, tau
-    rank = cart_rank(min(pretrained.shape), rank_ratio) if low_rank else None
+    average = pretrained + ordered_sum(task_vectors) / n
+    rank = cart_rank(min(pretrained.shape), rank_ratio) if reduce_rank else None
     correction = torch.zeros_like(pretrained)
-    for tau in task_vectors:  # a second pass: LazyTaskVectors recomputes τi
+    for tau in task_vectors:  # a second pass: TaskVectors reads τi again
         # 2. Centre: τ'i = τi + θ0 − θ̄.
         centred = tau + pretrained - average
         # 3. Reduce rank (Conv1D weights only).
-        correction += _low_rank(centred, rank) if low_rank else centred
+        correction += low_rank(centred, rank) if reduce_rank else centred
         del tau, centred
     return average, correction
 
 
-def cart_merge_tensor(
-    key: str,
-    pretrained: Tensor,
-    task_vectors: Sequence[Tensor],
-    scaling_factor: float = 2.0,
-    rank_ratio: float = 0.12,
-) -> Tensor:
-    """θ* = θ̄ + λ Σi lowrank(τ'i) for one tensor (low rank where ``cart_low_rank_applies(key, ...)``)."""
-    average, correction = cart_components(pretrained, task_vectors, rank_ratio, cart_low_rank_applies(key, pretrained))
-    # 4. θ* = θ̄ + λ Σ lowrank(τ'i).
-    return average + scaling_factor * correction
+def cart_parts_tensor(key: str, theta0: Tensor, thetas: Sequence[Tensor], rank_ratio: float = 0.12) -> tuple[Tensor, Tensor]:
+    """(θ̄, Σi lowrank(τ'i)) of one key, low rank where ``cart_low_rank_applies(key, ...)``: what a λ sweep reuses."""
+    # τi = θi − θ0, computed when read (twice here): about one task vector in memory at a time.
+    return cart_components(theta0, TaskVectors(theta0, thetas), rank_ratio, cart_low_rank_applies(key, theta0))
 
 
 def cart_parts(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], rank_ratio: float = 0.12
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(θ̄, Σi lowrank(τ'i)) for every key: what a λ sweep reuses."""
+    """(θ̄, Σi lowrank(τ'i)) for every key of whole bodies."""
     check_finetuned(pretrained, finetuned)
     averages, corrections = {}, {}
     for key, base in pretrained.items():
-        # τi = θi − θ0, computed when read (twice here): about one task vector in memory at a time.
-        task_vectors = LazyTaskVectors(base, [body[key] for body in finetuned.values()])
-        averages[key], corrections[key] = cart_components(
-            base, task_vectors, rank_ratio, cart_low_rank_applies(key, base)
-        )
+        averages[key], corrections[key] = cart_parts_tensor(key, base, [body[key] for body in finetuned.values()], rank_ratio)
     return averages, corrections
 
 
@@ -130,7 +112,8 @@ def cart_merge(
     scaling_factor: float = 2.0,
     rank_ratio: float = 0.12,
 ) -> dict[str, Tensor]:
-    """θ* = θ̄ + λ Σi lowrank(τ'i), θ̄ = θ0 + (1/n) Σ τi, τ'i = τi + θ0 − θ̄.
+    """θ* = θ̄ + λ Σi lowrank(τ'i), θ̄ = θ0 + (1/n) Σ τi, τ'i = τi + θ0 − θ̄, over whole bodies (the
+    reference ``CART``'s per-key merge is tested against).
 
     Args:
         pretrained: θ0, the pretrained body's state dict.
@@ -138,19 +121,22 @@ def cart_merge(
         scaling_factor: λ.
         rank_ratio: ρ in (0, 1].
     """
-    _check_arguments(scaling_factor, rank_ratio)
+    scaling_factor, rank_ratio = _check_arguments(scaling_factor, rank_ratio)
     averages, corrections = cart_parts(pretrained, finetuned, rank_ratio)
-    return add_scaled(averages, corrections, scaling_factor)
+    # 4. θ* = θ̄ + λ Σ lowrank(τ'i).
+    return {key: average + scaling_factor * corrections[key] for key, average in averages.items()}
 
 
-def _check_arguments(scaling_factor: float, rank_ratio: float) -> None:
-    if isinstance(scaling_factor, bool) or not math.isfinite(scaling_factor):
-        raise ValueError(f"scaling_factor (λ) must be a finite number, got {scaling_factor}.")
-    if isinstance(rank_ratio, bool) or not 0 < rank_ratio <= 1:
-        raise ValueError(
-            f"rank_ratio (ρ) must be in (0, 1], got {rank_ratio}: each centred task vector keeps "
-            f"max(1, int(ρ·k)) of its k singular triplets (1 gives the simple average)."
-        )
+def _check_arguments(scaling_factor: float, rank_ratio: float) -> tuple[float, float]:
+    """(λ, ρ) as floats, or a short error naming the bad one."""
+    rank_ratio = check_number(
+        rank_ratio,
+        "rank_ratio (ρ: each centred task vector keeps max(1, int(ρ·k)) of its k singular triplets; 1 gives the simple average)",
+        0,
+        1,
+        low_open=True,
+    )
+    return check_number(scaling_factor, "scaling_factor (λ)"), rank_ratio
 
 
 class CART(MergeMethod):
@@ -173,17 +159,14 @@ class CART(MergeMethod):
 
     def __init__(self, pool: ModelPool, scaling_factor: float = 2.0, rank_ratio: float = 0.12):
         super().__init__(pool)
-        _check_arguments(scaling_factor, rank_ratio)
-        self.scaling_factor = float(scaling_factor)
-        self.rank_ratio = float(rank_ratio)
+        self.scaling_factor, self.rank_ratio = _check_arguments(scaling_factor, rank_ratio)
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> tuple:
         # θ̄ and Σ lowrank(τ'i) depend on the pool and ρ, not on λ: a λ sweep computes them once.
         return ("cart_parts", self.rank_ratio)
 
-    def merge(self) -> dict[str, Tensor]:
-        if self.reusable is None:
-            self.reusable = cart_parts(self.pool.pretrained_body(), self.pool.finetuned_bodies(), self.rank_ratio)
-        averages, corrections = self.reusable
-        return add_scaled(averages, corrections, self.scaling_factor)
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        average, correction = self.reused(key, lambda: cart_parts_tensor(key, theta0, thetas, self.rank_ratio))
+        # 4. θ* = θ̄ + λ Σ lowrank(τ'i).
+        return average + self.scaling_factor * correction

@@ -40,46 +40,42 @@ What differs from FusionBench (``iso_c`` / ``iso_cts``), and why:
 Cost (``benchmarks/svd_method_cost.py``): Iso-C one thin SVD per SVD'd tensor; Iso-CTS n + 3
 (the sum, each task's residual, two polar factors), about TSV-M's cost plus the projections.
 
-The maths is per key (``iso_c_merge_tensor``, ``iso_cts_merge_tensor``; ``svd_applies`` decides
-which keys take them), so a streaming merge can feed one tensor at a time.
+The maths is per key: ``merge_tensor`` gets θ0[key] and the θi[key] (read from the checkpoints
+when asked for) and reads each τi = θi − θ0 when needed (``mergelit.linalg.TaskVectors``; Iso-CTS
+makes two passes, the second reading them again), so a merge holds about one task vector at a
+time. ``iso_c_merge`` and ``iso_cts_merge`` (whole bodies) are the references the per-key merges
+are tested against.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from mergelit.errors import check_choice, check_number
 from mergelit.gpt2 import is_conv1d_weight
-from mergelit.methods.base import MergeMethod
-from mergelit.methods.tsv_merging import (
+from mergelit.linalg import (
     SVD_KEYS,
-    LazyTaskVectors,
+    TaskVectors,
     check_exclude_keys,
     numerical_rank,
+    ordered_sum,
     polar_factor,
     running_mean,
     svd_applies,
     thin_svd,
     warn_rank_deficient,
 )
+from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
-from mergelit.state_dict import add_scaled, check_finetuned
+from mergelit.state_dict import check_finetuned
 
 PROJECTION_SIDES = ("fusionbench", "paper")
 
 _ADVICE = "Use svd_keys='conv1d' (averages wte and wpe) or exclude_keys for this tensor."
-
-
-def _summed(tensors: Sequence[Tensor]) -> Tensor:
-    """t1 + t2 + ... in order (Python's ``sum`` as FusionBench calls it), a new tensor; reads each once."""
-    total = None
-    for tensor in tensors:
-        total = tensor.clone() if total is None else total.add_(tensor)
-    return total
 
 
 # ---- Iso-C -----------------------------------------------------------------------------------
@@ -94,12 +90,27 @@ def iso_c_merge_tensor(task_vectors: Sequence[Tensor], name: str = "tensor") -> 
     """
     n = len(task_vectors)
     # FusionBench averages every key first and multiplies the 2-D ones back by n: (Σ/n)·n, not Σ bitwise.
-    total = _summed(task_vectors) / n * n
+    total = ordered_sum(task_vectors) / n * n
     u, s, vh = thin_svd(total)
     # Every singular value becomes s̄, the zero ones too: their (arbitrary) vectors then count.
     warn_rank_deficient("Iso-C", name, s.numel(), {"Σ τi": numerical_rank(s, total.shape)}, _ADVICE)
     merged = u.mul_(s.mean()) @ vh  # U diag(s̄·1) Vᵀ
     return merged.to(total.dtype).contiguous()
+
+
+def iso_c_task_vector_tensor(
+    key: str,
+    theta0: Tensor,
+    thetas: Sequence[Tensor],
+    exclude_keys: Sequence[str] = (),
+    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+) -> Tensor:
+    """Iso-C's τm of one key (before α): s̄ U Vᵀ of Σ τi on an SVD key, Σ τi / n elsewhere."""
+    # τi = θi − θ0, computed when read: about one task vector in memory at a time.
+    task_vectors = TaskVectors(theta0, thetas)
+    if svd_applies(key, theta0, svd_keys, exclude_keys):
+        return iso_c_merge_tensor(task_vectors, key)
+    return ordered_sum(task_vectors) / len(task_vectors)
 
 
 def iso_c_task_vector(
@@ -108,18 +119,13 @@ def iso_c_task_vector(
     exclude_keys: Sequence[str] = (),
     svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
 ) -> dict[str, Tensor]:
-    """Iso-C's τm for every key: s̄ U Vᵀ of Σ τi on the SVD keys, Σ τi / n elsewhere (before α)."""
+    """Iso-C's τm for every key of whole bodies (before α)."""
     check_finetuned(pretrained, finetuned)
     check_exclude_keys(pretrained, exclude_keys)
-    merged = {}
-    for key, base in pretrained.items():
-        # τi = θi − θ0, computed when read: about one task vector in memory at a time.
-        task_vectors = LazyTaskVectors(base, [body[key] for body in finetuned.values()])
-        if svd_applies(key, base, svd_keys, exclude_keys):
-            merged[key] = iso_c_merge_tensor(task_vectors, key)
-        else:
-            merged[key] = _summed(task_vectors) / len(task_vectors)
-    return merged
+    return {
+        key: iso_c_task_vector_tensor(key, base, [body[key] for body in finetuned.values()], exclude_keys, svd_keys)
+        for key, base in pretrained.items()
+    }
 
 
 def iso_c_merge(
@@ -129,7 +135,7 @@ def iso_c_merge(
     exclude_keys: Sequence[str] | None = None,
     svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
 ) -> dict[str, Tensor]:
-    """Iso-C: θ* = θ0 + α τm.
+    """Iso-C: θ* = θ0 + α τm over whole bodies (the reference ``IsoC``'s per-key merge is tested against).
 
     Args:
         pretrained: θ0, the pretrained body's state dict.
@@ -138,9 +144,9 @@ def iso_c_merge(
         exclude_keys: exact keys averaged instead of SVD'd (None: none).
         svd_keys: ``all_2d`` (FusionBench) or ``conv1d`` (wte and wpe averaged).
     """
-    _check_arguments(scaling_factor, svd_keys=svd_keys)
+    scaling_factor = _check_arguments(scaling_factor, svd_keys=svd_keys)
     merged_tau = iso_c_task_vector(pretrained, finetuned, list(exclude_keys or []), svd_keys)
-    return add_scaled(pretrained, merged_tau, scaling_factor)
+    return {key: pretrained[key] + scaling_factor * tau for key, tau in merged_tau.items()}
 
 
 # ---- Iso-CTS ---------------------------------------------------------------------------------
@@ -179,7 +185,7 @@ def iso_cts_merge_tensor(
     """
     n = len(task_vectors)
     names = list(tasks) if tasks is not None else [f"task {i + 1}" for i in range(n)]
-    total = _summed(task_vectors)
+    total = ordered_sum(task_vectors)
     shape, dtype = total.shape, total.dtype
     # 1. Sizes.
     c, d = iso_cts_sizes(min(shape), n, common_space_fraction)
@@ -191,7 +197,7 @@ def iso_cts_merge_tensor(
     u_hat, s_hat, vh_hat = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
     # 3. Task-specific subspaces (none when d = 0, i.e. f = 1: Iso-C).
     ranks = {}
-    for i, tau in enumerate(task_vectors if d > 0 else []):  # a second pass: LazyTaskVectors recomputes τi
+    for i, tau in enumerate(task_vectors if d > 0 else []):  # a second pass: TaskVectors reads τi again
         tau = tau.to(u.dtype)
         # wi = τi − Uc Ucᵀ τi, evaluated as Uc (Ucᵀ τi): never the rows × rows projector.
         specific = tau - u_common @ (u_common.T @ tau)
@@ -213,6 +219,31 @@ def iso_cts_merge_tensor(
     return merged.to(dtype).contiguous()
 
 
+def iso_cts_task_vector_tensor(
+    key: str,
+    theta0: Tensor,
+    thetas: Sequence[Tensor],
+    common_space_fraction: float = 0.8,
+    exclude_keys: Sequence[str] = (),
+    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    projection_side: Literal["fusionbench", "paper"] = "fusionbench",
+    tasks: Sequence[str] | None = None,
+) -> Tensor:
+    """Iso-CTS's τm of one key (before α): ``iso_cts_merge_tensor`` on an SVD key, the running mean elsewhere.
+
+    ``projection_side: paper`` runs a Conv1D weight as [out, in] (transposed and back), so the
+    common output subspace is projected out; ``fusionbench`` runs it as stored ([in, out]).
+    """
+    # τi = θi − θ0, computed when read (twice here): about one task vector in memory at a time.
+    task_vectors = TaskVectors(theta0, thetas)
+    if not svd_applies(key, theta0, svd_keys, exclude_keys):
+        return running_mean(task_vectors)
+    if projection_side == "paper" and is_conv1d_weight(key):
+        # GPT-2's Conv1D stores W as [in, out]; the paper's nn.Linear weights are [out, in].
+        return iso_cts_merge_tensor(task_vectors.transposed(), common_space_fraction, key, tasks).T.contiguous()
+    return iso_cts_merge_tensor(task_vectors, common_space_fraction, key, tasks)
+
+
 def iso_cts_task_vector(
     pretrained: dict[str, Tensor],
     finetuned: dict[str, dict[str, Tensor]],
@@ -221,27 +252,17 @@ def iso_cts_task_vector(
     svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
     projection_side: Literal["fusionbench", "paper"] = "fusionbench",
 ) -> dict[str, Tensor]:
-    """Iso-CTS's τm for every key: ``iso_cts_merge_tensor`` on the SVD keys, the running mean elsewhere (before α).
-
-    ``projection_side: paper`` runs the Conv1D weights as [out, in] (transposed and back), so the
-    common output subspace is projected out; ``fusionbench`` runs them as stored ([in, out]).
-    """
+    """Iso-CTS's τm for every key of whole bodies (before α)."""
     check_finetuned(pretrained, finetuned)
     check_exclude_keys(pretrained, exclude_keys)
     tasks = list(finetuned)
-    merged = {}
-    for key, base in pretrained.items():
-        # τi = θi − θ0, computed when read (twice here): about one task vector in memory at a time.
-        task_vectors = LazyTaskVectors(base, [body[key] for body in finetuned.values()])
-        if not svd_applies(key, base, svd_keys, exclude_keys):
-            merged[key] = running_mean(task_vectors)
-        elif projection_side == "paper" and is_conv1d_weight(key):
-            # GPT-2's Conv1D stores W as [in, out]; the paper's nn.Linear weights are [out, in].
-            transposed = task_vectors.transposed()
-            merged[key] = iso_cts_merge_tensor(transposed, common_space_fraction, key, tasks).T.contiguous()
-        else:
-            merged[key] = iso_cts_merge_tensor(task_vectors, common_space_fraction, key, tasks)
-    return merged
+    return {
+        key: iso_cts_task_vector_tensor(
+            key, base, [body[key] for body in finetuned.values()], common_space_fraction, exclude_keys, svd_keys,
+            projection_side, tasks,
+        )
+        for key, base in pretrained.items()
+    }
 
 
 def iso_cts_merge(
@@ -253,7 +274,7 @@ def iso_cts_merge(
     svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
     projection_side: Literal["fusionbench", "paper"] = "fusionbench",
 ) -> dict[str, Tensor]:
-    """Iso-CTS: θ* = θ0 + α τm.
+    """Iso-CTS: θ* = θ0 + α τm over whole bodies (the reference ``IsoCTS``'s per-key merge is tested against).
 
     Args:
         pretrained: θ0, the pretrained body's state dict.
@@ -265,11 +286,11 @@ def iso_cts_merge(
         projection_side: ``fusionbench`` (Conv1D as stored: common input subspace removed) or
             ``paper`` (common output subspace removed).
     """
-    _check_arguments(scaling_factor, common_space_fraction, svd_keys, projection_side)
+    scaling_factor = _check_arguments(scaling_factor, common_space_fraction, svd_keys, projection_side)
     merged_tau = iso_cts_task_vector(
         pretrained, finetuned, common_space_fraction, list(exclude_keys or []), svd_keys, projection_side
     )
-    return add_scaled(pretrained, merged_tau, scaling_factor)
+    return {key: pretrained[key] + scaling_factor * tau for key, tau in merged_tau.items()}
 
 
 def _check_arguments(
@@ -277,18 +298,18 @@ def _check_arguments(
     common_space_fraction: float = 1.0,
     svd_keys: str = "all_2d",
     projection_side: str = "fusionbench",
-) -> None:
-    if isinstance(scaling_factor, bool) or not math.isfinite(scaling_factor):
-        raise ValueError(f"scaling_factor (α) must be a finite number, got {scaling_factor}.")
-    if not 0 < common_space_fraction <= 1:
-        raise ValueError(
-            f"common_space_fraction (f) must be in (0, 1], got {common_space_fraction} "
-            f"(1 gives Iso-C; FusionBench's default is 0.8)."
-        )
-    if svd_keys not in SVD_KEYS:
-        raise ValueError(f"svd_keys must be one of {', '.join(SVD_KEYS)}; got {svd_keys!r}.")
-    if projection_side not in PROJECTION_SIDES:
-        raise ValueError(f"projection_side must be one of {', '.join(PROJECTION_SIDES)}; got {projection_side!r}.")
+) -> float:
+    """Check every argument; return α as a float."""
+    check_number(
+        common_space_fraction,
+        "common_space_fraction (f: 1 gives Iso-C; FusionBench's default is 0.8)",
+        0,
+        1,
+        low_open=True,
+    )
+    check_choice(svd_keys, "svd_keys", SVD_KEYS)
+    check_choice(projection_side, "projection_side", PROJECTION_SIDES)
+    return check_number(scaling_factor, "scaling_factor (α)")
 
 
 class IsoC(MergeMethod):
@@ -317,8 +338,7 @@ class IsoC(MergeMethod):
         svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
     ):
         super().__init__(pool)
-        _check_arguments(scaling_factor, svd_keys=svd_keys)
-        self.scaling_factor = float(scaling_factor)
+        self.scaling_factor = _check_arguments(scaling_factor, svd_keys=svd_keys)
         self.exclude_keys = list(exclude_keys or [])
         self.svd_keys = svd_keys
         self.save_hyperparameters(ignore=["pool"])
@@ -327,12 +347,14 @@ class IsoC(MergeMethod):
         # τm depends on the pool, exclude_keys and svd_keys, not on α: an α sweep computes it once.
         return ("iso_c_task_vector", tuple(sorted(self.exclude_keys)), self.svd_keys)
 
-    def merge(self) -> dict[str, Tensor]:
-        pretrained = self.pool.pretrained_body()
-        if self.reusable is None:
-            finetuned = self.pool.finetuned_bodies()
-            self.reusable = iso_c_task_vector(pretrained, finetuned, self.exclude_keys, self.svd_keys)
-        return add_scaled(pretrained, self.reusable, self.scaling_factor)
+    def prepare_merge(self) -> None:
+        check_exclude_keys(self.pool.keys(), self.exclude_keys)
+
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        merged = self.reused(
+            key, lambda: iso_c_task_vector_tensor(key, theta0, thetas, self.exclude_keys, self.svd_keys)
+        )
+        return theta0 + self.scaling_factor * merged
 
 
 class IsoCTS(MergeMethod):
@@ -368,8 +390,7 @@ class IsoCTS(MergeMethod):
         projection_side: Literal["fusionbench", "paper"] = "fusionbench",
     ):
         super().__init__(pool)
-        _check_arguments(scaling_factor, common_space_fraction, svd_keys, projection_side)
-        self.scaling_factor = float(scaling_factor)
+        self.scaling_factor = _check_arguments(scaling_factor, common_space_fraction, svd_keys, projection_side)
         self.common_space_fraction = float(common_space_fraction)
         self.exclude_keys = list(exclude_keys or [])
         self.svd_keys = svd_keys
@@ -386,15 +407,15 @@ class IsoCTS(MergeMethod):
             self.projection_side,
         )
 
-    def merge(self) -> dict[str, Tensor]:
-        pretrained = self.pool.pretrained_body()
-        if self.reusable is None:
-            self.reusable = iso_cts_task_vector(
-                pretrained,
-                self.pool.finetuned_bodies(),
-                self.common_space_fraction,
-                self.exclude_keys,
-                self.svd_keys,
-                self.projection_side,
-            )
-        return add_scaled(pretrained, self.reusable, self.scaling_factor)
+    def prepare_merge(self) -> None:
+        check_exclude_keys(self.pool.keys(), self.exclude_keys)
+
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        merged = self.reused(key, lambda: self._task_vector(key, theta0, thetas))
+        return theta0 + self.scaling_factor * merged
+
+    def _task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        return iso_cts_task_vector_tensor(
+            key, theta0, thetas, self.common_space_fraction, self.exclude_keys, self.svd_keys, self.projection_side,
+            self.tasks,
+        )

@@ -34,144 +34,40 @@ What differs from FusionBench (``TaskSingularVectorMerging``), and why:
 Cost (``benchmarks/svd_method_cost.py``): n + 2 thin SVDs per SVD'd tensor; on GPT-2 small the
 9 SVDs of wte [50257, 768] dominate a one-layer body (≈ 47 s of 61 s, one CPU thread).
 
-The maths is per key, so a streaming merge can feed it one tensor at a time:
-``tsv_merge_tensor`` (a 2-D key) or ``running_mean`` (the others), as ``svd_applies`` decides.
-The task vectors of a key are computed when read (``LazyTaskVectors``), so a merge holds about
-one of them at a time. The helpers ``thin_svd``, ``polar_factor``, ``numerical_rank``,
-``LazyTaskVectors`` and ``svd_applies`` are shared with Iso-C / Iso-CTS
-(``mergelit.methods.iso``) and CART.
+The maths is per key: ``TaskSingularVectorMerging.merge_tensor`` gets θ0[key] and the θi[key]
+(read from the checkpoints when asked for) and computes τm of that key, reading each τi = θi − θ0
+when needed (``mergelit.linalg.TaskVectors``), so a merge holds about one task vector at a time.
+``tsv_merge`` (whole bodies) is the reference the per-key merge is tested against.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mergelit.gpt2 import is_conv1d_weight
+from mergelit.errors import MergelitError, check_choice, check_number
+from mergelit.linalg import (
+    SVD_KEYS,
+    TaskVectors,
+    check_exclude_keys,
+    numerical_rank,
+    polar_factor,
+    running_mean,
+    svd_applies,
+    thin_svd,
+    warn_rank_deficient,
+)
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
-from mergelit.state_dict import add_scaled, check_finetuned
-
-SVD_KEYS = ("all_2d", "conv1d")
-
-
-class IllPosedMergeWarning(UserWarning):
-    """A task vector (or a sum of them) has fewer non-zero singular values than the merge keeps:
-    the kept singular vectors for the zero ones are arbitrary, so the merged tensor depends on the
-    device and the LAPACK build."""
-
-
-# ---- helpers shared with Iso-C / Iso-CTS -----------------------------------------------------
-
-
-def svd_applies(key: str, tensor: Tensor, svd_keys: str, exclude_keys: Sequence[str] = ()) -> bool:
-    """Whether the SVD path handles ``key``: 2-D, not excluded, and a Conv1D weight if ``svd_keys`` is ``conv1d``."""
-    if tensor.dim() != 2 or key in exclude_keys:
-        return False
-    return svd_keys == "all_2d" or is_conv1d_weight(key)
-
-
-def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.linalg.svd(matrix, full_matrices=False)`` in float32 (float64 kept), U [rows, k], S [k], Vᵀ [k, cols].
-
-    A wide matrix is decomposed through its transpose: the same factors up to sign and rounding,
-    and CPU LAPACK is 2.5-3× faster on a tall matrix (768 × 2304: 0.39 s wide, 0.16 s tall).
-    """
-    if matrix.dtype not in (torch.float32, torch.float64):
-        matrix = matrix.float()  # LAPACK has no half precision (FusionBench upcasts too)
-    if matrix.shape[0] < matrix.shape[1]:
-        u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
-        return vh.T, s, u.T
-    return torch.linalg.svd(matrix, full_matrices=False)
-
-
-def polar_factor(matrix: Tensor) -> Tensor:
-    """The orthogonal polar factor A Bᵀ of ``matrix`` = A Σ Bᵀ: the nearest matrix with orthonormal
-    columns (or rows), which is how TSV-M and Iso-CTS orthogonalise the concatenated vectors."""
-    u, _, vh = thin_svd(matrix)
-    return u @ vh
-
-
-def numerical_rank(singular_values: Tensor, shape: Sequence[int]) -> int:
-    """Number of singular values above max(s) · max(shape) · eps (``torch.linalg.matrix_rank``'s default)."""
-    if singular_values.numel() == 0:
-        return 0
-    tolerance = singular_values.max() * max(shape) * torch.finfo(singular_values.dtype).eps
-    return int((singular_values > tolerance).sum())
-
-
-def warn_rank_deficient(method: str, name: str, kept: int, ranks: dict[str, int], advice: str) -> None:
-    """Warn once for tensor ``name`` about the parts (task -> numerical rank) whose rank is below ``kept``."""
-    low = {part: rank for part, rank in ranks.items() if rank < kept}
-    if low:
-        listed = ", ".join(f"{part} (rank {rank})" for part, rank in low.items())
-        warnings.warn(
-            f"{method}: {name!r} keeps {kept} singular vectors per part but {listed} "
-            f"{'has' if len(low) == 1 else 'have'} fewer non-zero singular values; the vectors kept for "
-            f"the zero ones are arbitrary, so the merged {name!r} depends on the device and LAPACK build. "
-            f"{advice}",
-            IllPosedMergeWarning,
-            stacklevel=3,
-        )
-
-
-class LazyTaskVectors(Sequence):
-    """τi = αi (θi − θ0) for one tensor, computed each time it is read instead of stored.
-
-    A key's n task vectors then cost about one tensor at a time (wte: 154 MB, not 7 × 154 MB);
-    a second pass over them (Iso-CTS, CART) recomputes the subtractions, bit for bit the same.
-
-    Args:
-        pretrained: θ0 for this tensor.
-        finetuned: θ1..θn for this tensor.
-        weights: αi per task, or None (all 1).
-    """
-
-    def __init__(self, pretrained: Tensor, finetuned: Sequence[Tensor], weights: Sequence[float] | None = None):
-        self.pretrained, self.finetuned, self.weights = pretrained, list(finetuned), weights
-
-    def __len__(self) -> int:
-        return len(self.finetuned)
-
-    def __getitem__(self, index: int) -> Tensor:
-        if isinstance(index, slice):
-            raise TypeError("LazyTaskVectors are read one at a time (a slice would hold them all).")
-        tau = self.finetuned[index] - self.pretrained
-        return tau if self.weights is None else tau.mul_(self.weights[index])
-
-    def transposed(self) -> LazyTaskVectors:
-        """The same task vectors, transposed (views: nothing is copied)."""
-        return LazyTaskVectors(self.pretrained.T, [t.T for t in self.finetuned], self.weights)
-
-
-def running_mean(tensors: Sequence[Tensor]) -> Tensor:
-    """m ← t1, m ← m + (ti − m)/i: FusionBench's mean of the non-SVD keys (a new tensor)."""
-    mean = None
-    for i, tensor in enumerate(tensors, start=1):
-        mean = tensor.clone() if mean is None else mean.add_((tensor - mean) / i)
-    return mean
-
-
-def check_exclude_keys(pretrained: dict[str, Tensor], exclude_keys: Sequence[str]) -> None:
-    """Raise ``ValueError`` for an ``exclude_keys`` entry that is not a tensor of the body (exact names)."""
-    unknown = [key for key in exclude_keys if key not in pretrained]
-    if unknown:
-        raise ValueError(
-            f"exclude_keys names {unknown}, which {'is' if len(unknown) == 1 else 'are'} not a tensor of the body; "
-            f"give exact state-dict keys such as 'wte.weight' or 'wpe.weight'."
-        )
+from mergelit.state_dict import check_finetuned
 
 
 # ---- TSV-M -----------------------------------------------------------------------------------
 
-
-def _task_names(count: int, tasks: Sequence[str] | None) -> list[str]:
-    return list(tasks) if tasks is not None else [f"task {i + 1}" for i in range(count)]
+_ADVICE = "Use svd_keys='conv1d' (averages wte and wpe) or exclude_keys for this tensor."
 
 
 def tsv_merge_tensor(
@@ -180,15 +76,15 @@ def tsv_merge_tensor(
     """τm for one 2-D tensor: top-r SVD triplets of each τi, concatenated, orthogonalised, recombined.
 
     Args:
-        task_vectors: τ1..τn for this tensor, all the same 2-D shape (not modified).
+        task_vectors: τ1..τn for this tensor, all the same 2-D shape (not modified; read once each).
         name: the tensor's key, for the rank-deficiency warning.
         tasks: the task names, for the warning (default "task 1", "task 2", ...).
     """
     n = len(task_vectors)
-    names = _task_names(n, tasks)
+    names = list(tasks) if tasks is not None else [f"task {i + 1}" for i in range(n)]
     u_hat = s_hat = vh_hat = None
     ranks = {}
-    for i, tau in enumerate(task_vectors):  # one τi at a time (LazyTaskVectors computes it here)
+    for i, tau in enumerate(task_vectors):  # one τi at a time (TaskVectors computes it here)
         # 1. SVD each task vector.
         u, s, vh = thin_svd(tau)
         if u_hat is None:
@@ -201,13 +97,38 @@ def tsv_merge_tensor(
         s_hat[i * r : (i + 1) * r] = s[:r]
         vh_hat[i * r : (i + 1) * r, :] = vh[:r, :]
         del u, s, vh
-    warn_rank_deficient(
-        "TSV-M", name, r, ranks, "Use svd_keys='conv1d' (averages wte and wpe) or exclude_keys for this tensor."
-    )
+    warn_rank_deficient("TSV-M", name, r, ranks, _ADVICE)
     # 3. Orthogonalise both sides (polar factors): the blocks of different tasks overlap.
     # 4. τm = P_U diag(ŝ) P_Vᵀ (scaling the columns of P_U by ŝ is the product with diag(ŝ)).
     merged = polar_factor(u_hat).mul_(s_hat) @ polar_factor(vh_hat)
     return merged.to(dtype).contiguous()
+
+
+def tsv_task_vector_tensor(
+    key: str,
+    theta0: Tensor,
+    thetas: Sequence[Tensor],
+    alpha: Sequence[float] | None = None,
+    exclude_keys: Sequence[str] = (),
+    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    tasks: Sequence[str] | None = None,
+) -> Tensor:
+    """τm of one key (before the final scaling): TSV-M on an SVD key, the running mean elsewhere.
+
+    Args:
+        key: the tensor's name (which path it takes; the warning names it).
+        theta0: θ0[key].
+        thetas: θ1[key] … θn[key] (each read once).
+        alpha: per-task weights αi applied to τi before merging (None: all 1).
+        exclude_keys: exact keys that take the running mean instead of the SVD path.
+        svd_keys: ``all_2d`` (FusionBench: wte, wpe and the Conv1D weights) or ``conv1d``.
+        tasks: the task names, for the warning.
+    """
+    # τi = αi (θi − θ0), computed when read: about one task vector in memory at a time.
+    task_vectors = TaskVectors(theta0, thetas, alpha)
+    if svd_applies(key, theta0, svd_keys, exclude_keys):
+        return tsv_merge_tensor(task_vectors, key, tasks)
+    return running_mean(task_vectors)
 
 
 def tsv_task_vector(
@@ -217,29 +138,15 @@ def tsv_task_vector(
     exclude_keys: Sequence[str] = (),
     svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
 ) -> dict[str, Tensor]:
-    """τm for every key (before the final scaling): TSV-M on the SVD keys, the running mean elsewhere.
-
-    Args:
-        pretrained: θ0.
-        finetuned: task -> θi.
-        alpha: per-task weights αi applied to τi before merging (None: all 1).
-        exclude_keys: exact keys that take the running mean instead of the SVD path.
-        svd_keys: ``all_2d`` (FusionBench: wte, wpe and the Conv1D weights) or ``conv1d``.
-    """
+    """τm for every key of whole bodies (before the final scaling): ``tsv_task_vector_tensor`` key by key."""
     check_finetuned(pretrained, finetuned)
     check_exclude_keys(pretrained, exclude_keys)
-    if alpha is not None and len(alpha) != len(finetuned):
-        raise ValueError(f"alpha (α) has {len(alpha)} weights for {len(finetuned)} tasks; give one per task.")
+    alpha = None if alpha is None else _check_alpha(list(alpha), len(finetuned))
     tasks = list(finetuned)
-    merged = {}
-    for key, base in pretrained.items():
-        # τi = αi (θi − θ0), computed when read: about one task vector in memory at a time.
-        task_vectors = LazyTaskVectors(base, [body[key] for body in finetuned.values()], alpha)
-        if svd_applies(key, base, svd_keys, exclude_keys):
-            merged[key] = tsv_merge_tensor(task_vectors, key, tasks)
-        else:
-            merged[key] = running_mean(task_vectors)
-    return merged
+    return {
+        key: tsv_task_vector_tensor(key, base, [body[key] for body in finetuned.values()], alpha, exclude_keys, svd_keys, tasks)
+        for key, base in pretrained.items()
+    }
 
 
 def tsv_merge(
@@ -249,7 +156,8 @@ def tsv_merge(
     exclude_keys: Sequence[str] | None = None,
     svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + α τm (α a number), or θ0 + τm of the αi-scaled task vectors (α a list of n numbers).
+    """θ* = θ0 + α τm (α a number), or θ0 + τm of the αi-scaled task vectors (α a list of n numbers),
+    over whole bodies: the reference ``TaskSingularVectorMerging``'s per-key merge is tested against.
 
     Args:
         pretrained: θ0, the pretrained body's state dict.
@@ -258,29 +166,25 @@ def tsv_merge(
         exclude_keys: exact keys averaged instead of SVD'd (None: none).
         svd_keys: ``all_2d`` (FusionBench) or ``conv1d`` (wte and wpe averaged).
     """
-    alpha = _check_arguments(alpha, len(finetuned), svd_keys)
+    alpha = _check_alpha(alpha, len(finetuned))
+    check_choice(svd_keys, "svd_keys", SVD_KEYS)
     exclude_keys = list(exclude_keys or [])
     if isinstance(alpha, list):
         merged_tau = tsv_task_vector(pretrained, finetuned, alpha, exclude_keys, svd_keys)
         return {key: pretrained[key] + tau for key, tau in merged_tau.items()}
-    return add_scaled(pretrained, tsv_task_vector(pretrained, finetuned, None, exclude_keys, svd_keys), alpha)
+    merged_tau = tsv_task_vector(pretrained, finetuned, None, exclude_keys, svd_keys)
+    return {key: pretrained[key] + alpha * tau for key, tau in merged_tau.items()}
 
 
-def _check_arguments(alpha: float | Sequence[float], num_tasks: int, svd_keys: str) -> float | list[float]:
-    if svd_keys not in SVD_KEYS:
-        raise ValueError(f"svd_keys must be one of {', '.join(SVD_KEYS)}; got {svd_keys!r}.")
-    if isinstance(alpha, bool):
-        raise ValueError(f"alpha (α) must be a number or a list of {num_tasks} numbers, got {alpha!r}.")
-    if isinstance(alpha, (int, float)):
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha (α) must be a finite number, got {alpha}.")
-        return float(alpha)
-    alpha = list(alpha)
-    if len(alpha) != num_tasks or not all(isinstance(a, (int, float)) and math.isfinite(a) for a in alpha):
-        raise ValueError(
-            f"alpha (α) as a list needs one finite number per task ({num_tasks}, in task order); got {alpha}."
-        )
-    return [float(a) for a in alpha]
+def _check_alpha(alpha: float | Sequence[float], num_tasks: int) -> float | list[float]:
+    """α: a finite number, or a list of one finite number per task."""
+    if isinstance(alpha, (list, tuple)):
+        if len(alpha) != num_tasks:
+            raise MergelitError(
+                f"alpha (α) as a list needs one finite number per task ({num_tasks}, in task order); got {list(alpha)}."
+            )
+        return [check_number(a, f"alpha[{i}] (α of task {i + 1})") for i, a in enumerate(alpha)]
+    return check_number(alpha, "alpha (α, a number or a list of one number per task)")
 
 
 class TaskSingularVectorMerging(MergeMethod):
@@ -313,9 +217,9 @@ class TaskSingularVectorMerging(MergeMethod):
         svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
     ):
         super().__init__(pool)
-        self.alpha = _check_arguments(alpha, len(pool.tasks), svd_keys)
+        self.alpha = _check_alpha(alpha, len(pool.tasks))
         self.exclude_keys = list(exclude_keys or [])
-        self.svd_keys = svd_keys
+        self.svd_keys = check_choice(svd_keys, "svd_keys", SVD_KEYS)
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> tuple | None:
@@ -325,12 +229,14 @@ class TaskSingularVectorMerging(MergeMethod):
             return None
         return ("tsv_task_vector", tuple(sorted(self.exclude_keys)), self.svd_keys)
 
-    def merge(self) -> dict[str, Tensor]:
-        pretrained = self.pool.pretrained_body()
-        if isinstance(self.alpha, list):
-            return tsv_merge(pretrained, self.pool.finetuned_bodies(), self.alpha, self.exclude_keys, self.svd_keys)
-        if self.reusable is None:
-            self.reusable = tsv_task_vector(
-                pretrained, self.pool.finetuned_bodies(), None, self.exclude_keys, self.svd_keys
-            )
-        return add_scaled(pretrained, self.reusable, self.alpha)
+    def prepare_merge(self) -> None:
+        check_exclude_keys(self.pool.keys(), self.exclude_keys)
+
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        if isinstance(self.alpha, list):  # the αi scale each τi before the SVDs: no final scaling
+            return theta0 + self._task_vector(key, theta0, thetas, self.alpha)
+        merged = self.reused(key, lambda: self._task_vector(key, theta0, thetas, None))
+        return theta0 + self.alpha * merged
+
+    def _task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor], alpha: list[float] | None) -> Tensor:
+        return tsv_task_vector_tensor(key, theta0, thetas, alpha, self.exclude_keys, self.svd_keys, self.tasks)

@@ -13,7 +13,9 @@ With τi = θi − θ0, per tensor (no λ; θ* = θ0 + τ on every key):
 
   The paper's argument: the rows of a task's update τi span the inputs that task saw, so τ − τi
   should vanish on them. The result is the last iterate, not the minimiser.
-- Every other tensor (LN, biases, excluded keys): the mean (Σ τi)/n.
+- Every other tensor (LN, biases, excluded keys): ``others: mean`` (FusionBench) gives the mean
+  (Σ τi)/n; ``others: pretrained`` leaves it at θ0, as the paper's code does (its merged vector
+  holds only the optimised tensors).
 
 **Which side (GPT-2 stores every 2-D body tensor input index first).** Conv1D keeps W as
 [in, out] (y = x W), and an embedding as [vocab or positions, width] (its rows are indexed by the
@@ -23,58 +25,90 @@ formula, and transposes back. ``side="fusionbench"`` uses the formula on the sto
 FusionBench's ``wudi_merging`` does on a GPT-2 pool: the output-side Gram of Conv1D, the other
 side from the paper's (on a tiny pool the two results differ by ~2× the size of the update).
 
+**How the gradient is computed.** L is a quadratic: with Gi = τiᵀτi ([b, b], fixed) and
+ci = ‖τi‖², its gradient is 2 Σi (τ − τi) Gi/ci. ``gradient: gram`` (default) precomputes, once
+per tensor and in float64, A = Σi Gi/ci and the gradient at the start, C0 = Σi (τ0 − τi) Gi/ci
+(τ0 = Σ τi), so that each Adam step costs one [a, b] × [b, b] product: g = 2((τ − τ0) A + C0).
+``gradient: autograd`` back-propagates through the loss written in FusionBench's order of
+operations (the [n, a, a] product (τ − τi) τiᵀ), which reproduces FusionBench's iterates bit for
+bit on CPU. Both feed the same ``torch.optim.Adam``; only the gradient's rounding differs: after
+400 steps the merged weights differ by at most 8.2e-8 on the test fixtures (both sides) and 8.4e-9 on
+a GPT-2-small c_fc with 7 random task vectors (absolute; ``benchmarks/wudi_gram.py``). The Gram
+form saves work where A is no larger than the n task vectors (b ≤ n·a: with 7 tasks, every
+GPT-2-small tensor on either side except wte on the input side, [768, 50257] as optimised, and the
+fixtures' wpe, [64, 512]); there a Gram step would
+cost as many flops as back-propagation, so ``gram`` leaves such a tensor to the autograd path,
+with FusionBench's bits. (On that wte the float32 iterates are sensitive to rounding: float64
+arithmetic ends 2.3e-5 away on the fixtures, and a Gram form kept factored ended 0.3-1.3e-5 away
+depending on the memory layout, against below 1e-7 on every tensor the Gram form does take.)
+Input columns that no task changed (a token or position no task's training reached) have a zero
+gradient, so Adam leaves them at 0; the Gram form leaves them out of its products.
+
 **What differs from FusionBench and why.**
 
 - FusionBench cannot run WUDI on GPT-2 as-is: on wte its product is [7, 50257, 50257] fp32
   (65.9 GiB, over 190 GiB with autograd). mergelit's defaults say that where FusionBench cannot
   run, the default is the paper's method: the input side, where wte's product is [7, 768, 768].
-  ``side="fusionbench"`` reproduces FusionBench bit-exactly on CPU where it can run; it refuses a
-  key whose product would exceed 4 GiB (wte on GPT-2) and names the fix, FusionBench's own
+  ``side="fusionbench"`` with ``gradient="autograd"`` reproduces FusionBench bit-exactly on CPU
+  where it can run; it refuses a key whose product would exceed 4 GiB (wte on GPT-2) and names
+  the fixes: ``gradient: gram`` (on that side wte's A is [768, 768]), or FusionBench's own
   workaround ``exclude_keys: [wte.weight]`` (wte then gets θ0 + mean τ).
 - A task vector that is 0 on a tensor (a task that did not change it) makes FusionBench divide
   0 by 0 (NaN); here that task's term is left out of the loss (it is 0 for every τ).
 - ``lr`` is an argument (FusionBench fixes 1e-5); ``iter_num`` defaults to 400 as FusionBench's
   ``wudi.yaml`` (its function's default is 300, the paper's ViT code uses 300).
 - ``solver="closed_form"`` (an option; neither implementation has it, and it changes the numbers):
-  the loss is a convex quadratic, minimised by τ* = (Σi τi Gi/ci)(Σi Gi/ci)⁺ with Gi = τiᵀτi and
-  ci = ‖τi‖², solved as a float64 least-squares problem (the minimum-norm minimiser when the
-  system is singular, as it is for wte on the input side: the loss sees only the tokens the tasks
-  changed). Adam with lr 1e-5 moves each entry about 1e-5 per step, so 400 steps land near
-  Task Arithmetic (λ = 1), far from τ*.
+  the loss is a convex quadratic, minimised by τ* = (Σi τi Gi/ci)(Σi Gi/ci)⁺, solved as a float64
+  least-squares problem on the CPU (the minimum-norm minimiser when the system is singular, as it
+  is for wte on the input side: the loss sees only the tokens the tasks changed). Adam with lr
+  1e-5 moves each entry about 1e-5 per step, so 400 steps land near Task Arithmetic (λ = 1), far
+  from τ*.
 
-Cost: each Adam step is about 4·n·a²·b flop for a key whose loss product is [a, a]. At GPT-2
-small, input side, that is ≈5.4 TFLOP per step (≈0.8 of it wte): hours on a CPU for 400 steps.
+**Where it runs, and what it holds.** ``WUDIMerging`` runs the optimisation on the Trainer's
+device (a GPU when the Trainer has one; the CPU when it is not attached to one) and returns CPU
+tensors. The Gram form reads one τi at a time (two passes over a key's task vectors) and holds
+A ([b, b]) and a few [a, b] tensors (τ, τ0, Adam's two moments, the gradient): its memory does not
+grow with the number of models. The autograd path and ``solver: closed_form`` hold the n task
+vectors of a key stacked (FusionBench's order of operations, the least-squares system), and
+``others: mean`` on the autograd path sums such a stack (FusionBench's bits).
+
+Cost per Adam step at GPT-2 small, input side: 2·a·b² flop per [a, b] tensor with the Gram form
+(≈ 22 GFLOP per block, wpe 1.6 GFLOP), 4·n·a²·b with autograd (≈ 370 GFLOP per block; wte
+≈ 830 GFLOP, which the Gram form cannot lower). ``benchmarks/wudi_gram.py`` times the whole merge.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from mergelit.errors import KeyMissing, MergelitError, check_choice, check_integer, check_number
+from mergelit.linalg import TaskVectors, ordered_sum
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 
 SIDES = ("input", "fusionbench")
 SOLVERS = ("adam", "closed_form")
-# A key whose [n, a, a] loss product is larger than this is refused (FusionBench's wte on GPT-2 is
-# 65.9 GiB, and autograd needs about three times the product).
+GRADIENTS = ("gram", "autograd")
+OTHERS = ("mean", "pretrained")
+# A key whose [n, a, a] loss product is larger than this is refused on the paths that stack it
+# (FusionBench's wte on GPT-2 is 65.9 GiB, and autograd needs about three times the product).
 MAX_PRODUCT_BYTES = 4 * 2**30
 
 
-def _check_arguments(iter_num: int, lr: float, side: str, solver: str) -> None:
-    if isinstance(iter_num, bool) or not isinstance(iter_num, int) or iter_num < 0:
-        raise ValueError(f"iter_num must be an integer >= 0 (the number of Adam steps), got {iter_num!r}.")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0 (Adam's learning rate), got {lr}.")
-    if side not in SIDES:
-        raise ValueError(f"side must be one of {', '.join(SIDES)}; got {side!r}.")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}.")
+def _check_arguments(iter_num: int, lr: float, side: str, solver: str, gradient: str, others: str) -> tuple[int, float]:
+    """Check every argument; return (iter_num, lr)."""
+    check_choice(side, "side", SIDES)
+    check_choice(solver, "solver", SOLVERS)
+    check_choice(gradient, "gradient", GRADIENTS)
+    check_choice(others, "others", OTHERS)
+    iter_num = check_integer(iter_num, "iter_num (the number of Adam steps)", 0)
+    return iter_num, check_number(lr, "lr (η, Adam's learning rate)", 0, low_open=True)
 
 
 def interference_loss(merged: Tensor, task_vectors: Tensor, squared_norms: Tensor) -> Tensor:
@@ -97,26 +131,37 @@ def _nonzero_task_vectors(task_vectors: Tensor) -> tuple[Tensor, Tensor]:
     return task_vectors[nonzero], squared_norms[nonzero]
 
 
-def minimise_interference_adam(task_vectors: Tensor, iter_num: int, lr: float) -> tuple[Tensor, Tensor]:
-    """τ after ``iter_num`` full-batch Adam steps on L from τ = Σ τi, and L at each iterate.
+def _adam(start: Tensor, lr: float) -> tuple[torch.nn.Parameter, torch.optim.Adam]:
+    """τ (a parameter, from ``start``) and FusionBench's Adam on it: the one optimiser both gradients feed."""
+    merged = torch.nn.Parameter(start)
+    return merged, torch.optim.Adam([merged], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+
+
+def minimise_interference_adam(
+    task_vectors: Tensor, iter_num: int, lr: float, device: str | torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """τ after ``iter_num`` full-batch Adam steps on L from τ = Σ τi, and L at each iterate: the
+    gradient by autograd through FusionBench's order of operations (its iterates, bit for bit on CPU).
 
     Args:
         task_vectors: the τi stacked as [n, a, b]; the loss product is [a, a].
         iter_num: number of Adam steps (0 gives Σ τi).
         lr: Adam's learning rate.
+        device: where the steps run (default: where ``task_vectors`` are); the results are there.
 
     Returns:
         (τ [a, b], losses [iter_num]: L at iterates 0 .. iter_num − 1, each before its step).
     """
+    if device is not None:
+        task_vectors = task_vectors.to(device)
     with torch.inference_mode(False), torch.enable_grad():
         if task_vectors.is_inference():  # made under inference mode: autograd cannot save it
             task_vectors = task_vectors.clone()
         # The sum over the stacked dimension: FusionBench's starting point.
-        merged = torch.nn.Parameter(torch.sum(task_vectors, dim=0))
+        merged, optimizer = _adam(torch.sum(task_vectors, dim=0), lr)
         active, squared_norms = _nonzero_task_vectors(task_vectors)
         losses: list[Tensor] = []
         if iter_num > 0 and active.shape[0] > 0:
-            optimizer = torch.optim.Adam([merged], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
             for _ in range(iter_num):
                 loss = interference_loss(merged, active, squared_norms)
                 optimizer.zero_grad()
@@ -125,6 +170,83 @@ def minimise_interference_adam(task_vectors: Tensor, iter_num: int, lr: float) -
                 losses.append(loss.detach())
         losses_tensor = torch.stack(losses) if losses else torch.zeros(0, dtype=task_vectors.dtype)
         return merged.detach(), losses_tensor
+
+
+def minimise_interference_gram(
+    task_vectors: Sequence[Tensor], iter_num: int, lr: float, device: str | torch.device | None = None
+) -> Tensor:
+    """τ after ``iter_num`` Adam steps on L from τ0 = Σ τi, the gradient from precomputed Gram sums.
+
+    The same optimiser as ``minimise_interference_adam`` fed the same gradient, written as
+    2 Σi (τ − τi) Gi/ci = 2((τ − τ0) A + C0) with A = Σi Gi/ci and C0 = Σi (τ0 − τi) Gi/ci computed
+    once, in float64 (Gi = τiᵀτi, ci = ‖τi‖²). Each step then costs one [a, b] × [b, b] product (the
+    autograd path: three [n, a, a]-sized ones, 6·n·a/b times as many flops), and its rounding is
+    that of (τ − τ0) A, small beside the gradient's size.
+
+    Args:
+        task_vectors: τ1..τn, each [a, b] (the loss product is [a, a]); read twice, one at a time.
+        iter_num: number of Adam steps (0 gives Σ τi).
+        lr: Adam's learning rate.
+        device: where the steps run (default CPU); the result is on that device.
+    """
+    device = torch.device(device or "cpu")
+    with torch.inference_mode(False):
+        # Pass 1: τ0 = Σ τi (in task order), ci, and the input columns some task changed.
+        start, norms, changed = None, [], None
+        for tau in task_vectors:
+            tau = tau.to(device).contiguous()  # row-major [a, b] whatever the caller's layout
+            start = tau.clone() if start is None else start.add_(tau)
+            norms.append(torch.square(torch.linalg.vector_norm(tau)).item())
+            changed = tau.ne(0).any(dim=0) if changed is None else changed.logical_or_(tau.ne(0).any(dim=0))
+            del tau
+        # A zero τi's term is 0 for every τ (and would divide 0 by 0). A column no task changed has a
+        # zero gradient, so Adam leaves it at τ0 = 0: it is left out of the products.
+        active = [i for i, norm in enumerate(norms) if norm > 0]
+        if iter_num == 0 or not active:
+            return start
+        columns = None if bool(changed.all()) else changed.nonzero().squeeze(1)
+        origin = start if columns is None else start[:, columns].contiguous()
+        a, b = origin.shape
+        # Pass 2, in float64: A = Σ Gi/ci and C0 = Σ (τ0 − τi) Gi/ci.
+        origin64 = origin.double()
+        gram = origin64.new_zeros((b, b))
+        gradient0 = torch.zeros_like(origin64)
+        for i in active:
+            tau = task_vectors[i].to(device)
+            tau64 = (tau if columns is None else tau[:, columns]).double()
+            del tau
+            g_i = (tau64.T @ tau64).div_(norms[i])
+            gram += g_i
+            if 2 * a < b:  # ((τ0 − τi) τiᵀ) τi/ci: 2·a²·b flop instead of a·b²
+                gradient0.addmm_((origin64 - tau64) @ tau64.T, tau64, alpha=1 / norms[i])
+            else:
+                gradient0.addmm_(origin64 - tau64, g_i)
+            del tau64, g_i
+        gram, gradient0 = gram.float(), gradient0.float()
+        del origin64
+        # The Adam steps, each on g = 2((τ − τ0) A + C0).
+        merged, optimizer = _adam(origin.clone(), lr)
+        delta, grad = torch.empty_like(origin), torch.empty_like(origin)
+        for _ in range(iter_num):
+            with torch.no_grad():
+                torch.sub(merged, origin, out=delta)
+                torch.matmul(delta, gram, out=grad)
+                grad.add_(gradient0).mul_(2)
+            merged.grad = grad
+            optimizer.step()
+        if columns is None:
+            return merged.detach()
+        start[:, columns] = merged.detach()
+        return start
+
+
+def gram_applies(shape: Sequence[int], n: int) -> bool:
+    """Whether the Gram form saves work on a tensor that is [a, b] as optimised, with n task vectors:
+    when A ([b, b]) is no larger than the n task vectors (b ≤ n·a). Otherwise (wte on the input side,
+    [768, 50257] for n = 7) one of its steps costs as many flops as back-propagation, which then
+    keeps FusionBench's order of operations (and its bits)."""
+    a, b = shape
+    return b <= n * a
 
 
 def minimise_interference_closed_form(task_vectors: Tensor, key: str = "tensor") -> Tensor:
@@ -155,19 +277,95 @@ def minimise_interference_closed_form(task_vectors: Tensor, key: str = "tensor")
     return solution.solution.T.to(task_vectors.dtype)
 
 
-def _check_product_size(key: str, rows: int, n: int, element_size: int, side: str) -> None:
+def _check_product_size(key: str, rows: int, n: int, element_size: int, side: str, solver: str) -> None:
+    """Refuse a key whose stacked [n, rows, rows] loss product (autograd, closed form) would not fit."""
     size = n * rows * rows * element_size
     if size > MAX_PRODUCT_BYTES:
-        fix = (
-            f"exclude it (exclude_keys: [{key}], FusionBench's own workaround: it then gets θ0 + mean τ) "
-            f"or use side: input"
-            if side == "fusionbench"
-            else f"exclude it (exclude_keys: [{key}])"
-        )
-        raise ValueError(
+        fixes = "use gradient: gram (the default, which never forms it), " if solver == "adam" else ""
+        fixes += f"exclude it (exclude_keys: [{key}]"
+        fixes += ", FusionBench's own workaround: it then gets θ0 + mean τ)" if side == "fusionbench" else ")"
+        if side == "fusionbench":
+            fixes += " or use side: input"
+        raise MergelitError(
             f"WUDI side={side!r} on {key!r} needs a [{n}, {rows}, {rows}] loss product "
-            f"({size / 2**30:.1f} GiB, about three times that with autograd); {fix}."
+            f"({size / 2**30:.1f} GiB, about three times that with autograd); {fixes}."
         )
+
+
+def _stacked_task_vectors(theta0: Tensor, thetas: Sequence[Tensor], transpose: bool) -> Tensor:
+    """[n, ...]: τi = θi − θ0 (transposed if asked), written straight into one tensor, one θi read
+    at a time (no list of n temporaries: wte's stack alone is 1 GiB at GPT-2 small)."""
+    base = theta0.T if transpose else theta0
+    stacked = base.new_empty((len(thetas), *base.shape))
+    for i, theta in enumerate(thetas):
+        torch.sub(theta.T if transpose else theta, base, out=stacked[i])
+    return stacked
+
+
+def wudi_merge_tensor(
+    theta0: Tensor,
+    thetas: Sequence[Tensor],
+    optimise: bool,
+    iter_num: int = 400,
+    lr: float = 1e-5,
+    side: Literal["input", "fusionbench"] = "input",
+    solver: Literal["adam", "closed_form"] = "adam",
+    gradient: Literal["gram", "autograd"] = "gram",
+    others: Literal["mean", "pretrained"] = "mean",
+    key: str = "tensor",
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """θ*[key] = θ0 + τ for one tensor: τ from the interference loss if ``optimise``, else per ``others``.
+
+    Args:
+        theta0: θ0[key] (on the CPU).
+        thetas: θ1[key] … θn[key], each read when indexed.
+        optimise: whether this key's τ minimises the loss (a 2-D tensor not excluded).
+        iter_num, lr, side, solver, gradient, others: as ``WUDIMerging``'s.
+        key: the tensor's name, for messages.
+        device: where the optimisation runs (default CPU; the closed form always solves on the CPU).
+
+    Returns:
+        θ*[key] on θ0's device.
+    """
+    if not optimise:
+        if others == "pretrained":  # the paper's code: only the optimised tensors move
+            return theta0
+        if gradient == "autograd":  # FusionBench's sum over the stacked task vectors, bit for bit
+            return theta0 + torch.sum(_stacked_task_vectors(theta0, thetas, transpose=False), dim=0) / len(thetas)
+        return theta0 + ordered_sum(TaskVectors(theta0, thetas)) / len(thetas)
+    # On the input side the τi go to [out, in], where the formula is the paper's.
+    transpose = side == "input"
+    shape = theta0.T.shape if transpose else theta0.shape
+    if solver == "adam" and gradient == "gram" and gram_applies(shape, len(thetas)):
+        tau = minimise_interference_gram(TaskVectors(theta0, thetas, transpose=transpose), iter_num, lr, device)
+    else:
+        stacked = _stacked_task_vectors(theta0, thetas, transpose)
+        if solver == "adam":
+            tau, _ = minimise_interference_adam(stacked, iter_num, lr, device)
+        else:  # LAPACK's gelsd (the minimum-norm solve) is CPU-only
+            tau = minimise_interference_closed_form(stacked, key)
+        del stacked
+    tau = tau.to(theta0.device)
+    return theta0 + (tau.T if transpose else tau)
+
+
+def _optimised_keys(shapes: dict[str, Sequence[int]], exclude_keys: Sequence[str]) -> list[str]:
+    """The keys whose τ minimises the loss: 2-D and not excluded (FusionBench's rule)."""
+    unknown = sorted(set(exclude_keys) - shapes.keys())
+    if unknown:
+        raise KeyMissing(f"exclude_keys names {unknown[0]!r}, which is not a tensor of the body; give exact state-dict keys.")
+    return [key for key, shape in shapes.items() if len(shape) == 2 and key not in exclude_keys]
+
+
+def _check_products(shapes: dict[str, Sequence[int]], optimised: list[str], n: int, side: str, solver: str, gradient: str) -> None:
+    # The product is [a, a] for the τi as optimised, [a, b]: on the input side τiᵀ ([out, in] for
+    # GPT-2's [in, out] storage, so [out, out]); on FusionBench's, the stored rows ([in, in]).
+    for key in optimised:
+        shape = tuple(reversed(shapes[key])) if side == "input" else tuple(shapes[key])
+        if solver == "adam" and gradient == "gram" and gram_applies(shape, n):
+            continue  # the Gram form never forms the product
+        _check_product_size(key, shape[0], n, 4, side, solver)
 
 
 def wudi_merge(
@@ -178,70 +376,43 @@ def wudi_merge(
     exclude_keys: list[str] | None = None,
     side: Literal["input", "fusionbench"] = "input",
     solver: Literal["adam", "closed_form"] = "adam",
+    gradient: Literal["gram", "autograd"] = "gram",
+    others: Literal["mean", "pretrained"] = "mean",
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + τ, τ minimising the interference loss on 2-D keys and the mean τi elsewhere.
+    """θ* = θ0 + τ over whole bodies, τ minimising the interference loss on 2-D keys and per
+    ``others`` elsewhere: the reference ``WUDIMerging``'s per-key merge is tested against.
 
     Args:
         pretrained: θ0, the pretrained body's state dict.
         finetuned: task -> θi, the fine-tuned bodies' state dicts.
         iter_num: Adam steps per 2-D key (``solver="adam"``).
         lr: Adam's learning rate.
-        exclude_keys: exact key names (as FusionBench) of 2-D tensors that take the mean instead.
+        exclude_keys: exact key names (as FusionBench) of 2-D tensors treated as ``others``.
         side: ``"input"`` (the paper's side for GPT-2's [in, out] storage) or ``"fusionbench"``
             (the formula on the stored layout).
         solver: ``"adam"`` (the paper and FusionBench) or ``"closed_form"`` (the exact minimiser).
+        gradient: ``"gram"`` (precomputed Gram sums) or ``"autograd"`` (FusionBench's order of operations).
+        others: ``"mean"`` (FusionBench: θ0 + mean τi) or ``"pretrained"`` (the paper's code: θ0).
         device: where the optimisation runs (default CPU); the result is on CPU.
         progress: show a progress bar over the keys.
     """
-    _check_arguments(iter_num, lr, side, solver)
+    iter_num, lr = _check_arguments(iter_num, lr, side, solver, gradient, others)
     check_finetuned(pretrained, finetuned)
-    excluded = set(exclude_keys or [])
-    unknown = sorted(excluded - pretrained.keys())
-    if unknown:
-        raise ValueError(f"exclude_keys names {unknown[0]!r}, which is not a tensor of the body.")
-    n = len(finetuned)
-    optimised = [key for key, tensor in pretrained.items() if tensor.dim() == 2 and key not in excluded]
-    # The loss product is [a, a] for the τi as optimised, [a, b]: on the input side τiᵀ ([out, in]
-    # for GPT-2's [in, out] storage, so [out, out]); on FusionBench's, the stored rows ([in, in]).
-    for key in optimised:
-        rows = pretrained[key].shape[1] if side == "input" else pretrained[key].shape[0]
-        _check_product_size(key, rows, n, pretrained[key].element_size(), side)
+    shapes = {key: tuple(tensor.shape) for key, tensor in pretrained.items()}
+    optimised = set(_optimised_keys(shapes, list(exclude_keys or [])))
+    _check_products(shapes, sorted(optimised), len(finetuned), side, solver, gradient)
 
     from tqdm.auto import tqdm
 
-    merged = {}
-    for key in tqdm(list(pretrained), desc="WUDI", leave=False, disable=not progress):
-        base = pretrained[key]
-        if key in optimised:
-            # On the input side the τi go to [out, in], where the formula is the paper's.
-            stacked = _stacked_task_vectors(pretrained, finetuned, key, transpose=side == "input")
-            stacked = stacked.to(device or "cpu")
-            if solver == "adam":
-                tau, _ = minimise_interference_adam(stacked, iter_num, lr)
-            else:
-                tau = minimise_interference_closed_form(stacked, key)
-            del stacked
-            tau = tau.to(base.device)
-            if side == "input":
-                tau = tau.T
-        else:
-            tau = torch.sum(_stacked_task_vectors(pretrained, finetuned, key, transpose=False), dim=0) / n
-        merged[key] = base + tau
-    return merged
-
-
-def _stacked_task_vectors(
-    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], key: str, transpose: bool
-) -> Tensor:
-    """[n, ...]: τi = θi − θ0 on ``key`` (transposed if asked), written straight into one tensor
-    (no list of n temporaries: wte's stack alone is 1 GiB at GPT-2 small)."""
-    base = pretrained[key].T if transpose else pretrained[key]
-    stacked = base.new_empty((len(finetuned), *base.shape))
-    for i, body in enumerate(finetuned.values()):
-        torch.sub(body[key].T if transpose else body[key], base, out=stacked[i])
-    return stacked
+    return {
+        key: wudi_merge_tensor(
+            base, [body[key] for body in finetuned.values()], key in optimised, iter_num, lr, side, solver,
+            gradient, others, key, device,
+        )
+        for key, base in tqdm(pretrained.items(), desc="WUDI", leave=False, disable=not progress)
+    }
 
 
 class WUDIMerging(MergeMethod):
@@ -251,19 +422,31 @@ class WUDIMerging(MergeMethod):
         iter_num: Adam steps per 2-D tensor (FusionBench's ``wudi.yaml``: 400). 0 gives Task
             Arithmetic with λ = 1 on the 2-D tensors.
         lr: η, Adam's learning rate (FusionBench fixes 1e-5; the paper's RoBERTa code uses 2e-5).
-        exclude_keys: exact names of 2-D tensors that get the mean τi instead (FusionBench's
+        exclude_keys: exact names of 2-D tensors treated like the 1-D ones (FusionBench's
             argument), e.g. ``[wte.weight]``.
         side: ``input`` (default): the paper's loss for GPT-2's [in, out] storage of Conv1D and
             embeddings. ``fusionbench``: FusionBench's formula on the stored layout (the output
-            side of Conv1D); needs ``exclude_keys: [wte.weight]`` on GPT-2 (wte's product would be
-            66 GiB), and then reproduces FusionBench.
+            side of Conv1D).
         solver: ``adam`` (default, the paper and FusionBench) or ``closed_form``: the loss's exact
             (minimum-norm) minimiser; changes the numbers (Adam stays near Σ τi).
+        gradient: how each Adam step's gradient is computed. ``gram`` (default): from Gram sums
+            precomputed per tensor, one [a, b] × [b, b] product per step, on every tensor where
+            that saves work (with 7 tasks, all of GPT-2 small's but wte on the input side, which
+            takes ``autograd``);
+            within 8.2e-8 of ``autograd`` after 400 steps where measured. ``autograd``:
+            back-propagation through FusionBench's loss, FusionBench's iterates bit for bit on CPU
+            (with ``side: fusionbench``, GPT-2's wte then needs ``exclude_keys: [wte.weight]``:
+            its product would be 66 GiB).
+        others: the tensors not optimised (1-D ones, ``exclude_keys``): ``mean`` (default,
+            FusionBench) θ0 + the mean τi; ``pretrained``: θ0, as the paper's code leaves them.
+
+    The optimisation runs on the Trainer's device (a GPU when the Trainer has one).
     """
 
     display_name = "WUDI"
     symbols = {"iter_num": "steps", "lr": "η"}
-    recommended: dict = {}  # FusionBench's 400 steps (the demo and the tests give it a smaller budget by name)
+    recommended: dict = {}  # FusionBench's 400 steps
+    quick = {"iter_num": 20}
     kind = "merged"
 
     def __init__(
@@ -274,23 +457,34 @@ class WUDIMerging(MergeMethod):
         exclude_keys: list[str] | None = None,
         side: Literal["input", "fusionbench"] = "input",
         solver: Literal["adam", "closed_form"] = "adam",
+        gradient: Literal["gram", "autograd"] = "gram",
+        others: Literal["mean", "pretrained"] = "mean",
     ):
         super().__init__(pool)
-        _check_arguments(iter_num, lr, side, solver)
-        self.iter_num = iter_num
-        self.lr = float(lr)
+        self.iter_num, self.lr = _check_arguments(iter_num, lr, side, solver, gradient, others)
         self.exclude_keys = list(exclude_keys) if exclude_keys else []
-        self.side = side
-        self.solver = solver
+        self.side, self.solver, self.gradient, self.others = side, solver, gradient, others
+        self._optimised: set[str] = set()
+        self._device = torch.device("cpu")
         self.save_hyperparameters(ignore=["pool"])
 
-    def merge(self) -> dict[str, Tensor]:
-        return wudi_merge(
-            self.pool.pretrained_body(),
-            self.pool.finetuned_bodies(),
-            iter_num=self.iter_num,
-            lr=self.lr,
-            exclude_keys=self.exclude_keys,
-            side=self.side,
-            solver=self.solver,
+    # Nothing is reused across sweep points: there is no λ, and every argument changes the iterates.
+
+    def merge_device(self) -> torch.device:
+        """Where the optimisation runs: the Trainer's device when the method is attached to one
+        (``setup`` runs before Lightning moves the module there), else the CPU."""
+        trainer = self._trainer
+        return torch.device("cpu") if trainer is None else torch.device(trainer.strategy.root_device)
+
+    def prepare_merge(self) -> None:
+        shapes = {key: tuple(shape) for key, shape in self.pool.body_shapes().items()}
+        optimised = _optimised_keys(shapes, self.exclude_keys)
+        _check_products(shapes, optimised, len(self.tasks), self.side, self.solver, self.gradient)
+        self._optimised = set(optimised)
+        self._device = self.merge_device()
+
+    def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        return wudi_merge_tensor(
+            theta0, thetas, key in self._optimised, self.iter_num, self.lr, self.side, self.solver, self.gradient,
+            self.others, key, self._device,
         )
