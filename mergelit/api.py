@@ -197,13 +197,13 @@ def export_merged(method_: MergeMethod, folder: Union[str, Path], report: Option
     if not method_.exportable:
         raise MergelitError(f"{method_.display_name} has no merged body to export.")
     from mergelit.export import reproducible_config
-    from mergelit.report import _plain
+    from mergelit.report import plain_value
 
     method_.setup("test")
     pool = method_.pool
     config = {
         "pool": {"pretrained": pool.pretrained_path, "finetuned": dict(pool.finetuned_paths), "tokenizer": pool.tokenizer_path},
-        "model": {"class_path": f"mergelit.methods.{type(method_).__name__}", "init_args": _plain(dict(method_.hparams))},
+        "model": {"class_path": f"mergelit.methods.{type(method_).__name__}", "init_args": plain_value(dict(method_.hparams))},
     }
     provenance = Provenance(report or {}, reproducible_config(config), None)
     return save_merged(folder, pool, lambda task: method_.body_for(task).state_dict(), provenance)

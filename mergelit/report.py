@@ -380,16 +380,16 @@ def _partial_evaluation(trainer: Any) -> bool:
     return bool(getattr(trainer, "fast_dev_run", False)) or not (isinstance(limit, float) and limit == 1.0)
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """A JSON-safe copy of a hyperparameter value (a nested method becomes its class path and arguments)."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_value(v) for k, v in value.items()}
     if hasattr(value, "hparams") and hasattr(value, "display_name"):  # a base method given to a wrapper
-        return {"class_path": f"{type(value).__module__}.{type(value).__name__}", "init_args": _plain(dict(value.hparams))}
+        return {"class_path": f"{type(value).__module__}.{type(value).__name__}", "init_args": plain_value(dict(value.hparams))}
     return repr(value)
 
 
@@ -398,7 +398,7 @@ def protocol_entry(method, trainer, record: CostRecord | None = None) -> dict[st
     return {
         "method": method.display_name,
         "class_path": f"{type(method).__module__}.{type(method).__name__}",
-        "hyperparameters": _plain(dict(getattr(method, "hparams", {}))),
+        "hyperparameters": plain_value(dict(getattr(method, "hparams", {}))),
         "kind": method.kind,
         "data": method.data,
         "bodies_at_inference": method.bodies_at_inference(),

@@ -97,14 +97,18 @@ def import_object(class_path: str) -> Any:
 
 def instantiate(value: Any) -> Any:
     """A parsed config value with every ``{class_path, init_args}`` in it made into its object
-    (jsonargparse has checked the arguments already); other values as they are."""
+    (jsonargparse has checked the arguments already), except a method's config, which a wrapper
+    builds on its own pool; other values as they are."""
     value = plain(value)
     if isinstance(value, list):
         return [instantiate(item) for item in value]
     if isinstance(value, dict) and "class_path" in value:
+        cls = import_object(value["class_path"])
+        if isinstance(cls, type) and issubclass(cls, MergeMethod):
+            return value  # a wrapper's base method: the wrapper builds it on its own pool
         arguments = {k: instantiate(v) for k, v in (value.get("init_args") or {}).items()}
         arguments.update(value.get("dict_kwargs") or {})
-        return import_object(value["class_path"])(**arguments)
+        return cls(**arguments)
     return value
 
 

@@ -18,7 +18,7 @@ ROOT = PACKAGE.parent
 
 # Bottom to top: a module may import its own layer and the ones below it, never one above.
 LAYERS = [
-    ("core", ("errors", "tasks", "costs", "progress", "configfile", "metrics", "state_dict", "linalg", "cache", "report", "gpt2", "glue", "pool",
+    ("core", ("errors", "tasks", "costs", "progress", "configfile", "metrics", "uncertainty", "state_dict", "linalg", "cache", "report", "gpt2", "glue", "pool",
               "statistics", "export")),
     ("methods", ("methods",)),
     ("fixtures", ("synthetic",)),

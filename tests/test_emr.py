@@ -219,7 +219,7 @@ def test_bodies_are_built_in_the_merge_phase(pool):
 
 def test_task_aware_no_single_merged_body_and_unknown_task_refused(pool):
     method = EMRMerging(pool)
-    assert method.kind == "task-aware" and method.display_name == "EMR-Merging" and method.exportable()
+    assert method.kind == "task-aware" and method.display_name == "EMR-Merging" and method.exportable
     assert not hasattr(method, "merge_task")
     with pytest.raises(NotImplementedError):
         method.merge()  # no merged body: task t is scored with body_for(t)

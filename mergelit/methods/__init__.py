@@ -8,29 +8,7 @@ use ``method_classes()``, so a new method file is picked up everywhere by itself
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
-from mergelit.methods.base import MergeMethod
-
-
-def method_classes() -> list[type[MergeMethod]]:
-    """Every method class of the package, in the order of its modules' names, then definition order."""
-    classes: list[type[MergeMethod]] = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name == "base":
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for value in vars(module).values():
-            if (
-                isinstance(value, type)
-                and issubclass(value, MergeMethod)
-                and value is not MergeMethod
-                and value.__module__ == module.__name__
-                and value not in classes
-            ):
-                classes.append(value)
-    return classes
+from mergelit.methods.base import MergeMethod, method_classes
 
 
 def __getattr__(name: str) -> type[MergeMethod]:

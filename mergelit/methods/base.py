@@ -90,7 +90,6 @@ class MergeMethod(L.LightningModule):
         self.fused_gelu = False
         self._body: nn.Module | None = None
         self.results: dict[str, dict[str, float]] | None = None
-        self.reusable = None  # PORTING: removed once every method uses merge_tensor / reused
         # Plain (micro) accuracy = mean of per-example correctness, and cross-entropy averaged over
         # examples (not over batch means, which would depend on the batch size). Both are
         # torchmetrics means (synced across processes) in float64, so the report holds the exact
@@ -247,11 +246,34 @@ class MergeMethod(L.LightningModule):
 
 
 # ---- methods named in a config (a wrapper's ``base:``) ------------------------------------------
+def method_classes() -> list[type[MergeMethod]]:
+    """Every method class of ``mergelit.methods``: each ``MergeMethod`` subclass defined in one of
+    its modules, in the order of the modules' names, then definition order."""
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    package = __name__.rsplit(".", 1)[0]
+    classes: list[type[MergeMethod]] = []
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, MergeMethod)
+                and value is not MergeMethod
+                and value.__module__ == module.__name__
+                and value not in classes
+            ):
+                classes.append(value)
+    return classes
+
+
 def method_class(class_path: str) -> type[MergeMethod]:
     """The method class a config names (``mergelit.methods.TiesMerging``, its module path, or
     ``TiesMerging``), looked up among mergelit's methods: nothing is imported from the path."""
-    from mergelit.methods import method_classes
-
     for cls in method_classes():
         if class_path in (cls.__name__, f"mergelit.methods.{cls.__name__}", f"{cls.__module__}.{cls.__name__}"):
             return cls
