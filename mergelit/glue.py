@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import lightning as L
 import torch
@@ -72,19 +73,62 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+_fingerprints: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that decides token ids: vocabulary, merges, normalizer, pad.
 
     Not the truncation and padding settings the backend keeps from its last call (``tokenizer(...,
-    truncation=True)`` writes them): the same tokenizer must hash the same before and after use."""
+    truncation=True)`` writes them): the same tokenizer must hash the same before and after use.
+    Computed once per tokenizer object and pad id (serialising the vocabulary takes about a second)."""
     import json
 
+    known = _fingerprints.get(tokenizer)
+    if known is not None and known[0] == tokenizer.pad_token_id:
+        return known[1]
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     state.pop("truncation", None)
     state.pop("padding", None)
     digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
     digest.update(f"pad={tokenizer.pad_token_id}".encode())
-    return digest.hexdigest()[:16]
+    _fingerprints[tokenizer] = (tokenizer.pad_token_id, digest.hexdigest()[:16])
+    return _fingerprints[tokenizer][1]
+
+
+# Settings a tokenizer export records from its last call, which do not change token ids of a row.
+_CALL_SETTINGS = ("max_length", "stride", "truncation_side", "truncation_strategy", "model_max_length", "name_or_path",
+                  "padding_side", "pad_to_multiple_of", "padding_strategy")
+
+
+def tokenizer_files_digest(folder: str) -> Optional[str]:
+    """A hash of a folder's tokenizer files (None when it is not a folder with them), without the
+    per-call settings an export records in ``tokenizer_config.json``: two folders with the same
+    digest hold the same tokenizer, found without loading either (different digests prove nothing)."""
+    import json
+
+    if not os.path.isdir(folder) or not has_tokenizer_files(folder):
+        return None
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as file:
+            content = file.read()
+        if name == "tokenizer_config.json":
+            try:
+                settings = json.loads(content)
+            except ValueError:
+                return None
+            if not isinstance(settings, dict):
+                return None
+            content = json.dumps({k: v for k, v in settings.items() if k not in _CALL_SETTINGS}, sort_keys=True).encode()
+        digest.update(f"{name}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()
 
 
 def data_fingerprint(dataset: datasets.Dataset) -> str:

@@ -56,6 +56,8 @@ MANIFEST_FORMAT = 1
 
 ALL_METHODS = "all"
 """``sweep.grid.model: all`` lists every method meant for comparison (``mergelit.sweep.every_method``)."""
+TUNED_METHODS = "tuned"
+"""``sweep.grid.model: tuned``: the same methods, each with its own range (``MergeMethod.search``)."""
 
 
 @dataclass
@@ -66,7 +68,8 @@ class Sweep:
         grid: config key -> list of values, e.g. ``model.init_args.scaling_factor: [0.0, 0.1]``. Keys
             are the dotted names ``--print_config`` shows; ``model`` takes whole methods
             (``{class_path: ..., init_args: ...}``), or ``all``: every method of ``mergelit.methods``
-            meant for comparison, with its recommended arguments. A method may carry its own grid
+            meant for comparison, with its recommended arguments, or ``tuned``: the same, each with
+            the range of its ``search`` attribute as its own grid. A method may carry its own grid
             of arguments, ``{class_path: ..., grid: {scaling_factor: [0.1, 0.2]}}``: one point per
             combination, all of them one *method* for selection and ``compare`` (each method at
             its own choice). Several keys: their cartesian product, the first key varying slowest.

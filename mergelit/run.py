@@ -216,14 +216,16 @@ def check_tokenizer_matches_pool(tokenizer, tokenizer_path: str, pool) -> None:
     """The tokenizer that makes the token ids must be the one the models were trained with: where a
     fine-tuned checkpoint folder holds tokenizer files of its own, they must give the same ids
     (vocabulary, merges, normalisation, pad), else the run is refused naming both."""
-    from mergelit.glue import has_tokenizer_files, load_tokenizer, tokenizer_fingerprint
+    from mergelit.glue import has_tokenizer_files, load_tokenizer, tokenizer_files_digest, tokenizer_fingerprint
 
-    used = tokenizer_fingerprint(tokenizer)
+    used_files = tokenizer_files_digest(str(tokenizer_path))
     for task in pool.tasks:
         folder = pool._finetuned_checkpoint(task).folder
         if os.path.abspath(folder) == os.path.abspath(str(tokenizer_path)) or not has_tokenizer_files(folder):
             continue
-        if tokenizer_fingerprint(load_tokenizer(folder)) != used:
+        if used_files is not None and tokenizer_files_digest(folder) == used_files:
+            continue  # byte-identical files: the same tokenizer
+        if tokenizer_fingerprint(load_tokenizer(folder)) != tokenizer_fingerprint(tokenizer):
             raise MergelitError(
                 f"The tokenizer {tokenizer_path!r} (data.tokenizer / pool.tokenizer) gives other token ids than the "
                 f"{task!r} model's own tokenizer in {folder!r} (another vocabulary or merges): its scores would be "

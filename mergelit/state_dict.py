@@ -45,6 +45,21 @@ def task_vector(finetuned: dict[str, Tensor], pretrained: dict[str, Tensor]) -> 
     return {key: finetuned[key] - pretrained[key] for key in pretrained}
 
 
+def task_vector_sum(theta0: Tensor, thetas: Iterable[Tensor]) -> Tensor:
+    """Σ τi = Σ (θi − θ0) for one tensor, accumulated in task order (FusionBench's float32 rounding)."""
+    values = iter(thetas)
+    summed = next(values) - theta0
+    for theta in values:
+        summed += theta - theta0
+    return summed
+
+
+def tall_mask(theta0: Tensor, theta: Tensor, theta_mtl: Tensor, tall_mask_lambda: Tensor) -> Tensor:
+    """TALL mask m_t = |θ0 − θt| > |θ_MTL − θt| · λ (bool), the official expression; λ a float32 0-d tensor."""
+    # In place on the two fresh differences (the same bits as the expression): fewer temporaries.
+    return (theta0 - theta).abs_() > (theta_mtl - theta).abs_().mul_(tall_mask_lambda)
+
+
 def flatten(state_dict: dict[str, Tensor]) -> Tensor:
     """Every tensor of ``state_dict``, keys sorted by name, concatenated into one new 1-D tensor."""
     return torch.cat([state_dict[key].reshape(-1) for key in sorted(state_dict)])

@@ -68,6 +68,7 @@ from mergelit.errors import MergelitError
 from mergelit.glue import GLUEDataModule
 from mergelit.grid import (
     ALL_METHODS,
+    TUNED_METHODS,
     MANIFEST_FORMAT,
     PLACEHOLDER_MODEL,
     Point,
@@ -255,8 +256,8 @@ class SweepRunner:
         """Check the grid and parse every point's config, before anything runs: ``(grid, points, configs)``."""
         base = self.config
         grid = {key: [plain(v) for v in values] if isinstance(values, list) else values for key, values in plain(base.sweep.grid).items()}
-        if grid.get("model") == ALL_METHODS:
-            grid["model"] = every_method()
+        if grid.get("model") in (ALL_METHODS, TUNED_METHODS):
+            grid["model"] = every_method(tuned=grid["model"] == TUNED_METHODS)
         check_grid(grid, base)
         if "model" not in grid and is_placeholder(base.model.class_path):
             raise ValueError(
@@ -520,15 +521,20 @@ class SweepRunner:
             tracking.log_summary(logger, [*headers, *tasks, "average"], data, plot, markdown)
 
 
-def every_method() -> list[dict[str, Any]]:
+def every_method(tuned: bool = False) -> list[dict[str, Any]]:
     """``sweep.grid.model: all``: every method of ``mergelit.methods`` meant for comparison, each with
-    its ``recommended`` arguments, as ``model:`` config values (a new method file joins by itself)."""
+    its ``recommended`` arguments, as ``model:`` config values (a new method file joins by itself);
+    ``tuned`` (``model: tuned``): each with its ``search`` range as its own grid."""
     specs = []
     for cls in method_classes():
         if cls.comparison:
             spec: dict[str, Any] = {"class_path": f"mergelit.methods.{cls.__name__}"}
-            if cls.recommended:
-                spec["init_args"] = dict(cls.recommended)
+            init_args = dict(cls.recommended)
+            if tuned and cls.search:
+                spec["grid"] = {name: list(values) for name, values in cls.search.items()}
+                init_args = {k: v for k, v in init_args.items() if k not in cls.search}
+            if init_args:
+                spec["init_args"] = init_args
             specs.append(spec)
     return specs
 

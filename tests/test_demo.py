@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from mergelit.__main__ import main
+from mergelit.demo import SIZES, thinned
 from mergelit.methods import method_classes
 from mergelit.tasks import TASKS
 
@@ -30,11 +31,22 @@ def test_demo_builds_merges_and_reuses_its_pool(tmp_path, monkeypatch, capsys, c
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(ROWS) and all(r["Method"].startswith(name) for r, name in zip(rows, ROWS))
-    for row in rows:
-        # The leaderboard: accuracy per task and average, then extra metrics, costs, data and kind.
+    tuned = {cls.display_name: cls for cls in method_classes() if cls.comparison}
+    for row, name in zip(rows[1:], ROWS[1:]):
+        # The leaderboard: accuracy per task and average, the average's interval, normalized
+        # accuracy, the gain over tuned Task Arithmetic, extra metrics, total cost, data and kind.
         assert list(row)[: len(TASKS) + 2] == ["Method", *TASKS, "average"]
-        assert {"merge_seconds", "data", "kind"} <= set(row)
         assert all(0.0 <= float(row[t]) <= 1.0 for t in [*TASKS, "average"])
+        assert float(row["average_ci_low"]) <= float(row["average"]) <= float(row["average_ci_high"])
+        assert float(row["normalized_accuracy"]) > 0 and row["gain"] != "" and float(row["total_cost_seconds"]) >= 0
+        assert row["kind"] == tuned[name].kind
+        if tuned[name].search:  # a method with a range: its point chosen on the dev rows
+            (argument, values), = tuned[name].search.items()
+            points = len(thinned(values, SIZES["small"].search_points))
+            assert row["role"] == "selected" and f"selected on dev (of {points})" in row["Method"]
+            assert "dev" in row["data"]
+    ta = next(r for r in rows if r["Method"].startswith("Task Arithmetic"))
+    assert float(ta["gain"]) == 0.0  # the gain is over tuned Task Arithmetic
     assert (out / "plot.png").stat().st_size > 0
     assert (out / "results" / "individual" / "table.md").is_file()  # the 7x7 cross-task table
 

@@ -84,6 +84,18 @@ def test_discovery_finds_every_method_file():
         assert set(cls.quick) <= set(inspect.signature(cls.__init__).parameters), f"{cls.__name__}.quick names no argument"
 
 
+@pytest.mark.parametrize("cls", [c for c in METHODS if c.search], ids=[c.__name__ for c in METHODS if c.search])
+def test_search_range_is_one_argument_whose_every_value_builds(cls, pool):
+    """``model: tuned`` sweeps one argument per method; every value of its range is valid with the
+    method's recommended arguments (a tuned comparison never fails on its own grid)."""
+    assert len(cls.search) == 1
+    (name, values), = cls.search.items()
+    assert name in inspect.signature(cls.__init__).parameters and len(values) >= 3
+    assert values == sorted(values) and len(set(values)) == len(values)
+    for value in values:
+        assert cls(pool, **{**cls.recommended, name: value}).hparams[name] == value
+
+
 @pytest.mark.parametrize("cls", METHODS, ids=IDS)
 def test_float_arguments_refuse_nan_and_inf(cls, pool):
     """Every float argument refuses NaN and inf in the constructor, with a message naming it."""

@@ -838,3 +838,33 @@ def test_the_tokenizer_fingerprint_does_not_change_once_the_tokenizer_has_tokeni
     before = tokenizer_fingerprint(tokenizer)
     tokenizer("a premise", "a hypothesis", truncation=True, max_length=16)
     assert tokenizer_fingerprint(tokenizer) == before == tokenizer_fingerprint(load_tokenizer(str(fixtures_root / "pool" / "cola")))
+
+
+def test_tokenizer_files_digest_ignores_recorded_call_settings_only(fixtures_root, tmp_path):
+    """The quick check before loading a checkpoint's own tokenizer: files equal up to the per-call
+    settings an export records (max_length, truncation) are the same tokenizer; another vocabulary
+    is not; a folder without tokenizer files has no digest."""
+    from mergelit.glue import tokenizer_files_digest
+
+    source = fixtures_root / "pool" / "pretrained"
+    config = source / "tokenizer_config.json"
+    settings = json.loads(config.read_text()) if config.is_file() else {}
+    plain, recorded = tmp_path / "plain", tmp_path / "recorded"
+    for folder, extra in ((plain, {}), (recorded, {"max_length": 512, "truncation_side": "right", "stride": 0})):
+        shutil.copytree(source, folder)
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, **extra}))
+    assert tokenizer_files_digest(str(recorded)) == tokenizer_files_digest(str(plain)) is not None
+    permuted = tokenizer_copy(fixtures_root, tmp_path / "permuted", permute=True)
+    same = tokenizer_copy(fixtures_root, tmp_path / "same", permute=False)
+    assert tokenizer_files_digest(str(permuted)) != tokenizer_files_digest(str(same))
+    assert tokenizer_files_digest(str(tmp_path / "nowhere")) is None
+
+
+def test_the_tokenizer_fingerprint_follows_the_pad_token(fixtures_root):
+    """Computed once per tokenizer, but a changed pad id is another fingerprint."""
+    from mergelit.glue import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(str(fixtures_root / "pool" / "pretrained"))
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer.pad_token = "!"
+    assert tokenizer_fingerprint(tokenizer) != before

@@ -165,9 +165,9 @@ def test_lambda_free_part_is_reused_across_a_sweep(pool_paths, monkeypatch):
     expected_ta = {lam: task_arithmetic_merge(theta0, bodies, lam) for lam in (0.3, 0.7)}
     expected_50 = ties_merge(theta0, bodies, 0.3, 50)
     elections, sums = [], []
-    election, summed = ties_module.ties_election, task_arithmetic_module.task_vector_sum_tensor
+    election, summed = ties_module.ties_election, task_arithmetic_module.task_vector_sum
     monkeypatch.setattr(ties_module, "ties_election", lambda *a: elections.append(1) or election(*a))
-    monkeypatch.setattr(task_arithmetic_module, "task_vector_sum_tensor", lambda *a: sums.append(1) or summed(*a))
+    monkeypatch.setattr(task_arithmetic_module, "task_vector_sum", lambda *a: sums.append(1) or summed(*a))
     pool.keep_reused(True)
     for scaling_factor, reference in expected.items():
         assert_bits_equal(TiesMerging(pool, scaling_factor).merge(), reference)

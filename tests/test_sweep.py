@@ -19,6 +19,7 @@ from mergelit.__main__ import main
 from mergelit.cli import MergeCLI
 from mergelit.tasks import TASKS, task_title
 from mergelit.grid import prepare_folder
+from mergelit.methods import method_classes
 from mergelit.sweep import SweepRunner, every_method
 from mergelit.tracking import has_wandb_key, wandb_logger
 
@@ -291,6 +292,11 @@ def test_overwrite_replaces_another_configs_results(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", tables.MANIFEST]  # only the sweep's files go
 
 
+def tuned_points() -> int:
+    """Points of ``model: tuned``: one per value of each method's ``search`` range, one per method without."""
+    return sum(len(next(iter(cls.search.values()), [None])) for cls in method_classes() if cls.comparison)
+
+
 @pytest.mark.parametrize(
     "configs, compare, key, count",
     [
@@ -298,7 +304,7 @@ def test_overwrite_replaces_another_configs_results(tmp_path):
         (["methods/ties_merging.yaml", "sweeps/scaling_factor.yaml"], False, "model.init_args.scaling_factor", 11),
         (["sweeps/individual_7x7.yaml"], False, "model.init_args.task", 7),
         (["sweeps/methods.yaml"], True, "model", len(every_method())),  # `model: all`: every comparison method
-        (["sweeps/methods_tuned.yaml"], True, "model", 82),  # each method with its own range
+        (["sweeps/methods_tuned.yaml"], True, "model", tuned_points()),  # `model: tuned`: each method with its own range
     ],
 )
 def test_shipped_sweep_configs_plan_their_points(configs, compare, key, count):
@@ -315,7 +321,7 @@ def test_shipped_sweep_configs_plan_their_points(configs, compare, key, count):
             assert value == expected
     assert cli.config.sweep.percent == (key != "model.init_args.scaling_factor")
     if "methods_tuned.yaml" in configs[0]:  # one group per listed method; selected on the held-out dev rows
-        assert len({p.group for p in points}) == len(cli.config.sweep.grid["model"])
+        assert len({p.group for p in points}) == len(every_method())
         assert cli.config.sweep.select_on == "dev" and cli.config.data.hold_out_dev
         assert cli.config.data.dev_source == "validation"
 

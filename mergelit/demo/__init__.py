@@ -1,6 +1,7 @@
 """``mergelit demo``: the whole experiment offline, on CPU, in minutes (the driver; pretraining in ``pretrain.py``).
 
     mergelit demo                          # builds everything once, then prints the table
+    mergelit demo --size full              # more rows, a wider model, every method's whole range
     mergelit demo --output_dir DIR --seed 1
 
 The published experiment needs the hub (``gpt2``, seven ``tanganke/gpt2_<task>`` checkpoints,
@@ -12,8 +13,10 @@ runs the same commands a user runs on the real pool:
    training texts (``mergelit.pretrain``): the shared start that makes merging work;
 3. pool: one classifier per task, fine-tuned from it with ``mergelit fit``;
 4. merges: ``mergelit sweep`` over ``Individual`` (the 7x7 cross-task table and its diagonal)
-   and ``mergelit compare -c`` over every method, then one leaderboard (markdown, CSV, plot of
-   average accuracy against merge cost).
+   and ``mergelit compare -c`` over every method, each at its own choice on the dev rows (its
+   ``search`` range, thinned to the size's ``search_points``), then one leaderboard (markdown,
+   CSV, plot of average accuracy against total cost) with intervals, normalized accuracy and the
+   gain over tuned Task Arithmetic.
 
 Steps 1-3 are cached in the output folder (a rerun with the same seed and size only merges and
 evaluates); the configs it writes under ``configs/`` rerun any step by hand. Everything runs
@@ -59,9 +62,26 @@ class DemoSize:
     finetune_learning_rate: float  # the published pool: 5e-5, for a 124M model; small models need more
     num_statistics_examples: int  # Fisher / RegMean train examples per task (FusionBench: 256)
     adaptation_steps: int  # AdaMerging's steps (the paper: 500) and WUDI's (FusionBench: 400)
+    search_points: Optional[int] = None  # each method's range thinned to this many values (None: all)
 
 
 SIZES: dict[str, DemoSize] = {
+    # The default: the first run (data, pretraining, fine-tuning, every method tuned) in minutes.
+    "quick": DemoSize(
+        num_train=500,
+        num_validation=200,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        pretrain_epochs=1,
+        pretrain_learning_rate=2e-3,
+        finetune_epochs=2,
+        finetune_learning_rate=1e-3,
+        num_statistics_examples=64,
+        adaptation_steps=20,
+        search_points=3,
+    ),
+    # More rows, a wider model, the published three epochs: numbers that move less with the seed.
     "full": DemoSize(
         num_train=2000,
         num_validation=400,
@@ -89,6 +109,7 @@ SIZES: dict[str, DemoSize] = {
         finetune_learning_rate=1e-3,
         num_statistics_examples=32,
         adaptation_steps=5,
+        search_points=2,
     ),
 }
 
@@ -282,7 +303,8 @@ def demo_arguments(size: DemoSize, statistics_cache: Path) -> dict:
 
 def method_specs(size: DemoSize, statistics_cache: Path) -> list[dict]:
     """Every method meant for comparison (``mergelit.methods``, found by itself), as ``model:`` config
-    values with its recommended arguments and the demo's sizes for the arguments it has."""
+    values: its recommended arguments, its own range to choose from (``search``) and the demo's sizes
+    for the arguments it has."""
     import inspect
 
     from mergelit.sweep import every_method
@@ -290,13 +312,24 @@ def method_specs(size: DemoSize, statistics_cache: Path) -> list[dict]:
 
     overrides = demo_arguments(size, statistics_cache)
     specs = []
-    for spec in every_method():
+    for spec in every_method(tuned=True):
         parameters = inspect.signature(method_class(spec["class_path"]).__init__).parameters
         extra = {k: v for k, v in overrides.items() if k in parameters}
         if extra:
             spec = {**spec, "init_args": {**spec.get("init_args", {}), **extra}}
+        if "grid" in spec and size.search_points:
+            spec = {**spec, "grid": {k: thinned(v, size.search_points) for k, v in spec["grid"].items()}}
         specs.append(spec)
     return specs
+
+
+def thinned(values: list, count: int) -> list:
+    """``count`` values spread evenly over ``values``, both ends included (all of them if fewer)."""
+    if len(values) <= count:
+        return list(values)
+    if count == 1:
+        return [values[len(values) // 2]]
+    return [values[round(i * (len(values) - 1) / (count - 1))] for i in range(count)]
 
 
 def evaluate(
@@ -312,7 +345,9 @@ def evaluate(
         {
             "seed_everything": seed,
             "pool": pool,
-            "data": {"path": str(glue), "batch_size": 64, "cache_dir": str(cache)},
+            # Every run scores the rows outside the dev split, so the individual models' accuracy (the
+            # Norm. column's denominator) is on the rows each method is scored on.
+            "data": {"path": str(glue), "batch_size": 64, "cache_dir": str(cache), "hold_out_dev": True},
             "trainer": {
                 "accelerator": "cpu",
                 "devices": 1,
@@ -331,8 +366,10 @@ def evaluate(
     )
     methods = _write_config(
         configs / "methods.yaml",
-        f"# Every merging method on the demo's pool:\n#   mergelit compare -c {base} -c {configs / 'methods.yaml'}",
-        {"sweep": {"grid": {"model": method_specs(size, statistics_cache)}}},
+        f"# Every merging method on the demo's pool, each at its own choice on the dev rows (the validation\n"
+        f"# rows held out of scoring); only the selected point of a range is scored on the other rows:\n"
+        f"#   mergelit compare -c {base} -c {configs / 'methods.yaml'}",
+        {"sweep": {"select_on": "dev", "oracle": False, "grid": {"model": method_specs(size, statistics_cache)}}},
     )
     results = out / "results"
     if results.exists():
@@ -344,15 +381,11 @@ def evaluate(
 
 
 def comparison_rows(individual_folder: Path, methods_folder: Path):
-    """The table's rows: the individual models (7x7 diagonal), then every method in run order."""
+    """The table's rows: the individual models (7x7 diagonal), then every method in run order (a
+    method with a range: its point selected on dev)."""
     from mergelit import tables
 
-    rows = tables.sweep_rows(individual_folder)
-    manifest = json.loads((methods_folder / tables.MANIFEST).read_text())
-    for name, point in manifest["points"].items():
-        report = tables.load_report(methods_folder / f"{name}.json", manifest["tasks"])
-        rows.append(tables.Row([tables.method_label(point["model"])], report))
-    return rows
+    return tables.collect_rows([individual_folder, methods_folder])
 
 
 def write_comparison(out: Path, rows) -> str:
@@ -368,7 +401,7 @@ def write_comparison(out: Path, rows) -> str:
 def run_demo(
     output_dir: str = "lightning_logs/demo",
     seed: int = 0,
-    size: Literal["full", "small"] = "full",
+    size: Literal["quick", "full", "small"] = "quick",
 ) -> Path:
     """Build a small pool offline (cached), merge it with every method, print and save the table.
 
@@ -376,8 +409,9 @@ def run_demo(
         output_dir: where everything goes: data, pool, configs, logs, results, table.md/csv, plot.png.
             A rerun into it with the same seed and size reuses the data and the pool.
         seed: the seed of the data, the pretraining and the fine-tuning (heads, batch order).
-        size: ``full`` (the demo: about 4 minutes on 2 idle CPU cores the first time, under a
-            minute for a rerun) or ``small`` (seconds; numbers near chance, for tests).
+        size: ``quick`` (the default: a few minutes on 2 idle CPU cores the first time), ``full``
+            (more rows, a wider model, three fine-tuning epochs: several times longer) or ``small``
+            (seconds; numbers near chance, for tests).
     """
     if size not in SIZES:
         raise ValueError(f"Unknown demo size {size!r}; choose one of {', '.join(SIZES)}.")

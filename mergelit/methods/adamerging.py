@@ -585,9 +585,13 @@ class AdaMerging(MergeMethod):
         trainer.strategy.barrier("adamerging coefficients written")
 
     def _fit(self, trainer: L.Trainer, module: AdaMergingCoefficients, folder: Optional[Path], ckpt_path: Optional[str]) -> None:
-        """``trainer.fit(module)``, with a ``ModelCheckpoint`` into ``folder`` for this fit only, resumed from ``ckpt_path``."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
+        """``trainer.fit(module)``, with a ``ModelCheckpoint`` into ``folder`` for this fit only, resumed from
+        ``ckpt_path``; without the run's model summary (the adaptation module is not the run's model)."""
+        from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 
+        summaries = [c for c in trainer.callbacks if isinstance(c, ModelSummary)]
+        for summary in summaries:
+            trainer.callbacks.remove(summary)
         callback = None
         if folder is not None:
             # save_top_k=1 without a monitor: the latest step's checkpoint replaces the previous one.
@@ -608,6 +612,7 @@ class AdaMerging(MergeMethod):
         finally:
             if callback is not None:
                 trainer.callbacks.remove(callback)
+            trainer.callbacks.extend(summaries)
 
     def adaptation_module(self, datamodule: GLUEDataModule, inputs: Optional[dict] = None, key: Optional[str] = None) -> AdaMergingCoefficients:
         """The LightningModule ``prepare`` fits (λ at ``init_value``), on ``inputs`` (default: ``adaptation_inputs``)."""

@@ -55,6 +55,10 @@ def _mean_metric() -> torchmetrics.MeanMetric:
     return torchmetrics.MeanMetric().set_dtype(torch.float64)
 
 
+LAMBDAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+"""The λ range of a tuned comparison (``search``) for methods that scale a merged task vector."""
+
+
 class MergeMethod(L.LightningModule):
     """Base of every method: merge in ``setup``, score each GLUE task with its own head.
 
@@ -68,6 +72,9 @@ class MergeMethod(L.LightningModule):
     """Init argument -> the paper's symbol, for table labels (``{"scaling_factor": "λ"}``)."""
     recommended: ClassVar[dict[str, Any]] = {}
     """Init arguments that ``compare`` of every method (and the demo) uses, e.g. the best published λ."""
+    search: ClassVar[dict[str, list[Any]]] = {}
+    """The range ``sweep.grid.model: tuned`` chooses from on the dev rows, ``{argument: [values]}``
+    (λ for Task Arithmetic, α for TSV-M, the rank for CART); empty: the method runs once."""
     quick: ClassVar[dict[str, Any]] = {}
     """Init arguments of a small budget (steps, examples) for iterative and data-driven methods: what
     the tests and the demo use so that the method runs in seconds on a tiny pool."""

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from mergelit.errors import MergelitError, check_number
 from mergelit.gpt2 import is_conv1d_weight
-from mergelit.methods.base import MergeMethod
+from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import add_scaled, check_finetuned
 
@@ -208,6 +208,7 @@ class Breadcrumbs(MergeMethod):
     display_name = "Model Breadcrumbs"
     symbols = {"scaling_factor": "λ", "keep_fraction": "k", "outlier_fraction": "γ"}
     recommended = {"scaling_factor": 0.3, "keep_fraction": 0.15, "outlier_fraction": 0.006}
+    search = {"scaling_factor": LAMBDAS}
     kind = "merged"
     data = "none"
 

@@ -155,6 +155,7 @@ class CART(MergeMethod):
     display_name = "CART"
     symbols = {"scaling_factor": "λ", "rank_ratio": "ρ"}
     recommended = {"scaling_factor": 2.0, "rank_ratio": 0.12}
+    search = {"rank_ratio": [0.04, 0.08, 0.12, 0.16, 0.24, 0.32]}
     kind = "merged"
 
     def __init__(self, pool: ModelPool, scaling_factor: float = 2.0, rank_ratio: float = 0.12):

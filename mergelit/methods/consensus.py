@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mergelit.errors import check_choice, check_integer, check_number
-from mergelit.methods.base import MergeMethod
+from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import (
     TiesElection,
@@ -43,6 +43,8 @@ from mergelit.state_dict import (
     disjoint_merge,
     elect_sign,
     flatten,
+    tall_mask,
+    task_vector_sum,
     ties_election,
     trim,
     unflatten,
@@ -51,20 +53,6 @@ from mergelit.state_dict import (
 BASES = ("task_arithmetic", "ties")
 TIES_THRESHOLD = 20  # the official use_ties: top-20 % of each task vector, disjoint sum
 TIES_MERGE_FUNC = "sum"
-
-
-def task_vector_sum(theta0: Tensor, thetas: Iterable[Tensor]) -> Tensor:
-    """Σ τi of one tensor, accumulated in task order (Task Arithmetic's float32 rounding)."""
-    summed = None
-    for theta in thetas:
-        summed = theta - theta0 if summed is None else summed.add_(theta - theta0)
-    return summed
-
-
-def tall_mask(theta0: Tensor, theta: Tensor, theta_mtl: Tensor, tall_mask_lambda: Tensor) -> Tensor:
-    """m_t = |θ0 − θt| > |θ_MTL − θt| · λ (bool), the official expression; λ a float32 0-d tensor."""
-    # In place on the two fresh differences (the same bits as the expression): fewer temporaries.
-    return (theta0 - theta).abs_() > (theta_mtl - theta).abs_().mul_(tall_mask_lambda)
 
 
 def consensus_mask(theta0: Tensor, thetas: Iterable[Tensor], tau_mtl: Tensor, tall_mask_lambda: float, min_agreement: int) -> Tensor:
@@ -131,6 +119,7 @@ class ConsensusMerging(MergeMethod):
     display_name = "Consensus Merging"
     symbols = {"scaling_factor": "α", "tall_mask_lambda": "λ", "min_agreement": "k", "base": "base"}
     recommended = {"scaling_factor": 0.3, "tall_mask_lambda": 0.6, "min_agreement": 2}
+    search = {"scaling_factor": LAMBDAS}
     data = "none"
 
     def __init__(

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from mergelit.errors import MergelitError, check_choice, check_integer, check_number
 from mergelit.gpt2 import is_conv1d_weight
-from mergelit.methods.base import MergeMethod
+from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import (
     MERGE_FUNCS,
@@ -333,6 +333,7 @@ class DareTaskArithmetic(MergeMethod):
     symbols = {"scaling_factor": "λ", "sparsity_ratio": "p"}
     # The paper's protocol takes λ from the best plain Task Arithmetic run (GPT-2/GLUE: 0.5); E[τ̃i] = τi.
     recommended = {"scaling_factor": 0.5, "sparsity_ratio": 0.5}
+    search = {"scaling_factor": LAMBDAS}
     kind = "merged"
     data = "none"
 
@@ -400,6 +401,7 @@ class DareTiesMerging(MergeMethod):
     symbols = {"scaling_factor": "λ", "sparsity_ratio": "p", "threshold": "k"}
     # The paper's protocol takes λ and TIES' settings from the best plain TIES run (GPT-2/GLUE: λ 0.6).
     recommended = {"scaling_factor": 0.6, "sparsity_ratio": 0.5, "threshold": 20}
+    search = {"scaling_factor": LAMBDAS}
     kind = "merged"
     data = "none"
 

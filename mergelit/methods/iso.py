@@ -328,6 +328,7 @@ class IsoC(MergeMethod):
     display_name = "Iso-C"
     symbols = {"scaling_factor": "α"}
     recommended = {"scaling_factor": 1.0}
+    search = {"scaling_factor": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
     kind = "merged"
 
     def __init__(
@@ -378,6 +379,7 @@ class IsoCTS(MergeMethod):
     display_name = "Iso-CTS"
     symbols = {"scaling_factor": "α", "common_space_fraction": "f"}
     recommended = {"scaling_factor": 1.0, "common_space_fraction": 0.8}
+    search = {"scaling_factor": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
     kind = "merged"
 
     def __init__(

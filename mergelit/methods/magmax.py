@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mergelit.errors import check_number
-from mergelit.methods.base import MergeMethod
+from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 
@@ -64,6 +64,7 @@ class MagMax(MergeMethod):
     display_name = "MagMax"
     symbols = {"scaling_factor": "λ"}
     recommended = {"scaling_factor": 0.5}
+    search = {"scaling_factor": LAMBDAS}
     data = "none"
 
     def __init__(self, pool: ModelPool, scaling_factor: float = 0.5):

@@ -42,21 +42,7 @@ from mergelit import costs
 from mergelit.errors import KeyMissing, check_number
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
-from mergelit.state_dict import check_finetuned, pack_bits, unpack_bits
-
-
-def task_vector_sum(theta0: Tensor, thetas: Iterable[Tensor]) -> Tensor:
-    """τ_MTL = Σ τi of one tensor, accumulated in task order (Task Arithmetic's float32 rounding)."""
-    summed = None
-    for theta in thetas:
-        summed = theta - theta0 if summed is None else summed.add_(theta - theta0)
-    return summed
-
-
-def tall_mask(theta0: Tensor, theta: Tensor, theta_mtl: Tensor, tall_mask_lambda: Tensor) -> Tensor:
-    """m_t = |θ0 − θt| > |θ_MTL − θt| · λ (bool), the official expression; λ a float32 0-d tensor."""
-    # In place on the two fresh differences (the same bits as the expression): fewer temporaries.
-    return (theta0 - theta).abs_() > (theta_mtl - theta).abs_().mul_(tall_mask_lambda)
+from mergelit.state_dict import check_finetuned, pack_bits, tall_mask, task_vector_sum, unpack_bits
 
 
 def masked_body_tensor(theta0: Tensor, tau_mtl: Tensor, mask: Tensor) -> Tensor:

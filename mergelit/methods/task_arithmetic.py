@@ -14,18 +14,9 @@ from typing import Sequence
 from torch import Tensor
 
 from mergelit.errors import check_number
-from mergelit.methods.base import MergeMethod
+from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
-from mergelit.state_dict import check_finetuned
-
-
-def task_vector_sum_tensor(theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-    """Σ τi = Σ (θi − θ0) for one tensor, accumulated in task order (FusionBench's float32 rounding)."""
-    values = iter(thetas)
-    summed = next(values) - theta0
-    for theta in values:
-        summed += theta - theta0
-    return summed
+from mergelit.state_dict import check_finetuned, task_vector_sum
 
 
 def task_arithmetic_merge(
@@ -41,7 +32,7 @@ def task_arithmetic_merge(
     scaling_factor = check_number(scaling_factor, "scaling_factor (λ)")
     check_finetuned(pretrained, finetuned)
     return {
-        key: theta0 + scaling_factor * task_vector_sum_tensor(theta0, [body[key] for body in finetuned.values()])
+        key: theta0 + scaling_factor * task_vector_sum(theta0, [body[key] for body in finetuned.values()])
         for key, theta0 in pretrained.items()
     }
 
@@ -57,6 +48,7 @@ class TaskArithmetic(MergeMethod):
     display_name = "Task Arithmetic"
     symbols = {"scaling_factor": "λ"}
     recommended = {"scaling_factor": 0.5}  # the best published GPT-2/GLUE λ
+    search = {"scaling_factor": LAMBDAS}
 
     def __init__(self, pool: ModelPool, scaling_factor: float = 0.3):
         super().__init__(pool)
@@ -68,5 +60,5 @@ class TaskArithmetic(MergeMethod):
         return "task_vector_sum"
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        summed = self.reused(key, lambda: task_vector_sum_tensor(theta0, thetas))
+        summed = self.reused(key, lambda: task_vector_sum(theta0, thetas))
         return theta0 + self.scaling_factor * summed

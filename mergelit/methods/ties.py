@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mergelit.errors import check_choice, check_number
-from mergelit.methods.base import MergeMethod
+from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import (
     MERGE_FUNCS,
@@ -103,6 +103,7 @@ class TiesMerging(MergeMethod):
     display_name = "TIES-Merging"
     symbols = {"scaling_factor": "λ", "threshold": "k"}
     recommended = {"scaling_factor": 0.6}  # the best published GPT-2/GLUE λ
+    search = {"scaling_factor": LAMBDAS}
 
     def __init__(
         self,

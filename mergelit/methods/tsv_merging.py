@@ -207,6 +207,7 @@ class TaskSingularVectorMerging(MergeMethod):
     display_name = "TSV-M"
     symbols = {"alpha": "α"}
     recommended = {"alpha": 1.0}
+    search = {"alpha": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}
     kind = "merged"
 
     def __init__(
