@@ -107,14 +107,7 @@ def _from_pretrained(cls, path: str, name: str):
     except OSError as error:
         if os.path.isdir(os.path.expanduser(path)):
             raise BadCheckpoint(f"The {name} in {path!r} cannot be loaded: {error}") from None
-        if _hub_offline():
-            raise FileMissing(
-                f"The {name} {path!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no cached "
-                f"copy; download it first, or point at a local folder."
-            ) from None
-        raise FileMissing(
-            f"The {name} {path!r} is neither a local folder nor a reachable hub model ({str(error).splitlines()[0]})."
-        ) from None
+        raise unreachable(name, path, error) from None
     missing = [k for k in info.get("missing_keys", ()) if not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if missing:
         raise BadCheckpoint(
@@ -441,14 +434,17 @@ def _resolve(path: str, name: str) -> str:
     try:
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     except Exception as error:  # huggingface_hub's errors (offline, not found, network) share no narrower base
-        if _hub_offline():
-            raise FileMissing(
-                f"The {name} {path!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no cached "
-                f"copy; download it first, or point at a local folder."
-            ) from None
-        raise FileMissing(
-            f"The {name} {path!r} is neither a local folder nor a reachable hub model ({str(error).splitlines()[0]})."
-        ) from None
+        raise unreachable(name, path, error) from None
+
+
+def unreachable(name: str, path: str, error: Exception) -> FileMissing:
+    """The error for a model that is neither a local folder nor on the hub (offline or not found)."""
+    if _hub_offline():
+        return FileMissing(
+            f"The {name} {path!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no cached "
+            f"copy; download it first, or point at a local folder."
+        )
+    return FileMissing(f"The {name} {path!r} is neither a local folder nor a reachable hub model ({str(error).splitlines()[0]}).")
 
 
 ARCHITECTURE_FIELDS = (

@@ -322,6 +322,26 @@ def wrapped_method(pool: ModelPool, base: Any, wrapper: str) -> MergeMethod:
     return method
 
 
+class WrapperMethod(MergeMethod):
+    """A method that changes another method's merge, given as ``base:`` (SVC, Subspace Boosting).
+
+    The base is built on the same pool (``wrapped_method``); its statistics or adaptation run in
+    ``prepare``, its whole-pool pass in ``prepare_merge``, and the wrapper's ``merge_tensor`` starts
+    from ``self.base.merge_tensor``. A subclass calls ``save_hyperparameters(ignore=["pool", "base"])``
+    and then ``self.hparams["base"] = method_config(self.base)``."""
+
+    def __init__(self, pool: ModelPool, base: Any, wrapper: str):
+        super().__init__(pool)
+        self.base = wrapped_method(pool, base, wrapper)
+        self.data = self.base.data  # what the base reads (statistics, adaptation)
+
+    def prepare(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> None:
+        self.base.prepare(trainer, datamodule)
+
+    def prepare_merge(self) -> None:
+        self.base.prepare_merge()
+
+
 def method_config(method: MergeMethod) -> dict[str, Any]:
     """``{class_path, init_args}`` of a built method, all its arguments spelled out (for the report)."""
     return {"class_path": f"mergelit.methods.{type(method).__name__}", "init_args": dict(method.hparams)}

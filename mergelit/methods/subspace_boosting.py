@@ -50,7 +50,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mergelit.errors import MergelitError, check_choice, check_number
-from mergelit.methods.base import MergeMethod, method_config, wrapped_method
+from mergelit.methods.base import MergeMethod, WrapperMethod, method_config
 from mergelit.pool import ModelPool
 
 TARGETS = ("conv1d", "fusionbench_branch")
@@ -139,7 +139,7 @@ def subspace_boosting_merge(
     return out
 
 
-class SubspaceBoosting(MergeMethod):
+class SubspaceBoosting(WrapperMethod):
     """Subspace Boosting: the base merge with each target matrix's small singular values raised to
     the β-cutoff's (θ* = θ0 + SB(θ_base − θ0)).
 
@@ -167,22 +167,14 @@ class SubspaceBoosting(MergeMethod):
         targets: Literal["conv1d", "fusionbench_branch"] = "conv1d",
         base: Callable[[ModelPool], MergeMethod] = {"class_path": "mergelit.methods.TaskArithmetic", "init_args": {"scaling_factor": 1.0}},
     ):
-        super().__init__(pool)
+        super().__init__(pool, base, "Subspace Boosting")
         self.beta = check_number(beta, "beta (β)", 0, 1)
         self.attn_beta = self.beta if attn_beta is None else check_number(attn_beta, "attn_beta (β of q, k, v)", 0, 1)
         self.targets = check_choice(targets, "targets", TARGETS)
-        self.base = wrapped_method(pool, base, "Subspace Boosting")
-        self.data = self.base.data  # what the base reads (statistics, adaptation)
         self.cutoffs: dict[str, list[int]] = {}
         """target key -> the cutoff of each of its blocks (0: every singular value raised to σ1)."""
         self.save_hyperparameters(ignore=["pool", "base"])
         self.hparams["base"] = method_config(self.base)
-
-    def prepare(self, trainer, datamodule) -> None:
-        self.base.prepare(trainer, datamodule)
-
-    def prepare_merge(self) -> None:
-        self.base.prepare_merge()
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
         # The base's λ-free parts (Σ τi, TIES's τm) go through its own `reused`, so a sweep keeps them.

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from mergelit.errors import MergelitError, check_choice, check_number
-from mergelit.methods.base import MergeMethod, method_config, wrapped_method
+from mergelit.methods.base import MergeMethod, WrapperMethod, method_config
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 
@@ -121,7 +121,7 @@ def svc_merge(
     return out
 
 
-class SingularValueCalibration(MergeMethod):
+class SingularValueCalibration(WrapperMethod):
     """SVC: the base merge with each 2-D tensor's singular values rescaled by γ_r = K / Σi max(s_r^i, α).
 
     Args:
@@ -146,19 +146,11 @@ class SingularValueCalibration(MergeMethod):
         projection_side: Literal["input", "output"] = "input",
         base: Callable[[ModelPool], MergeMethod] = {"class_path": "mergelit.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.3}},
     ):
-        super().__init__(pool)
+        super().__init__(pool, base, "SVC")
         self.alpha = check_number(alpha, "alpha (α)", 0, low_open=True)
         self.projection_side = check_choice(projection_side, "projection_side", PROJECTION_SIDES)
-        self.base = wrapped_method(pool, base, "SVC")
-        self.data = self.base.data  # what the base reads (statistics, adaptation)
         self.save_hyperparameters(ignore=["pool", "base"])
         self.hparams["base"] = method_config(self.base)
-
-    def prepare(self, trainer, datamodule) -> None:
-        self.base.prepare(trainer, datamodule)
-
-    def prepare_merge(self) -> None:
-        self.base.prepare_merge()
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
         # The base's λ-free parts (Σ τi, TIES's τm) go through its own `reused`, so a sweep keeps them.
