@@ -25,6 +25,14 @@ def enabled() -> bool:
     return _enabled and sys.stderr.isatty()
 
 
+def counter(total: int, desc: str, unit: str = "it", show: bool = True):
+    """A progress bar updated by hand (``update``, ``set_postfix_str``); drawn only where ``bar`` would
+    be and ``show`` (e.g. on rank 0 alone)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (show and enabled()), dynamic_ncols=True)
+
+
 def bar(iterable: Iterable[T], desc: str, total: Optional[int] = None, unit: str = "it") -> Iterable[T]:
     """``iterable`` with a transient progress bar (none when disabled or not on a terminal)."""
     if not enabled():

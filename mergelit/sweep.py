@@ -34,7 +34,8 @@ Design, and why:
   file), then the selection step (``mergelit.selection.write_selection``) picks each method's
   point from those files alone and writes ``selection.json``, then only the selected points are
   scored on validation, each with a new method merged from scratch, so that its report (costs
-  included) is that of ``mergelit test`` of that point. ``--sweep.oracle true`` scores every point
+  included) is that of ``mergelit test`` of that point. A method of one point (nothing to choose)
+  is scored on validation and on the dev rows in the first pass, with one merge. ``--sweep.oracle true`` scores every point
   on validation in the first pass, with its dev criterion (for the oracle rows; the merge costs
   of these reports then benefit from the reuse above). The selection never rewrites a report.
 - **Resume.** ``sweep.json`` records a fingerprint of the config without the swept keys and the
@@ -62,7 +63,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from mergelit import costs, selection, tables, tracking
+from mergelit import costs, progress, selection, tables, tracking
 from mergelit.cli import HintingArgumentParser, MergeCLI, fusionbench_args, parse_config
 from mergelit.errors import MergelitError
 from mergelit.glue import GLUEDataModule
@@ -244,6 +245,7 @@ class SweepRunner:
         point, and a ``ReportWriter`` that writes only where the sweep says (a log folder's
         report.json would hold the last point's numbers alone)."""
         arguments = {k: instantiate(v) for k, v in plain(config.trainer).items() if k not in ("logger", "callbacks")}
+        arguments["enable_progress_bar"] = False  # the sweep's bar is the one display; a point is one step of it
         shared = self.shared_loggers()
         wandb = self.wandb_loggers(point.name, job_type)
         loggers = [*shared, *wandb] if isinstance(shared, list) else shared
@@ -347,7 +349,10 @@ class SweepRunner:
         complete = {p.name for p in points if is_complete(folder / f"{p.name}.json", tasks)}
         full = [(p, c) for p, c in zip(points, configs) if p.name not in complete]
         if selecting and not options.oracle:
-            full = []  # only the selected points are scored on validation (below)
+            # Only the selected points are scored on validation (below); a method of one point has
+            # nothing to choose, so it is scored on both in one pass (one merge, one adaptation).
+            alone = {p.name for p in points if sum(q.group == p.group for q in points) == 1}
+            full = [(p, c) for p, c in full if p.name in alone]
         unscored: list[tuple[Point, Any]] = []
         if selecting:
             self.scorer = selection.CriterionScorer(options.select_on)
@@ -357,9 +362,7 @@ class SweepRunner:
         jobs = {p.name: (p, c) for p, c in [*full, *unscored]}
         done_full = {p.name for p, _ in full}
         done_criterion = {p.name for p, _ in unscored}
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(jobs), desc=f"Sweep {self.group}", unit="run", disable=rank_zero_only.rank != 0, dynamic_ncols=True) as bar:
+        with progress.counter(len(jobs), f"Sweep {self.group}", unit="run", show=rank_zero_only.rank == 0) as bar:
             for name, (point, config) in jobs.items():
                 bar.set_postfix_str(name)
                 self.score_point(point, config, folder / f"{name}.json", name in done_full, name in done_criterion)

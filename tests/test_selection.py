@@ -343,3 +343,29 @@ def test_a_methods_sweep_gives_each_method_its_selected_and_oracle_rows(fixtures
     rows = tables.sweep_rows(out)
     assert [r.role for r in rows] == ["oracle"] * 3 + [""]
     assert all(", best of 2 (oracle)" in r.labels[0] for r in rows[:3])
+
+
+def test_a_method_without_a_range_is_merged_and_scored_once(fixtures_root, tmp_path, monkeypatch):
+    """Nothing to choose for a method of one point: its dev criterion and its validation report come
+    from one merge in the first pass; a method with a range is scored on validation at its choice."""
+    import mergelit.sweep as sweep_module
+
+    monkeypatch.chdir(tmp_path)
+    built, tests = [], []
+    make, run = sweep_module.make_method, sweep_module.run_test
+    monkeypatch.setattr(sweep_module, "make_method", lambda spec, pool: built.append(type(m := make(spec, pool)).__name__) or m)
+    monkeypatch.setattr(sweep_module, "run_test", lambda trainer, method, *a, **k: tests.append(type(method).__name__) or run(trainer, method, *a, **k))
+    methods = tmp_path / "methods.yaml"
+    methods.write_text(yaml.safe_dump({"sweep": {"select_on": "dev", "grid": {"model": [
+        {"class_path": "mergelit.methods.TaskArithmetic", "grid": {"scaling_factor": [0.3, 0.9]}},
+        {"class_path": "mergelit.methods.SimpleAverage"},
+    ]}}}))
+    out = tmp_path / "methods"
+    main(["compare", "-c", str(fixtures_root / "config.yaml"), "-c", str(methods), "--output_dir", str(out),
+          "--trainer.logger", "false"])
+    # Every point is built once when the plan checks it, then once per scoring pass.
+    assert built.count("SimpleAverage") == 1 + 1 and tests.count("SimpleAverage") == 1
+    assert built.count("TaskArithmetic") == 2 + 2 + 1 and tests.count("TaskArithmetic") == 1  # 2 on dev, the chosen again
+    assert len(list(out.glob("*.criterion.json"))) == 3  # the selection still reads every point's criterion
+    rows = tables.sweep_rows(out)
+    assert [r.role for r in rows] == ["selected", ""]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -416,6 +417,12 @@ def run_demo(
     if size not in SIZES:
         raise ValueError(f"Unknown demo size {size!r}; choose one of {', '.join(SIZES)}.")
     preset = SIZES[size]
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The demo's models are tiny: their matrix products gain nothing from a second thread, and
+        # on a busy machine two threads per product were up to 25x slower than one.
+        import torch
+
+        torch.set_num_threads(1)
     out = Path(output_dir).absolute()
     cache, logs, configs = out / "cache" / "tokenized", out / "logs", out / "configs"
     start = time.monotonic()
