@@ -69,15 +69,15 @@ class DemoSize:
 SIZES: dict[str, DemoSize] = {
     # The default: the first run (data, pretraining, fine-tuning, every method tuned) in minutes.
     "quick": DemoSize(
-        num_train=500,
+        num_train=800,
         num_validation=200,
         n_layer=2,
         n_embd=64,
         n_head=4,
         pretrain_epochs=1,
         pretrain_learning_rate=2e-3,
-        finetune_epochs=2,
-        finetune_learning_rate=1e-3,
+        finetune_epochs=3,
+        finetune_learning_rate=5e-4,
         num_statistics_examples=64,
         adaptation_steps=20,
         search_points=3,
@@ -376,8 +376,11 @@ def evaluate(
     if results.exists():
         shutil.rmtree(results)  # a rerun merges and evaluates again (statistics stay cached)
     _stage(4, f"Merging: the 7x7 cross-task table, then {len(method_specs(size, statistics_cache))} methods -> {results}")
-    sweep_command(["-c", str(base), "-c", str(individual), "--output_dir", str(results / "individual")])
-    compare_command(["-c", str(base), "-c", str(methods), "--output_dir", str(results / "methods")])
+    results.mkdir(parents=True)
+    # The sweeps' own tables go to a log: the demo prints one leaderboard of both at the end.
+    with open(results / "sweeps.log", "w") as printed, contextlib.redirect_stdout(printed):
+        sweep_command(["-c", str(base), "-c", str(individual), "--output_dir", str(results / "individual")])
+        compare_command(["-c", str(base), "-c", str(methods), "--output_dir", str(results / "methods")])
     return results / "individual", results / "methods"
 
 
