@@ -5,6 +5,7 @@ time of the whole GPT-2-small merge on this CPU.
     OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py drift --fixtures    # the test fixtures' pool (2 layers, 64 wide), both sides
     OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py merge               # GPT-2 small, 7 tasks, 400 steps, input side (≈ 2 h here)
     OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py merge --steps 20    # fewer steps: the 400-step time extrapolated
+    OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py merge --layers 1 --wte-steps 4   # 400 steps on one block (× 12), wte extrapolated
 
 ``drift``: one key's merged weights after ``--steps`` Adam steps with ``gradient: gram`` and with
 ``gradient: autograd`` (FusionBench's iterates on CPU), from the same θ0 and θi: max |difference|
@@ -130,14 +131,30 @@ def _group(key: str) -> str:
     return key.split(".")[0] if not key.startswith("h.") else "blocks"
 
 
-def whole_merge(steps: int, baseline_steps: int) -> None:
+def whole_merge(steps: int, baseline_steps: int, layers: int = LAYERS, wte_steps: int = 0) -> None:
     shapes = gpt2_small_shapes()
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
     for index, (key, shape) in enumerate(shapes.items()):
+        if key.startswith("h.") and int(key.split(".")[1]) >= layers:
+            continue
         theta0, thetas = random_key(shape, TASKS, seed=index)
-        _, seconds[key], cpu[key] = timed(lambda: wudi_merge_tensor(theta0, thetas, len(shape) == 2, steps, 1e-5))
+        if key == "wte.weight" and 0 < wte_steps < steps:
+            # wte keeps the autograd order (the Gram form cannot lower it): its time for ``steps`` steps
+            # from that of 1 and 1 + wte_steps steps (the one-off stacking drops out of the per-step share).
+            _, wall_one, one = timed(lambda: wudi_merge_tensor(theta0, thetas, True, 1, 1e-5))
+            _, wall_more, more = timed(lambda: wudi_merge_tensor(theta0, thetas, True, 1 + wte_steps, 1e-5))
+            cpu[key] = one + (steps - 1) * (more - one) / wte_steps
+            seconds[key] = wall_one + (steps - 1) * (wall_more - wall_one) / wte_steps
+            print(f"  wte: {steps} steps extrapolated from 1 and {1 + wte_steps} steps: {cpu[key]:.0f} s CPU", flush=True)
+        else:
+            _, seconds[key], cpu[key] = timed(lambda: wudi_merge_tensor(theta0, thetas, len(shape) == 2, steps, 1e-5))
         del theta0, thetas
+    if layers < LAYERS:  # the blocks timed stand for all 12 (every block has the same shapes)
+        for table in (seconds, cpu):
+            for key in [k for k in table if k.startswith("h.")]:
+                table[key] *= LAYERS / layers
+        print(f"  {layers} block(s) timed, their time × {LAYERS / layers:g} for the 12 blocks", flush=True)
     scale = FULL_STEPS / steps
     total, total_cpu = sum(seconds.values()), sum(cpu.values())
     groups = {}
@@ -182,6 +199,8 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=2, default=[WIDTH, 4 * WIDTH], help="drift: the stored key shape (default c_fc [768, 3072])")
     parser.add_argument("--fixtures", action="store_true", help="drift: also every key of the tests' pool, both sides")
     parser.add_argument("--baseline-steps", type=int, default=3, help="merge: extra autograd steps timed for the speed-up (0: none)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="merge: blocks timed (their time scaled to 12 blocks)")
+    parser.add_argument("--wte-steps", type=int, default=0, help="merge: time wte from 1 and 1 + this many steps, extrapolated (0: all steps)")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -190,7 +209,7 @@ def main() -> None:
             drift_on_fixtures(args.steps)
         drift_on_key(tuple(args.shape), args.steps)
     else:
-        whole_merge(args.steps, args.baseline_steps)
+        whole_merge(args.steps, args.baseline_steps, args.layers, args.wte_steps)
 
 
 if __name__ == "__main__":
