@@ -15,8 +15,9 @@ checkpoints and runs ``method.merge()`` (``prepare_merge``, then ``merge_tensor`
 the memory-mapped safetensors, as ``mergelit test`` does) inside ``mergelit.costs.recording`` +
 ``costs.phase("merge")``: **peak** = the largest resident memory during the merge minus the resident
 memory when it started (the pool's headers and the runtime are not counted), printed in bodies
-(one fp32 body of these shapes); **seconds** = the merge's wall time, the time reading tensors
-(``load``) printed apart. Flat in N means the N = 14 peak is the N = 2 one, within noise.
+(one fp32 body of these shapes); **seconds**: the merge's CPU seconds (one thread: what it computed,
+whatever else the shared host runs) and wall seconds, and the costs record's merge and load (reading
+tensors) wall seconds. Flat in N means the N = 14 peak is the N = 2 one, within noise.
 
 Methods (their configs' defaults): Task Arithmetic and TIES (reference), TSV-M, Iso-C, CART,
 Breadcrumbs, Fisher. Fisher needs statistics: each task gets a **random but plausible** diagonal
@@ -47,9 +48,11 @@ METHODS = {
 TASK_NAMES = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
 
 
-def write_checkpoints(root: Path, n: int, n_layer: int, n_embd: int = 768) -> None:
-    """θ0 (``root/pretrained``), θ1..θn (``root/model_i``, GPT2ForSequenceClassification layout) and
-    Fisher statistics per model (``root/fisher/model_i.safetensors``), each written once."""
+def write_checkpoints(root: Path, n: int, n_layer: int, n_embd: int = 768, fisher: bool = False) -> dict[int, str]:
+    """θ0 (``root/pretrained``), θ1..θn (``root/model_i``, GPT2ForSequenceClassification layout, the
+    head sized for GLUE task ``TASK_NAMES[(i - 1) % 7]`` so that a GLUE pool over the first 7 passes
+    its checks: ``benchmarks/frontier2_cost.py`` uses them) and, with ``fisher``, Fisher statistics per
+    model (``root/fisher/model_i.safetensors``); each written once. Returns index -> folder (0: θ0)."""
     import torch
     from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2Model
@@ -66,10 +69,12 @@ def write_checkpoints(root: Path, n: int, n_layer: int, n_embd: int = 768) -> No
         (pretrained / "config.json").write_text(json.dumps(config.to_dict() | {"architectures": ["GPT2LMHeadModel"]}))
     theta0 = None
     (root / "fisher").mkdir(exist_ok=True)
+    paths = {0: str(pretrained)}
     for index in range(1, n + 1):
         folder = root / f"model_{index}"
-        fisher = root / "fisher" / f"model_{index}.safetensors"
-        if (folder / "model.safetensors").exists() and fisher.exists():
+        paths[index] = str(folder)
+        statistics_file = root / "fisher" / f"model_{index}.safetensors"
+        if (folder / "model.safetensors").exists() and (statistics_file.exists() or not fisher):
             continue
         if theta0 is None:
             from safetensors.torch import load_file
@@ -77,16 +82,20 @@ def write_checkpoints(root: Path, n: int, n_layer: int, n_embd: int = 768) -> No
             theta0 = load_file(str(pretrained / "model.safetensors"))
         folder.mkdir(exist_ok=True)
         generator = torch.Generator().manual_seed(index)
-        state = {k: v + torch.randn(v.shape, generator=generator) * (0.001 * index) for k, v in theta0.items()}
-        state["score.weight"] = torch.randn(2, n_embd, generator=generator) * 0.02
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        labels = {"id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1}}
-        (folder / "config.json").write_text(json.dumps(
-            config.to_dict() | {"architectures": ["GPT2ForSequenceClassification"], "pad_token_id": 50256} | labels))
-        del state
-        statistics = {k: (torch.randn(s, generator=generator) * 1e-3).square_() for k, s in shapes.items()}
-        save_file(statistics, str(fisher))
-        del statistics
+        if not (folder / "model.safetensors").exists():
+            state = {k: v + torch.randn(v.shape, generator=generator) * (0.001 * index) for k, v in theta0.items()}
+            count = 3 if TASK_NAMES[(index - 1) % len(TASK_NAMES)] == "mnli" else 2
+            state["score.weight"] = torch.randn(count, n_embd, generator=generator) * 0.02
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            labels = {"id2label": {str(i): f"LABEL_{i}" for i in range(count)}, "label2id": {f"LABEL_{i}": i for i in range(count)}}
+            (folder / "config.json").write_text(json.dumps(
+                config.to_dict() | {"architectures": ["GPT2ForSequenceClassification"], "pad_token_id": 50256} | labels))
+            del state
+        if fisher:
+            statistics = {k: (torch.randn(s, generator=generator) * 1e-3).square_() for k, s in shapes.items()}
+            save_file(statistics, str(statistics_file))
+            del statistics
+    return paths
 
 
 def scale_pool(root: Path, n: int):
@@ -121,13 +130,13 @@ def measure(root: Path, n: int, method_name: str) -> dict:
         method.statistics = StoredStatistics({task: root / "fisher" / f"model_{i + 1}.safetensors" for i, task in enumerate(pool.tasks)})
     body_bytes = sum(s.numel() * 4 for s in pool.body_shapes().values())
     record = costs.CostRecord()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with costs.recording(record), costs.phase("merge"), torch.no_grad():
         merged = method.merge()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     figures = record.as_dict()
     assert all(torch.isfinite(t).all() for t in merged.values())
-    return {"wall": wall, "merge_seconds": figures["merge_seconds"], "load_seconds": figures["load_seconds"],
+    return {"wall": wall, "cpu": cpu, "merge_seconds": figures["merge_seconds"], "load_seconds": figures["load_seconds"],
             "peak_gb": figures["merge_peak_gb"], "body_gb": body_bytes / 1e9}
 
 
@@ -144,9 +153,9 @@ def main() -> None:
         print(json.dumps(measure(root, int(args.child[0]), args.child[1])))
         return
     root.mkdir(parents=True, exist_ok=True)
-    write_checkpoints(root, max(args.n), args.n_layer)
+    write_checkpoints(root, max(args.n), args.n_layer, fisher=True)
     print(f"GPT-2-small shapes, {args.n_layer} block(s), vocabulary 50,257; threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"{'method':16} {'N':>3} {'wall s':>7} {'merge s':>8} {'load s':>7} {'peak GB':>8} {'peak (bodies)':>14}")
+    print(f"{'method':16} {'N':>3} {'CPU s':>7} {'wall s':>7} {'merge s':>8} {'load s':>7} {'peak GB':>8} {'peak (bodies)':>14}")
     peaks: dict[str, dict[int, float]] = {}
     for method in args.methods:
         for n in args.n:
@@ -155,7 +164,7 @@ def main() -> None:
             r = json.loads(output.strip().splitlines()[-1])
             bodies = r["peak_gb"] / r["body_gb"]
             peaks.setdefault(method, {})[n] = bodies
-            print(f"{method:16} {n:>3} {r['wall']:7.1f} {r['merge_seconds']:8.1f} {r['load_seconds']:7.1f} "
+            print(f"{method:16} {n:>3} {r['cpu']:7.1f} {r['wall']:7.1f} {r['merge_seconds']:8.1f} {r['load_seconds']:7.1f} "
                   f"{r['peak_gb']:8.2f} {bodies:14.2f}", flush=True)
     if len(args.n) > 1:
         low, high = min(args.n), max(args.n)

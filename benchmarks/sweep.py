@@ -45,11 +45,11 @@ WAYS = {
 }
 
 
-def run_sweep(config: Path, out: Path, threads: int, *extra: str) -> tuple[float, float]:
+def run_sweep(config: Path, grid: Path, out: Path, threads: int, *extra: str) -> tuple[float, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     command = [sys.executable, "-m", "mergelit", "sweep", "-c", str(config),
                "-c", str(REPO / "configs" / "methods" / "task_arithmetic.yaml"),
-               "-c", str(REPO / "configs" / "sweeps" / "scaling_factor.yaml"), "--output_dir", str(out), *extra]
+               "-c", str(grid), "--output_dir", str(out), *extra]
     before, start = eval_bench._children_cpu(), time.perf_counter()
     subprocess.run(command, check=True, cwd=out.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start, eval_bench._children_cpu() - before
@@ -79,31 +79,49 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/mergelit_bench/eval", help="shared with eval.py (the pool is reused)")
     parser.add_argument("--fraction", type=float, default=0.006, help="at least 0.0055: RTE needs 2 validation rows for a dev split")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    parser.add_argument("--points", type=int, default=11, help="λ points (below 11: evenly spaced, the CPU time extrapolated to 11)")
     args = parser.parse_args()
+    if not 2 <= args.points <= 11:
+        parser.error("--points must be in [2, 11]")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     config, sizes = eval_bench.prepare(root, args.fraction)
     dev_rows = sum(min(max(1, int(n * 0.1)), n - 1) for n in sizes.values())
     print(f"data: fraction {args.fraction:g}, {sum(sizes.values())} validation rows ({sizes}), about {dev_rows} of them dev rows; "
-          f"11 λ points; {args.threads} thread(s)", flush=True)
+          f"{args.threads} thread(s)", flush=True)
     shutil.rmtree(root / "cache" / f"{args.fraction:g}", ignore_errors=True)  # the first run (select on dev) tokenizes, cold
+
+    grid = REPO / "configs" / "sweeps" / "scaling_factor.yaml"
+    if args.points != 11:  # the first, last and evenly spaced λ of the 11
+        lambdas = [round(i / (args.points - 1), 1) for i in range(args.points)]
+        grid = root / f"grid_{args.points}.yaml"
+        grid.write_text(json.dumps({"sweep": {"grid": {"model.init_args.scaling_factor": lambdas}}}))
+        startup_config, _ = eval_bench.prepare(root, eval_bench.STARTUP_FRACTION)
+        startup = eval_bench.run_test(startup_config, root / "run_startup_sweep", args.threads)[1]
+        print(f"{args.points} λ points {lambdas}; start-up of one process (one row per task): {startup:.1f} s CPU", flush=True)
 
     seconds: dict[str, tuple[float, float]] = {}
     folders: dict[str, Path] = {}
-    for name, extra in WAYS.items():
-        folders[name] = out = root / f"sweep_{args.fraction:g}" / name.replace(" ", "_").replace("+", "and")
+    plain_wall = plain_cpu = None
+    for name in args.ways:
+        folders[name] = out = root / f"sweep_{args.fraction:g}_{args.points}" / name.replace(" ", "_").replace("+", "and")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        seconds[name] = run_sweep(config, out, args.threads, *extra)
+        seconds[name] = run_sweep(config, grid, out, args.threads, *WAYS[name])
         print(f"{name:24} {seconds[name][1]:7.1f} s CPU ({seconds[name][0]:.1f} s wall)", flush=True)
+        if args.points != 11:
+            wall, cpu = seconds[name]
+            print(f"{'':24} extrapolated to 11 points: {startup + (cpu - startup) * 11 / args.points:7.1f} s CPU "
+                  f"(start-up + its {args.points} points' share × 11 / {args.points})", flush=True)
         if name == "select on dev":  # checked at once: the other two ways take far longer
             plain_wall, plain_cpu = check_selected(config, folders[name], root / f"sweep_{args.fraction:g}" / "plain_test", args.threads)
 
-    base = seconds["no selection"][1]
-    print("\n| run | CPU s | wall s | / no selection (CPU) |\n|---|---|---|---|")
+    print("\n| run | CPU s | wall s |\n|---|---|---|")
     for name, (wall, cpu) in seconds.items():
-        print(f"| {name} | {cpu:.1f} | {wall:.1f} | {cpu / base:.2f} |")
-    print(f"| plain `mergelit test` of the selected point | {plain_cpu:.1f} | {plain_wall:.1f} | {plain_cpu / base:.2f} |")
+        print(f"| {name} ({args.points} points) | {cpu:.1f} | {wall:.1f} |")
+    if plain_cpu is not None:
+        print(f"| plain `mergelit test` of the selected point | {plain_cpu:.1f} | {plain_wall:.1f} |")
 
 
 if __name__ == "__main__":
