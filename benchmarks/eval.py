@@ -14,7 +14,7 @@ computed, whatever else the shared host runs; wall seconds are printed beside), 
    merge, building the body, tokenizing 7 rows): what a run pays besides scoring.
 2. **mergelit**: the default layout (length-sorted batches of 32 rows, dynamic padding) on the
    whole ``--fraction`` (cold tokenization cache). Scoring = CPU − start-up; start-up share = start-up / CPU.
-3. **variants** on ``--variants-fraction`` of the sizes (each row drawn from its own seed, so these
+3. **variants** (``--repeat R`` times each, in turn; ``--only-variants``: start-up and these only) on ``--variants-fraction`` of the sizes (each row drawn from its own seed, so these
    are the first rows, same idx and text, of run 2's): ``--fused_gelu true``, ``--data.max_tokens T``
    and the default, in that order (the first tokenizes, cold). Scoring-time ratios to the default;
    predicted classes must equal run 2's on the same rows (the largest |Δ logit| is printed).
@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--variants-fraction", type=float, default=0.02, help="rows the fused-GELU / max_tokens comparison scores (0: skip it)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="the token budget of the max_tokens variant")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each variant, in turn")
+    parser.add_argument("--only-variants", action="store_true", help="only start-up and the variants (an earlier main run's predictions are the reference)")
     args = parser.parse_args()
     if max(args.baseline_fraction, args.variants_fraction) > args.fraction:
         parser.error("--baseline-fraction and --variants-fraction must not exceed --fraction (their rows are a subset)")
@@ -175,30 +177,41 @@ def main() -> None:
     startup_wall, startup = run_test(startup_config, root / "run_startup", args.threads)
     print(f"start-up (one row per task, same command): {startup:.1f} s CPU ({startup_wall:.1f} s wall)", flush=True)
 
-    wall, cpu = run_test(config, root / f"run_mergelit_{args.fraction:g}", args.threads)
-    reference = predicted(root / f"run_mergelit_{args.fraction:g}")
-    scoring = cpu - startup
-    print(f"mergelit           {cpu:7.1f} s CPU ({wall:.1f} s wall), start-up share {startup / cpu:5.1%}; scoring {scoring:7.1f} s CPU: "
-          f"{tokens / scoring:6.0f} real tokens/s, {rows / scoring:6.1f} rows/s (per CPU second)", flush=True)
+    main_out = root / f"run_mergelit_{args.fraction:g}"
+    if args.only_variants:
+        reference = predicted(main_out)
+        if not reference:
+            parser.error(f"--only-variants needs the predictions of an earlier main run in {main_out}")
+    else:
+        wall, cpu = run_test(config, main_out, args.threads)
+        reference = predicted(main_out)
+        scoring = cpu - startup
+        print(f"mergelit           {cpu:7.1f} s CPU ({wall:.1f} s wall), start-up share {startup / cpu:5.1%}; scoring {scoring:7.1f} s CPU: "
+              f"{tokens / scoring:6.0f} real tokens/s, {rows / scoring:6.1f} rows/s (per CPU second)", flush=True)
 
     if args.variants_fraction > 0:
         small_config, small_sizes = prepare(root, args.variants_fraction)
         small_rows = sum(small_sizes.values())
         # The first run tokenizes (cold cache): the variants go first, so that cost counts against them.
+        # With --repeat R the three runs are repeated R times in turn (the host's load drifts).
         variants = {"fused GELU": ("--fused_gelu", "true"),
                     f"max_tokens {args.max_tokens}": ("--data.max_tokens", str(args.max_tokens)), "mergelit": ()}
-        small: dict[str, float] = {}
-        for name, extra in variants.items():
-            out = root / f"run_{name.replace(' ', '_')}_{args.variants_fraction:g}"
-            v_wall, v_cpu = run_test(small_config, out, args.threads, *extra)
-            small[name] = v_cpu - startup
-            same, delta, n = compare(reference, predicted(out))
-            print(f"{name:18} on fraction {args.variants_fraction:g} ({small_rows} rows): scoring {small[name]:6.1f} s CPU "
-                  f"({v_wall:.1f} s wall); predictions "
-                  f"{'identical' if same else 'DIFFERENT'} to the main run's ({n} rows), max |Δ logit| {delta:.1e}", flush=True)
-
+        small: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.repeat):
+            for name, extra in variants.items():
+                out = root / f"run_{name.replace(' ', '_')}_{args.variants_fraction:g}"
+                v_wall, v_cpu = run_test(small_config, out, args.threads, *extra)
+                small[name].append(v_cpu - startup)
+                same, delta, n = compare(reference, predicted(out))
+                print(f"{name:18} on fraction {args.variants_fraction:g} ({small_rows} rows): scoring {small[name][-1]:6.1f} s CPU "
+                      f"({v_wall:.1f} s wall); predictions "
+                      f"{'identical' if same else 'DIFFERENT'} to the main run's ({n} rows), max |Δ logit| {delta:.1e}", flush=True)
         for name in variants:
-            print(f"{name:18} scoring time / mergelit's (same rows): {small[name] / small['mergelit']:.3f}")
+            ratios = [a / b for a, b in zip(small[name], small["mergelit"])]
+            print(f"{name:18} scoring time / mergelit's (same rows, run by run): " + ", ".join(f"{r:.3f}" for r in ratios)
+                  + f"; best / best {min(small[name]) / min(small['mergelit']):.3f}")
+    if args.only_variants:
+        return
 
     if args.baseline_fraction > 0:
         base_config, base_sizes = prepare(root, args.baseline_fraction)
