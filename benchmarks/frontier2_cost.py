@@ -5,9 +5,10 @@ size (N = 7 random fine-tunes), on this CPU, beside Task Arithmetic and TIES.
     python benchmarks/frontier2_cost.py --configs magmax consensus_ta             # some of them
     python benchmarks/frontier2_cost.py --n-layer 2 --root /tmp/frontier2_small   # a reduced pool: a quick look
 
-The pool is ``benchmarks/merge_scale.py``'s (random weights with GPT-2 small's shapes: θ0 ~ 0.02·N(0, 1),
-θi = θ0 + 0.001·i·N(0, 1); 124 M parameters, vocabulary 50,257), written once under --root and shared
-with that script. Each method runs in a fresh process, as ``mergelit test`` builds its body: the config
+The pool is written by ``benchmarks/merge_scale.py``'s ``write_checkpoints`` (random weights with
+GPT-2 small's shapes: θ0 ~ 0.02·N(0, 1), θi = θ0 + 0.001·i·N(0, 1); 124 M parameters, vocabulary
+50,257), once under --root (merge_scale.py itself writes under ``--root``/layers_N). Each method runs
+in a fresh process, as ``mergelit test`` builds its body: the config
 file's ``model.init_args`` (a wrapper's ``base:`` included), then ``body_for(task)`` inside a
 ``mergelit.costs`` record, which gives the **merge seconds** (reading the checkpoints excluded: that is
 the load phase, printed apart) and the **peak memory above the resident memory when the merge

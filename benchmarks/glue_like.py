@@ -10,7 +10,8 @@ that are each exactly one GPT-2 token (with and without a leading space), so the
 ``main`` re-tokenizes every row to check it. Per-task mean lengths follow GLUE (CoLA ≈ 11, SST-2 ≈ 25,
 QQP ≈ 30, MNLI ≈ 40, QNLI ≈ 50, MRPC ≈ 53, RTE ≈ 70), right-skewed (log-normal), and about 1 % of
 QQP / QNLI / MNLI / RTE rows are 120–450 tokens long. Labels are uniform: the pool is random, so
-only lengths matter for speed.
+only lengths matter for speed. Each row is drawn from its own seeded generator, so the rows of a
+smaller fraction are the first rows (same ``idx``, same text) of a larger fraction's.
 """
 
 from __future__ import annotations
@@ -41,18 +42,14 @@ def one_token_words(tokenizer_folder: str | None = None) -> list[str]:
     return sorted(w for w in words if len(w) >= 3 and w in encoder)
 
 
-def lengths(task: str, rows: int, rng: random.Random) -> list[int]:
-    """Token counts of ``rows`` rows of ``task``: log-normal bulk, the task's mean, plus the long tail."""
+def length(task: str, rng: random.Random) -> int:
+    """One row's token count for ``task``: log-normal bulk at the task's mean, plus the long tail."""
     mean = MEAN_TOKENS[task]
     tail = task in LONG_TAIL
     bulk_mean = (mean - TAIL_FRACTION * sum(TAIL_RANGE) / 2) / (1 - TAIL_FRACTION) if tail else mean
-    out = []
-    for _ in range(rows):
-        if tail and rng.random() < TAIL_FRACTION:
-            out.append(rng.randint(*TAIL_RANGE))
-        else:
-            out.append(max(2, round(bulk_mean * math.exp(rng.gauss(0, SIGMA) - SIGMA**2 / 2))))
-    return out
+    if tail and rng.random() < TAIL_FRACTION:
+        return rng.randint(*TAIL_RANGE)
+    return max(2, round(bulk_mean * math.exp(rng.gauss(0, SIGMA) - SIGMA**2 / 2)))
 
 
 def _text(words: list[str], count: int, rng: random.Random) -> str:
@@ -63,10 +60,13 @@ def rows_of(task: str, rows: int, seed: int, words: list[str]) -> dict[str, list
     from mergelit.tasks import GLUE_TASKS
 
     info = GLUE_TASKS[task]
-    rng = random.Random(f"glue_like|{task}|{seed}")
     columns: dict[str, list] = {field: [] for field in info.text_fields}
     columns["label"], columns["idx"] = [], []
-    for index, count in enumerate(lengths(task, rows, rng)):
+    for index in range(rows):
+        # One generator per row: the first k rows are the same at every fraction, so a smaller
+        # fraction's data is a subset (same idx, same text) of a larger one's.
+        rng = random.Random(f"glue_like|{task}|{seed}|{index}")
+        count = length(task, rng)
         if len(info.text_fields) == 2:
             first = min(count - 1, max(1, round(count * rng.uniform(0.3, 0.7))))
             parts = (first, count - first)

@@ -1,14 +1,29 @@
-"""Merge scale: time and peak RSS of Simple Average, Task Arithmetic and TIES at GPT-2-small size.
+"""Merge scale: peak memory and seconds of a streamed merge at N = 2 and N = 14 models, GPT-2-small shapes.
 
-    python benchmarks/merge_scale.py                       # N = 2 4 7 14, all three methods
-    python benchmarks/merge_scale.py --n 7 --methods ties  # TIES τm at N = 7 only
+    OMP_NUM_THREADS=1 nice python benchmarks/merge_scale.py                      # every method, N = 2 14, 2 blocks
+    OMP_NUM_THREADS=1 nice python benchmarks/merge_scale.py --n 2 7 14 --methods task_arithmetic ties --n-layer 12
 
-Random weights (GPT-2 small shapes: 124 M parameters, vocabulary 50,257) written once as
-safetensors checkpoints under --root. Each measurement runs in a fresh process: it imports
-mergelit, records its RSS (the runtime's footprint), merges, and reports the time and the peak
-RSS above that footprint in units of one body (124 M fp32 = 498 MB). The baseline measured in the
-same run is the in-memory merge (every body loaded with from_pretrained, then the pure function):
-the script prints streamed / in-memory ratios and checks that both give the same bits.
+Checkpoints: random weights with GPT-2 small's tensor shapes (width 768, 12 heads' layout, the
+50,257-token vocabulary, 1,024 positions) and ``--n-layer`` blocks (default 2, so that the SVD
+methods' N = 14 points fit in minutes: every tensor has its GPT-2-small shape, only the number of
+blocks is smaller; wte is then 71 % of a body instead of 31 %). θ0 = 0.02·N(0, 1), θi = θ0 +
+0.001·i·N(0, 1). Written once under ``--root``; task i is called ``t00``, ``t01``, ... (a pool
+subclass, because GLUE has 7 tasks and the point is N = 14).
+
+Each point runs in a fresh process: it builds the method on a ``ModelPool`` over the first N
+checkpoints and runs ``method.merge()`` (``prepare_merge``, then ``merge_tensor`` key by key from
+the memory-mapped safetensors, as ``mergelit test`` does) inside ``mergelit.costs.recording`` +
+``costs.phase("merge")``: **peak** = the largest resident memory during the merge minus the resident
+memory when it started (the pool's headers and the runtime are not counted), printed in bodies
+(one fp32 body of these shapes); **seconds**: the merge's CPU seconds (one thread: what it computed,
+whatever else the shared host runs) and wall seconds, and the costs record's merge and load (reading
+tensors) wall seconds. Flat in N means the N = 14 peak is the N = 2 one, within noise.
+
+Methods (their configs' defaults): Task Arithmetic and TIES (reference), TSV-M, Iso-C, CART,
+Breadcrumbs, Fisher. Fisher needs statistics: each task gets a **random but plausible** diagonal
+Fisher file (squared N(0, 1)·1e-3 entries, one per body tensor, written with safetensors), read
+through ``StoredStatistics`` one tensor at a time, as the statistics cache's files are; no
+statistics are computed here (``benchmarks/statistics_cost.py`` times those).
 """
 
 from __future__ import annotations
@@ -16,186 +31,144 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
+METHODS = {
+    "task_arithmetic": ("TaskArithmetic", {"scaling_factor": 0.3}),
+    "ties": ("TiesMerging", {"scaling_factor": 0.3, "threshold": 20, "merge_func": "sum"}),
+    "tsv_m": ("TaskSingularVectorMerging", {"alpha": 1.0}),
+    "iso_c": ("IsoC", {"scaling_factor": 1.0}),
+    "cart": ("CART", {"scaling_factor": 2.0, "rank_ratio": 0.12}),
+    "breadcrumbs": ("Breadcrumbs", {"scaling_factor": 0.3, "keep_fraction": 0.15, "outlier_fraction": 0.006}),
+    "fisher": ("FisherMerging", {}),
+}
+TASK_NAMES = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
 
 
-def write_checkpoints(root: Path, n: int, n_layer: int, n_embd: int) -> dict:
-    """θ0 and n fine-tuned classifiers (task names cycle through GLUE's; copies beyond 7 reuse a name)."""
+def write_checkpoints(root: Path, n: int, n_layer: int, n_embd: int = 768, fisher: bool = False) -> dict[int, str]:
+    """θ0 (``root/pretrained``), θ1..θn (``root/model_i``, GPT2ForSequenceClassification layout, the
+    head sized for GLUE task ``TASK_NAMES[(i - 1) % 7]`` so that a GLUE pool over the first 7 passes
+    its checks: ``benchmarks/frontier2_cost.py`` uses them) and, with ``fisher``, Fisher statistics per
+    model (``root/fisher/model_i.safetensors``); each written once. Returns index -> folder (0: θ0)."""
     import torch
     from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2Model
 
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64), bos_token_id=50256, eos_token_id=50256)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 64, bos_token_id=50256, eos_token_id=50256)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPT2Model(config).state_dict().items()}
-    paths = {}
-    for index in range(n + 1):
-        folder = root / ("pretrained" if index == 0 else f"model_{index}")
+    pretrained = root / "pretrained"
+    if not (pretrained / "model.safetensors").exists():
+        pretrained.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(0)
+        state = {"transformer." + k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
+        save_file(state, str(pretrained / "model.safetensors"), metadata={"format": "pt"})
+        (pretrained / "config.json").write_text(json.dumps(config.to_dict() | {"architectures": ["GPT2LMHeadModel"]}))
+    theta0 = None
+    (root / "fisher").mkdir(exist_ok=True)
+    paths = {0: str(pretrained)}
+    for index in range(1, n + 1):
+        folder = root / f"model_{index}"
         paths[index] = str(folder)
-        if (folder / "model.safetensors").exists():
+        statistics_file = root / "fisher" / f"model_{index}.safetensors"
+        if (folder / "model.safetensors").exists() and (statistics_file.exists() or not fisher):
             continue
-        folder.mkdir(parents=True, exist_ok=True)
+        if theta0 is None:
+            from safetensors.torch import load_file
+
+            theta0 = load_file(str(pretrained / "model.safetensors"))
+        folder.mkdir(exist_ok=True)
         generator = torch.Generator().manual_seed(index)
-        scale = 0.02 if index == 0 else 0.001 * index
-        state = {"transformer." + k: torch.randn(shape, generator=generator) * scale for k, shape in shapes.items()}
-        if index:
-            task = TASKS[(index - 1) % len(TASKS)]
-            labels = 3 if task == "mnli" else 2
-            state["score.weight"] = torch.randn(labels, n_embd, generator=generator) * 0.02
-            cfg = config.to_dict() | {"architectures": ["GPT2ForSequenceClassification"], "pad_token_id": 50256,
-                                      "id2label": {str(i): f"LABEL_{i}" for i in range(labels)},
-                                      "label2id": {f"LABEL_{i}": i for i in range(labels)}}
-        else:
-            cfg = config.to_dict() | {"architectures": ["GPT2LMHeadModel"]}
-        if index:  # fine-tuned: θ0 plus a task-specific delta
-            base = _load_pretrained(root)
-            for key, value in base.items():
-                state[key] = state[key] + value
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(cfg))
+        if not (folder / "model.safetensors").exists():
+            state = {k: v + torch.randn(v.shape, generator=generator) * (0.001 * index) for k, v in theta0.items()}
+            count = 3 if TASK_NAMES[(index - 1) % len(TASK_NAMES)] == "mnli" else 2
+            state["score.weight"] = torch.randn(count, n_embd, generator=generator) * 0.02
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            labels = {"id2label": {str(i): f"LABEL_{i}" for i in range(count)}, "label2id": {f"LABEL_{i}": i for i in range(count)}}
+            (folder / "config.json").write_text(json.dumps(
+                config.to_dict() | {"architectures": ["GPT2ForSequenceClassification"], "pad_token_id": 50256} | labels))
+            del state
+        if fisher:
+            statistics = {k: (torch.randn(s, generator=generator) * 1e-3).square_() for k, s in shapes.items()}
+            save_file(statistics, str(statistics_file))
+            del statistics
     return paths
 
 
-def _load_pretrained(root: Path):
-    from safetensors.torch import load_file
-
-    return load_file(str(root / "pretrained" / "model.safetensors"))
-
-
-def measure(root: str, n: int, method: str, layout: str) -> dict:
-    """Run in a fresh process: merge and report seconds, footprint and peak RSS (bytes)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    import mergelit.methods.simple_average as sa
-    import mergelit.methods.task_arithmetic as ta
-    import mergelit.methods.ties as ties
+def scale_pool(root: Path, n: int):
+    """A ``ModelPool`` over ``model_1..model_n`` with tasks ``t00..`` (GLUE's names allow only 7 models)."""
     from mergelit.pool import ModelPool
-
-    # Real task names for the first seven, then the same checkpoints' folders reused under a
-    # name the pool knows is impossible: the pool is keyed by GLUE task, so N > 7 streams the
-    # extra models through a pool subclass with synthetic task names.
-    folders = [str(Path(root) / f"model_{i}") for i in range(1, n + 1)]
-    pool = _pool_of(ModelPool, str(Path(root) / "pretrained"), folders)
-    footprint = _rss()
-    start = time.perf_counter()
-    if layout == "streamed":
-        if method == "simple_average":
-            result = sa.simple_average_streamed(pool)
-        elif method == "task_arithmetic":
-            result = ta.add_scaled_streamed(pool, ta.task_vector_sum_streamed(pool), 0.3)
-        else:
-            tau = ties.ties_task_vector_streamed(pool, 20, "sum")
-            tau_seconds = time.perf_counter() - start
-            result = ta.add_scaled_streamed(pool, tau, 0.3)
-    else:
-        theta0 = pool.pretrained_body()
-        bodies = pool.finetuned_bodies()
-        if method == "simple_average":
-            result = sa.simple_average_merge(bodies)
-        elif method == "task_arithmetic":
-            result = ta.task_arithmetic_merge(theta0, bodies, 0.3)
-        else:
-            tau = ties.ties_task_vector(theta0, bodies, 20, "sum")
-            tau_seconds = time.perf_counter() - start
-            from mergelit.state_dict import add_scaled
-
-            result = add_scaled(theta0, tau, 0.3)
-    seconds = time.perf_counter() - start
-    peak = _peak()  # the merge's peak: before the digest below, which makes copies of its own
-    body_bytes = sum(t.numel() * 4 for t in result.values())
-    digest = _digest(result)
-    out = {"seconds": seconds, "footprint": footprint, "peak": peak, "body_bytes": body_bytes, "digest": digest}
-    if method == "ties":
-        out["tau_seconds"] = tau_seconds
-    return out
-
-
-def _pool_of(ModelPool, pretrained: str, folders: list[str]):
-    """A ModelPool over any number of classifier folders (tasks named t00, t01, ... beyond GLUE's)."""
 
     class ScalePool(ModelPool):
         def __init__(self):
-            super().__init__(pretrained, {"cola": folders[0]}, None)
-            self.tasks = [f"t{i:02d}" for i in range(len(folders))]
-            self.finetuned_paths = dict(zip(self.tasks, folders))
+            super().__init__(str(root / "pretrained"), {"cola": str(root / "model_1")})
+            self.tasks = [f"t{i:02d}" for i in range(n)]
+            self.finetuned_paths = {task: str(root / f"model_{i + 1}") for i, task in enumerate(self.tasks)}
 
-        def _head_and_config(self, task):  # the heads are not what this benchmark measures
+        def _head_and_config(self, task):  # heads are not merged: skip GLUE's label checks
             self._check_task(task)
             return (None, None)
-
-        def _load(self, task):
-            self._check_task(task)
-            if task not in self._finetuned:
-                from transformers import GPT2ForSequenceClassification
-                import torch
-
-                model = GPT2ForSequenceClassification.from_pretrained(self.finetuned_paths[task], dtype=torch.float32)
-                self._finetuned[task] = ({k: v.detach() for k, v in model.transformer.state_dict().items()}, None, None)
-            return self._finetuned[task]
 
     return ScalePool()
 
 
-def _digest(state) -> str:
-    import hashlib
+def measure(root: Path, n: int, method_name: str) -> dict:
+    """In a fresh process: one streamed merge; its costs record."""
+    import torch
 
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(state[key].contiguous().view(-1).numpy().tobytes())
-    return digest.hexdigest()
+    import mergelit.methods as methods
+    from mergelit import costs
+    from mergelit.statistics import StoredStatistics
 
-
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    pool = scale_pool(root, n)
+    class_name, args = METHODS[method_name]
+    method = getattr(methods, class_name)(pool, **args)
+    if method_name == "fisher":
+        method.statistics = StoredStatistics({task: root / "fisher" / f"model_{i + 1}.safetensors" for i, task in enumerate(pool.tasks)})
+    body_bytes = sum(s.numel() * 4 for s in pool.body_shapes().values())
+    record = costs.CostRecord()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    with costs.recording(record), costs.phase("merge"), torch.no_grad():
+        merged = method.merge()
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    figures = record.as_dict()
+    assert all(torch.isfinite(t).all() for t in merged.values())
+    return {"wall": wall, "cpu": cpu, "merge_seconds": figures["merge_seconds"], "load_seconds": figures["load_seconds"],
+            "peak_gb": figures["merge_peak_gb"], "body_gb": body_bytes / 1e9}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/mergelit_bench/merge_scale")
-    parser.add_argument("--n", type=int, nargs="+", default=[2, 4, 7, 14])
-    parser.add_argument("--methods", nargs="+", default=["simple_average", "task_arithmetic", "ties"])
-    parser.add_argument("--layouts", nargs="+", default=["streamed", "in_memory"])
-    parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, nargs="+", default=[2, 14])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    root = Path(args.root) / f"layers_{args.n_layer}"
     if args.child:
-        root, n, method = args.child
-        print(json.dumps(measure(root, int(n), method, args.layouts[0])))
+        print(json.dumps(measure(root, int(args.child[0]), args.child[1])))
         return
-    root = Path(args.root)
-    write_checkpoints(root, max(args.n), args.n_layer, args.n_embd)
-    print(f"{'method':16} {'N':>3} {'layout':10} {'seconds':>8} {'τm s':>6} {'peak-footprint (bodies)':>24}")
+    root.mkdir(parents=True, exist_ok=True)
+    write_checkpoints(root, max(args.n), args.n_layer, fisher=True)
+    print(f"GPT-2-small shapes, {args.n_layer} block(s), vocabulary 50,257; threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(f"{'method':16} {'N':>3} {'CPU s':>7} {'wall s':>7} {'merge s':>8} {'load s':>7} {'peak GB':>8} {'peak (bodies)':>14}")
+    peaks: dict[str, dict[int, float]] = {}
     for method in args.methods:
         for n in args.n:
-            results = {}
-            for layout in args.layouts:
-                command = [sys.executable, __file__, "--layouts", layout, "--child", str(root), str(n), method]
-                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                results[layout] = r = json.loads(output.strip().splitlines()[-1])
-                bodies = (r["peak"] - r["footprint"]) / r["body_bytes"]
-                tau = f"{r['tau_seconds']:6.1f}" if "tau_seconds" in r else "     -"
-                print(f"{method:16} {n:>3} {layout:10} {r['seconds']:8.1f} {tau} {bodies:24.2f}", flush=True)
-            if len(results) == 2:
-                s, m = results["streamed"], results["in_memory"]
-                same = "identical bits" if s["digest"] == m["digest"] else "DIFFERENT BITS"
-                print(f"{'':16} {n:>3} ratio      time streamed/in-memory {s['seconds'] / m['seconds']:.2f}, "
-                      f"memory {(s['peak'] - s['footprint']) / max(1, m['peak'] - m['footprint']):.2f}; {same}", flush=True)
+            command = [sys.executable, __file__, "--root", args.root, "--n-layer", str(args.n_layer), "--child", str(n), method]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            r = json.loads(output.strip().splitlines()[-1])
+            bodies = r["peak_gb"] / r["body_gb"]
+            peaks.setdefault(method, {})[n] = bodies
+            print(f"{method:16} {n:>3} {r['cpu']:7.1f} {r['wall']:7.1f} {r['merge_seconds']:8.1f} {r['load_seconds']:7.1f} "
+                  f"{r['peak_gb']:8.2f} {bodies:14.2f}", flush=True)
+    if len(args.n) > 1:
+        low, high = min(args.n), max(args.n)
+        print(f"\npeak at N = {high} / peak at N = {low}: " + ", ".join(f"{m} {p[high] / p[low]:.2f}" for m, p in peaks.items()))
 
 
 if __name__ == "__main__":

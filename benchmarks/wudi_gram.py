@@ -5,6 +5,8 @@ time of the whole GPT-2-small merge on this CPU.
     OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py drift --fixtures    # the test fixtures' pool (2 layers, 64 wide), both sides
     OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py merge               # GPT-2 small, 7 tasks, 400 steps, input side (≈ 2 h here)
     OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py merge --steps 20    # fewer steps: the 400-step time extrapolated
+    OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py merge --layers 1 --wte-steps 4   # 400 steps on one block (× 12), wte extrapolated
+    OMP_NUM_THREADS=1 python benchmarks/wudi_gram.py step                # c_fc: CPU s per Adam step, gram vs autograd
 
 ``drift``: one key's merged weights after ``--steps`` Adam steps with ``gradient: gram`` and with
 ``gradient: autograd`` (FusionBench's iterates on CPU), from the same θ0 and θi: max |difference|
@@ -13,6 +15,10 @@ Random weights of GPT-2 small's scale: θ0 = 0.02·N(0, 1), τi = 1e-3·(0.5 + u
 per task (task vectors of different norms). ``--fixtures``: the same comparison on every key of the
 tests' pool (``mergelit.synthetic.write_fixtures``, seed 0), on both sides (``fusionbench`` excludes
 wte, as FusionBench must).
+
+``step``: one key (``--shape``, c_fc by default): CPU seconds per Adam step of each gradient, from
+the time of 1 and of 1 + k steps (k = ``--baseline-steps`` for autograd, 40 for gram), and each
+path's 400-step time extrapolated from them.
 
 ``merge``: every key of GPT-2 small (wte [50257, 768], wpe [1024, 768], 12 blocks, ln_f) merged by
 ``wudi_merge_tensor`` as ``WUDIMerging`` does, with ``gradient: gram`` (the default: the Gram form
@@ -123,6 +129,28 @@ def drift_on_fixtures(steps: int) -> None:
         )
 
 
+# ---- one key, per step ----------------------------------------------------------------------------
+
+
+def per_step(shape: tuple[int, int], steps: int, gram_steps: int) -> None:
+    """CPU seconds per Adam step of each gradient on one key: (time of 1 + k steps − time of 1 step) / k,
+    so that the one-off work (stacking, the Gram sums) drops out; and each path's 400-step time."""
+    theta0, thetas = random_key(shape, TASKS, seed=0)
+    figures = {}
+    for gradient, k in (("gram", gram_steps), ("autograd", steps)):
+        _, _, one = timed(lambda: merge_key(theta0, thetas, 1, gradient))
+        _, _, more = timed(lambda: merge_key(theta0, thetas, 1 + k, gradient))
+        figures[gradient] = (one, (more - one) / k)
+    (g_one, g_step), (a_one, a_step) = figures["gram"], figures["autograd"]
+    print(
+        f"key {list(shape)} (input side), n = {TASKS}: per Adam step {a_step:.3f} s CPU autograd ({steps} steps timed), "
+        f"{g_step:.4f} s CPU gram ({gram_steps} steps timed): {a_step / g_step:.0f}× per step; one step including the "
+        f"one-off work: autograd {a_one:.2f} s, gram {g_one:.2f} s; {FULL_STEPS} steps extrapolated: autograd "
+        f"{a_one + (FULL_STEPS - 1) * a_step:.0f} s CPU, gram {g_one + (FULL_STEPS - 1) * g_step:.1f} s CPU",
+        flush=True,
+    )
+
+
 # ---- the whole merge -----------------------------------------------------------------------------
 
 
@@ -130,14 +158,30 @@ def _group(key: str) -> str:
     return key.split(".")[0] if not key.startswith("h.") else "blocks"
 
 
-def whole_merge(steps: int, baseline_steps: int) -> None:
+def whole_merge(steps: int, baseline_steps: int, layers: int = LAYERS, wte_steps: int = 0) -> None:
     shapes = gpt2_small_shapes()
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
     for index, (key, shape) in enumerate(shapes.items()):
+        if key.startswith("h.") and int(key.split(".")[1]) >= layers:
+            continue
         theta0, thetas = random_key(shape, TASKS, seed=index)
-        _, seconds[key], cpu[key] = timed(lambda: wudi_merge_tensor(theta0, thetas, len(shape) == 2, steps, 1e-5))
+        if key == "wte.weight" and 0 < wte_steps < steps:
+            # wte keeps the autograd order (the Gram form cannot lower it): its time for ``steps`` steps
+            # from that of 1 and 1 + wte_steps steps (the one-off stacking drops out of the per-step share).
+            _, wall_one, one = timed(lambda: wudi_merge_tensor(theta0, thetas, True, 1, 1e-5))
+            _, wall_more, more = timed(lambda: wudi_merge_tensor(theta0, thetas, True, 1 + wte_steps, 1e-5))
+            cpu[key] = one + (steps - 1) * (more - one) / wte_steps
+            seconds[key] = wall_one + (steps - 1) * (wall_more - wall_one) / wte_steps
+            print(f"  wte: {steps} steps extrapolated from 1 and {1 + wte_steps} steps: {cpu[key]:.0f} s CPU", flush=True)
+        else:
+            _, seconds[key], cpu[key] = timed(lambda: wudi_merge_tensor(theta0, thetas, len(shape) == 2, steps, 1e-5))
         del theta0, thetas
+    if layers < LAYERS:  # the blocks timed stand for all 12 (every block has the same shapes)
+        for table in (seconds, cpu):
+            for key in [k for k in table if k.startswith("h.")]:
+                table[key] *= LAYERS / layers
+        print(f"  {layers} block(s) timed, their time × {LAYERS / layers:g} for the 12 blocks", flush=True)
     scale = FULL_STEPS / steps
     total, total_cpu = sum(seconds.values()), sum(cpu.values())
     groups = {}
@@ -177,20 +221,24 @@ def whole_merge(steps: int, baseline_steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["drift", "merge"])
+    parser.add_argument("what", choices=["drift", "merge", "step"])
     parser.add_argument("--steps", type=int, default=FULL_STEPS, help="Adam steps (default 400)")
     parser.add_argument("--shape", type=int, nargs=2, default=[WIDTH, 4 * WIDTH], help="drift: the stored key shape (default c_fc [768, 3072])")
     parser.add_argument("--fixtures", action="store_true", help="drift: also every key of the tests' pool, both sides")
     parser.add_argument("--baseline-steps", type=int, default=3, help="merge: extra autograd steps timed for the speed-up (0: none)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="merge: blocks timed (their time scaled to 12 blocks)")
+    parser.add_argument("--wte-steps", type=int, default=0, help="merge: time wte from 1 and 1 + this many steps, extrapolated (0: all steps)")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
-    if args.what == "drift":
+    if args.what == "step":
+        per_step(tuple(args.shape), args.baseline_steps, 40)
+    elif args.what == "drift":
         if args.fixtures:
             drift_on_fixtures(args.steps)
         drift_on_key(tuple(args.shape), args.steps)
     else:
-        whole_merge(args.steps, args.baseline_steps)
+        whole_merge(args.steps, args.baseline_steps, args.layers, args.wte_steps)
 
 
 if __name__ == "__main__":
