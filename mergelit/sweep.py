@@ -35,9 +35,10 @@ Design, and why:
   point from those files alone and writes ``selection.json``, then only the selected points are
   scored on validation, each with a new method merged from scratch, so that its report (costs
   included) is that of ``mergelit test`` of that point. A method of one point (nothing to choose)
-  is scored on validation and on the dev rows in the first pass, with one merge. ``--sweep.oracle true`` scores every point
-  on validation in the first pass, with its dev criterion (for the oracle rows; the merge costs
-  of these reports then benefit from the reuse above). The selection never rewrites a report.
+  is scored on validation and on the dev rows in the first pass, with one merge.
+  ``--sweep.oracle true`` scores every point on validation in the first pass, with its dev
+  criterion (for the oracle rows; the merge costs of these reports then benefit from the reuse
+  above). The selection never rewrites a report.
 - **Resume.** ``sweep.json`` records a fingerprint of the config without the swept keys and the
   settings that cannot change numbers (logger, progress bar, workers, the ``sweep:`` group). A
   rerun into the same folder skips points whose report or criterion is complete, re-does missing
@@ -160,6 +161,7 @@ class SweepRunner:
             self.hold_out_dev()
         # What points share, made on first use and kept: key = the arguments they were made from.
         self.pools: dict[str, ModelPool] = {}
+        self.reuse = True  # methods reuse their λ-free parts through the pools across points (set_reuse)
         self.datamodules: dict[str, GLUEDataModule] = {}
         self.loggers: Optional[list[Logger] | bool] = None
         self.group: Optional[str] = None
@@ -205,9 +207,14 @@ class SweepRunner:
         key = json.dumps(plain(config.pool), sort_keys=True, default=str)
         if key not in self.pools:
             self.pools[key] = ModelPool(**plain(config.pool))
-            # Methods reuse their λ-free parts (Σ τi, τm) through the pool across points.
-            self.pools[key].keep_reused(True)
+            self.pools[key].keep_reused(self.reuse)
         return self.pools[key]
+
+    def set_reuse(self, keep: bool) -> None:
+        """Whether methods reuse their λ-free parts (Σ τi, τm) through the pools across points."""
+        self.reuse = keep
+        for pool in self.pools.values():
+            pool.keep_reused(keep)
 
     def datamodule_for(self, config) -> GLUEDataModule:
         key = json.dumps(plain(config.data), sort_keys=True, default=str)
@@ -365,6 +372,9 @@ class SweepRunner:
         with progress.counter(len(jobs), f"Sweep {self.group}", unit="run", show=rank_zero_only.rank == 0) as bar:
             for name, (point, config) in jobs.items():
                 bar.set_postfix_str(name)
+                # Under selection a validation run in this pass is a method of one point: merged from
+                # scratch like the selected points below, so that its costs are a standalone run's.
+                self.set_reuse(not (selecting and not options.oracle and name in done_full))
                 self.score_point(point, config, folder / f"{name}.json", name in done_full, name in done_criterion)
                 bar.update()
             if selecting:
@@ -372,8 +382,7 @@ class SweepRunner:
                 todo = [(p, c) for p, c in zip(points, configs) if p.name in chosen and p.name not in complete | done_full]
                 # Every point is scored on the dev rows: nothing left to reuse. Each selected point
                 # then merges from scratch, so that its report's merge cost is a standalone run's.
-                for pool in self.pools.values():
-                    pool.keep_reused(False)
+                self.set_reuse(False)
                 bar.total += len(todo)
                 bar.refresh()
                 for point, config in todo:
