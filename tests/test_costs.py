@@ -81,17 +81,28 @@ def test_cached_work_reports_its_original_cost(clock):
     assert costs.CostRecord().as_dict()["prepare_cached"] is False
 
 
+def fresh_pages(size: int):
+    """``size`` bytes of new, touched memory: an anonymous map, never pages an allocator kept
+    resident from earlier work (those would not raise the peak). ``close()`` returns them."""
+    import mmap
+
+    pages = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        pages[offset] = 1
+    return pages
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peaks are measured on Linux (VmHWM)")
 def test_peaks_are_measured_above_the_memory_resident_at_the_start():
     record = costs.CostRecord()
-    resident = torch.ones(64 * 2**20)  # 256 MiB resident before either phase
+    resident = fresh_pages(256 * 2**20)  # resident before either phase
     with costs.recording(record):
         with costs.phase("prepare"):
-            block = torch.ones(48 * 2**20)  # 192 MiB allocated inside the phase
-            del block
+            fresh_pages(192 * 2**20).close()  # allocated inside the phase, then returned
         with costs.phase("merge"):
             small = torch.ones(1024)
-    del resident, small
+    resident.close()
+    del small
     assert 0.18 < record.phases["prepare"].peak_gb < 0.30  # the 0.2 GB block, not the 0.27 GB resident
     assert record.phases["merge"].peak_gb < 0.05
 

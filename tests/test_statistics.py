@@ -344,10 +344,16 @@ def test_a_cached_run_records_the_original_cost(one_task, tmp_path):
 def test_measuring_the_predict_loop_keeps_the_prepare_phase_peak_whole():
     """The statistics reset the peak window around each predict loop; the enclosing prepare phase
     still counts the peak it reached before (here a 256 MB buffer freed before the loop)."""
+    import mmap
+
     record = costs.CostRecord()
     with costs.recording(record), costs.phase("prepare"):
-        buffer = torch.ones(64 * 2**20)  # 256 MB, touched
-        del buffer
+        # 256 MB of fresh pages, touched (an anonymous map: never pages the allocator kept resident
+        # from earlier tests, which would not raise the peak), then returned.
+        buffer = mmap.mmap(-1, 256 * 2**20)
+        for offset in range(0, len(buffer), mmap.PAGESIZE):
+            buffer[offset] = 1
+        buffer.close()
         with costs.measured() as measure:
             small = torch.ones(2**20)  # 4 MB
             del small
