@@ -96,6 +96,7 @@ class MergeMethod(L.LightningModule):
         self.pad_token_ids: dict[str, int] = {}
         self.fused_gelu = False
         self._body: nn.Module | None = None
+        self._body_task: str | None = None  # whose body ``_body`` is (``task_body``)
         self.results: dict[str, dict[str, float]] | None = None
         # Plain (micro) accuracy = mean of per-example correctness, and cross-entropy averaged over
         # examples (not over batch means, which would depend on the batch size). Both are
@@ -179,6 +180,17 @@ class MergeMethod(L.LightningModule):
         if self._body is None:
             with costs.phase("merge"):
                 self._body = self.build_body(self.merge()).to(self.device)
+        return self._body
+
+    def task_body(self, task: str, state: Callable[[], dict[str, Tensor]], name: str) -> nn.Module:
+        """For a task-aware method's ``body_for``: the body built from ``state()`` (task ``task``'s state
+        dict, computed in the merge phase: the first call also computes the method's shared parts),
+        kept until another task's body is asked for (one body in memory at a time)."""
+        if self._body_task != task:
+            self._body, self._body_task = None, None  # let the previous body go before building this one
+            with costs.phase("merge"):
+                self._body = self.build_body(state(), name).to(self.device)
+                self._body_task = task
         return self._body
 
     def bodies_at_inference(self) -> float:

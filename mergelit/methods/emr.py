@@ -45,7 +45,6 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from mergelit import costs
 from mergelit.errors import KeyMissing
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
@@ -169,7 +168,6 @@ class EMRMerging(MergeMethod):
     def __init__(self, pool: ModelPool):
         super().__init__(pool)
         self._parts: tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, float]] | None = None
-        self._body_task: str | None = None
 
     def prepare_merge(self) -> None:
         """τuni, the bit-packed masks and the rescalers of the pool (``emr_parts``), once."""
@@ -186,21 +184,18 @@ class EMRMerging(MergeMethod):
         kept until another task's is (one body in memory at a time)."""
         if task not in self.tasks:
             raise KeyMissing(f"EMR-Merging has no task {task!r}; the pool's tasks are {', '.join(self.tasks)}.")
-        if self._body_task != task:
-            self._body, self._body_task = None, None  # let the previous body go before building this one
-            with costs.phase("merge"):  # the first call also computes τuni, the masks and the rescalers
-                tau_uni, masks, rescalers = self.parts()
-                shapes = self.pool.body_shapes()
-                state = {
-                    key: modulated_tensor(
-                        self.pool.pretrained_tensor(key), tau_uni[key], unpack_bits(masks[task][key], shapes[key]), rescalers[task]
-                    )
-                    for key in self.pool.keys()
-                }
-                self._body = self.build_body(state, f"EMR-Merging body of {task!r}").to(self.device)
-                self._body_task = task
-                del state
-        return self._body
+
+        def state() -> dict[str, Tensor]:  # the first call also computes τuni, the masks and the rescalers
+            tau_uni, masks, rescalers = self.parts()
+            shapes = self.pool.body_shapes()
+            return {
+                key: modulated_tensor(
+                    self.pool.pretrained_tensor(key), tau_uni[key], unpack_bits(masks[task][key], shapes[key]), rescalers[task]
+                )
+                for key in self.pool.keys()
+            }
+
+        return self.task_body(task, state, f"EMR-Merging body of {task!r}")
 
     def bodies_at_inference(self) -> float:
         """θ0 + τuni (2 fp32 bodies), n bit-packed masks (n/32) and n fp32 scalars (n/d), d the

@@ -38,7 +38,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from mergelit import costs
 from mergelit.errors import KeyMissing, check_number
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
@@ -85,7 +84,6 @@ class TallMasks(MergeMethod):
         super().__init__(pool)
         self.tall_mask_lambda = check_number(tall_mask_lambda, "tall_mask_lambda (λ)", 0)
         self._parts: tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]] | None = None
-        self._body_task: str | None = None
         self.mask_density: dict[str, float] = {}
         """task -> the share of the body's entries its mask holds."""
         self.save_hyperparameters(ignore=["pool"])
@@ -139,21 +137,18 @@ class TallMasks(MergeMethod):
         another task's is (one body in memory at a time)."""
         if task not in self.tasks:
             raise KeyMissing(f"TALL masks have no task {task!r}; the pool's tasks are {', '.join(self.tasks)}.")
-        if self._body_task != task:
-            self._body, self._body_task = None, None  # let the previous body go before building this one
-            with costs.phase("merge"):  # the first call also computes τ_MTL and the masks
-                self.pool.check()
-                self.prepare_merge()
-                sums, masks = self._parts
-                shapes = self.pool.body_shapes()
-                state = {
-                    key: masked_body_tensor(self.pool.pretrained_tensor(key), sums[key], unpack_bits(masks[task][key], shapes[key]))
-                    for key in self.pool.keys()
-                }
-                self._body = self.build_body(state, f"TALL-mask body of {task!r}").to(self.device)
-                self._body_task = task
-                del state
-        return self._body
+
+        def state() -> dict[str, Tensor]:  # the first call also computes τ_MTL and the masks
+            self.pool.check()
+            self.prepare_merge()
+            sums, masks = self._parts
+            shapes = self.pool.body_shapes()
+            return {
+                key: masked_body_tensor(self.pool.pretrained_tensor(key), sums[key], unpack_bits(masks[task][key], shapes[key]))
+                for key in self.pool.keys()
+            }
+
+        return self.task_body(task, state, f"TALL-mask body of {task!r}")
 
     def bodies_at_inference(self) -> float:
         """θ0 + τ_MTL (2 fp32 bodies) and n bit-packed masks (n/32): 2.21875 for n = 7."""
