@@ -20,31 +20,11 @@ singular values, τm = s̄ U Vᵀ (the spectrum of the sum flattened to its mean
    τm = s̄ P_U P_Vᵀ, s̄ the mean of all k concatenated singular values.
 Other tensors: the running mean (as TSV-M). With f = 1, d = 0 and Iso-CTS is Iso-C.
 
-What differs from FusionBench (``iso_c`` / ``iso_cts``), and why:
-- Iso-CTS is not transpose-equivariant: step 3 removes the common subspace from one side. On
-  GPT-2's Conv1D weights, stored [in, out], FusionBench's code removes the common **input**
-  subspace; the paper's code ran on nn.Linear weights ([out, in]) and removes the common
-  **output** subspace. ``projection_side: fusionbench`` (default) keeps FusionBench's numbers;
-  ``paper`` transposes the 48 Conv1D weights to [out, in], merges, and transposes back (wte
-  and wpe, which have no [out, in] form, are merged as stored either way). Iso-C does not
-  depend on the side.
-- The projection is computed as Uc (Ucᵀ wi): FusionBench's ``Uc @ Uc.T @ w`` builds the
-  rows × rows projector first, 9.4 GiB for wte. Same values up to rounding.
-- ``svd_keys: conv1d`` (an option) SVDs only the Conv1D weights and averages wte and wpe. The
-  default ``all_2d`` (FusionBench) lifts every zero singular value of Σ τ_wpe to s̄ along
-  arbitrary, device-dependent directions when τ_wpe is rank-deficient (positions no training
-  text reached): mergelit warns (``IllPosedMergeWarning``) naming the tensor.
-- Unknown ``exclude_keys`` raise instead of being ignored; a common-space fraction so small that
-  c would be negative raises (FusionBench would fail on a shape mismatch).
-
-Cost (``benchmarks/svd_method_cost.py``): Iso-C one thin SVD per SVD'd tensor; Iso-CTS n + 3
-(the sum, each task's residual, two polar factors), about TSV-M's cost plus the projections.
-
-The maths is per key: ``merge_tensor`` gets θ0[key] and the θi[key] (read from the checkpoints
-when asked for) and reads each τi = θi − θ0 when needed (``mergelit.linalg.TaskVectors``; Iso-CTS
-makes two passes, the second reading them again), so a merge holds about one task vector at a
-time. ``iso_c_merge`` and ``iso_cts_merge`` (whole bodies) are the references the per-key merges
-are tested against.
+FusionBench's ``iso_c`` / ``iso_cts`` by default; what differs (the side Iso-CTS projects on GPT-2's
+[in, out] Conv1D, ``svd_keys``, refused arguments) and the cost: docs/methods.md, "Iso-C and
+Iso-CTS". Per key, each τi is read when needed (``mergelit.linalg.TaskVectors``; Iso-CTS reads
+them twice), so a merge holds about one task vector at a time; ``iso_c_merge`` and
+``iso_cts_merge`` (whole bodies) are the references the per-key merges are tested against.
 """
 
 from __future__ import annotations
@@ -78,16 +58,22 @@ PROJECTION_SIDES = ("fusionbench", "paper")
 _ADVICE = "Use svd_keys='conv1d' (averages wte and wpe) or exclude_keys for this tensor."
 
 
+def _check_arguments(
+    scaling_factor: float, common_space_fraction: float = 1.0, svd_keys: str = "all_2d",
+    projection_side: str = "fusionbench",
+) -> float:
+    """Check every argument; return α as a float."""
+    fraction = "common_space_fraction (f: 1 gives Iso-C; FusionBench's default is 0.8)"
+    check_number(common_space_fraction, fraction, 0, 1, low_open=True)
+    check_choice(svd_keys, "svd_keys", SVD_KEYS)
+    check_choice(projection_side, "projection_side", PROJECTION_SIDES)
+    return check_number(scaling_factor, "scaling_factor (α)")
+
+
 # ---- Iso-C -----------------------------------------------------------------------------------
-
-
 def iso_c_merge_tensor(task_vectors: Sequence[Tensor], name: str = "tensor") -> Tensor:
-    """τm = s̄ U Vᵀ for one 2-D tensor, U diag(s) Vᵀ = Σ τi and s̄ = mean(s).
-
-    Args:
-        task_vectors: τ1..τn for this tensor, all the same 2-D shape (not modified).
-        name: the tensor's key, for the rank-deficiency warning.
-    """
+    """τm = s̄ U Vᵀ for one 2-D tensor, U diag(s) Vᵀ = Σ τi (``task_vectors``, not modified), s̄ = mean(s);
+    ``name`` is for the rank-deficiency warning."""
     n = len(task_vectors)
     # FusionBench averages every key first and multiplies the 2-D ones back by n: (Σ/n)·n, not Σ bitwise.
     total = ordered_sum(task_vectors) / n * n
@@ -99,65 +85,35 @@ def iso_c_merge_tensor(task_vectors: Sequence[Tensor], name: str = "tensor") -> 
 
 
 def iso_c_task_vector_tensor(
-    key: str,
-    theta0: Tensor,
-    thetas: Sequence[Tensor],
-    exclude_keys: Sequence[str] = (),
+    key: str, theta0: Tensor, thetas: Sequence[Tensor], exclude_keys: Sequence[str] = (),
     svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
 ) -> Tensor:
     """Iso-C's τm of one key (before α): s̄ U Vᵀ of Σ τi on an SVD key, Σ τi / n elsewhere."""
-    # τi = θi − θ0, computed when read: about one task vector in memory at a time.
-    task_vectors = TaskVectors(theta0, thetas)
+    task_vectors = TaskVectors(theta0, thetas)  # τi = θi − θ0, computed when read
     if svd_applies(key, theta0, svd_keys, exclude_keys):
         return iso_c_merge_tensor(task_vectors, key)
     return ordered_sum(task_vectors) / len(task_vectors)
 
 
-def iso_c_task_vector(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    exclude_keys: Sequence[str] = (),
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+def iso_c_merge(
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 1.0,
+    exclude_keys: Sequence[str] | None = None, svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
 ) -> dict[str, Tensor]:
-    """Iso-C's τm for every key of whole bodies (before α)."""
+    """Iso-C: θ* = θ0 + α τm over whole bodies (arguments as ``IsoC``'s; exclude_keys None: none)."""
+    scaling_factor = _check_arguments(scaling_factor, svd_keys=svd_keys)
+    exclude_keys = list(exclude_keys or [])
     check_finetuned(pretrained, finetuned)
     check_exclude_keys(pretrained, exclude_keys)
-    return {
+    merged_tau = {
         key: iso_c_task_vector_tensor(key, base, [body[key] for body in finetuned.values()], exclude_keys, svd_keys)
         for key, base in pretrained.items()
     }
-
-
-def iso_c_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    scaling_factor: float = 1.0,
-    exclude_keys: Sequence[str] | None = None,
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
-) -> dict[str, Tensor]:
-    """Iso-C: θ* = θ0 + α τm over whole bodies (the reference ``IsoC``'s per-key merge is tested against).
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts.
-        scaling_factor: α.
-        exclude_keys: exact keys averaged instead of SVD'd (None: none).
-        svd_keys: ``all_2d`` (FusionBench) or ``conv1d`` (wte and wpe averaged).
-    """
-    scaling_factor = _check_arguments(scaling_factor, svd_keys=svd_keys)
-    merged_tau = iso_c_task_vector(pretrained, finetuned, list(exclude_keys or []), svd_keys)
     return {key: pretrained[key] + scaling_factor * tau for key, tau in merged_tau.items()}
 
 
 # ---- Iso-CTS ---------------------------------------------------------------------------------
-
-
 def iso_cts_sizes(k: int, n: int, common_space_fraction: float) -> tuple[int, int]:
-    """(c, d): the common subspace size and each task's subspace size, c + n·d = k.
-
-    c = int(k·f) is moved so that the rest divides by n: t = round((k − c)/n)·n with Python's
-    ``round`` (half to even: 2.5 → 2), c = k − t, d = t/n. k = 768, n = 7, f = 0.8 → (614, 22).
-    """
+    """(c, d): the common subspace size and each task's, c + n·d = k (step 1 above; 768, 7, 0.8 → (614, 22))."""
     common = int(k * common_space_fraction)
     task_total = round((k - common) / n) * n
     common = k - task_total
@@ -170,19 +126,11 @@ def iso_cts_sizes(k: int, n: int, common_space_fraction: float) -> tuple[int, in
 
 
 def iso_cts_merge_tensor(
-    task_vectors: Sequence[Tensor],
-    common_space_fraction: float = 0.8,
-    name: str = "tensor",
+    task_vectors: Sequence[Tensor], common_space_fraction: float = 0.8, name: str = "tensor",
     tasks: Sequence[str] | None = None,
 ) -> Tensor:
-    """Iso-CTS's τm for one 2-D tensor, projecting the common subspace out of the row-index side as stored.
-
-    Args:
-        task_vectors: τ1..τn for this tensor, all the same 2-D shape (not modified).
-        common_space_fraction: f, the share of the k = min(rows, cols) slots given to the common subspace.
-        name: the tensor's key, for the rank-deficiency warning.
-        tasks: the task names, for the warning (default "task 1", "task 2", ...).
-    """
+    """Iso-CTS's τm for one 2-D tensor (τ1..τn, not modified), projecting the common subspace out of the
+    row-index side as stored; ``name`` and ``tasks`` (default "task 1", ...) are for the warnings."""
     n = len(task_vectors)
     names = list(tasks) if tasks is not None else [f"task {i + 1}" for i in range(n)]
     total = ordered_sum(task_vectors)
@@ -199,7 +147,7 @@ def iso_cts_merge_tensor(
     ranks = {}
     for i, tau in enumerate(task_vectors if d > 0 else []):  # a second pass: TaskVectors reads τi again
         tau = tau.to(u.dtype)
-        # wi = τi − Uc Ucᵀ τi, evaluated as Uc (Ucᵀ τi): never the rows × rows projector.
+        # wi = τi − Uc Ucᵀ τi, evaluated as Uc (Ucᵀ τi): never the rows × rows projector (9.4 GiB for wte).
         specific = tau - u_common @ (u_common.T @ tau)
         u_i, s_i, vh_i = thin_svd(specific)
         ranks[names[i]] = numerical_rank(s_i, shape)
@@ -220,22 +168,12 @@ def iso_cts_merge_tensor(
 
 
 def iso_cts_task_vector_tensor(
-    key: str,
-    theta0: Tensor,
-    thetas: Sequence[Tensor],
-    common_space_fraction: float = 0.8,
-    exclude_keys: Sequence[str] = (),
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
-    projection_side: Literal["fusionbench", "paper"] = "fusionbench",
-    tasks: Sequence[str] | None = None,
+    key: str, theta0: Tensor, thetas: Sequence[Tensor], common_space_fraction: float = 0.8,
+    exclude_keys: Sequence[str] = (), svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    projection_side: Literal["fusionbench", "paper"] = "fusionbench", tasks: Sequence[str] | None = None,
 ) -> Tensor:
-    """Iso-CTS's τm of one key (before α): ``iso_cts_merge_tensor`` on an SVD key, the running mean elsewhere.
-
-    ``projection_side: paper`` runs a Conv1D weight as [out, in] (transposed and back), so the
-    common output subspace is projected out; ``fusionbench`` runs it as stored ([in, out]).
-    """
-    # τi = θi − θ0, computed when read (twice here): about one task vector in memory at a time.
-    task_vectors = TaskVectors(theta0, thetas)
+    """Iso-CTS's τm of one key (before α): ``iso_cts_merge_tensor`` on an SVD key, the running mean elsewhere."""
+    task_vectors = TaskVectors(theta0, thetas)  # τi = θi − θ0, computed when read (twice here)
     if not svd_applies(key, theta0, svd_keys, exclude_keys):
         return running_mean(task_vectors)
     if projection_side == "paper" and is_conv1d_weight(key):
@@ -244,72 +182,25 @@ def iso_cts_task_vector_tensor(
     return iso_cts_merge_tensor(task_vectors, common_space_fraction, key, tasks)
 
 
-def iso_cts_task_vector(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    common_space_fraction: float = 0.8,
-    exclude_keys: Sequence[str] = (),
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
-    projection_side: Literal["fusionbench", "paper"] = "fusionbench",
+def iso_cts_merge(
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 1.0,
+    common_space_fraction: float = 0.8, exclude_keys: Sequence[str] | None = None,
+    svd_keys: Literal["all_2d", "conv1d"] = "all_2d", projection_side: Literal["fusionbench", "paper"] = "fusionbench",
 ) -> dict[str, Tensor]:
-    """Iso-CTS's τm for every key of whole bodies (before α)."""
+    """Iso-CTS: θ* = θ0 + α τm over whole bodies (arguments as ``IsoCTS``'s; exclude_keys None: none)."""
+    scaling_factor = _check_arguments(scaling_factor, common_space_fraction, svd_keys, projection_side)
+    exclude_keys = list(exclude_keys or [])
     check_finetuned(pretrained, finetuned)
     check_exclude_keys(pretrained, exclude_keys)
     tasks = list(finetuned)
-    return {
+    merged_tau = {
         key: iso_cts_task_vector_tensor(
             key, base, [body[key] for body in finetuned.values()], common_space_fraction, exclude_keys, svd_keys,
             projection_side, tasks,
         )
         for key, base in pretrained.items()
     }
-
-
-def iso_cts_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    scaling_factor: float = 1.0,
-    common_space_fraction: float = 0.8,
-    exclude_keys: Sequence[str] | None = None,
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
-    projection_side: Literal["fusionbench", "paper"] = "fusionbench",
-) -> dict[str, Tensor]:
-    """Iso-CTS: θ* = θ0 + α τm over whole bodies (the reference ``IsoCTS``'s per-key merge is tested against).
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts.
-        scaling_factor: α.
-        common_space_fraction: f, in (0, 1].
-        exclude_keys: exact keys averaged instead of SVD'd (None: none).
-        svd_keys: ``all_2d`` (FusionBench) or ``conv1d`` (wte and wpe averaged).
-        projection_side: ``fusionbench`` (Conv1D as stored: common input subspace removed) or
-            ``paper`` (common output subspace removed).
-    """
-    scaling_factor = _check_arguments(scaling_factor, common_space_fraction, svd_keys, projection_side)
-    merged_tau = iso_cts_task_vector(
-        pretrained, finetuned, common_space_fraction, list(exclude_keys or []), svd_keys, projection_side
-    )
     return {key: pretrained[key] + scaling_factor * tau for key, tau in merged_tau.items()}
-
-
-def _check_arguments(
-    scaling_factor: float,
-    common_space_fraction: float = 1.0,
-    svd_keys: str = "all_2d",
-    projection_side: str = "fusionbench",
-) -> float:
-    """Check every argument; return α as a float."""
-    check_number(
-        common_space_fraction,
-        "common_space_fraction (f: 1 gives Iso-C; FusionBench's default is 0.8)",
-        0,
-        1,
-        low_open=True,
-    )
-    check_choice(svd_keys, "svd_keys", SVD_KEYS)
-    check_choice(projection_side, "projection_side", PROJECTION_SIDES)
-    return check_number(scaling_factor, "scaling_factor (α)")
 
 
 class IsoC(MergeMethod):
@@ -329,7 +220,6 @@ class IsoC(MergeMethod):
     symbols = {"scaling_factor": "α"}
     recommended = {"scaling_factor": 1.0}
     search = {"scaling_factor": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
-    kind = "merged"
 
     def __init__(
         self,
@@ -380,7 +270,6 @@ class IsoCTS(MergeMethod):
     symbols = {"scaling_factor": "α", "common_space_fraction": "f"}
     recommended = {"scaling_factor": 1.0, "common_space_fraction": 0.8}
     search = {"scaling_factor": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
-    kind = "merged"
 
     def __init__(
         self,
@@ -401,13 +290,8 @@ class IsoCTS(MergeMethod):
 
     def reusable_key(self) -> tuple:
         # τm depends on the pool and every argument but α: an α sweep computes it once.
-        return (
-            "iso_cts_task_vector",
-            self.common_space_fraction,
-            tuple(sorted(self.exclude_keys)),
-            self.svd_keys,
-            self.projection_side,
-        )
+        excluded = tuple(sorted(self.exclude_keys))
+        return ("iso_cts_task_vector", self.common_space_fraction, excluded, self.svd_keys, self.projection_side)
 
     def prepare_merge(self) -> None:
         check_exclude_keys(self.pool.keys(), self.exclude_keys)
