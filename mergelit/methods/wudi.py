@@ -11,70 +11,18 @@ With τi = θi − θ0, per tensor (no λ; θ* = θ0 + τ on every key):
 
       L(τ) = Σi ‖(τ − τi) τiᵀ‖²_F / ‖τi‖²_F        (τ, τi as [out, in], y = τ x)
 
-  The paper's argument: the rows of a task's update τi span the inputs that task saw, so τ − τi
-  should vanish on them. The result is the last iterate, not the minimiser.
-- Every other tensor (LN, biases, excluded keys): ``others: mean`` (FusionBench) gives the mean
-  (Σ τi)/n; ``others: pretrained`` leaves it at θ0, as the paper's code does (its merged vector
-  holds only the optimised tensors).
+  The rows of a task's update τi span the inputs that task saw, so τ − τi should vanish on them.
+  The result is the last iterate, not the minimiser.
+- Every other tensor: ``others: mean`` (FusionBench) gives (Σ τi)/n; ``others: pretrained`` leaves
+  it at θ0, as the paper's code does.
 
-**Which side (GPT-2 stores every 2-D body tensor input index first).** Conv1D keeps W as
-[in, out] (y = x W), and an embedding as [vocab or positions, width] (its rows are indexed by the
-input token), so the paper's loss is Σi ‖τiᵀ(τ − τi)‖² / ‖τi‖²: FusionBench's formula applied to
-Wᵀ. ``side="input"`` (default) does exactly that: it transposes the 50 2-D tensors, runs the
-formula, and transposes back. ``side="fusionbench"`` uses the formula on the stored layout, as
-FusionBench's ``wudi_merging`` does on a GPT-2 pool: the output-side Gram of Conv1D, the other
-side from the paper's (on a tiny pool the two results differ by ~2× the size of the update).
-
-**How the gradient is computed.** L is a quadratic: with Gi = τiᵀτi ([b, b], fixed) and
-ci = ‖τi‖², its gradient is 2 Σi (τ − τi) Gi/ci. ``gradient: gram`` (default) precomputes, once
-per tensor and in float64, A = Σi Gi/ci and the gradient at the start, C0 = Σi (τ0 − τi) Gi/ci
-(τ0 = Σ τi), so that each Adam step costs one [a, b] × [b, b] product: g = 2((τ − τ0) A + C0).
-``gradient: autograd`` back-propagates through the loss written in FusionBench's order of
-operations (the [n, a, a] product (τ − τi) τiᵀ), which reproduces FusionBench's iterates bit for
-bit on CPU. Both feed the same ``torch.optim.Adam``; only the gradient's rounding differs: after
-400 steps the merged weights differ by at most 8.2e-8 on the test fixtures (both sides) and 8.4e-9 on
-a GPT-2-small c_fc with 7 random task vectors (absolute; ``benchmarks/wudi_gram.py``). The Gram
-form saves work where A is no larger than the n task vectors (b ≤ n·a: with 7 tasks, every
-GPT-2-small tensor on either side except wte on the input side, [768, 50257] as optimised, and the
-fixtures' wpe, [64, 512]); there a Gram step would
-cost as many flops as back-propagation, so ``gram`` leaves such a tensor to the autograd path,
-with FusionBench's bits. (On that wte the float32 iterates are sensitive to rounding: float64
-arithmetic ends 2.3e-5 away on the fixtures, and a Gram form kept factored ended 0.3-1.3e-5 away
-depending on the memory layout, against below 1e-7 on every tensor the Gram form does take.)
-Input columns that no task changed (a token or position no task's training reached) have a zero
-gradient, so Adam leaves them at 0; the Gram form leaves them out of its products.
-
-**What differs from FusionBench and why.**
-
-- FusionBench cannot run WUDI on GPT-2 as-is: on wte its product is [7, 50257, 50257] fp32
-  (65.9 GiB, over 190 GiB with autograd). mergelit's defaults say that where FusionBench cannot
-  run, the default is the paper's method: the input side, where wte's product is [7, 768, 768].
-  ``side="fusionbench"`` with ``gradient="autograd"`` reproduces FusionBench bit-exactly on CPU
-  where it can run; it refuses a key whose product would exceed 4 GiB (wte on GPT-2) and names
-  the fixes: ``gradient: gram`` (on that side wte's A is [768, 768]), or FusionBench's own
-  workaround ``exclude_keys: [wte.weight]`` (wte then gets θ0 + mean τ).
-- A task vector that is 0 on a tensor (a task that did not change it) makes FusionBench divide
-  0 by 0 (NaN); here that task's term is left out of the loss (it is 0 for every τ).
-- ``lr`` is an argument (FusionBench fixes 1e-5); ``iter_num`` defaults to 400 as FusionBench's
-  ``wudi.yaml`` (its function's default is 300, the paper's ViT code uses 300).
-- ``solver="closed_form"`` (an option; neither implementation has it, and it changes the numbers):
-  the loss is a convex quadratic, minimised by τ* = (Σi τi Gi/ci)(Σi Gi/ci)⁺, solved as a float64
-  least-squares problem on the CPU (the minimum-norm minimiser when the system is singular, as it
-  is for wte on the input side: the loss sees only the tokens the tasks changed). Adam with lr
-  1e-5 moves each entry about 1e-5 per step, so 400 steps land near Task Arithmetic (λ = 1), far
-  from τ*.
-
-**Where it runs, and what it holds.** ``WUDIMerging`` runs the optimisation on the Trainer's
-device (a GPU when the Trainer has one; the CPU when it is not attached to one) and returns CPU
-tensors. The Gram form reads one τi at a time (two passes over a key's task vectors) and holds
-A ([b, b]) and a few [a, b] tensors (τ, τ0, Adam's two moments, the gradient): its memory does not
-grow with the number of models. The autograd path and ``solver: closed_form`` hold the n task
-vectors of a key stacked (FusionBench's order of operations, the least-squares system), and
-``others: mean`` on the autograd path sums such a stack (FusionBench's bits).
-
-Cost per Adam step at GPT-2 small, input side: 2·a·b² flop per [a, b] tensor with the Gram form
-(≈ 22 GFLOP per block, wpe 1.6 GFLOP), 4·n·a²·b with autograd (≈ 370 GFLOP per block; wte
-≈ 830 GFLOP, which the Gram form cannot lower). ``benchmarks/wudi_gram.py`` times the whole merge.
+GPT-2 stores every 2-D body tensor input index first, so ``side="input"`` (default) runs the
+formula on Wᵀ and transposes back (the paper's loss Σi ‖τiᵀ(τ − τi)‖²/‖τi‖²); ``side="fusionbench"``
+runs it on the stored layout, as FusionBench's ``wudi_merging`` does. L is a quadratic with
+gradient 2 Σi (τ − τi) Gi/ci (Gi = τiᵀτi, ci = ‖τi‖²): ``gradient: gram`` (default) precomputes the
+Gram sums, ``gradient: autograd`` back-propagates through FusionBench's order of operations (its
+iterates bit for bit on CPU); both feed the same Adam. The Gram form, what differs from
+FusionBench, ``solver: closed_form``, memory and cost: docs/methods.md, "WUDI".
 """
 
 from __future__ import annotations
@@ -112,11 +60,8 @@ def _check_arguments(iter_num: int, lr: float, side: str, solver: str, gradient:
 
 
 def interference_loss(merged: Tensor, task_vectors: Tensor, squared_norms: Tensor) -> Tensor:
-    """L(τ) = Σi ‖(τ − τi) τiᵀ‖²_F / ‖τi‖²_F for ``task_vectors`` stacked as [n, a, b], τ [a, b].
-
-    Written in FusionBench's order of operations (difference, batched product, square, divide,
-    sum) so that the Adam iterates match its own to the bit on CPU.
-    """
+    """L(τ) = Σi ‖(τ − τi) τiᵀ‖²_F / ‖τi‖²_F, τi stacked [n, a, b], τ [a, b], in FusionBench's order of
+    operations (difference, batched product, square, divide, sum): its Adam iterates to the bit on CPU."""
     product = torch.matmul(merged.unsqueeze(0) - task_vectors, task_vectors.transpose(1, 2))
     return torch.sum(torch.square(product) / squared_norms.unsqueeze(-1).unsqueeze(-1))
 
@@ -140,18 +85,9 @@ def _adam(start: Tensor, lr: float) -> tuple[torch.nn.Parameter, torch.optim.Ada
 def minimise_interference_adam(
     task_vectors: Tensor, iter_num: int, lr: float, device: str | torch.device | None = None
 ) -> tuple[Tensor, Tensor]:
-    """τ after ``iter_num`` full-batch Adam steps on L from τ = Σ τi, and L at each iterate: the
-    gradient by autograd through FusionBench's order of operations (its iterates, bit for bit on CPU).
-
-    Args:
-        task_vectors: the τi stacked as [n, a, b]; the loss product is [a, a].
-        iter_num: number of Adam steps (0 gives Σ τi).
-        lr: Adam's learning rate.
-        device: where the steps run (default: where ``task_vectors`` are); the results are there.
-
-    Returns:
-        (τ [a, b], losses [iter_num]: L at iterates 0 .. iter_num − 1, each before its step).
-    """
+    """(τ, L at iterates 0 .. iter_num − 1): ``iter_num`` full-batch Adam steps on L from τ = Σ τi, the τi
+    stacked [n, a, b], the gradient by autograd through FusionBench's order of operations (its
+    iterates, bit for bit on CPU); on ``device`` (default: where ``task_vectors`` are)."""
     if device is not None:
         task_vectors = task_vectors.to(device)
     with torch.inference_mode(False), torch.enable_grad():
@@ -175,20 +111,9 @@ def minimise_interference_adam(
 def minimise_interference_gram(
     task_vectors: Sequence[Tensor], iter_num: int, lr: float, device: str | torch.device | None = None
 ) -> Tensor:
-    """τ after ``iter_num`` Adam steps on L from τ0 = Σ τi, the gradient from precomputed Gram sums.
-
-    The same optimiser as ``minimise_interference_adam`` fed the same gradient, written as
-    2 Σi (τ − τi) Gi/ci = 2((τ − τ0) A + C0) with A = Σi Gi/ci and C0 = Σi (τ0 − τi) Gi/ci computed
-    once, in float64 (Gi = τiᵀτi, ci = ‖τi‖²). Each step then costs one [a, b] × [b, b] product (the
-    autograd path: three [n, a, a]-sized ones, 6·n·a/b times as many flops), and its rounding is
-    that of (τ − τ0) A, small beside the gradient's size.
-
-    Args:
-        task_vectors: τ1..τn, each [a, b] (the loss product is [a, a]); read twice, one at a time.
-        iter_num: number of Adam steps (0 gives Σ τi).
-        lr: Adam's learning rate.
-        device: where the steps run (default CPU); the result is on that device.
-    """
+    """τ after ``iter_num`` Adam steps on L from τ0 = Σ τi (τ1..τn each [a, b], read twice, one at a
+    time), fed 2((τ − τ0) A + C0) with A = Σi Gi/ci and C0 = Σi (τ0 − τi) Gi/ci computed once in
+    float64: one [a, b] × [b, b] product a step. On ``device`` (default CPU)."""
     device = torch.device(device or "cpu")
     with torch.inference_mode(False):
         # Pass 1: τ0 = Σ τi (in task order), ci, and the input columns some task changed.
@@ -241,22 +166,18 @@ def minimise_interference_gram(
 
 
 def gram_applies(shape: Sequence[int], n: int) -> bool:
-    """Whether the Gram form saves work on a tensor that is [a, b] as optimised, with n task vectors:
-    when A ([b, b]) is no larger than the n task vectors (b ≤ n·a). Otherwise (wte on the input side,
-    [768, 50257] for n = 7) one of its steps costs as many flops as back-propagation, which then
-    keeps FusionBench's order of operations (and its bits)."""
+    """Whether the Gram form saves work on an [a, b] tensor with n task vectors: A ([b, b]) no larger
+    than them (b ≤ n·a). Otherwise (wte on the input side) autograd costs no more, with FusionBench's bits."""
     a, b = shape
     return b <= n * a
 
 
 def minimise_interference_closed_form(task_vectors: Tensor, key: str = "tensor") -> Tensor:
-    """τ* = (Σi τi Gi/ci)(Σi Gi/ci)⁺, Gi = τiᵀτi, ci = ‖τi‖²: the minimiser of L (float64 solve).
+    """τ* = (Σi τi Gi/ci)(Σi Gi/ci)⁺, the minimiser of L, warning (naming ``key``) when it is not unique.
 
-    Setting L's gradient 2 Σi (τ − τi) Gi/ci to 0 gives τ AᵀA = Σi τi Gi/ci with A the τi/√ci
-    stacked row-wise ([n·a, b]), which is the normal equation of min ‖A τᵀ − Cᵀ‖, Cᵀ the blocks
-    τi τiᵀ/√ci stacked ([n·a, a]). A least-squares solve avoids forming (and squaring the
-    condition number of) AᵀA, and gives the minimum-norm minimiser when the system is singular.
-    Warns, naming ``key``, when the minimiser is not unique beyond that structure.
+    L's gradient is 0 where τ AᵀA = Σi τi Gi/ci, A the τi/√ci stacked row-wise ([n·a, b]): the normal
+    equation of min ‖A τᵀ − Cᵀ‖, Cᵀ the blocks τi τiᵀ/√ci ([n·a, a]). A float64 least-squares solve
+    never squares AᵀA's condition number and gives the minimum-norm minimiser when singular.
     """
     active, squared_norms = _nonzero_task_vectors(task_vectors)
     n, a, b = active.shape
@@ -277,21 +198,6 @@ def minimise_interference_closed_form(task_vectors: Tensor, key: str = "tensor")
     return solution.solution.T.to(task_vectors.dtype)
 
 
-def _check_product_size(key: str, rows: int, n: int, element_size: int, side: str, solver: str) -> None:
-    """Refuse a key whose stacked [n, rows, rows] loss product (autograd, closed form) would not fit."""
-    size = n * rows * rows * element_size
-    if size > MAX_PRODUCT_BYTES:
-        fixes = "use gradient: gram (the default, which never forms it), " if solver == "adam" else ""
-        fixes += f"exclude it (exclude_keys: [{key}]"
-        fixes += ", FusionBench's own workaround: it then gets θ0 + mean τ)" if side == "fusionbench" else ")"
-        if side == "fusionbench":
-            fixes += " or use side: input"
-        raise MergelitError(
-            f"WUDI side={side!r} on {key!r} needs a [{n}, {rows}, {rows}] loss product "
-            f"({size / 2**30:.1f} GiB, about three times that with autograd); {fixes}."
-        )
-
-
 def _stacked_task_vectors(theta0: Tensor, thetas: Sequence[Tensor], transpose: bool) -> Tensor:
     """[n, ...]: τi = θi − θ0 (transposed if asked), written straight into one tensor, one θi read
     at a time (no list of n temporaries: wte's stack alone is 1 GiB at GPT-2 small)."""
@@ -303,31 +209,14 @@ def _stacked_task_vectors(theta0: Tensor, thetas: Sequence[Tensor], transpose: b
 
 
 def wudi_merge_tensor(
-    theta0: Tensor,
-    thetas: Sequence[Tensor],
-    optimise: bool,
-    iter_num: int = 400,
-    lr: float = 1e-5,
-    side: Literal["input", "fusionbench"] = "input",
-    solver: Literal["adam", "closed_form"] = "adam",
-    gradient: Literal["gram", "autograd"] = "gram",
-    others: Literal["mean", "pretrained"] = "mean",
-    key: str = "tensor",
-    device: str | torch.device | None = None,
+    theta0: Tensor, thetas: Sequence[Tensor], optimise: bool, iter_num: int = 400, lr: float = 1e-5,
+    side: Literal["input", "fusionbench"] = "input", solver: Literal["adam", "closed_form"] = "adam",
+    gradient: Literal["gram", "autograd"] = "gram", others: Literal["mean", "pretrained"] = "mean",
+    key: str = "tensor", device: str | torch.device | None = None,
 ) -> Tensor:
-    """θ*[key] = θ0 + τ for one tensor: τ from the interference loss if ``optimise``, else per ``others``.
-
-    Args:
-        theta0: θ0[key] (on the CPU).
-        thetas: θ1[key] … θn[key], each read when indexed.
-        optimise: whether this key's τ minimises the loss (a 2-D tensor not excluded).
-        iter_num, lr, side, solver, gradient, others: as ``WUDIMerging``'s.
-        key: the tensor's name, for messages.
-        device: where the optimisation runs (default CPU; the closed form always solves on the CPU).
-
-    Returns:
-        θ*[key] on θ0's device.
-    """
+    """θ*[key] = θ0 + τ (on θ0's device) from θ0[key] and θ1[key] … θn[key]: τ from the loss if
+    ``optimise`` (a 2-D key not excluded), else per ``others``; the other arguments as ``WUDIMerging``'s,
+    ``device`` where the optimisation runs (default CPU; the closed form always solves on the CPU)."""
     if not optimise:
         if others == "pretrained":  # the paper's code: only the optimised tensors move
             return theta0
@@ -358,46 +247,41 @@ def _optimised_keys(shapes: dict[str, Sequence[int]], exclude_keys: Sequence[str
     return [key for key, shape in shapes.items() if len(shape) == 2 and key not in exclude_keys]
 
 
-def _check_products(shapes: dict[str, Sequence[int]], optimised: list[str], n: int, side: str, solver: str, gradient: str) -> None:
+def _check_products(
+    shapes: dict[str, Sequence[int]], optimised: list[str], n: int, side: str, solver: str, gradient: str
+) -> None:
+    """Refuse a key whose stacked fp32 [n, a, a] loss product (autograd, closed form) would not fit."""
     # The product is [a, a] for the τi as optimised, [a, b]: on the input side τiᵀ ([out, in] for
     # GPT-2's [in, out] storage, so [out, out]); on FusionBench's, the stored rows ([in, in]).
     for key in optimised:
         shape = tuple(reversed(shapes[key])) if side == "input" else tuple(shapes[key])
         if solver == "adam" and gradient == "gram" and gram_applies(shape, n):
             continue  # the Gram form never forms the product
-        _check_product_size(key, shape[0], n, 4, side, solver)
+        rows = shape[0]
+        size = n * rows * rows * 4
+        if size <= MAX_PRODUCT_BYTES:
+            continue
+        fixes = "use gradient: gram (the default, which never forms it), " if solver == "adam" else ""
+        fixes += f"exclude it (exclude_keys: [{key}]"
+        if side == "fusionbench":
+            fixes += ", FusionBench's own workaround: it then gets θ0 + mean τ) or use side: input"
+        else:
+            fixes += ")"
+        raise MergelitError(
+            f"WUDI side={side!r} on {key!r} needs a [{n}, {rows}, {rows}] loss product "
+            f"({size / 2**30:.1f} GiB, about three times that with autograd); {fixes}."
+        )
 
 
 def wudi_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    iter_num: int = 400,
-    lr: float = 1e-5,
-    exclude_keys: list[str] | None = None,
-    side: Literal["input", "fusionbench"] = "input",
-    solver: Literal["adam", "closed_form"] = "adam",
-    gradient: Literal["gram", "autograd"] = "gram",
-    others: Literal["mean", "pretrained"] = "mean",
-    device: str | torch.device | None = None,
-    progress: bool = True,
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], iter_num: int = 400, lr: float = 1e-5,
+    exclude_keys: list[str] | None = None, side: Literal["input", "fusionbench"] = "input",
+    solver: Literal["adam", "closed_form"] = "adam", gradient: Literal["gram", "autograd"] = "gram",
+    others: Literal["mean", "pretrained"] = "mean", device: str | torch.device | None = None, progress: bool = True,
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + τ over whole bodies, τ minimising the interference loss on 2-D keys and per
-    ``others`` elsewhere: the reference ``WUDIMerging``'s per-key merge is tested against.
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts.
-        iter_num: Adam steps per 2-D key (``solver="adam"``).
-        lr: Adam's learning rate.
-        exclude_keys: exact key names (as FusionBench) of 2-D tensors treated as ``others``.
-        side: ``"input"`` (the paper's side for GPT-2's [in, out] storage) or ``"fusionbench"``
-            (the formula on the stored layout).
-        solver: ``"adam"`` (the paper and FusionBench) or ``"closed_form"`` (the exact minimiser).
-        gradient: ``"gram"`` (precomputed Gram sums) or ``"autograd"`` (FusionBench's order of operations).
-        others: ``"mean"`` (FusionBench: θ0 + mean τi) or ``"pretrained"`` (the paper's code: θ0).
-        device: where the optimisation runs (default CPU); the result is on CPU.
-        progress: show a progress bar over the keys.
-    """
+    """θ* = θ0 + τ over whole bodies (the reference ``WUDIMerging``'s per-key merge is tested against);
+    arguments as ``WUDIMerging``'s, ``device`` where the optimisation runs (the result is on CPU),
+    ``progress`` a progress bar over the keys."""
     iter_num, lr = _check_arguments(iter_num, lr, side, solver, gradient, others)
     check_finetuned(pretrained, finetuned)
     shapes = {key: tuple(tensor.shape) for key, tensor in pretrained.items()}
@@ -429,14 +313,11 @@ class WUDIMerging(MergeMethod):
             side of Conv1D).
         solver: ``adam`` (default, the paper and FusionBench) or ``closed_form``: the loss's exact
             (minimum-norm) minimiser; changes the numbers (Adam stays near Σ τi).
-        gradient: how each Adam step's gradient is computed. ``gram`` (default): from Gram sums
-            precomputed per tensor, one [a, b] × [b, b] product per step, on every tensor where
-            that saves work (with 7 tasks, all of GPT-2 small's but wte on the input side, which
-            takes ``autograd``);
-            within 8.2e-8 of ``autograd`` after 400 steps where measured. ``autograd``:
-            back-propagation through FusionBench's loss, FusionBench's iterates bit for bit on CPU
-            (with ``side: fusionbench``, GPT-2's wte then needs ``exclude_keys: [wte.weight]``:
-            its product would be 66 GiB).
+        gradient: ``gram`` (default): from Gram sums precomputed per tensor, one [a, b] × [b, b]
+            product per Adam step, wherever that saves work (with 7 tasks all of GPT-2 small's but wte
+            on the input side, which takes ``autograd``); within 8.2e-8 of ``autograd`` after 400 steps
+            where measured. ``autograd``: back-propagation through FusionBench's loss, its iterates bit
+            for bit on CPU (with ``side: fusionbench`` GPT-2's wte then needs ``exclude_keys: [wte.weight]``).
         others: the tensors not optimised (1-D ones, ``exclude_keys``): ``mean`` (default,
             FusionBench) θ0 + the mean τi; ``pretrained``: θ0, as the paper's code leaves them.
 
@@ -445,9 +326,8 @@ class WUDIMerging(MergeMethod):
 
     display_name = "WUDI"
     symbols = {"iter_num": "steps", "lr": "η"}
-    recommended: dict = {}  # FusionBench's 400 steps
     quick = {"iter_num": 20}
-    kind = "merged"
+    # No reusable_key: there is no λ, and every argument changes the iterates.
 
     def __init__(
         self,
@@ -467,8 +347,6 @@ class WUDIMerging(MergeMethod):
         self._optimised: set[str] = set()
         self._device = torch.device("cpu")
         self.save_hyperparameters(ignore=["pool"])
-
-    # Nothing is reused across sweep points: there is no λ, and every argument changes the iterates.
 
     def merge_device(self) -> torch.device:
         """Where the optimisation runs: the Trainer's device when the method is attached to one
