@@ -1,9 +1,6 @@
-"""Merge methods: one file each, a ``MergeMethod`` subclass picked by ``class_path`` in a config.
-
-There is no list to keep: every ``MergeMethod`` subclass defined in a module of this package is
-a method, found by ``method_classes()`` and reachable as ``mergelit.methods.<ClassName>``
-(``class_path: mergelit.methods.TiesMerging``). Tests, the demo and ``compare`` of every method
-use ``method_classes()``, so a new method file is picked up everywhere by itself.
+"""Merge methods: one file each. Every ``MergeMethod`` subclass defined in a module of this package is
+found by ``method_classes()`` (tests, the demo and ``compare`` use it) and reachable as
+``mergelit.methods.<ClassName>`` (``class_path: mergelit.methods.TiesMerging``): there is no list to keep.
 """
 
 from __future__ import annotations

@@ -4,81 +4,23 @@ Yang et al. 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning", 
 https://arxiv.org/abs/2310.02575.
 
 With τi = θi − θ0 and one coefficient per task and per body tensor p (layer-wise: λ ∈ R^{n×P},
-P = 148 tensors on GPT-2 small, each LayerNorm weight and bias its own "layer"; task-wise:
-λ ∈ R^n, the same for every tensor):
+P = 148 on GPT-2 small, each LayerNorm weight and bias its own "layer"; task-wise: λ ∈ R^n):
 
     θ(λ)_p = θ0_p + Σi λ̃i,p τi,p,      λ̃ = clamp(λ, 0, 1) (``clamp``; applied inside the merge)
 
-λ starts at ``init_value`` everywhere (0.3: the start is Task Arithmetic with λ = 0.3) and is
-trained with Adam (betas 0.9/0.999, eps 1e-8) for ``max_steps`` steps. Each step takes, for each
-task t in pool order, the next ``batches_per_step`` batches of ``batch_size`` unlabeled inputs of
-task t, runs the merged body θ(λ) (``torch.func.functional_call`` on a frozen ``GPT2Model``) and
-task t's frozen head, reads the logits z out at each row's last non-pad token, and sums over
-tasks and batches
+λ starts at ``init_value`` (0.3: Task Arithmetic with λ = 0.3) and takes ``max_steps`` Adam steps,
+each on the summed loss of the next ``batches_per_step`` batches of unlabeled inputs of every task
+under its own frozen head, read out at each row's last non-pad token:
 
     L = Σt Σj Lt,j,  Lt,j = (1/B) Σb H(softmax(z_b))           (``loss: entropy``, the paper's)
                  or  Lt,j = H(softmax((1/B) Σb z_b)),  H(p) = −Σ p log(p + 1e-8)   (``loss: fusionbench``)
 
-then one Adam step on λ. The default, two batches of 16 per task per step, is the paper's code
-(its loop over a task's loader breaks after the second batch); ``batches_per_step: 1`` is
-FusionBench's one batch. Labels are never read: the adaptation loader holds the ``input_ids``
-column only. The merge is θ(λ) with the learned λ (clamped), computed key by key
-(``merge_tensor``, reading the checkpoints one tensor at a time) with the formula the
-adaptation's forward used (``merged_tensor``), so the body scored is the body adapted.
-
-Adaptation runs as ``trainer.fit`` of ``AdaMergingCoefficients`` (a LightningModule whose only
-trainable parameters are λ) inside ``prepare``, on the same Trainer that then runs
-``trainer.test``, as Fisher/RegMean's ``trainer.predict`` statistics do (``mergelit.statistics``
-explains why: a private Trainer inside a running test is unsound under DDP). So it has
-Lightning's progress bar and logs ``adamerging/loss`` (and each task's part) to the run's logger.
-The fit runs exactly ``max_steps`` steps: its loader has exactly ``max_steps`` batches and the
-module sets ``trainer.should_stop`` after the last one; Trainer settings that would stop it
-earlier (``max_time``, ``max_steps``, ``max_epochs: 0``, ``limit_train_batches``) are refused
-before anything is read. ``max_steps: 0`` skips the fit: the merge is Task Arithmetic with
-λ = ``init_value``. Under DDP every rank adapts on the same batches.
-
-**The data.** ``adaptation_split: validation`` (the default) adapts on the inputs, not the labels,
-of the very GLUE validation rows that are then scored (MNLI: validation_matched): test-time
-adaptation, transductive, the paper's and FusionBench's setting, whose number published tables
-print. ``adaptation_split: train`` adapts on unlabeled train inputs instead: no scored row is
-seen, the honest inductive number. Either way the data module's held-out dev rows
-(``GLUEDataModule.held_out_rows``) are left out. ``method.data`` ("validation inputs" / "train
-inputs") and ``method.transductive`` say which split was read.
-
-What differs from FusionBench's ``GPT2LayerWiseAdaMergingAlgorithm`` (spec section 7), and why:
-
-- The loss: FusionBench's GPT-2 version takes the entropy of the batch-mean logits, which rewards
-  predicting one class for the whole batch (two confident, opposite predictions score ln 2, the
-  maximum); the paper (and FusionBench's CLIP version) averages per-example entropies. Default
-  ``entropy``; ``fusionbench`` is the option.
-- Eval mode throughout (no dropout), for adaptation and scoring; FusionBench trains with GPT-2's
-  dropout on and scores the body still in train mode (a stochastic forward).
-- Defaults lr 1e-3, ``clamp`` to [0, 1] and two batches per task per step, the paper's;
-  FusionBench's GPT-2 config has lr 1e-4, no clamp and one batch (``lr: 1e-4``, ``clamp: false``,
-  ``batches_per_step: 1``).
-- FusionBench cannot run on a GPT-2 pool as shipped (no test datasets); the split is explicit here.
-- One seeded generator per task (``seed + task index``) orders its inputs, as an infinite shuffled
-  DataLoader (each pass a new permutation; the last batch of a pass may be short); FusionBench
-  seeds from the global RNG, interleaved with dropout draws, and the paper's code draws each
-  step's two batches from a fresh shuffle.
-- ``use_cache=False``; dynamic padding unless ``data.pad_to_max_length`` (same logits, far less
-  compute than padding to 512); θ(λ) computed once per step for every task's forward; one backward.
-
-Cost: each step is ``batches_per_step`` x n forward + backward passes of GPT-2 on ``batch_size``
-rows plus two passes over the n stacked task vectors (the merge, and ∂L/∂λi,p = ⟨∂L/∂θp, τi,p⟩).
-Measured on a shared 2-core CPU host (fp32, GPT-2 small, 2 tasks, one batch of 16 x 64 tokens
-each): 35-48 s per step, ~5 s of it the merge and its backward; so 500 steps of 7 tasks take days
-on a CPU: use a GPU. Memory: θ0 + n τ (4 GB fp32 on GPT-2 small) and the step's activations.
-
-**What is kept** (``coefficients_path``): λ as JSON, written atomically once all ``max_steps``
-steps have run, under a content key (``mergelit.cache``): the hash of the adaptation rows' token
-ids, the models' weights, the tensor names and every argument λ depends on. A later run with the
-same key loads it (the report's costs then carry the original adaptation time); any other file is
-not trusted (the cache's one message), and it adapts again. While adapting, Lightning's
-``ModelCheckpoint`` saves λ, Adam's state and the loops' and loader's progress every
-``checkpoint_every`` steps in ``<coefficients_path>.checkpoints/<key>/``; a rerun of the same run
-resumes with ``trainer.fit(ckpt_path=..., weights_only=True)`` to the λ of an uninterrupted run,
-bit for bit. The folder is removed once the file is written.
+The adaptation is ``trainer.fit`` of ``AdaMergingCoefficients`` in ``prepare``, on the run's
+Trainer; labels are never read. ``adaptation_split: validation`` (default) adapts on the inputs of
+the very rows then scored (transductive, the paper's and FusionBench's setting), ``train`` on
+unlabeled train inputs; held-out dev rows never adapt. With ``coefficients_path`` λ is kept under a
+content key and a killed run resumes from Lightning checkpoints to the same λ, bit for bit. How it
+runs, what differs from FusionBench and why, and the cost: docs/methods.md, "AdaMerging".
 """
 
 from __future__ import annotations
@@ -134,11 +76,8 @@ LOSS_FUNCTIONS = {"entropy": entropy_loss, "fusionbench": fusionbench_entropy_lo
 
 
 def coefficient_matrix(coefficients: Tensor, num_tensors: int, clamp: bool) -> Tensor:
-    """λ̃ as an [n, P] matrix: a task-wise λ [n] is repeated for every tensor; clamped to [0, 1] if asked.
-
-    The clamp sits inside the merge, so the raw λ (the trained parameter) is unbounded, and an
-    entry outside [0, 1] gets no gradient (the paper's behaviour).
-    """
+    """λ̃ as an [n, P] matrix (a task-wise λ [n] repeated for every tensor), clamped to [0, 1] if asked:
+    inside the merge, so the trained λ is unbounded and an entry outside [0, 1] gets no gradient (the paper's)."""
     if coefficients.dim() == 1:
         coefficients = coefficients[:, None].expand(-1, num_tensors)
     elif coefficients.shape[1] != num_tensors:
@@ -147,24 +86,16 @@ def coefficient_matrix(coefficients: Tensor, num_tensors: int, clamp: bool) -> T
 
 
 def merged_tensor(pretrained: Tensor, task_vectors: Tensor, weights: Tensor) -> Tensor:
-    """θ0_p + Σi λ̃i,p τi,p for one tensor; ``task_vectors`` stacks the n τi,p, ``weights`` is λ̃[:, p].
-
-    One formula for the adaptation's forward and for the merge that is scored: the same bits.
-    """
+    """θ0_p + Σi λ̃i,p τi,p (``task_vectors`` the n τi,p stacked, ``weights`` λ̃[:, p]): one formula for
+    the adaptation's forward and the merge that is scored, so the same bits."""
     return pretrained + torch.tensordot(weights, task_vectors, dims=1)
 
 
 def adamerging_merge(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], coefficients: Tensor, clamp: bool = True
 ) -> dict[str, Tensor]:
-    """θ(λ)_p = θ0_p + Σi λ̃i,p τi,p, τi = θi − θ0, λ̃ = clamp(λ, 0, 1) if ``clamp`` (whole bodies: the test oracle).
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict (its key order is the order of λ's columns).
-        finetuned: task -> θi, in the order of λ's rows.
-        coefficients: λ, [n, P] (layer-wise, one per task and tensor) or [n] (task-wise).
-        clamp: clamp λ to [0, 1] inside the merge (the paper's).
-    """
+    """θ(λ) over whole bodies (the test oracle): λ [n, P] or [n], rows in ``finetuned``'s order, columns
+    in ``pretrained``'s key order."""
     check_finetuned(pretrained, finetuned)
     if coefficients.shape[0] != len(finetuned):
         raise ValueError(f"Coefficients for {coefficients.shape[0]} tasks but {len(finetuned)} fine-tuned bodies.")
@@ -178,12 +109,8 @@ def adamerging_merge(
 
 # ---- adaptation data -----------------------------------------------------------------------
 def rows_fingerprint(rows) -> str:
-    """A hash of the token ids of ``rows`` (a ``datasets.Dataset`` with ``input_ids``), in row order.
-
-    The content the adaptation reads, not where it came from: the same rows at another path give
-    the same hash, and changed texts (or another tokenizer, truncation or held-out set) give
-    another. Read through Arrow, chunk by chunk, without Python lists.
-    """
+    """A hash of the token ids of ``rows`` (a ``datasets.Dataset`` with ``input_ids``) in row order: the
+    content read, not where it came from. Read through Arrow chunk by chunk, without Python lists."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -196,35 +123,21 @@ def rows_fingerprint(rows) -> str:
 
 
 class AdaptationBatches:
-    """Exactly ``num_steps`` steps of ``{task: [batch, ...]}``, ``batches_per_step`` batches per task,
-    each batch ``{"input_ids", "attention_mask"}``.
+    """Exactly ``num_steps`` steps of ``{task: [batch, ...]}``, ``batches_per_step`` batches of
+    ``{"input_ids", "attention_mask"}`` per task, from ``inputs`` (task -> a ``datasets.Dataset`` of
+    ``input_ids`` only).
 
-    Task i's rows are shuffled by its own generator seeded with ``seed + i``, created afresh at
-    each ``iter()`` (so the order does not depend on anything else): each pass over the split is
-    a new permutation cut into batches of ``batch_size`` (the last of a pass may be short), passes
-    following one another as an infinite shuffled DataLoader; a step takes the next
-    ``batches_per_step`` of them. Rows are right-padded with ``pad_token_id`` to the batch's
-    longest row, or to ``pad_to`` when given. Only the ``input_ids`` column is read.
-
-    It is a stateful loader in Lightning's sense (``state_dict`` / ``load_state_dict``), so a fit
-    resumed from a checkpoint continues with the next step's batches. Its state is the number of
-    steps trained (``consumed``, set by the module at each step: Lightning's fetcher reads ahead,
-    so the loader cannot count what was trained on by itself).
-
-    Args:
-        inputs: task -> a sequence of rows, ``inputs[task][indices]["input_ids"]`` giving their
-            token ids (a ``datasets.Dataset`` holding only ``input_ids``).
+    Task i's rows are shuffled by a generator seeded with ``seed + i`` afresh at each ``iter()``: each
+    pass a new permutation cut into batches of ``batch_size`` (the last may be short), passes following
+    one another as an infinite shuffled DataLoader. Rows are right-padded with ``pad_token_id`` to the
+    batch's longest row, or to ``pad_to``. A stateful loader in Lightning's sense, so a resumed fit
+    continues with the next step's batches; its state is the steps trained (``consumed``, set by the
+    module: Lightning's fetcher reads ahead, so the loader cannot count them itself).
     """
 
     def __init__(
-        self,
-        inputs: dict[str, Any],
-        batch_size: int,
-        num_steps: int,
-        seed: int,
-        pad_token_id: int,
-        pad_to: Optional[int] = None,
-        batches_per_step: int = 1,
+        self, inputs: dict[str, Any], batch_size: int, num_steps: int, seed: int, pad_token_id: int,
+        pad_to: Optional[int] = None, batches_per_step: int = 1,
     ):
         for task, rows in inputs.items():
             if len(rows) == 0:
@@ -270,38 +183,19 @@ class AdaptationBatches:
 
 # ---- the fit-loop module -------------------------------------------------------------------
 class AdaMergingCoefficients(L.LightningModule):
-    """The coefficients λ as a LightningModule: ``trainer.fit`` minimises the tasks' summed entropy.
+    """The coefficients λ ([n, P] or [n], the only trainable parameter) as a LightningModule that
+    ``trainer.fit`` trains on ``batches`` (``len(batches)`` steps); arguments as ``AdaMerging``'s, ``key``
+    the run's content key written into its checkpoints.
 
-    Its only trainable parameter is ``coefficients`` (λ, [n, P] or [n]). θ0 is a frozen
-    ``GPT2Model`` (``body``), the task vectors are frozen parameters stacked per tensor
-    (``task_vectors[p]``: [n, *shape], parameters rather than buffers so that they follow the
-    module to its device without DDP re-broadcasting them every step), the heads are frozen. The
-    module stays in eval mode (no dropout): ``train()`` keeps it in eval.
-
-    A checkpoint keeps λ alone of the module's tensors (the frozen parts come from the pool), with
-    Adam's state, the loops' progress and the loader's position that Lightning saves itself.
-
-    Args:
-        pool: the models (θ0, the θi in task order: λ's rows; the body's keys in order: λ's columns).
-        batches: the training iterable (``AdaptationBatches``); ``len(batches)`` is the number of steps.
-        granularity: ``layer`` (λ [n, P]) or ``task`` (λ [n]).
-        init_value: λ's initial value, everywhere.
-        clamp: clamp λ to [0, 1] inside the merge.
-        lr: Adam's learning rate.
-        loss: ``entropy`` (per-example, the paper's) or ``fusionbench`` (of the batch-mean logits).
-        key: the run's content key, written into its checkpoints.
+    θ0 is a frozen ``GPT2Model``, the task vectors frozen parameters stacked per tensor ([n, *shape]:
+    parameters rather than buffers, so they follow the module to its device without DDP
+    re-broadcasting them every step), the heads frozen; ``train()`` keeps eval mode (no dropout). A
+    checkpoint keeps λ alone of the module's tensors, beside what Lightning saves itself.
     """
 
     def __init__(
-        self,
-        pool: ModelPool,
-        batches: AdaptationBatches,
-        granularity: str = "layer",
-        init_value: float = 0.3,
-        clamp: bool = True,
-        lr: float = 1e-3,
-        loss: str = "entropy",
-        key: Optional[str] = None,
+        self, pool: ModelPool, batches: AdaptationBatches, granularity: str = "layer", init_value: float = 0.3,
+        clamp: bool = True, lr: float = 1e-3, loss: str = "entropy", key: Optional[str] = None,
     ):
         super().__init__()
         self.tasks = list(pool.tasks)
@@ -412,39 +306,33 @@ class CoefficientsFile(Cache):
 
 # ---- the method ----------------------------------------------------------------------------
 class AdaMerging(MergeMethod):
-    """AdaMerging: θ0 + Σi λ̃i,p τi,p with λ learned by entropy minimisation on unlabeled inputs.
-
-    Adaptation runs as ``trainer.fit`` in ``prepare`` (``mergelit test`` calls it), with a
-    progress bar and ``adamerging/loss`` in the run's log. ``method.data`` and
-    ``method.transductive`` say which inputs it read.
+    """AdaMerging: θ0 + Σi λ̃i,p τi,p, λ learned by entropy minimisation on unlabeled inputs (``trainer.fit``
+    in ``prepare``, which ``mergelit test`` calls); ``method.data`` and ``method.transductive`` say which
+    inputs it read. See docs/methods.md, "AdaMerging".
 
     Args:
         granularity: ``layer``: one λ per task and per body tensor (148 per task on GPT-2 small,
             FusionBench's "layer-wise"); ``task``: one λ per task.
-        init_value: λ's initial value everywhere (FusionBench ``init_values``). 0.3 starts from
-            Task Arithmetic with λ = 0.3.
-        clamp: clamp λ to [0, 1] inside the merge (the paper's; FusionBench ``clamp_weights``,
-            false in its GPT-2 config).
+        init_value: λ's initial value everywhere (FusionBench ``init_values``); 0.3 starts from Task
+            Arithmetic with λ = 0.3.
+        clamp: clamp λ to [0, 1] inside the merge (the paper's; FusionBench ``clamp_weights``, false for GPT-2).
         lr: Adam's learning rate (the paper's 1e-3; FusionBench's GPT-2 config: 1e-4).
-        max_steps: Adam steps (the paper's 500; FusionBench's 1000). 0 skips adaptation: Task
-            Arithmetic with λ = ``init_value``. On a CPU each GPT-2-small step takes minutes.
+        max_steps: Adam steps (the paper's 500; FusionBench's 1000); 0 skips adaptation (Task Arithmetic
+            with λ = ``init_value``). On a CPU each GPT-2-small step takes minutes.
         batch_size: unlabeled inputs per batch (the paper's and FusionBench's 16).
-        batches_per_step: batches per task per step, their losses summed (the paper's code: 2;
-            FusionBench: 1).
+        batches_per_step: batches per task per step, their losses summed (the paper's code: 2; FusionBench: 1).
         loss: ``entropy``: mean per-example prediction entropy (the paper's); ``fusionbench``: the
             entropy of the batch-mean logits, FusionBench's GPT-2 loss.
-        adaptation_split: whose inputs adapt λ. ``validation``: those of the very rows scored
-            (transductive test-time adaptation, the paper's and FusionBench's setting);
-            ``train``: unlabeled train inputs (no scored row is seen). Labels are never read, and
-            the data module's held-out dev rows never adapt.
+        adaptation_split: whose inputs adapt λ: ``validation``, those of the very rows scored
+            (transductive, the paper's and FusionBench's setting), or ``train`` (no scored row is
+            seen). Labels are never read; the data module's held-out dev rows never adapt.
         seed: task i's inputs are shuffled by a generator seeded with ``seed + i``.
-        coefficients_path: a JSON file (not a folder) for the learned λ: loaded instead of
-            adapting when its content key matches this run (adaptation rows, models, tensors and
-            every argument above), else written (atomically) once adaptation has finished.
-        checkpoint_every: with ``coefficients_path``, Lightning checkpoints of the adaptation every
-            this many steps in ``<coefficients_path>.checkpoints/<key>/``; a rerun of the same run
-            resumes from the latest (the same λ, bit for bit, as an uninterrupted run). 0: never.
-            Not part of the key: it does not change λ.
+        coefficients_path: a JSON file (not a folder) for the learned λ: loaded instead of adapting
+            when its content key matches this run (adaptation rows, models, tensors and every
+            argument above), else written (atomically) once adaptation has finished.
+        checkpoint_every: with ``coefficients_path``, a Lightning checkpoint every this many steps in
+            ``<coefficients_path>.checkpoints/<key>/``, from which a rerun resumes to the same λ, bit
+            for bit. 0: never. Not part of the key: it does not change λ.
     """
 
     display_name = "AdaMerging"
@@ -453,20 +341,11 @@ class AdaMerging(MergeMethod):
     data = "validation inputs"
 
     def __init__(
-        self,
-        pool: ModelPool,
-        granularity: Literal["layer", "task"] = "layer",
-        init_value: float = 0.3,
-        clamp: bool = True,
-        lr: float = 1e-3,
-        max_steps: int = 500,
-        batch_size: int = 16,
-        batches_per_step: int = 2,
+        self, pool: ModelPool, granularity: Literal["layer", "task"] = "layer", init_value: float = 0.3,
+        clamp: bool = True, lr: float = 1e-3, max_steps: int = 500, batch_size: int = 16, batches_per_step: int = 2,
         loss: Literal["entropy", "fusionbench"] = "entropy",
-        adaptation_split: Literal["validation", "train"] = "validation",
-        seed: int = 0,
-        coefficients_path: Optional[str] = None,
-        checkpoint_every: int = 50,
+        adaptation_split: Literal["validation", "train"] = "validation", seed: int = 0,
+        coefficients_path: Optional[str] = None, checkpoint_every: int = 50,
     ):
         super().__init__(pool)
         self.granularity = check_choice(granularity, "granularity", GRANULARITIES)
@@ -571,7 +450,9 @@ class AdaMerging(MergeMethod):
             return
         self._keep(trainer, file, key, folder, module.elapsed())
 
-    def _keep(self, trainer: L.Trainer, file: Optional[CoefficientsFile], key: Optional[str], folder: Optional[Path], seconds: float) -> None:
+    def _keep(
+        self, trainer: L.Trainer, file: Optional[CoefficientsFile], key: Optional[str], folder: Optional[Path], seconds: float
+    ) -> None:
         """Write the finished λ to the coefficients file (rank 0) and remove the run's checkpoints."""
         if file is None:
             return
@@ -614,17 +495,14 @@ class AdaMerging(MergeMethod):
                 trainer.callbacks.remove(callback)
             trainer.callbacks.extend(summaries)
 
-    def adaptation_module(self, datamodule: GLUEDataModule, inputs: Optional[dict] = None, key: Optional[str] = None) -> AdaMergingCoefficients:
+    def adaptation_module(
+        self, datamodule: GLUEDataModule, inputs: Optional[dict] = None, key: Optional[str] = None
+    ) -> AdaMergingCoefficients:
         """The LightningModule ``prepare`` fits (λ at ``init_value``), on ``inputs`` (default: ``adaptation_inputs``)."""
         inputs = self.adaptation_inputs(datamodule) if inputs is None else inputs
+        pad_to = datamodule.max_length if datamodule.pad_to_max_length else None
         batches = AdaptationBatches(
-            inputs,
-            batch_size=self.batch_size,
-            num_steps=self.max_steps,
-            seed=self.seed,
-            pad_token_id=datamodule.pad_token_id,
-            pad_to=datamodule.max_length if datamodule.pad_to_max_length else None,
-            batches_per_step=self.batches_per_step,
+            inputs, self.batch_size, self.max_steps, self.seed, datamodule.pad_token_id, pad_to, self.batches_per_step
         )
         return AdaMergingCoefficients(
             self.pool, batches, granularity=self.granularity, init_value=self.init_value, clamp=self.clamp,
@@ -749,11 +627,8 @@ class AdaMerging(MergeMethod):
         return Path(f"{Path(self.coefficients_path).expanduser()}.checkpoints") / key
 
     def _latest_checkpoint(self, folder: Path, key: str) -> Optional[tuple[str, int]]:
-        """``(path, steps)`` of the latest trusted checkpoint of this run in ``folder``, or None.
-
-        Each candidate is read with ``weights_only=True`` and must carry this run's key and a step
-        of the run (the last one: the adaptation finished before its file was written); one that fails gets the cache's one message and is skipped.
-        """
+        """``(path, steps)`` of the latest checkpoint in ``folder`` read with ``weights_only=True`` that carries
+        this run's key and one of its steps, or None; one that fails gets the cache's one message."""
         if not folder.is_dir():
             return None
         found = []

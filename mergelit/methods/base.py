@@ -1,24 +1,10 @@
 """MergeMethod: the one base class. ``setup`` merges the pool; ``test_step`` scores it.
 
-A method says how to merge **one tensor**::
-
-    def merge_tensor(self, key, theta0, thetas) -> Tensor   # θ*[key] from θ0[key] and θ1[key] … θn[key]
-
-and the base streams the pool's keys through it (``merge``), reading each tensor from the
-memory-mapped checkpoints when the method asks for it, so a merge holds the merged body and about
-one tensor per step whatever the number of models. A method that needs one pass over the whole
-pool first (TIES's global trim cut, DARE's draw order, EMR's rescalers) overrides
-``prepare_merge``. A method whose scoring body is not one merged body overrides ``body_for``
-(EMR: one body per task; the ensemble: every fine-tuned body at once).
-
-Scoring task t always uses task t's own fine-tuned head on ``body_for(t)``, read out at the last
-non-pad token of each row (as ``GPT2ForSequenceClassification`` does). ``on_test_epoch_end``
-leaves the metrics in ``results``; the report (protocol, costs, intervals, predictions) is the
-``mergelit.report.ReportWriter`` callback's.
-
-A method is one file in ``mergelit/methods/``: the class is found there by
-``mergelit.methods.method_classes()`` (tests, the demo and ``compare`` use it), and the tables
-print its ``display_name`` and the ``symbols`` of its arguments.
+A method says how to merge one tensor, ``merge_tensor(key, theta0, thetas)``, and ``merge`` streams
+the pool's keys through it, reading each tensor from the memory-mapped checkpoints when asked for.
+Task t is always scored with task t's own fine-tuned head on ``body_for(t)``, at the last non-pad
+token of each row. The hooks (``prepare_merge``, ``reusable_key``/``reused``, ``body_for``,
+``prepare``, ``WrapperMethod``, the class attributes) are described in docs/adding-a-method.md.
 """
 
 from __future__ import annotations
@@ -55,8 +41,8 @@ def _mean_metric() -> torchmetrics.MeanMetric:
     return torchmetrics.MeanMetric().set_dtype(torch.float64)
 
 
+# The λ range (``search``) of methods that scale a merged task vector.
 LAMBDAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-"""The λ range of a tuned comparison (``search``) for methods that scale a merged task vector."""
 
 
 class MergeMethod(L.LightningModule):
@@ -66,29 +52,20 @@ class MergeMethod(L.LightningModule):
         pool: the models to merge (the CLI's ``pool:`` group, linked in).
     """
 
+    # What each class attribute means: docs/adding-a-method.md.
     display_name: ClassVar[str] = "Merge method"
-    """The name tables print (``TIES-Merging``)."""
     symbols: ClassVar[dict[str, str]] = {}
-    """Init argument -> the paper's symbol, for table labels (``{"scaling_factor": "λ"}``)."""
     recommended: ClassVar[dict[str, Any]] = {}
-    """Init arguments that ``compare`` of every method (and the demo) uses, e.g. the best published λ."""
     search: ClassVar[dict[str, list[Any]]] = {}
-    """The range ``sweep.grid.model: tuned`` chooses from on the dev rows, ``{argument: [values]}``
-    (λ for Task Arithmetic, α for TSV-M, the rank for CART); empty: the method runs once."""
     quick: ClassVar[dict[str, Any]] = {}
-    """Init arguments of a small budget (steps, examples) for iterative and data-driven methods: what
-    the tests and the demo use so that the method runs in seconds on a tiny pool."""
-    kind: ClassVar[Literal["merged", "task-aware", "ensemble"]] = "merged"
-    """What the report calls the method: one merged body; a body per task (needs the task identity
-    at inference); or no merge at all. Only a label: ``body_for`` decides what is scored."""
+    kind: ClassVar[Literal["merged", "task-aware", "ensemble"]] = "merged"  # a label: body_for decides what is scored
     exportable: ClassVar[bool] = True
-    """Whether ``body_for(task)`` is a ``GPT2Model`` that export can save (the ensemble's is not)."""
     comparison: ClassVar[bool] = True
-    """Whether ``compare`` of every method includes it (``Individual`` is the 7x7 table's instead)."""
     data: str = "none"
-    """Which data the method reads beside the weights: ``none``, ``train inputs``, ``validation inputs`` ..."""
 
     def __init__(self, pool: ModelPool):
+        from mergelit.report import EXTRA_ENTRIES
+
         super().__init__()
         self.pool = pool
         self.tasks = list(pool.tasks)
@@ -98,42 +75,27 @@ class MergeMethod(L.LightningModule):
         self._body: nn.Module | None = None
         self._body_task: str | None = None  # whose body ``_body`` is (``task_body``)
         self.results: dict[str, dict[str, float]] | None = None
-        # Plain (micro) accuracy = mean of per-example correctness, and cross-entropy averaged over
-        # examples (not over batch means, which would depend on the batch size). Both are
-        # torchmetrics means (synced across processes) in float64, so the report holds the exact
-        # fraction correct/total. Extra splits (mnli_mismatched) are entries of their own.
+        # Accuracy and cross-entropy are means over examples (not over batch means, which depend on
+        # the batch size), torchmetrics (synced across processes) in float64: the exact fraction.
         self.test_entries: list[tuple[str, str, str]] = [(t, t, "") for t in self.tasks]  # (entry, task, split) per loader
-        entries = self._entries()
+        extras = (name for name, (task, _) in EXTRA_ENTRIES.items() if task in self.tasks)
+        entries = [*self.tasks, *extras]
         self.test_accuracy = nn.ModuleDict({entry: _mean_metric() for entry in entries})
         self.test_loss = nn.ModuleDict({entry: _mean_metric() for entry in entries})
         # Beside accuracy, never instead: CoLA MCC, MRPC/QQP F1, from confusion counts.
         self.test_extra = nn.ModuleDict({t: BinaryCounts() for t in EXTRA_METRICS if t in self.tasks})
 
-    def _entries(self) -> list[str]:
-        from mergelit.report import EXTRA_ENTRIES
-
-        return [*self.tasks, *(name for name, (task, _) in EXTRA_ENTRIES.items() if task in self.tasks)]
-
     # ---- the per-tensor contract ------------------------------------------------------------
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        """θ*[key] from θ0[key] and θ1[key] … θn[key] (``thetas``, read one at a time when indexed).
-
-        ``theta0`` and each θi are fresh reads (returning one of them as it is is fine), but never
-        modify them in place when the method reads them again; return θ0's shape and dtype.
-        Subclasses implement this (or ``body_for``).
-        """
+        """θ*[key] (θ0's shape and dtype) from θ0[key] and θ1[key] … θn[key], each read when indexed;
+        never modify them in place when the method reads them again. Subclasses implement this or ``body_for``."""
         raise NotImplementedError(f"{type(self).__name__} must implement merge_tensor(key, theta0, thetas).")
 
     def prepare_merge(self) -> None:
-        """A pass over the whole pool before the per-key merges (nothing by default).
-
-        For methods whose per-key step needs something global: TIES's trim cut over the whole body,
-        DARE's random draws in model-major order, EMR's rescalers.
-        """
+        """A pass over the whole pool before the per-key merges (TIES's trim cut, DARE's draws); nothing by default."""
 
     def merge(self) -> dict[str, Tensor]:
-        """The merged ``GPT2Model`` state dict: ``prepare_merge``, then ``merge_tensor`` key by key,
-        each tensor read from the checkpoints when asked for."""
+        """The merged ``GPT2Model`` state dict: ``prepare_merge``, then ``merge_tensor`` key by key."""
         self.pool.check()
         self.prepare_merge()
         pool = self.pool
@@ -141,12 +103,8 @@ class MergeMethod(L.LightningModule):
         return {key: self.merge_tensor(key, pool.pretrained_tensor(key), pool.finetuned_tensors(key)) for key in keys}
 
     def reusable_key(self) -> Hashable | None:
-        """What this method's λ-free parts depend on besides the pool (None: none to reuse).
-
-        Parts computed through ``reused`` are kept by the pool across the points of a sweep (it
-        turns ``pool.keep_reused`` on) when the class and this key are equal, so a λ sweep computes
-        Σ τi (TIES: τm) once.
-        """
+        """What this method's λ-free parts depend on besides the pool (None: none to reuse): a sweep's pool
+        keeps the parts computed through ``reused`` across points of equal class and key."""
         return None
 
     def reused(self, key: str, compute: Callable[[], T]) -> T:
@@ -157,17 +115,12 @@ class MergeMethod(L.LightningModule):
         return self.pool.reused((type(self).__qualname__, group), key, compute)
 
     def prepare(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> None:
-        """Work that needs ``trainer`` before ``trainer.test(self, datamodule)``; nothing by default.
-
-        Data-driven methods compute statistics here with ``trainer.predict`` (Fisher, RegMean) or
-        adapt with ``trainer.fit`` (AdaMerging): neither can run inside a running ``trainer.test``,
-        where ``setup`` merges. ``mergelit test`` calls it; programmatic users call it before ``test``.
-        """
+        """Work that needs ``trainer`` before ``trainer.test(self, datamodule)`` (statistics by ``trainer.predict``,
+        adaptation by ``trainer.fit``: neither can run inside ``trainer.test``); nothing by default."""
 
     # ---- bodies -----------------------------------------------------------------------------
     def use_fused_gelu(self, enabled: bool = True) -> None:
-        """Score with torch's fused tanh GELU instead of transformers' Python formula (``--fused_gelu``);
-        set before the body is built."""
+        """Score with torch's fused tanh GELU (``--fused_gelu``); set before the body is built."""
         self.fused_gelu = bool(enabled)
 
     def build_body(self, state: dict[str, Tensor], name: str | None = None) -> nn.Module:
@@ -183,9 +136,8 @@ class MergeMethod(L.LightningModule):
         return self._body
 
     def task_body(self, task: str, state: Callable[[], dict[str, Tensor]], name: str) -> nn.Module:
-        """For a task-aware method's ``body_for``: the body built from ``state()`` (task ``task``'s state
-        dict, computed in the merge phase: the first call also computes the method's shared parts),
-        kept until another task's body is asked for (one body in memory at a time)."""
+        """For a task-aware ``body_for``: the body of ``state()`` (task ``task``'s state dict, built in the merge
+        phase), kept until another task's body is asked for (one in memory at a time)."""
         if self._body_task != task:
             self._body, self._body_task = None, None  # let the previous body go before building this one
             with costs.phase("merge"):
@@ -266,8 +218,8 @@ class MergeMethod(L.LightningModule):
 
 # ---- methods named in a config (a wrapper's ``base:``) ------------------------------------------
 def method_classes() -> list[type[MergeMethod]]:
-    """Every method class of ``mergelit.methods``: each ``MergeMethod`` subclass defined in one of
-    its modules, in the order of the modules' names, then definition order."""
+    """Each ``MergeMethod`` subclass defined in a module of ``mergelit.methods``, by module name, then
+    definition order."""
     import importlib
     import pkgutil
     from pathlib import Path
@@ -279,20 +231,15 @@ def method_classes() -> list[type[MergeMethod]]:
             continue
         module = importlib.import_module(f"{package}.{info.name}")
         for value in vars(module).values():
-            if (
-                isinstance(value, type)
-                and issubclass(value, MergeMethod)
-                and value is not MergeMethod
-                and value.__module__ == module.__name__
-                and value not in classes
-            ):
+            defined_here = isinstance(value, type) and value.__module__ == module.__name__  # base is skipped
+            if defined_here and issubclass(value, MergeMethod) and value not in classes:
                 classes.append(value)
     return classes
 
 
 def method_class(class_path: str) -> type[MergeMethod]:
-    """The method class a config names (``mergelit.methods.TiesMerging``, its module path, or
-    ``TiesMerging``), looked up among mergelit's methods: nothing is imported from the path."""
+    """The method class a config names (``mergelit.methods.TiesMerging``, its module path, or ``TiesMerging``),
+    looked up among mergelit's methods: nothing is imported from the path."""
     for cls in method_classes():
         if class_path in (cls.__name__, f"mergelit.methods.{cls.__name__}", f"{cls.__module__}.{cls.__name__}"):
             return cls
@@ -301,9 +248,8 @@ def method_class(class_path: str) -> type[MergeMethod]:
 
 
 def wrapped_method(pool: ModelPool, base: Any, wrapper: str) -> MergeMethod:
-    """The method ``wrapper`` (SVC, Subspace Boosting) wraps, built on ``pool``: ``base`` is a method
-    config ``{class_path, init_args}`` or, as the CLI parses that config, a callable pool -> method.
-    Refuses a method with no one merged body per key."""
+    """The method ``wrapper`` wraps, built on ``pool`` from ``base``: a config ``{class_path, init_args}`` or (as
+    the CLI parses it) a callable pool -> method. Refuses a method with no one merged body per key."""
     from collections.abc import Mapping
 
     if isinstance(base, Mapping):
@@ -335,11 +281,8 @@ def wrapped_method(pool: ModelPool, base: Any, wrapper: str) -> MergeMethod:
 
 
 class WrapperMethod(MergeMethod):
-    """A method that changes another method's merge, given as ``base:`` (SVC, Subspace Boosting).
-
-    The base is built on the same pool (``wrapped_method``); its statistics or adaptation run in
-    ``prepare``, its whole-pool pass in ``prepare_merge``, and the wrapper's ``merge_tensor`` starts
-    from ``self.base.merge_tensor``. A subclass calls ``save_hyperparameters(ignore=["pool", "base"])``
+    """A method that changes another's merge, given as ``base:`` (SVC, Subspace Boosting): the base's
+    ``prepare`` and ``prepare_merge`` run its; a subclass calls ``save_hyperparameters(ignore=["pool", "base"])``
     and then ``self.hparams["base"] = method_config(self.base)``."""
 
     def __init__(self, pool: ModelPool, base: Any, wrapper: str):

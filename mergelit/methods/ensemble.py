@@ -1,10 +1,8 @@
 """Simple Ensemble: no merge. Every fine-tuned body runs on each batch; their outputs are averaged.
 
-The reference point for merging (the cost merging avoids): n forward passes per example.
-
-For task t: h̄ = (1/n) Σ_i body_i(x), the mean of the last hidden states, then task t's own head
-at the last non-pad token. The head is linear, so this equals the mean over i of the logits of
-(body i + head t). It is not an average of probabilities.
+The reference point for merging (the cost merging avoids): n forward passes per example. For task t,
+h̄ = (1/n) Σ_i body_i(x), then task t's own head at the last non-pad token; the head is linear, so
+this is the mean over i of the logits of (body i + head t), not an average of probabilities.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from torch import Tensor, nn
 from mergelit import costs
 from mergelit.gpt2 import build_body
 from mergelit.methods.base import MergeMethod
-from mergelit.pool import ModelPool
 
 
 class EnsembleBody(nn.Module):
@@ -35,20 +32,13 @@ class EnsembleBody(nn.Module):
 
 
 class SimpleEnsemble(MergeMethod):
-    """Simple Ensemble: every fine-tuned body runs on each batch (all n kept in memory); mean of logits.
-
-    The n bodies' last hidden states are averaged and the evaluated task's own head is applied,
-    which equals the mean of the n models' logits. Keeps every fine-tuned body in memory (n
-    bodies, ~0.5 GB each for GPT-2 in float32) and costs n forward passes per batch. There is no
-    merged body, so ``--merged_model_save_path`` does not apply.
-    """
+    """Simple Ensemble: the n fine-tuned bodies' last hidden states averaged under the evaluated task's
+    head (= the mean of their logits). Keeps all n bodies in memory (~0.5 GB each for GPT-2 in float32)
+    and costs n forward passes per batch; there is no merged body for ``--merged_model_save_path``."""
 
     display_name = "Simple Ensemble"
     kind = "ensemble"
     exportable = False
-
-    def __init__(self, pool: ModelPool):
-        super().__init__(pool)
 
     def body_for(self, task: str) -> nn.Module:
         """The same ensemble of the n fine-tuned bodies for every task (built once)."""

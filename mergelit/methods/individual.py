@@ -1,8 +1,5 @@
-"""Individual: no merge. One task's fine-tuned body under every task's own head.
-
-Run once per task to fill one row of the 7x7 cross-task table; with ``task`` equal to the
-task being scored it gives that fine-tuned model's own accuracy (the ceiling).
-"""
+"""Individual: no merge. One task's fine-tuned body under every task's own head: run once per task
+it fills one row of the 7x7 cross-task table; on its own task it is that model's accuracy (the ceiling)."""
 
 from __future__ import annotations
 
