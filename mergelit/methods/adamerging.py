@@ -3,24 +3,13 @@
 Yang et al. 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024,
 https://arxiv.org/abs/2310.02575.
 
-With τi = θi − θ0 and one coefficient per task and per body tensor p (layer-wise: λ ∈ R^{n×P},
-P = 148 on GPT-2 small, each LayerNorm weight and bias its own "layer"; task-wise: λ ∈ R^n):
-
-    θ(λ)_p = θ0_p + Σi λ̃i,p τi,p,      λ̃ = clamp(λ, 0, 1) (``clamp``; applied inside the merge)
-
-λ starts at ``init_value`` (0.3: Task Arithmetic with λ = 0.3) and takes ``max_steps`` Adam steps,
-each on the summed loss of the next ``batches_per_step`` batches of unlabeled inputs of every task
-under its own frozen head, read out at each row's last non-pad token:
-
-    L = Σt Σj Lt,j,  Lt,j = (1/B) Σb H(softmax(z_b))           (``loss: entropy``, the paper's)
-                 or  Lt,j = H(softmax((1/B) Σb z_b)),  H(p) = −Σ p log(p + 1e-8)   (``loss: fusionbench``)
-
-The adaptation is ``trainer.fit`` of ``AdaMergingCoefficients`` in ``prepare``, on the run's
-Trainer; labels are never read. ``adaptation_split: validation`` (default) adapts on the inputs of
-the very rows then scored (transductive, the paper's and FusionBench's setting), ``train`` on
-unlabeled train inputs; held-out dev rows never adapt. With ``coefficients_path`` λ is kept under a
-content key and a killed run resumes from Lightning checkpoints to the same λ, bit for bit. How it
-runs, what differs from FusionBench and why, and the cost: docs/methods.md, "AdaMerging".
+θ(λ)_p = θ0_p + Σi λ̃i,p τi,p with τi = θi − θ0, λ̃ = clamp(λ, 0, 1) (``clamp``), one λ per task and
+body tensor (layer-wise, 148 on GPT-2 small) or per task. λ starts at ``init_value`` and takes
+``max_steps`` Adam steps on L = Σt Σj Lt,j over the next ``batches_per_step`` batches of each task's
+unlabeled inputs under its own head: Lt,j = (1/B) Σb H(softmax(z_b)) (``loss: entropy``, the paper's)
+or H(softmax((1/B) Σb z_b)) with H(p) = −Σ p log(p + 1e-8) (``fusionbench``). The adaptation is
+``trainer.fit`` of ``AdaMergingCoefficients`` in ``prepare``; labels are never read. How it runs, the
+data, what is kept, what differs from FusionBench and the cost: docs/methods.md, "AdaMerging".
 """
 
 from __future__ import annotations
@@ -307,8 +296,7 @@ class CoefficientsFile(Cache):
 # ---- the method ----------------------------------------------------------------------------
 class AdaMerging(MergeMethod):
     """AdaMerging: θ0 + Σi λ̃i,p τi,p, λ learned by entropy minimisation on unlabeled inputs (``trainer.fit``
-    in ``prepare``, which ``mergelit test`` calls); ``method.data`` and ``method.transductive`` say which
-    inputs it read. See docs/methods.md, "AdaMerging".
+    in ``prepare``); ``method.data`` and ``method.transductive`` say which inputs it read.
 
     Args:
         granularity: ``layer``: one λ per task and per body tensor (148 per task on GPT-2 small,
@@ -323,13 +311,12 @@ class AdaMerging(MergeMethod):
         batches_per_step: batches per task per step, their losses summed (the paper's code: 2; FusionBench: 1).
         loss: ``entropy``: mean per-example prediction entropy (the paper's); ``fusionbench``: the
             entropy of the batch-mean logits, FusionBench's GPT-2 loss.
-        adaptation_split: whose inputs adapt λ: ``validation``, those of the very rows scored
-            (transductive, the paper's and FusionBench's setting), or ``train`` (no scored row is
-            seen). Labels are never read; the data module's held-out dev rows never adapt.
+        adaptation_split: whose inputs adapt λ: ``validation``, those of the very rows scored (transductive,
+            the paper's and FusionBench's setting), or ``train``. Labels and held-out dev rows never adapt.
         seed: task i's inputs are shuffled by a generator seeded with ``seed + i``.
-        coefficients_path: a JSON file (not a folder) for the learned λ: loaded instead of adapting
-            when its content key matches this run (adaptation rows, models, tensors and every
-            argument above), else written (atomically) once adaptation has finished.
+        coefficients_path: a JSON file (not a folder) for the learned λ: loaded instead of adapting when
+            its content key (adaptation rows, models, tensors, every argument above) matches, else
+            written atomically once adaptation has finished.
         checkpoint_every: with ``coefficients_path``, a Lightning checkpoint every this many steps in
             ``<coefficients_path>.checkpoints/<key>/``, from which a rerun resumes to the same λ, bit
             for bit. 0: never. Not part of the key: it does not change λ.
@@ -451,7 +438,8 @@ class AdaMerging(MergeMethod):
         self._keep(trainer, file, key, folder, module.elapsed())
 
     def _keep(
-        self, trainer: L.Trainer, file: Optional[CoefficientsFile], key: Optional[str], folder: Optional[Path], seconds: float
+        self, trainer: L.Trainer, file: Optional[CoefficientsFile], key: Optional[str], folder: Optional[Path],
+        seconds: float,
     ) -> None:
         """Write the finished λ to the coefficients file (rank 0) and remove the run's checkpoints."""
         if file is None:

@@ -3,24 +3,14 @@
 Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
 Free Lunch", ICML 2024, https://arxiv.org/abs/2311.03099.
 
-Every entry of each τi = θi − θ0 is dropped with probability p (``sparsity_ratio``) and the
-survivors are rescaled so that E[τ̃i] = τi:
-
-    u ~ U[0, 1),  m = u > p,  τ̃i = (τi ⊙ m) / (1 − p)      (the division only with ``rescale``)
-
-DARE-TA: θ* = θ0 + λ Σi τ̃i. DARE-TIES: θ* = θ0 + λ τm(τ̃1, …, τ̃n), TIES' global trim, election and
-disjoint merge run on the already-sparse τ̃i.
-
-FusionBench's masks given the same seed: the draws come, in its order (model by model in pool
-order, tensor by tensor in state-dict order, ``rand_like`` over each τ's storage, so Conv1D as
-stored, [in, out]), from a dedicated CPU generator seeded with ``seed``; the global RNG is left
-alone. What differs from FusionBench (an explicit seed, ``only_conv1d_weights``, p = 1 refused),
-the numerics and the memory measured: docs/methods.md, "DARE".
-
-Streaming: the draws are model-major but the merge goes key by key, so one pass over the pool
-first records the generator's state before each (model, tensor) draw (``DareDraws``); the merge of
-a key restores those states and draws τ̃i[key] again, the same bits. Memory stays flat in the
-number of models; the price is drawing the masks twice (DARE-TA) or three times (DARE-TIES).
+Each entry of τi = θi − θ0 is dropped with probability p and the survivors rescaled, E[τ̃i] = τi:
+u ~ U[0, 1), m = u > p, τ̃i = (τi ⊙ m) / (1 − p) (the division only with ``rescale``). DARE-TA:
+θ* = θ0 + λ Σi τ̃i; DARE-TIES: θ* = θ0 + λ τm(τ̃1, …, τ̃n), TIES on the already-sparse τ̃i. The draws
+are FusionBench's given the same seed: its order (model by model, tensor by tensor, over each τ's
+storage) from a dedicated CPU generator; the global RNG is left alone. The merge goes key by key, so
+one model-major pass first records the generator's state before each (model, tensor) draw
+(``DareDraws``) and a key's merge replays them: the same bits, memory flat in the number of models.
+What differs from FusionBench, the numerics and the memory: docs/methods.md, "DARE".
 """
 
 from __future__ import annotations
@@ -223,8 +213,7 @@ class DareTaskArithmetic(MergeMethod):
 
     Args:
         scaling_factor: λ, multiplies Σi τ̃i (FusionBench's 0.3; E[τ̃i] = τi, so Task Arithmetic's λ carries over).
-        sparsity_ratio: p ∈ [0, 1], the drop probability of each task-vector entry (FusionBench's 0.5);
-            1 is refused with ``rescale`` (0 / 0).
+        sparsity_ratio: p ∈ [0, 1], each task-vector entry's drop probability; 1 is refused with ``rescale``.
         rescale: divide the surviving entries by 1 − p (FusionBench's and the paper's).
         seed: seeds the masks' CPU generator; FusionBench's ``seed:`` s gives its masks (FusionBench is unseeded).
         only_conv1d_weights: drop only the 48 Conv1D weights (embeddings, LayerNorms, biases keep their
@@ -320,7 +309,7 @@ class DareTiesMerging(MergeMethod):
         if threshold <= 1:
             rank_zero_info(f"DARE + TIES-Merging: threshold {threshold} <= 1 is read as a fraction: the trim keeps {100 * threshold:g} %.")
         self._draws: DareDraws | None = None
-        self._election = None
+        self._election = None  # TIES's trim cuts and elected signs (``ties_election``)
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> tuple:

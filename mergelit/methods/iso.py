@@ -3,28 +3,14 @@
 Marczak et al. 2025, "No Task Left Behind: Isotropic Model Merging with Common and
 Task-Specific Subspaces", ICML 2025, https://arxiv.org/abs/2502.04959.
 
-With τi = θi − θ0 and n tasks, per tensor; θ* = θ0 + α τm on every key.
-
-**Iso-C.** 2-D tensors: Σ = Σi τi = U diag(s) Vᵀ, s̄ = the mean of all k = min(rows, cols)
-singular values, τm = s̄ U Vᵀ (the spectrum of the sum flattened to its mean). Other tensors:
-τm = Σi τi / n.
-
-**Iso-CTS.** 2-D tensors, with common-space fraction f:
-1. sizes: c = int(k·f), t = round((k − c)/n)·n (Python's round, half to even), c = k − t,
-   d = t/n (GPT-2 small, n = 7, f = 0.8: c = 614, d = 22, 614 + 7·22 = 768);
-2. common subspace: the top c singular triplets (Uc, sc, Vcᵀ) of Σ = Σi τi;
-3. task-specific subspaces: wi = τi − Uc (Ucᵀ τi), the common column space projected out, and
-   the top d triplets of each wi;
-4. concatenate: task i's d triplets into slots [i·d, (i+1)·d), the common ones into [n·d, k);
-5. orthogonalise both sides by their polar factors (as TSV-M), flatten the spectrum:
-   τm = s̄ P_U P_Vᵀ, s̄ the mean of all k concatenated singular values.
-Other tensors: the running mean (as TSV-M). With f = 1, d = 0 and Iso-CTS is Iso-C.
-
-FusionBench's ``iso_c`` / ``iso_cts`` by default; what differs (the side Iso-CTS projects on GPT-2's
-[in, out] Conv1D, ``svd_keys``, refused arguments) and the cost: docs/methods.md, "Iso-C and
-Iso-CTS". Per key, each τi is read when needed (``mergelit.linalg.TaskVectors``; Iso-CTS reads
-them twice), so a merge holds about one task vector at a time; ``iso_c_merge`` and
-``iso_cts_merge`` (whole bodies) are the references the per-key merges are tested against.
+With τi = θi − θ0, per key θ* = θ0 + α τm. Iso-C on a 2-D tensor: Σi τi = U diag(s) Vᵀ and
+τm = s̄ U Vᵀ, s̄ the mean of all k = min(rows, cols) singular values (a flat spectrum). Iso-CTS: the
+top c triplets of Σi τi (common) beside each task's top d triplets of wi = τi − Uc (Ucᵀ τi) (the
+common column space projected out), both sides orthogonalised by their polar factors, τm = s̄ P_U P_Vᵀ
+(``iso_cts_sizes`` gives c and d; f = 1 gives d = 0, Iso-C). Other tensors: Σ τi / n (Iso-C), the
+running mean (Iso-CTS). FusionBench's ``iso_c`` / ``iso_cts`` by default; what differs (the side
+Iso-CTS projects on GPT-2's [in, out] Conv1D) and the cost: docs/methods.md, "Iso-C and Iso-CTS".
+Each τi is read when needed (``TaskVectors``), so a merge holds about one task vector at a time.
 """
 
 from __future__ import annotations
@@ -113,7 +99,8 @@ def iso_c_merge(
 
 # ---- Iso-CTS ---------------------------------------------------------------------------------
 def iso_cts_sizes(k: int, n: int, common_space_fraction: float) -> tuple[int, int]:
-    """(c, d): the common subspace size and each task's, c + n·d = k (step 1 above; 768, 7, 0.8 → (614, 22))."""
+    """(c, d), c + n·d = k: c = int(k·f), t = round((k − c)/n)·n (Python's round, half to even), c = k − t,
+    d = t/n (k = 768, n = 7, f = 0.8: (614, 22))."""
     common = int(k * common_space_fraction)
     task_total = round((k - common) / n) * n
     common = k - task_total
@@ -204,16 +191,15 @@ def iso_cts_merge(
 
 
 class IsoC(MergeMethod):
-    """Iso-C: θ* = θ0 + α s̄ U Vᵀ, with U diag(s) Vᵀ = Σ τi and s̄ = mean(s): the summed task
-    vector with its singular value spectrum flattened to the mean.
+    """Iso-C: θ* = θ0 + α s̄ U Vᵀ, U diag(s) Vᵀ = Σ τi, s̄ = mean(s): the summed task vector's spectrum flattened.
 
     Args:
         scaling_factor: α, multiplies the merged task vector on every key (FusionBench's default
             1.0; the paper picks it on validation data from 0.1..3.0).
         exclude_keys: exact state-dict keys (e.g. ``wpe.weight``) averaged instead of SVD'd.
-        svd_keys: which 2-D tensors are SVD'd. ``all_2d`` (default, FusionBench): wte, wpe and
-            the 48 Conv1D weights. ``conv1d``: only the Conv1D weights; wte and wpe take the
-            mean × α, which avoids lifting a rank-deficient τ_wpe along arbitrary directions.
+        svd_keys: ``all_2d`` (default, FusionBench): wte, wpe and the 48 Conv1D weights are SVD'd;
+            ``conv1d``: only the Conv1D weights, wte and wpe take the mean × α (which avoids lifting a
+            rank-deficient τ_wpe along arbitrary directions).
     """
 
     display_name = "Iso-C"
@@ -249,21 +235,20 @@ class IsoC(MergeMethod):
 
 
 class IsoCTS(MergeMethod):
-    """Iso-CTS: θ* = θ0 + α s̄ P_U P_Vᵀ over the common subspace of Σ τi plus each task's own
-    subspace orthogonal to it, orthogonalised, with a flat spectrum.
+    """Iso-CTS: θ* = θ0 + α s̄ P_U P_Vᵀ over the common subspace of Σ τi plus each task's own subspace
+    orthogonal to it, orthogonalised, with a flat spectrum.
 
     Args:
         scaling_factor: α, multiplies the merged task vector on every key (FusionBench's default 1.0).
-        common_space_fraction: f in (0, 1], the share of each tensor's k = min(rows, cols)
-            directions taken from the sum's top singular vectors; the rest is split equally
-            among the tasks (0.8: 614 common + 7 × 22 task directions of 768). 1 gives Iso-C.
+        common_space_fraction: f in (0, 1], the share of each tensor's k = min(rows, cols) directions
+            taken from the sum's top singular vectors, the rest split equally among the tasks (0.8: 614
+            common + 7 × 22 task directions of 768). 1 gives Iso-C.
         exclude_keys: exact state-dict keys averaged instead of SVD'd.
-        svd_keys: ``all_2d`` (default, FusionBench: wte, wpe and the 48 Conv1D weights) or
-            ``conv1d`` (wte and wpe take the running mean × α).
-        projection_side: which side of a Conv1D weight loses the common subspace before the
-            task SVDs. ``fusionbench`` (default): the input side, as FusionBench's code does on
-            GPT-2's [in, out] storage. ``paper``: the output side, as the paper's code does on
-            nn.Linear ([out, in]) weights. wte and wpe are merged as stored either way.
+        svd_keys: ``all_2d`` (default, FusionBench: wte, wpe and the 48 Conv1D weights) or ``conv1d``
+            (wte and wpe take the running mean × α).
+        projection_side: the side of a Conv1D weight that loses the common subspace: ``fusionbench``
+            (default), the input side, as FusionBench's code on GPT-2's [in, out] storage; ``paper``, the
+            output side, as the paper's code on nn.Linear ([out, in]). wte and wpe: as stored either way.
     """
 
     display_name = "Iso-CTS"

@@ -3,26 +3,15 @@
 Cheng et al. 2025, "Whoever Started the Interference Should End It: Guiding Data-Free Model
 Merging via Task Vectors", https://arxiv.org/abs/2503.08099.
 
-With τi = θi − θ0, per tensor (no λ; θ* = θ0 + τ on every key):
-
-- 2-D tensors not in ``exclude_keys`` (FusionBench's rule: wte, wpe and the 48 Conv1D weights):
-  start from τ = Σ τi and take ``iter_num`` full-batch Adam steps (lr 1e-5, betas 0.9/0.999,
-  eps 1e-8, no weight decay) on the interference loss
-
-      L(τ) = Σi ‖(τ − τi) τiᵀ‖²_F / ‖τi‖²_F        (τ, τi as [out, in], y = τ x)
-
-  The rows of a task's update τi span the inputs that task saw, so τ − τi should vanish on them.
-  The result is the last iterate, not the minimiser.
-- Every other tensor: ``others: mean`` (FusionBench) gives (Σ τi)/n; ``others: pretrained`` leaves
-  it at θ0, as the paper's code does.
-
-GPT-2 stores every 2-D body tensor input index first, so ``side="input"`` (default) runs the
-formula on Wᵀ and transposes back (the paper's loss Σi ‖τiᵀ(τ − τi)‖²/‖τi‖²); ``side="fusionbench"``
-runs it on the stored layout, as FusionBench's ``wudi_merging`` does. L is a quadratic with
-gradient 2 Σi (τ − τi) Gi/ci (Gi = τiᵀτi, ci = ‖τi‖²): ``gradient: gram`` (default) precomputes the
-Gram sums, ``gradient: autograd`` back-propagates through FusionBench's order of operations (its
-iterates bit for bit on CPU); both feed the same Adam. The Gram form, what differs from
-FusionBench, ``solver: closed_form``, memory and cost: docs/methods.md, "WUDI".
+With τi = θi − θ0, θ* = θ0 + τ on every key. On 2-D tensors not in ``exclude_keys`` (wte, wpe, the
+48 Conv1D weights) τ starts at Σ τi and takes ``iter_num`` full-batch Adam steps (betas 0.9/0.999,
+eps 1e-8) on L(τ) = Σi ‖(τ − τi) τiᵀ‖²_F / ‖τi‖²_F (τ, τi as [out, in]): the rows of τi span the
+inputs task i saw, so τ − τi should vanish on them; the result is the last iterate. Other tensors:
+(Σ τi)/n (``others: mean``, FusionBench's) or θ0 (``pretrained``, the paper's code). GPT-2 stores
+2-D tensors input index first, so ``side: input`` runs the formula on Wᵀ (the paper's loss) and
+``fusionbench`` on the stored layout. ``gradient: gram`` feeds Adam 2 Σi (τ − τi) Gi/ci from
+precomputed Gram sums, ``autograd`` back-propagates in FusionBench's order (its iterates, bit for bit
+on CPU). The Gram form, what differs from FusionBench, the closed form and the cost: docs/methods.md, "WUDI".
 """
 
 from __future__ import annotations
@@ -300,17 +289,16 @@ def wudi_merge(
 
 
 class WUDIMerging(MergeMethod):
-    """WUDI: θ0 + τ, τ from Adam on Σi ‖τiᵀ(τ − τi)‖²/‖τi‖² per 2-D tensor (mean τi elsewhere).
+    """WUDI: θ0 + τ, τ from Adam on Σi ‖τiᵀ(τ − τi)‖²/‖τi‖² per 2-D tensor (mean τi elsewhere), on the
+    Trainer's device (a GPU when it has one).
 
     Args:
-        iter_num: Adam steps per 2-D tensor (FusionBench's ``wudi.yaml``: 400). 0 gives Task
-            Arithmetic with λ = 1 on the 2-D tensors.
+        iter_num: Adam steps per 2-D tensor (FusionBench's ``wudi.yaml``: 400); 0 gives Task Arithmetic
+            with λ = 1 on the 2-D tensors.
         lr: η, Adam's learning rate (FusionBench fixes 1e-5; the paper's RoBERTa code uses 2e-5).
-        exclude_keys: exact names of 2-D tensors treated like the 1-D ones (FusionBench's
-            argument), e.g. ``[wte.weight]``.
-        side: ``input`` (default): the paper's loss for GPT-2's [in, out] storage of Conv1D and
-            embeddings. ``fusionbench``: FusionBench's formula on the stored layout (the output
-            side of Conv1D).
+        exclude_keys: exact names of 2-D tensors treated like the 1-D ones (FusionBench's), e.g. ``[wte.weight]``.
+        side: ``input`` (default): the paper's loss for GPT-2's [in, out] storage of Conv1D and embeddings;
+            ``fusionbench``: FusionBench's formula on the stored layout (the output side of Conv1D).
         solver: ``adam`` (default, the paper and FusionBench) or ``closed_form``: the loss's exact
             (minimum-norm) minimiser; changes the numbers (Adam stays near Σ τi).
         gradient: ``gram`` (default): from Gram sums precomputed per tensor, one [a, b] × [b, b]
@@ -318,10 +306,8 @@ class WUDIMerging(MergeMethod):
             on the input side, which takes ``autograd``); within 8.2e-8 of ``autograd`` after 400 steps
             where measured. ``autograd``: back-propagation through FusionBench's loss, its iterates bit
             for bit on CPU (with ``side: fusionbench`` GPT-2's wte then needs ``exclude_keys: [wte.weight]``).
-        others: the tensors not optimised (1-D ones, ``exclude_keys``): ``mean`` (default,
-            FusionBench) θ0 + the mean τi; ``pretrained``: θ0, as the paper's code leaves them.
-
-    The optimisation runs on the Trainer's device (a GPU when the Trainer has one).
+        others: the tensors not optimised: ``mean`` (default, FusionBench) θ0 + the mean τi;
+            ``pretrained``: θ0, as the paper's code leaves them.
     """
 
     display_name = "WUDI"
