@@ -328,11 +328,20 @@ class AdaMerging(MergeMethod):
     data = "validation inputs"
 
     def __init__(
-        self, pool: ModelPool, granularity: Literal["layer", "task"] = "layer", init_value: float = 0.3,
-        clamp: bool = True, lr: float = 1e-3, max_steps: int = 500, batch_size: int = 16, batches_per_step: int = 2,
+        self,
+        pool: ModelPool,
+        granularity: Literal["layer", "task"] = "layer",
+        init_value: float = 0.3,
+        clamp: bool = True,
+        lr: float = 1e-3,
+        max_steps: int = 500,
+        batch_size: int = 16,
+        batches_per_step: int = 2,
         loss: Literal["entropy", "fusionbench"] = "entropy",
-        adaptation_split: Literal["validation", "train"] = "validation", seed: int = 0,
-        coefficients_path: Optional[str] = None, checkpoint_every: int = 50,
+        adaptation_split: Literal["validation", "train"] = "validation",
+        seed: int = 0,
+        coefficients_path: Optional[str] = None,
+        checkpoint_every: int = 50,
     ):
         super().__init__(pool)
         self.granularity = check_choice(granularity, "granularity", GRANULARITIES)
