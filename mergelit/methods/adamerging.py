@@ -38,9 +38,6 @@ from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 from mergelit.tasks import GLUE_TASKS
 
-GRANULARITIES = ("layer", "task")
-LOSSES = ("entropy", "fusionbench")
-SPLITS = ("train", "validation")
 FUSIONBENCH_EPS = 1e-8  # FusionBench's H(p) = −Σ p log(p + eps)
 
 # Bump when what λ means for the same key fields changes (batching, loss, data order), so that
@@ -344,15 +341,15 @@ class AdaMerging(MergeMethod):
         checkpoint_every: int = 50,
     ):
         super().__init__(pool)
-        self.granularity = check_choice(granularity, "granularity", GRANULARITIES)
+        self.granularity = check_choice(granularity, "granularity", ("layer", "task"))
         self.init_value = check_number(init_value, "init_value (λ₀, λ's initial value)")
         self.clamp = bool(check_choice(clamp, "clamp", (True, False)))
         self.lr = check_number(lr, "lr", low=0.0, low_open=True)
         self.max_steps = check_integer(max_steps, "max_steps", 0)
         self.batch_size = check_integer(batch_size, "batch_size", 1)
         self.batches_per_step = check_integer(batches_per_step, "batches_per_step", 1)
-        self.loss = check_choice(loss, "loss", LOSSES)
-        self.adaptation_split = check_choice(adaptation_split, "adaptation_split", SPLITS)
+        self.loss = check_choice(loss, "loss", ("entropy", "fusionbench"))
+        self.adaptation_split = check_choice(adaptation_split, "adaptation_split", ("train", "validation"))
         self.seed = check_integer(seed, "seed", 0)
         self.checkpoint_every = check_integer(checkpoint_every, "checkpoint_every (0: never)", 0)
         self.coefficients_path = coefficients_path

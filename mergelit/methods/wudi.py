@@ -29,10 +29,6 @@ from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 
-SIDES = ("input", "fusionbench")
-SOLVERS = ("adam", "closed_form")
-GRADIENTS = ("gram", "autograd")
-OTHERS = ("mean", "pretrained")
 # A key whose [n, a, a] loss product is larger than this is refused on the paths that stack it
 # (FusionBench's wte on GPT-2 is 65.9 GiB, and autograd needs about three times the product).
 MAX_PRODUCT_BYTES = 4 * 2**30
@@ -40,10 +36,10 @@ MAX_PRODUCT_BYTES = 4 * 2**30
 
 def _check_arguments(iter_num: int, lr: float, side: str, solver: str, gradient: str, others: str) -> tuple[int, float]:
     """Check every argument; return (iter_num, lr)."""
-    check_choice(side, "side", SIDES)
-    check_choice(solver, "solver", SOLVERS)
-    check_choice(gradient, "gradient", GRADIENTS)
-    check_choice(others, "others", OTHERS)
+    check_choice(side, "side", ("input", "fusionbench"))
+    check_choice(solver, "solver", ("adam", "closed_form"))
+    check_choice(gradient, "gradient", ("gram", "autograd"))
+    check_choice(others, "others", ("mean", "pretrained"))
     iter_num = check_integer(iter_num, "iter_num (the number of Adam steps)", 0)
     return iter_num, check_number(lr, "lr (η, Adam's learning rate)", 0, low_open=True)
 
