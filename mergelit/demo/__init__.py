@@ -5,21 +5,9 @@
     mergelit demo --output_dir DIR --seed 1
 
 The published experiment needs the hub (``gpt2``, seven ``tanganke/gpt2_<task>`` checkpoints, GLUE). The demo makes
-a stand-in for each piece, deterministically from ``--seed``, and then runs the same commands a user runs on the
-real pool:
-
-1. data: seven synthetic tasks in the exact GLUE schemas (``mergelit.synthetic.write_glue``);
-2. pretrained: a small GPT-2 with GPT-2's real tokenizer, trained as a causal LM on the training texts
-   (``mergelit.demo.pretrain``): the shared start that makes merging work;
-3. pool: one classifier per task, fine-tuned from it with ``mergelit fit``;
-4. merges: ``mergelit sweep`` over ``Individual`` (the 7x7 cross-task table and its diagonal) and ``mergelit compare
-   -c`` over every method, each at its own choice on the dev rows (its ``search`` range, thinned to the size's
-   ``search_points``), then one leaderboard (markdown, CSV, plot of average accuracy against total cost) with
-   intervals, normalized accuracy and the gain over tuned Task Arithmetic.
-
-Steps 1-3 are cached in the output folder (a rerun with the same seed and size only merges and evaluates); the
-configs it writes under ``configs/`` rerun any step by hand. Everything runs on CPU, whatever accelerator is
-present, so that a rerun reproduces the numbers.
+a stand-in for each piece from ``--seed`` (steps 1-3, cached in the output folder), then runs the commands a user
+runs on the real pool (step 4). The configs it writes under ``configs/`` rerun any step by hand. Everything runs on
+CPU, whatever accelerator is present, so that a rerun reproduces the numbers.
 """
 
 from __future__ import annotations
@@ -83,7 +71,6 @@ SIZES: dict[str, DemoSize] = {
 }
 
 
-# ---- small helpers -----------------------------------------------------------------------
 @rank_zero_only
 def _stage(number: int, text: str) -> None:
     log.info(f"[demo {number}/4] {text}")
@@ -98,12 +85,11 @@ def _mark_done(folder: Path, key: dict) -> None:
     (folder / "done.json").write_text(json.dumps(key, indent=2) + "\n")
 
 
-def _fresh(folder: Path) -> Path:
+def _fresh(folder: Path) -> None:
     # A step that did not finish (or was built from other settings) starts over.
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    return folder
 
 
 def _write_config(path: Path, comment: str, config: dict) -> Path:
@@ -116,10 +102,24 @@ def _csv_logger(logs: Path, name: str) -> dict:
     return {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(logs), "name": name}}
 
 
+def _trainer(epochs: int, logger) -> dict:
+    """Pretraining's and fine-tuning's Trainer arguments (in the order ``configs/finetune.yaml`` shows them)."""
+    return {"accelerator": "cpu", "devices": 1, "max_epochs": epochs, "logger": logger, "enable_checkpointing": False,
+            "enable_model_summary": False, "log_every_n_steps": 10}
+
+
+# True but expected for tiny CPU runs (few batches per epoch, no DataLoader workers); and the demo runs
+# `mergelit fit` / `sweep` in-process with its own arguments, on purpose.
+_EXPECTED_WARNINGS = (
+    ".*does not have many workers.*", ".*smaller than the logging interval.*", ".*module\\(s\\) in eval mode.*",
+    ".*LeafSpec.*", ".*Experiment logs directory.*", ".*args parameter is intended to run from within Python.*",
+)
+
+
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """Keep the demo's output to progress bars, stage lines and tables: silence Lightning's start-up lines,
-    transformers' load reports (the fresh score head is expected) and warnings expected for tiny CPU runs."""
+    transformers' load reports (the fresh score head is expected) and the expected warnings."""
     from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as transformers_logging
 
@@ -132,15 +132,7 @@ def _quiet_libraries() -> Iterator[None]:
     datasets_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
-            for message in (
-                ".*does not have many workers.*",
-                ".*smaller than the logging interval.*",
-                ".*module\\(s\\) in eval mode.*",
-                ".*LeafSpec.*",
-                ".*Experiment logs directory.*",
-                # The demo runs `mergelit fit` / `sweep` in-process with its own arguments, on purpose.
-                ".*args parameter is intended to run from within Python.*",
-            ):
+            for message in _EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
@@ -151,7 +143,6 @@ def _quiet_libraries() -> Iterator[None]:
         datasets_logging.enable_progress_bar()
 
 
-# ---- the steps ---------------------------------------------------------------------------
 def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path, dict]:
     """Step 1: synthetic GLUE (``root/glue``) and GPT-2's tokenizer (``root/tokenizer``); returns both folders and
     the step's cache key (later steps' keys include it)."""
@@ -195,9 +186,7 @@ def build_pretrained(
     data = GLUECorpusDataModule(tokenizer=str(tokenizer), path=str(glue), batch_size=32, shuffle_seed=seed,
                                 cache_dir=str(cache))
     model = CausalLM(**architecture, learning_rate=size.pretrain_learning_rate)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=size.pretrain_epochs,
-                        logger=CSVLogger(str(logs), name="pretrain"), enable_checkpointing=False,
-                        enable_model_summary=False, log_every_n_steps=10)
+    trainer = L.Trainer(**_trainer(size.pretrain_epochs, CSVLogger(str(logs), name="pretrain")))
     trainer.fit(model, datamodule=data)
     export_checkpoint(model.model, folder, data.tokenizer)
     _mark_done(folder, key)
@@ -215,14 +204,10 @@ def build_pool(
         configs / "finetune.yaml",
         f"# Fine-tunes the demo's pretrained GPT-2 on one task (what `mergelit demo` ran for each task):\n"
         f"#   mergelit fit -c {configs / 'finetune.yaml'} --data.task sst2 --export.dirpath DIR",
-        {
-            "seed_everything": seed,
-            "model": {"pretrained": str(pretrained), "learning_rate": size.finetune_learning_rate},
-            "data": {"path": str(glue), "batch_size": 32, "shuffle_seed": seed, "cache_dir": str(cache)},
-            "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": size.finetune_epochs,
-                        "logger": _csv_logger(logs, "finetune"), "enable_checkpointing": False,
-                        "enable_model_summary": False, "log_every_n_steps": 10},
-        },
+        {"seed_everything": seed,
+         "model": {"pretrained": str(pretrained), "learning_rate": size.finetune_learning_rate},
+         "data": {"path": str(glue), "batch_size": 32, "shuffle_seed": seed, "cache_dir": str(cache)},
+         "trainer": _trainer(size.finetune_epochs, _csv_logger(logs, "finetune"))},
     )
     key = {"pretrained": pretrained_key, "config": config.read_text()}
     paths = {}
@@ -281,23 +266,18 @@ def evaluate(
         configs / "pool.yaml",
         f"# The demo's pool and data; combine with any method config, e.g.\n"
         f"#   mergelit test -c {configs / 'pool.yaml'} -c configs/methods/task_arithmetic.yaml",
-        {
-            "seed_everything": seed,
-            "pool": pool,
-            # Every run scores the rows outside the dev split, so the individual models' accuracy (the
-            # Norm. column's denominator) is on the rows each method is scored on.
-            "data": {"path": str(glue), "batch_size": 64, "cache_dir": str(cache), "hold_out_dev": True},
-            "trainer": {"accelerator": "cpu", "devices": 1, "logger": _csv_logger(logs, "merge")},
-        },
+        {"seed_everything": seed, "pool": pool,
+         # Every run scores the rows outside the dev split, so the individual models' accuracy (the
+         # Norm. column's denominator) is on the rows each method is scored on.
+         "data": {"path": str(glue), "batch_size": 64, "cache_dir": str(cache), "hold_out_dev": True},
+         "trainer": {"accelerator": "cpu", "devices": 1, "logger": _csv_logger(logs, "merge")}},
     )
     individual = _write_config(
         configs / "individual_7x7.yaml",
         f"# Each fine-tuned body under every task's head (the 7x7 table; its diagonal is the individual row):\n"
         f"#   mergelit sweep -c {base} -c {configs / 'individual_7x7.yaml'}",
-        {
-            "model": {"class_path": "mergelit.methods.Individual", "init_args": {"task": TASKS[0]}},
-            "sweep": {"percent": True, "grid": {"model.init_args.task": list(TASKS)}},
-        },
+        {"model": {"class_path": "mergelit.methods.Individual", "init_args": {"task": TASKS[0]}},
+         "sweep": {"percent": True, "grid": {"model.init_args.task": list(TASKS)}}},
     )
     specs = method_specs(size, statistics_cache)
     methods = _write_config(
@@ -350,14 +330,12 @@ def run_demo(
     start = time.monotonic()
     with _quiet_libraries():
         glue, tokenizer, data_key = build_data(out / "data", seed, preset)
-        pretrained, pretrained_key = build_pretrained(
-            out / "pool" / "pretrained", glue, tokenizer, data_key, cache, logs, seed, preset
-        )
+        pretrained, pretrained_key = build_pretrained(out / "pool" / "pretrained", glue, tokenizer, data_key, cache,
+                                                      logs, seed, preset)
         finetuned = build_pool(out / "pool", pretrained, pretrained_key, glue, cache, logs, configs, seed, preset)
         pool = {"pretrained": str(pretrained), "finetuned": finetuned}
-        individual, methods = evaluate(
-            out, pool, glue, cache, out / "cache" / "statistics", logs, configs, seed, preset
-        )
+        statistics = out / "cache" / "statistics"
+        individual, methods = evaluate(out, pool, glue, cache, statistics, logs, configs, seed, preset)
         # The leaderboard: the individual models (7x7 diagonal), then every method in run order (a method with a
         # range: its point selected on dev), as table.md, table.csv and plot.png.
         rows = tables.collect_rows([individual, methods])

@@ -108,14 +108,10 @@ def write_glue(
             # The hub's split names, in its order: train, the evaluation splits, their test twins.
             evaluation = (info.eval_split, *info.extra_eval_splits)
             names = ["train", *evaluation, *(name.replace("validation", "test") for name in evaluation)]
-            splits = {
-                name: datasets.Dataset.from_dict(
-                    examples(task, name, num_train if name == "train" else num_validation, seed),
-                    features=features,
-                    split=datasets.Split(name),
-                )
-                for name in names
-            }
+            splits = {}
+            for name in names:
+                rows = examples(task, name, num_train if name == "train" else num_validation, seed)
+                splits[name] = datasets.Dataset.from_dict(rows, features=features, split=datasets.Split(name))
             folder = root / task
             if folder.exists():
                 shutil.rmtree(folder)  # stale splits of another layout must not survive
@@ -131,14 +127,12 @@ def _torch_seed(*parts: object) -> int:
 def write_pool(
     root: str | Path, seed: int = 0, tasks: Sequence[str] = TASKS, n_layer: int = 2, n_embd: int = 64, n_head: int = 2
 ) -> dict[str, Any]:
-    """Write a tiny GPT-2 pool: ``root/pretrained`` and one classifier per task in ``root/<task>``.
+    """Write a tiny GPT-2 pool; return ``{"pretrained": path, "finetuned": {task: path}, "tokenizer": path}``.
 
-    The pretrained model is a randomly initialised ``GPT2LMHeadModel`` with GPT-2's vocabulary and no pad token
-    (as the hub's ``gpt2``). Each task model is a ``GPT2ForSequenceClassification`` whose body is the pretrained
-    body plus seeded normal noise with a task-specific scale (so task vectors differ in direction and norm), with a
-    random ``score`` head, ``pad_token_id`` 50256 and the task's label names (as ``tanganke/gpt2_<task>``).
-    Returns ``{"pretrained": path, "finetuned": {task: path}, "tokenizer": path}``.
-    """
+    ``root/pretrained`` is a random ``GPT2LMHeadModel`` without pad token (as the hub's ``gpt2``); ``root/<task>`` a
+    ``GPT2ForSequenceClassification`` (as ``tanganke/gpt2_<task>``: pad id 50256, the task's labels, a random head)
+    whose body is the pretrained one plus seeded noise of a task-specific scale (task vectors differ in direction
+    and norm)."""
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 

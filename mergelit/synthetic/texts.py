@@ -125,19 +125,12 @@ def _clause(rng: random.Random, subjects: Sequence[str], objects: Sequence[str])
     return words
 
 
-def _length_target(rng: random.Random) -> int:
-    """Mostly short texts, some medium, a few long ones (so some pairs pass 60 tokens)."""
-    roll = rng.random()
-    if roll < 0.7:
-        return rng.randint(4, 16)
-    if roll < 0.92:
-        return rng.randint(17, 28)
-    return rng.randint(29, 40)
-
-
 def _clauses(rng: random.Random, subjects: Sequence[str], objects: Sequence[str], at_most: int = 40) -> list[list[str]]:
-    """Clauses (joined later with conjunctions) adding up to about a sampled length."""
-    target = min(_length_target(rng), at_most)
+    """Clauses (joined later with conjunctions) adding up to about a sampled length: mostly short texts, some
+    medium, a few long ones (so some pairs pass 60 tokens)."""
+    roll = rng.random()
+    low, high = (4, 16) if roll < 0.7 else (17, 28) if roll < 0.92 else (29, 40)
+    target = min(rng.randint(low, high), at_most)
     clauses = [_clause(rng, subjects, objects)]
     while sum(len(c) + 1 for c in clauses) + 4 <= target:
         clauses.append(_clause(rng, subjects, objects))
@@ -240,8 +233,7 @@ def _request(rng: random.Random) -> dict[str, Any]:
 
 
 def _question(rng: random.Random, request: dict[str, Any]) -> str:
-    frame = rng.choice(QUESTION_FRAMES)
-    return frame.format(rng.choice(request["verbs"]), request["object"], request["tail"])
+    return rng.choice(QUESTION_FRAMES).format(rng.choice(request["verbs"]), request["object"], request["tail"])
 
 
 def _qqp(rng: random.Random, label: int) -> tuple[str, ...]:
@@ -271,11 +263,10 @@ def _event(rng: random.Random) -> dict[str, Any]:
 def _qnli(rng: random.Random, label: int) -> tuple[str, ...]:
     event = _event(rng)
     (base, past), thing = event["verb"], event["thing"]
+    person, place = event["person"], event["place"]
     question = rng.choice((
-        f"Where did the {event['person']} {base} the {thing}?",
-        f"When did the {event['person']} {base} the {thing} {event['place']}?",
-        f"Who {past} the {thing} {event['place']}?",
-        f"Why was the {thing} {past} {event['place']}?",
+        f"Where did the {person} {base} the {thing}?", f"When did the {person} {base} the {thing} {place}?",
+        f"Who {past} the {thing} {place}?", f"Why was the {thing} {past} {place}?",
     ))
     # Wikipedia-like: the sentence tells of the question's event (entailment), or of
     # another one, or is a general remark about another thing.
@@ -324,11 +315,8 @@ def _rte(rng: random.Random, label: int) -> tuple[str, ...]:
     if label == 1:
         city, org, year = other_city, other_org, other_year
     hypothesis = rng.choice((
-        f"{name} lives in {city}",
-        f"{name} founded {org} in {year}",
-        f"{name} lives in {city} and founded {org}",
-        f"{name} , who lives in {city} , founded {org} in {year}",
-        f"{first} founded {org} in {city}",
+        f"{name} lives in {city}", f"{name} founded {org} in {year}", f"{name} lives in {city} and founded {org}",
+        f"{name} , who lives in {city} , founded {org} in {year}", f"{first} founded {org} in {city}",
     ))
     return _sentence(premise.split()), _sentence(hypothesis.split())
 
