@@ -76,20 +76,22 @@ def _stage(number: int, text: str) -> None:
     log.info(f"[demo {number}/4] {text}")
 
 
-def _is_done(folder: Path, key: dict) -> bool:
+def _must_build(number: int, folder: Path, key: dict, reusing: str, building: str) -> bool:
+    """Whether step ``number`` must build ``folder``: not when its ``done.json`` holds ``key`` (the settings it was
+    built from). A step that did not finish (or was built from other settings) starts over in an empty folder."""
     marker = folder / "done.json"
-    return marker.is_file() and json.loads(marker.read_text()) == key
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        _stage(number, f"{reusing}: reusing {folder}")
+        return False
+    _stage(number, f"{building} -> {folder}")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return True
 
 
 def _mark_done(folder: Path, key: dict) -> None:
     (folder / "done.json").write_text(json.dumps(key, indent=2) + "\n")
-
-
-def _fresh(folder: Path) -> None:
-    # A step that did not finish (or was built from other settings) starts over.
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
 
 
 def _write_config(path: Path, comment: str, config: dict) -> Path:
@@ -151,12 +153,8 @@ def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path, dict]
     # The generators' version too: new data from the same seed must not meet an old pool.
     key = {"format": [_FORMAT_VERSION, SYNTHETIC_FORMAT], "seed": seed, "num_train": size.num_train,
            "num_validation": size.num_validation}
-    if _is_done(root, key):
-        _stage(1, f"Data: reusing {root}")
-    else:
-        _stage(1, f"Data: {len(TASKS)} synthetic GLUE tasks, {size.num_train} train / {size.num_validation} "
-                  f"validation rows each -> {root}")
-        _fresh(root)
+    rows = f"{size.num_train} train / {size.num_validation} validation rows each"
+    if _must_build(1, root, key, "Data", f"Data: {len(TASKS)} synthetic GLUE tasks, {rows}"):
         write_glue(root / "glue", seed=seed, num_train=size.num_train, num_validation=size.num_validation)
         write_tokenizer(root / "tokenizer")
         _mark_done(root, key)
@@ -176,12 +174,10 @@ def build_pretrained(
     architecture = dict(n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head)
     key = {"data": data_key, "model": architecture, "epochs": size.pretrain_epochs,
            "learning_rate": size.pretrain_learning_rate}
-    if _is_done(folder, key):
-        _stage(2, f"Pretrained GPT-2: reusing {folder}")
+    model_text = f"{size.n_layer} layers, {size.n_embd} wide, causal LM on the training texts"
+    building = f"Pretrained GPT-2: {model_text} ({size.pretrain_epochs} epoch(s))"
+    if not _must_build(2, folder, key, "Pretrained GPT-2", building):
         return folder, key
-    _stage(2, f"Pretrained GPT-2: {size.n_layer} layers, {size.n_embd} wide, causal LM on the training texts "
-              f"({size.pretrain_epochs} epoch(s)) -> {folder}")
-    _fresh(folder)
     L.seed_everything(seed, verbose=False)
     data = GLUECorpusDataModule(tokenizer=str(tokenizer), path=str(glue), batch_size=32, shuffle_seed=seed,
                                 cache_dir=str(cache))
@@ -214,13 +210,10 @@ def build_pool(
     for index, task in enumerate(TASKS, 1):
         folder = root / task
         paths[task] = str(folder)
-        if _is_done(folder, key):
-            _stage(3, f"Fine-tuned {task} ({index}/{len(TASKS)}): reusing {folder}")
-            continue
-        _stage(3, f"Fine-tuning {task} ({index}/{len(TASKS)}), {size.finetune_epochs} epoch(s) -> {folder}")
-        _fresh(folder)
-        fit_command(["-c", str(config), "--data.task", task, "--export.dirpath", str(folder)])
-        _mark_done(folder, key)
+        count, epochs = f"({index}/{len(TASKS)})", f"{size.finetune_epochs} epoch(s)"
+        if _must_build(3, folder, key, f"Fine-tuned {task} {count}", f"Fine-tuning {task} {count}, {epochs}"):
+            fit_command(["-c", str(config), "--data.task", task, "--export.dirpath", str(folder)])
+            _mark_done(folder, key)
     return paths
 
 

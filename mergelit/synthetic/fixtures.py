@@ -100,11 +100,9 @@ def write_glue(
     with _quiet():
         for task in _check_tasks(tasks):
             info = GLUE_TASKS[task]
-            features = datasets.Features({
-                **{field: datasets.Value("string") for field in info.text_fields},
-                "label": datasets.ClassLabel(names=list(info.label_names)),
-                "idx": datasets.Value("int32"),
-            })
+            features = datasets.Features({**{field: datasets.Value("string") for field in info.text_fields},
+                                          "label": datasets.ClassLabel(names=list(info.label_names)),
+                                          "idx": datasets.Value("int32")})
             # The hub's split names, in its order: train, the evaluation splits, their test twins.
             evaluation = (info.eval_split, *info.extra_eval_splits)
             names = ["train", *evaluation, *(name.replace("validation", "test") for name in evaluation)]

@@ -171,11 +171,8 @@ def _sst2(rng: random.Random, label: int) -> tuple[str, ...]:
     for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
         noun, word, other = rng.choice(REVIEW_NOUNS), rng.choice(sentiment), rng.choice(sentiment)
         a_word = f"{_article(word)} {word}"
-        # Every candidate is built (drawing its words) before one is chosen.
-        candidates = (
-            f"the {noun} is {word}",
-            f"{a_word} {noun}",
-            f"{a_word} and {other} {noun}",
+        candidates = (  # every candidate is built (drawing its words) before one is chosen
+            f"the {noun} is {word}", f"{a_word} {noun}", f"{a_word} and {other} {noun}",
             f"the {noun} feels {word} from start to finish",
             f"its {rng.choice(ADJECTIVES)} {noun} is {rng.choice(('very', 'truly', 'quite', 'often'))} {word}",
             f"{word} , {rng.choice(ADJECTIVES)} and {other}",
@@ -283,8 +280,7 @@ def _qnli(rng: random.Random, label: int) -> tuple[str, ...]:
     year = rng.randint(1650, 1990)
     past, person, thing, place = event["verb"][1], event["person"], event["thing"], event["place"]
     sentence = rng.choice((
-        f"The {thing} was {past} by a {person} {place} in {year}",
-        f"In {year} , a {person} {past} the {thing} {place}",
+        f"The {thing} was {past} by a {person} {place} in {year}", f"In {year} , a {person} {past} the {thing} {place}",
         f"Local records say that a {person} {past} the {thing} {place} in {year}",
     ))
     if rng.random() < 0.4:
