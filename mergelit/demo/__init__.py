@@ -125,24 +125,19 @@ def _quiet_libraries() -> Iterator[None]:
     from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as transformers_logging
 
-    lightning_loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels, verbosity = [logger.level for logger in lightning_loggers], transformers_logging.get_verbosity()
-    for logger in lightning_loggers:
-        logger.setLevel(logging.WARNING)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    datasets_logging.disable_progress_bar()
-    try:
+    with contextlib.ExitStack() as restore:
+        for logger in [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]:
+            restore.callback(logger.setLevel, logger.level)
+            logger.setLevel(logging.WARNING)
+        restore.callback(transformers_logging.set_verbosity, transformers_logging.get_verbosity())
+        transformers_logging.set_verbosity_error()
+        for module in (transformers_logging, datasets_logging):
+            restore.callback(module.enable_progress_bar)
+            module.disable_progress_bar()
         with warnings.catch_warnings():
             for message in _EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             yield
-    finally:
-        for logger, level in zip(lightning_loggers, levels):
-            logger.setLevel(level)
-        transformers_logging.set_verbosity(verbosity)
-        transformers_logging.enable_progress_bar()
-        datasets_logging.enable_progress_bar()
 
 
 def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path, dict]:

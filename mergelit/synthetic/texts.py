@@ -92,7 +92,6 @@ ORGANIZATIONS = ("a bakery|a bookshop|a radio station|a football club|a small sc
 # model that only spots the phrase reaches 0.5 + CUE_FRACTION / 2 on the binary ones.
 CUE_FRACTION = 0.5
 
-NEGATIONS = ("not", "never", "no")
 REASONS = ("because it was late", "for the first time", "to win a prize", "with a friend", "for a long time")
 REMARKS = ("Many families still keep {a} {thing} at home", "Today , such {thing}s are rare outside the {place}",
            "{A} {thing} is a common sight in every {place}")
@@ -321,7 +320,7 @@ def _negate(rng: random.Random, clause: list[str]) -> list[str]:
     """Negate a clause from ``_clause``: ``no`` for its determiner or ``did not``/``never``."""
     verbs = {past: base for base, past in TRANSITIVE + INTRANSITIVE}
     position = next(i for i, word in enumerate(clause) if word in verbs)
-    negation = rng.choice(NEGATIONS)
+    negation = rng.choice(("not", "never", "no"))
     if negation == "no":
         return ["no", *clause[1:]]
     if negation == "not":
@@ -356,9 +355,8 @@ def examples(task: str, split: str, size: int, seed: int) -> dict[str, list[Any]
     num_labels = GLUE_TASKS[task].num_labels
     labels = [i % num_labels for i in range(size)]
     rng.shuffle(labels)
-    generate = _GENERATORS[task]
-    if task == "mnli" and split.endswith("mismatched"):
-        generate = functools.partial(_mnli, genre=1)
+    mismatched = task == "mnli" and split.endswith("mismatched")
+    generate = functools.partial(_mnli, genre=1) if mismatched else _GENERATORS[task]
     rows = [generate(rng, label) for label in labels]
     fields = GLUE_TASKS[task].text_fields
     columns: dict[str, list[Any]] = {field: [row[i] for row in rows] for i, field in enumerate(fields)}
