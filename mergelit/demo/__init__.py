@@ -288,9 +288,7 @@ def evaluate(
 
 
 def run_demo(
-    output_dir: str = "lightning_logs/demo",
-    seed: int = 0,
-    size: Literal["quick", "full", "small"] = "quick",
+    output_dir: str = "lightning_logs/demo", seed: int = 0, size: Literal["quick", "full", "small"] = "quick"
 ) -> Path:
     """Build a small pool offline (cached), merge it with every method, print and save the table.
 
