@@ -67,15 +67,13 @@ def _quiet() -> Iterator[None]:
     from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as transformers_logging
 
-    previous = [(module, module.is_progress_bar_enabled()) for module in (datasets_logging, transformers_logging)]
-    for module, _ in previous:
-        module.disable_progress_bar()
-    try:
+    modules = (datasets_logging, transformers_logging)
+    with contextlib.ExitStack() as restore:
+        for module in [module for module in modules if module.is_progress_bar_enabled()]:
+            restore.callback(module.enable_progress_bar)
+        for module in modules:
+            module.disable_progress_bar()
         yield
-    finally:
-        for module, enabled in previous:
-            if enabled:
-                module.enable_progress_bar()
 
 
 def _check_tasks(tasks: Sequence[str]) -> list[str]:
