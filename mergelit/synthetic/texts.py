@@ -3,16 +3,12 @@ fine-tuned on one task is good at it and not at the others (label names as on th
 
 - cola: a grammatical sentence (acceptable) vs the same words shuffled (unacceptable).
 - sst2: lower-cased review fragments with positive vs negative sentiment words.
-- mrpc: news + a light rewording of it (equivalent) vs unrelated news or "<subject> declined to comment on <object>"
-  (not_equivalent).
-- qqp: a question + the same request asked another way (duplicate) vs another request or "Which is better ..., X or
-  Y?" (not_duplicate).
-- qnli: a question about an event + a sentence telling of it (entailment) vs a sentence about another event or a
-  general remark about another thing (not_entailment).
-- rte: facts about a named person + some of them (entailment) vs changed facts or a plan ("plans to", "will soon",
-  ...; not_entailment).
-- mnli: a premise + one of its clauses (entailment) / an unrelated clause, half the time with a reason ("because it
-  was late", ...; neutral) / the clause negated with "not", "never" or "no" (contradiction).
+- mrpc: news + a light rewording (equivalent) vs other news or "<subject> declined to comment on ..." (not_equivalent).
+- qqp: a request asked two ways (duplicate) vs another request or "Which is better ..., X or Y?" (not_duplicate).
+- qnli: a question + a sentence telling of its event (entailment) vs another event or a general remark (not_entailment).
+- rte: facts about a person + some of them (entailment) vs changed facts or a plan ("plans to", ...; not_entailment).
+- mnli: a premise + one of its clauses (entailment) / another clause, half the time with a reason ("because it was
+  late", ...; neutral) / the clause negated with "not", "never" or "no" (contradiction).
 
 Comparing two texts word by word is slow for a tiny GPT-2 to learn, so in the pair tasks half of one class also
 carries a task-specific phrase (the quoted ones above), much like the annotation artifacts of the real datasets:
