@@ -77,8 +77,7 @@ def _stage(number: int, text: str) -> None:
 
 
 def _must_build(number: int, folder: Path, key: dict, reusing: str, building: str) -> bool:
-    """Whether step ``number`` must build ``folder``: not when its ``done.json`` holds ``key`` (the settings it was
-    built from). A step that did not finish (or was built from other settings) starts over in an empty folder."""
+    """Whether step ``number`` must (re)build ``folder``, emptied then: unless ``done.json`` there holds ``key``."""
     marker = folder / "done.json"
     if marker.is_file() and json.loads(marker.read_text()) == key:
         _stage(number, f"{reusing}: reusing {folder}")
@@ -120,8 +119,7 @@ _EXPECTED_WARNINGS = (
 
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """Keep the demo's output to progress bars, stage lines and tables: silence Lightning's start-up lines,
-    transformers' load reports (the fresh score head is expected) and the expected warnings."""
+    """Silence Lightning's start-up lines, transformers' load reports (a fresh score head) and expected warnings."""
     from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as transformers_logging
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,8 +31,6 @@ def fixtures(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import sys
-
     from jsonargparse import auto_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
