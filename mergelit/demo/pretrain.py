@@ -1,12 +1,9 @@
-"""Causal-LM pretraining of a small GPT-2: the demo's offline stand-in for ``gpt2``, trained with GPT-2's real
-tokenizer on the synthetic GLUE training texts, tokenized exactly as the classifiers will see them. Merging only
-behaves as on real pools when the fine-tuned models share a pretrained start that already models the text (task
-vectors are small, mostly independent edits of it).
-
-The softmax runs over the token ids that occur in the corpus (a few thousand of GPT-2's 50,257): the other rows
-never occur as targets, so a full softmax would only push them down, at ~20x the cost on CPU. The saved model is a
-complete ``GPT2LMHeadModel``.
-"""
+"""Causal-LM pretraining of a small GPT-2 with GPT-2's real tokenizer on the synthetic GLUE training texts (tokenized
+exactly as the classifiers will see them): the demo's offline stand-in for ``gpt2``. Merging only behaves as on real
+pools when the fine-tuned models share a pretrained start that already models the text (task vectors are small,
+mostly independent edits of it). The softmax runs over the token ids that occur in the corpus (a few thousand of
+GPT-2's 50,257): the other rows never occur as targets, so a full softmax would only push them down, at ~20x the cost
+on CPU. The saved model is a complete ``GPT2LMHeadModel``."""
 
 from __future__ import annotations
 

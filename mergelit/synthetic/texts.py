@@ -194,11 +194,9 @@ def _news(rng: random.Random) -> dict[str, Any]:
 def _news_text(rng: random.Random, news: dict[str, Any], reword: bool) -> str:
     verb, obj = news["verb"][reword], news["object"][reword]
     core = f"{news['subject']} {verb} {obj} by {news['number']}"
-    if reword and rng.random() < 0.6:
-        text = f"{news['when']} , {core}"  # the time phrase moves to the front
-    else:
-        text = f"{core} {news['when']}"
-    source = news["source"] if not reword or rng.random() < 0.5 else ""  # a paraphrase may drop it
+    # A paraphrase may move the time phrase to the front, and drop the source.
+    text = f"{news['when']} , {core}" if reword and rng.random() < 0.6 else f"{core} {news['when']}"
+    source = news["source"] if not reword or rng.random() < 0.5 else ""
     if source:
         text += f" , {source}"
     if news["extra"] and not (reword and rng.random() < 0.5):
