@@ -4,28 +4,16 @@
     mergelit demo --size full              # more rows, a wider model, every method's whole range
     mergelit demo --output_dir DIR --seed 1
 
-The published experiment needs the hub (``gpt2``, seven ``tanganke/gpt2_<task>`` checkpoints,
-GLUE). The demo makes a stand-in for each piece, deterministically from ``--seed``, and then
-runs the same commands a user runs on the real pool:
-
-1. data: seven synthetic tasks in the exact GLUE schemas (``mergelit.synthetic.write_glue``);
-2. pretrained: a small GPT-2 with GPT-2's real tokenizer, trained as a causal LM on the
-   training texts (``mergelit.pretrain``): the shared start that makes merging work;
-3. pool: one classifier per task, fine-tuned from it with ``mergelit fit``;
-4. merges: ``mergelit sweep`` over ``Individual`` (the 7x7 cross-task table and its diagonal)
-   and ``mergelit compare -c`` over every method, each at its own choice on the dev rows (its
-   ``search`` range, thinned to the size's ``search_points``), then one leaderboard (markdown,
-   CSV, plot of average accuracy against total cost) with intervals, normalized accuracy and the
-   gain over tuned Task Arithmetic.
-
-Steps 1-3 are cached in the output folder (a rerun with the same seed and size only merges and
-evaluates); the configs it writes under ``configs/`` rerun any step by hand. Everything runs
-on CPU, whatever accelerator is present, so that a rerun reproduces the numbers.
+The published experiment needs the hub (``gpt2``, seven ``tanganke/gpt2_<task>`` checkpoints, GLUE). The demo makes
+a stand-in for each piece from ``--seed`` (steps 1-3, cached in the output folder), then runs the commands a user
+runs on the real pool (step 4). The configs it writes under ``configs/`` rerun any step by hand. Everything runs on
+CPU, whatever accelerator is present, so that a rerun reproduces the numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -68,74 +56,41 @@ class DemoSize:
 
 SIZES: dict[str, DemoSize] = {
     # The default: the first run (data, pretraining, fine-tuning, every method tuned) in minutes.
-    "quick": DemoSize(
-        num_train=800,
-        num_validation=200,
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        pretrain_epochs=1,
-        pretrain_learning_rate=2e-3,
-        finetune_epochs=3,
-        finetune_learning_rate=5e-4,
-        num_statistics_examples=64,
-        adaptation_steps=20,
-        search_points=3,
-    ),
-    # More rows, a wider model, the published three epochs: numbers that move less with the seed.
-    "full": DemoSize(
-        num_train=2000,
-        num_validation=400,
-        n_layer=2,
-        n_embd=128,
-        n_head=4,
-        pretrain_epochs=1,
-        pretrain_learning_rate=2e-3,
-        finetune_epochs=3,
-        # Individual accuracy is the same from 5e-4 to 2e-3; the merges are best at the lowest
-        # (smaller task vectors interfere less), as on real pools.
-        finetune_learning_rate=5e-4,
-        num_statistics_examples=256,
-        adaptation_steps=100,
-    ),
-    "small": DemoSize(
-        num_train=96,
-        num_validation=48,
-        n_layer=1,
-        n_embd=32,
-        n_head=2,
-        pretrain_epochs=1,
-        pretrain_learning_rate=2e-3,
-        finetune_epochs=1,
-        finetune_learning_rate=1e-3,
-        num_statistics_examples=32,
-        adaptation_steps=5,
-        search_points=2,
-    ),
+    "quick": DemoSize(num_train=800, num_validation=200, n_layer=2, n_embd=64, n_head=4, pretrain_epochs=1,
+                      pretrain_learning_rate=2e-3, finetune_epochs=3, finetune_learning_rate=5e-4,
+                      num_statistics_examples=64, adaptation_steps=20, search_points=3),
+    # More rows, a wider model, the published three epochs: numbers that move less with the seed. Individual
+    # accuracy is the same for a fine-tuning learning rate from 5e-4 to 2e-3; the merges are best at the lowest
+    # (smaller task vectors interfere less), as on real pools.
+    "full": DemoSize(num_train=2000, num_validation=400, n_layer=2, n_embd=128, n_head=4, pretrain_epochs=1,
+                     pretrain_learning_rate=2e-3, finetune_epochs=3, finetune_learning_rate=5e-4,
+                     num_statistics_examples=256, adaptation_steps=100),
+    "small": DemoSize(num_train=96, num_validation=48, n_layer=1, n_embd=32, n_head=2, pretrain_epochs=1,
+                      pretrain_learning_rate=2e-3, finetune_epochs=1, finetune_learning_rate=1e-3,
+                      num_statistics_examples=32, adaptation_steps=5, search_points=2),
 }
 
 
-# ---- small helpers -----------------------------------------------------------------------
 @rank_zero_only
 def _stage(number: int, text: str) -> None:
     log.info(f"[demo {number}/4] {text}")
 
 
-def _is_done(folder: Path, key: dict) -> bool:
+def _must_build(number: int, folder: Path, key: dict, reusing: str, building: str) -> bool:
+    """Whether step ``number`` must (re)build ``folder``, emptied then: unless ``done.json`` there holds ``key``."""
     marker = folder / "done.json"
-    return marker.is_file() and json.loads(marker.read_text()) == key
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        _stage(number, f"{reusing}: reusing {folder}")
+        return False
+    _stage(number, f"{building} -> {folder}")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return True
 
 
 def _mark_done(folder: Path, key: dict) -> None:
     (folder / "done.json").write_text(json.dumps(key, indent=2) + "\n")
-
-
-def _fresh(folder: Path) -> Path:
-    # A step that did not finish (or was built from other settings) starts over.
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    return folder
 
 
 def _write_config(path: Path, comment: str, config: dict) -> Path:
@@ -144,64 +99,55 @@ def _write_config(path: Path, comment: str, config: dict) -> Path:
     return path
 
 
+def _csv_logger(logs: Path, name: str) -> dict:
+    return {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(logs), "name": name}}
+
+
+def _trainer(epochs: int, logger) -> dict:
+    """Pretraining's and fine-tuning's Trainer arguments (in the order ``configs/finetune.yaml`` shows them)."""
+    return {"accelerator": "cpu", "devices": 1, "max_epochs": epochs, "logger": logger, "enable_checkpointing": False,
+            "enable_model_summary": False, "log_every_n_steps": 10}
+
+
+# True but expected for tiny CPU runs (few batches per epoch, no DataLoader workers); and the demo runs
+# `mergelit fit` / `sweep` in-process with its own arguments, on purpose.
+_EXPECTED_WARNINGS = (
+    ".*does not have many workers.*", ".*smaller than the logging interval.*", ".*module\\(s\\) in eval mode.*",
+    ".*LeafSpec.*", ".*Experiment logs directory.*", ".*args parameter is intended to run from within Python.*",
+)
+
+
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """Keep the demo's output to progress bars, stage lines and tables.
-
-    Silenced: Lightning's start-up lines (seed, GPU/TPU, tips), transformers' load reports (the
-    freshly initialised score head is expected), and warnings that are true but expected for
-    tiny CPU runs (few batches per epoch, no DataLoader workers).
-    """
+    """Silence Lightning's start-up lines, transformers' load reports (a fresh score head) and expected warnings."""
     from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as transformers_logging
 
-    lightning_loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels, verbosity = [logger.level for logger in lightning_loggers], transformers_logging.get_verbosity()
-    for logger in lightning_loggers:
-        logger.setLevel(logging.WARNING)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    datasets_logging.disable_progress_bar()
-    try:
+    with contextlib.ExitStack() as restore:
+        for logger in [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]:
+            restore.callback(logger.setLevel, logger.level)
+            logger.setLevel(logging.WARNING)
+        restore.callback(transformers_logging.set_verbosity, transformers_logging.get_verbosity())
+        transformers_logging.set_verbosity_error()
+        for module in (transformers_logging, datasets_logging):
+            restore.callback(module.enable_progress_bar)
+            module.disable_progress_bar()
         with warnings.catch_warnings():
-            for message in (
-                ".*does not have many workers.*",
-                ".*smaller than the logging interval.*",
-                ".*module\\(s\\) in eval mode.*",
-                ".*LeafSpec.*",
-                ".*Experiment logs directory.*",
-                # The demo runs `mergelit fit` / `sweep` in-process with its own arguments, on purpose.
-                ".*args parameter is intended to run from within Python.*",
-            ):
+            for message in _EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             yield
-    finally:
-        for logger, level in zip(lightning_loggers, levels):
-            logger.setLevel(level)
-        transformers_logging.set_verbosity(verbosity)
-        transformers_logging.enable_progress_bar()
-        datasets_logging.enable_progress_bar()
 
 
-# ---- the steps ---------------------------------------------------------------------------
 def build_data(root: Path, seed: int, size: DemoSize) -> tuple[Path, Path, dict]:
-    """Step 1: synthetic GLUE (``root/glue``) and GPT-2's tokenizer (``root/tokenizer``).
-
-    Returns both folders and the step's cache key (later steps' keys include it)."""
+    """Step 1: synthetic GLUE (``root/glue``) and GPT-2's tokenizer (``root/tokenizer``); returns both folders and
+    the step's cache key (later steps' keys include it)."""
     from mergelit.synthetic import write_glue, write_tokenizer
 
     # The generators' version too: new data from the same seed must not meet an old pool.
-    key = {
-        "format": [_FORMAT_VERSION, SYNTHETIC_FORMAT],
-        "seed": seed,
-        "num_train": size.num_train,
-        "num_validation": size.num_validation,
-    }
-    if _is_done(root, key):
-        _stage(1, f"Data: reusing {root}")
-    else:
-        _stage(1, f"Data: {len(TASKS)} synthetic GLUE tasks, {size.num_train} train / {size.num_validation} validation rows each -> {root}")
-        _fresh(root)
+    key = {"format": [_FORMAT_VERSION, SYNTHETIC_FORMAT], "seed": seed, "num_train": size.num_train,
+           "num_validation": size.num_validation}
+    rows = f"{size.num_train} train / {size.num_validation} validation rows each"
+    if _must_build(1, root, key, "Data", f"Data: {len(TASKS)} synthetic GLUE tasks, {rows}"):
         write_glue(root / "glue", seed=seed, num_train=size.num_train, num_validation=size.num_validation)
         write_tokenizer(root / "tokenizer")
         _mark_done(root, key)
@@ -219,35 +165,17 @@ def build_pretrained(
     from mergelit.finetune import export_checkpoint
 
     architecture = dict(n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head)
-    key = {
-        "data": data_key,
-        "model": architecture,
-        "epochs": size.pretrain_epochs,
-        "learning_rate": size.pretrain_learning_rate,
-    }
-    if _is_done(folder, key):
-        _stage(2, f"Pretrained GPT-2: reusing {folder}")
+    key = {"data": data_key, "model": architecture, "epochs": size.pretrain_epochs,
+           "learning_rate": size.pretrain_learning_rate}
+    model_text = f"{size.n_layer} layers, {size.n_embd} wide, causal LM on the training texts"
+    building = f"Pretrained GPT-2: {model_text} ({size.pretrain_epochs} epoch(s))"
+    if not _must_build(2, folder, key, "Pretrained GPT-2", building):
         return folder, key
-    _stage(
-        2,
-        f"Pretrained GPT-2: {size.n_layer} layers, {size.n_embd} wide, causal LM on the training texts "
-        f"({size.pretrain_epochs} epoch(s)) -> {folder}",
-    )
-    _fresh(folder)
     L.seed_everything(seed, verbose=False)
-    data = GLUECorpusDataModule(
-        tokenizer=str(tokenizer), path=str(glue), batch_size=32, shuffle_seed=seed, cache_dir=str(cache)
-    )
+    data = GLUECorpusDataModule(tokenizer=str(tokenizer), path=str(glue), batch_size=32, shuffle_seed=seed,
+                                cache_dir=str(cache))
     model = CausalLM(**architecture, learning_rate=size.pretrain_learning_rate)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=size.pretrain_epochs,
-        logger=CSVLogger(str(logs), name="pretrain"),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-    )
+    trainer = L.Trainer(**_trainer(size.pretrain_epochs, CSVLogger(str(logs), name="pretrain")))
     trainer.fit(model, datamodule=data)
     export_checkpoint(model.model, folder, data.tokenizer)
     _mark_done(folder, key)
@@ -255,7 +183,8 @@ def build_pretrained(
 
 
 def build_pool(
-    root: Path, pretrained: Path, pretrained_key: dict, glue: Path, cache: Path, logs: Path, configs: Path, seed: int, size: DemoSize
+    root: Path, pretrained: Path, pretrained_key: dict, glue: Path, cache: Path, logs: Path, configs: Path, seed: int,
+    size: DemoSize,
 ) -> dict[str, str]:
     """Step 3: one classifier per task, fine-tuned from ``pretrained`` with ``mergelit fit``."""
     from mergelit.finetune import fit_command
@@ -264,54 +193,33 @@ def build_pool(
         configs / "finetune.yaml",
         f"# Fine-tunes the demo's pretrained GPT-2 on one task (what `mergelit demo` ran for each task):\n"
         f"#   mergelit fit -c {configs / 'finetune.yaml'} --data.task sst2 --export.dirpath DIR",
-        {
-            "seed_everything": seed,
-            "model": {"pretrained": str(pretrained), "learning_rate": size.finetune_learning_rate},
-            "data": {"path": str(glue), "batch_size": 32, "shuffle_seed": seed, "cache_dir": str(cache)},
-            "trainer": {
-                "accelerator": "cpu",
-                "devices": 1,
-                "max_epochs": size.finetune_epochs,
-                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(logs), "name": "finetune"}},
-                "enable_checkpointing": False,
-                "enable_model_summary": False,
-                "log_every_n_steps": 10,
-            },
-        },
+        {"seed_everything": seed,
+         "model": {"pretrained": str(pretrained), "learning_rate": size.finetune_learning_rate},
+         "data": {"path": str(glue), "batch_size": 32, "shuffle_seed": seed, "cache_dir": str(cache)},
+         "trainer": _trainer(size.finetune_epochs, _csv_logger(logs, "finetune"))},
     )
     key = {"pretrained": pretrained_key, "config": config.read_text()}
     paths = {}
     for index, task in enumerate(TASKS, 1):
         folder = root / task
         paths[task] = str(folder)
-        if _is_done(folder, key):
-            _stage(3, f"Fine-tuned {task} ({index}/{len(TASKS)}): reusing {folder}")
-            continue
-        _stage(3, f"Fine-tuning {task} ({index}/{len(TASKS)}), {size.finetune_epochs} epoch(s) -> {folder}")
-        _fresh(folder)
-        fit_command(["-c", str(config), "--data.task", task, "--export.dirpath", str(folder)])
-        _mark_done(folder, key)
+        count, epochs = f"({index}/{len(TASKS)})", f"{size.finetune_epochs} epoch(s)"
+        if _must_build(3, folder, key, f"Fine-tuned {task} {count}", f"Fine-tuning {task} {count}, {epochs}"):
+            fit_command(["-c", str(config), "--data.task", task, "--export.dirpath", str(folder)])
+            _mark_done(folder, key)
     return paths
 
 
-# Demo-sized values for method arguments of these names, wherever a method has one.
-def demo_arguments(size: DemoSize, statistics_cache: Path) -> dict:
-    n = size.num_statistics_examples
-    # Iterative methods (AdaMerging's adaptation steps, WUDI's Adam steps): a demo-sized budget.
-    steps = size.adaptation_steps
-    return {"cache_dir": str(statistics_cache), "num_fisher_examples": n, "num_regmean_examples": n, "max_steps": steps, "iter_num": steps}
-
-
 def method_specs(size: DemoSize, statistics_cache: Path) -> list[dict]:
-    """Every method meant for comparison (``mergelit.methods``, found by itself), as ``model:`` config
-    values: its recommended arguments, its own range to choose from (``search``) and the demo's sizes
-    for the arguments it has."""
-    import inspect
-
+    """Every method meant for comparison (``mergelit.methods``, found by itself), as ``model:`` config values: its
+    recommended arguments, its own range to choose from (``search``) and the demo's sizes for the arguments it has
+    (statistics examples; a demo-sized budget of steps for the iterative methods, AdaMerging and WUDI)."""
     from mergelit.sweep import every_method
     from mergelit.tables import method_class
 
-    overrides = demo_arguments(size, statistics_cache)
+    n, steps = size.num_statistics_examples, size.adaptation_steps
+    overrides = {"cache_dir": str(statistics_cache), "num_fisher_examples": n, "num_regmean_examples": n,
+                 "max_steps": steps, "iter_num": steps}
     specs = []
     for spec in every_method(tuned=True):
         parameters = inspect.signature(method_class(spec["class_path"]).__init__).parameters
@@ -334,7 +242,8 @@ def thinned(values: list, count: int) -> list:
 
 
 def evaluate(
-    out: Path, pool: dict, glue: Path, cache: Path, statistics_cache: Path, logs: Path, configs: Path, seed: int, size: DemoSize
+    out: Path, pool: dict, glue: Path, cache: Path, statistics_cache: Path, logs: Path, configs: Path, seed: int,
+    size: DemoSize,
 ) -> tuple[Path, Path]:
     """Step 4: the 7x7 cross-task sweep and every method, each run as ``mergelit test`` runs."""
     from mergelit.sweep import compare_command, sweep_command
@@ -343,39 +252,31 @@ def evaluate(
         configs / "pool.yaml",
         f"# The demo's pool and data; combine with any method config, e.g.\n"
         f"#   mergelit test -c {configs / 'pool.yaml'} -c configs/methods/task_arithmetic.yaml",
-        {
-            "seed_everything": seed,
-            "pool": pool,
-            # Every run scores the rows outside the dev split, so the individual models' accuracy (the
-            # Norm. column's denominator) is on the rows each method is scored on.
-            "data": {"path": str(glue), "batch_size": 64, "cache_dir": str(cache), "hold_out_dev": True},
-            "trainer": {
-                "accelerator": "cpu",
-                "devices": 1,
-                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(logs), "name": "merge"}},
-            },
-        },
+        {"seed_everything": seed, "pool": pool,
+         # Every run scores the rows outside the dev split, so the individual models' accuracy (the
+         # Norm. column's denominator) is on the rows each method is scored on.
+         "data": {"path": str(glue), "batch_size": 64, "cache_dir": str(cache), "hold_out_dev": True},
+         "trainer": {"accelerator": "cpu", "devices": 1, "logger": _csv_logger(logs, "merge")}},
     )
     individual = _write_config(
         configs / "individual_7x7.yaml",
         f"# Each fine-tuned body under every task's head (the 7x7 table; its diagonal is the individual row):\n"
         f"#   mergelit sweep -c {base} -c {configs / 'individual_7x7.yaml'}",
-        {
-            "model": {"class_path": "mergelit.methods.Individual", "init_args": {"task": TASKS[0]}},
-            "sweep": {"percent": True, "grid": {"model.init_args.task": list(TASKS)}},
-        },
+        {"model": {"class_path": "mergelit.methods.Individual", "init_args": {"task": TASKS[0]}},
+         "sweep": {"percent": True, "grid": {"model.init_args.task": list(TASKS)}}},
     )
+    specs = method_specs(size, statistics_cache)
     methods = _write_config(
         configs / "methods.yaml",
         f"# Every merging method on the demo's pool, each at its own choice on the dev rows (the validation\n"
         f"# rows held out of scoring); only the selected point of a range is scored on the other rows:\n"
         f"#   mergelit compare -c {base} -c {configs / 'methods.yaml'}",
-        {"sweep": {"select_on": "dev", "oracle": False, "grid": {"model": method_specs(size, statistics_cache)}}},
+        {"sweep": {"select_on": "dev", "oracle": False, "grid": {"model": specs}}},
     )
     results = out / "results"
     if results.exists():
         shutil.rmtree(results)  # a rerun merges and evaluates again (statistics stay cached)
-    _stage(4, f"Merging: the 7x7 cross-task table, then {len(method_specs(size, statistics_cache))} methods -> {results}")
+    _stage(4, f"Merging: the 7x7 cross-task table, then {len(specs)} methods -> {results}")
     results.mkdir(parents=True)
     # The sweeps' own tables go to a log: the demo prints one leaderboard of both at the end.
     with open(results / "sweeps.log", "w") as printed, contextlib.redirect_stdout(printed):
@@ -384,28 +285,8 @@ def evaluate(
     return results / "individual", results / "methods"
 
 
-def comparison_rows(individual_folder: Path, methods_folder: Path):
-    """The table's rows: the individual models (7x7 diagonal), then every method in run order (a
-    method with a range: its point selected on dev)."""
-    from mergelit import tables
-
-    return tables.collect_rows([individual_folder, methods_folder])
-
-
-def write_comparison(out: Path, rows) -> str:
-    """The leaderboard: ``table.md``, ``table.csv`` (accuracy, extra metrics, costs, data, kind) and
-    ``plot.png`` (average accuracy against merge cost) in ``out``; returns the markdown."""
-    from mergelit import tables
-
-    tasks = tables.check_same_tasks(rows)
-    md, _, _ = tables.write_leaderboard(out, rows, tasks, title="mergelit demo: accuracy against merge cost")
-    return md.read_text()
-
-
 def run_demo(
-    output_dir: str = "lightning_logs/demo",
-    seed: int = 0,
-    size: Literal["quick", "full", "small"] = "quick",
+    output_dir: str = "lightning_logs/demo", seed: int = 0, size: Literal["quick", "full", "small"] = "quick"
 ) -> Path:
     """Build a small pool offline (cached), merge it with every method, print and save the table.
 
@@ -417,6 +298,8 @@ def run_demo(
             (more rows, a wider model, three fine-tuning epochs: several times longer) or ``small``
             (seconds; numbers near chance, for tests).
     """
+    from mergelit import tables
+
     if size not in SIZES:
         raise ValueError(f"Unknown demo size {size!r}; choose one of {', '.join(SIZES)}.")
     preset = SIZES[size]
@@ -431,17 +314,21 @@ def run_demo(
     start = time.monotonic()
     with _quiet_libraries():
         glue, tokenizer, data_key = build_data(out / "data", seed, preset)
-        pretrained, pretrained_key = build_pretrained(
-            out / "pool" / "pretrained", glue, tokenizer, data_key, cache, logs, seed, preset
-        )
+        pretrained, pretrained_key = build_pretrained(out / "pool" / "pretrained", glue, tokenizer, data_key, cache,
+                                                      logs, seed, preset)
         finetuned = build_pool(out / "pool", pretrained, pretrained_key, glue, cache, logs, configs, seed, preset)
         pool = {"pretrained": str(pretrained), "finetuned": finetuned}
-        individual, methods = evaluate(out, pool, glue, cache, out / "cache" / "statistics", logs, configs, seed, preset)
-        markdown = write_comparison(out, comparison_rows(individual, methods))
+        statistics = out / "cache" / "statistics"
+        individual, methods = evaluate(out, pool, glue, cache, statistics, logs, configs, seed, preset)
+        # The leaderboard: the individual models (7x7 diagonal), then every method in run order (a method with a
+        # range: its point selected on dev), as table.md, table.csv and plot.png.
+        rows = tables.collect_rows([individual, methods])
+        title = "mergelit demo: accuracy against merge cost"
+        markdown, _, _ = tables.write_leaderboard(out, rows, tables.check_same_tasks(rows), title=title)
     minutes, seconds = divmod(round(time.monotonic() - start), 60)
     print(
         f"\nmergelit demo ({size}, seed {seed}): synthetic GLUE, accuracy (%) on each task's validation split, "
-        f"each task scored with its own fine-tuned head.\n\n{markdown}\n"
+        f"each task scored with its own fine-tuned head.\n\n{markdown.read_text()}\n"
         f"Table: {out / 'table.md'} (and table.csv); accuracy against merge cost: {out / 'plot.png'}; "
         f"7x7 cross-task table: {individual / 'table.md'}. Took {minutes} min {seconds} s."
     )

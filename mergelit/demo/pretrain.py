@@ -1,15 +1,9 @@
-"""Causal-LM pretraining of a small GPT-2: the demo's offline stand-in for ``gpt2``.
-
-Merging only behaves as it does on real pools when the fine-tuned models share a
-pretrained start that already models the text (task vectors are small, mostly
-independent edits of it). The demo therefore pretrains a few-layer GPT-2 with GPT-2's
-real tokenizer on the (synthetic) GLUE training texts, tokenized exactly as the
-classifiers will see them, then fine-tunes it per task.
-
-The softmax runs over the token ids that occur in the corpus (a few thousand of GPT-2's
-50,257): the other rows never occur as targets, so a full softmax would only push them
-down, at ~20x the cost on CPU. The saved model is a complete ``GPT2LMHeadModel``.
-"""
+"""Causal-LM pretraining of a small GPT-2 with GPT-2's real tokenizer on the synthetic GLUE training texts (tokenized
+exactly as the classifiers will see them): the demo's offline stand-in for ``gpt2``. Merging only behaves as on real
+pools when the fine-tuned models share a pretrained start that already models the text (task vectors are small,
+mostly independent edits of it). The softmax runs over the token ids that occur in the corpus (a few thousand of
+GPT-2's 50,257): the other rows never occur as targets, so a full softmax would only push them down, at ~20x the cost
+on CPU. The saved model is a complete ``GPT2LMHeadModel``."""
 
 from __future__ import annotations
 
@@ -29,31 +23,15 @@ EOS_TOKEN_ID = PAD_TOKEN_ID  # <|endoftext|>: GPT-2's bos = eos (and the spec's 
 
 
 class GLUECorpusDataModule(GLUEDataModule):
-    """The training texts of several GLUE tasks as one shuffled corpus (labels unused).
-
-    Args:
-        tasks: whose ``train`` split to use.
-        tokenizer: tokenizer path or hub id.
-        path: hub dataset name or local folder (as ``GLUEDataModule``).
-        batch_size: training batch size.
-        max_length: truncation length in tokens.
-        shuffle_seed: seed of the training order.
-        cache_dir: where tokenized splits are cached (shared with fine-tuning and evaluation).
-    """
+    """The ``train`` splits of ``tasks`` as one corpus (labels unused), shuffled with ``shuffle_seed``; the other
+    arguments are ``GLUEDataModule``'s (``cache_dir`` is shared with fine-tuning and evaluation)."""
 
     def __init__(
-        self,
-        tasks: Sequence[str] = TASKS,
-        tokenizer: str = "gpt2",
-        path: str = "glue",
-        batch_size: int = 32,
-        max_length: int = 512,
-        shuffle_seed: int = 0,
-        cache_dir: str = "lightning_logs/cache/tokenized",
+        self, tasks: Sequence[str] = TASKS, tokenizer: str = "gpt2", path: str = "glue", batch_size: int = 32,
+        max_length: int = 512, shuffle_seed: int = 0, cache_dir: str = "lightning_logs/cache/tokenized",
     ):
-        super().__init__(
-            tasks=list(tasks), tokenizer=tokenizer, path=path, batch_size=batch_size, max_length=max_length, cache_dir=cache_dir
-        )
+        super().__init__(tasks=list(tasks), tokenizer=tokenizer, path=path, batch_size=batch_size,
+                         max_length=max_length, cache_dir=cache_dir)
         self.shuffle_seed = shuffle_seed
 
     def prepare_data(self) -> None:
@@ -63,9 +41,6 @@ class GLUECorpusDataModule(GLUEDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.check(("train",))
-
-    def corpus(self) -> ConcatDataset:
-        return ConcatDataset([self.train_dataset(task) for task in self.tasks])
 
     def token_ids(self) -> Tensor:
         """Sorted ids of every token in the corpus, plus ``<|endoftext|>``."""
@@ -77,33 +52,19 @@ class GLUECorpusDataModule(GLUEDataModule):
 
     def train_dataloader(self) -> DataLoader:
         num_replicas, rank = self._world()
-        corpus = self.corpus()
+        corpus = ConcatDataset([self.train_dataset(task) for task in self.tasks])
         sampler = DistributedSampler(corpus, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.shuffle_seed)
         return DataLoader(corpus, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
 
 class CausalLM(L.LightningModule):
-    """A freshly initialised ``GPT2LMHeadModel`` trained on next-token prediction.
-
-    Args:
-        n_layer: transformer blocks.
-        n_embd: hidden width.
-        n_head: attention heads.
-        n_positions: longest sequence the position embedding covers.
-        learning_rate: AdamW peak learning rate (linear warm-up, then linear decay to 0).
-        weight_decay: AdamW decoupled weight decay.
-        warmup_steps: linear warm-up steps.
-    """
+    """A freshly initialised ``GPT2LMHeadModel`` (``n_layer`` blocks, ``n_embd`` wide, ``n_head`` heads,
+    ``n_positions`` long) trained on next-token prediction with AdamW: linear warm-up over ``warmup_steps`` to
+    ``learning_rate``, then linear decay to 0."""
 
     def __init__(
-        self,
-        n_layer: int = 2,
-        n_embd: int = 64,
-        n_head: int = 2,
-        n_positions: int = 512,
-        learning_rate: float = 2e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 20,
+        self, n_layer: int = 2, n_embd: int = 64, n_head: int = 2, n_positions: int = 512,
+        learning_rate: float = 2e-3, weight_decay: float = 0.01, warmup_steps: int = 20,
     ):
         super().__init__()
         if n_embd % n_head:
@@ -117,16 +78,9 @@ class CausalLM(L.LightningModule):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         hp = self.hparams
-        config = GPT2Config(
-            vocab_size=EOS_TOKEN_ID + 1,
-            n_positions=hp.n_positions,
-            n_embd=hp.n_embd,
-            n_layer=hp.n_layer,
-            n_head=hp.n_head,
-            # Set explicitly: transformers 5 warns on small configs. No pad token, as the hub's `gpt2`.
-            bos_token_id=EOS_TOKEN_ID,
-            eos_token_id=EOS_TOKEN_ID,
-        )
+        # bos/eos set explicitly: transformers 5 warns on small configs. No pad token, as the hub's `gpt2`.
+        config = GPT2Config(vocab_size=EOS_TOKEN_ID + 1, n_positions=hp.n_positions, n_embd=hp.n_embd,
+                            n_layer=hp.n_layer, n_head=hp.n_head, bos_token_id=EOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
         self.model = GPT2LMHeadModel(config)  # initialised from the global seed
         # The corpus vocabulary, and a map from token id to its index in it (-1: never occurs).
         vocabulary = self.trainer.datamodule.token_ids()
@@ -149,4 +103,5 @@ class CausalLM(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return adamw_linear_schedule(self, self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.warmup_steps)
+        hp = self.hparams
+        return adamw_linear_schedule(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps)

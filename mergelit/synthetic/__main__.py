@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -10,14 +11,8 @@ from mergelit.tasks import TASKS
 
 
 def fixtures(
-    out_dir: Path,
-    seed: int = 0,
-    num_train: int = 96,
-    num_validation: int = 61,
-    tasks: list[str] = list(TASKS),
-    n_layer: int = 2,
-    n_embd: int = 64,
-    n_head: int = 2,
+    out_dir: Path, seed: int = 0, num_train: int = 96, num_validation: int = 61, tasks: list[str] = list(TASKS),
+    n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
 ) -> None:
     """Write a tiny GPT-2 pool, synthetic GLUE data and a config fragment to OUT_DIR; print the config path.
 
@@ -31,16 +26,11 @@ def fixtures(
         n_embd: its width.
         n_head: its attention heads.
     """
-    config = write_fixtures(
-        out_dir, seed=seed, tasks=tasks, num_train=num_train, num_validation=num_validation,
-        n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-    )
-    print(config)
+    print(write_fixtures(out_dir, seed=seed, tasks=tasks, num_train=num_train, num_validation=num_validation,
+                         n_layer=n_layer, n_embd=n_embd, n_head=n_head))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import sys
-
     from jsonargparse import auto_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -48,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         name = arg.split("=", 1)[0]
         if name.startswith("--") and "-" in name[2:]:
             # The argparse version of this command spelled options with dashes (--num-train).
-            raise SystemExit(f"python -m mergelit.synthetic: option {name} is now spelled --{name[2:].replace('-', '_')}.")
+            fixed = name[2:].replace("-", "_")
+            raise SystemExit(f"python -m mergelit.synthetic: option {name} is now spelled --{fixed}.")
     auto_cli(fixtures, args=argv, as_positional=True, prog="python -m mergelit.synthetic")
 
 
