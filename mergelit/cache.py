@@ -10,10 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import safe_open
+from safetensors.torch import save
+
+from mergelit.errors import NotWritable
+from mergelit.state_dict import tensors_fingerprint
 
 FORMAT = 2  # bump when what a cache file holds changes for the same fields: older files are then not found
 
@@ -26,10 +32,6 @@ def content_key(fields: dict[str, Any]) -> str:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    import tempfile
-
-    from mergelit.errors import NotWritable
-
     path = Path(path)
     tmp = None
     try:
@@ -85,20 +87,12 @@ class Cache:
     def write_tensors(self, key: str, tensors: dict, metadata: Optional[dict[str, str]] = None,
                       prefix: str = "") -> Path:
         """Store ``tensors`` (and string ``metadata``) under ``key``, atomically, with a checksum."""
-        from safetensors.torch import save
-
-        from mergelit.state_dict import tensors_fingerprint
-
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         header = {**(metadata or {}), "key": key, "checksum": tensors_fingerprint(tensors)}
         return atomic_write_bytes(self.path(key, prefix=prefix), save(tensors, metadata=header))
 
     def read_tensors(self, key: str, prefix: str = "") -> Optional[tuple[dict, dict[str, str]]]:
         """``(tensors, metadata)`` stored under ``key``, or None if absent or not trusted (warned)."""
-        from safetensors import safe_open
-
-        from mergelit.state_dict import tensors_fingerprint
-
         path = self.path(key, prefix=prefix)
         if not path.is_file():
             return None
@@ -109,9 +103,8 @@ class Cache:
         except Exception as error:  # safetensors raises several types for a damaged file
             self.distrust(path, f"unreadable: {type(error).__name__}: {error}")
             return None
-        if self._trusted(path, key, metadata.get("key"), metadata.get("checksum"), tensors_fingerprint(tensors)):
-            return tensors, metadata
-        return None
+        trusted = self._trusted(path, key, metadata.get("key"), metadata.get("checksum"), tensors_fingerprint(tensors))
+        return (tensors, metadata) if trusted else None
 
     # ---- JSON ---------------------------------------------------------------------------------
     def write_json(self, key: str, payload: Any, prefix: str = "") -> Path:
@@ -134,6 +127,4 @@ class Cache:
             self.distrust(path, f"unreadable: {type(error).__name__}: {error}")
             return None
         checksum = hashlib.sha256(body.encode()).hexdigest()
-        if self._trusted(path, key, record.get("key"), record.get("checksum"), checksum):
-            return payload
-        return None
+        return payload if self._trusted(path, key, record.get("key"), record.get("checksum"), checksum) else None

@@ -30,7 +30,6 @@ def adamw_linear_schedule(module: L.LightningModule, learning_rate: float, weigh
                           warmup_steps: int) -> dict:
     """AdamW, warm-up over ``warmup_steps`` then a linear decay to 0 at the last step (HF Trainer's default)."""
     from transformers import get_linear_schedule_with_warmup
-
     # Fused: on CPU the per-tensor loop over the 50,257-row embedding costs as much as a small model's step.
     fused = module.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay, fused=fused)
@@ -97,7 +96,6 @@ def load_classifier(pretrained: str, num_labels: int, label_names: Optional[list
     """``GPT2ForSequenceClassification`` with the body of ``pretrained`` (a ``GPT2LMHeadModel``, bare
     ``GPT2Model`` or classifier: its head replaced when the label count differs), pad token 50256."""
     from transformers import AutoConfig, GPT2ForSequenceClassification
-
     check_checkpoint_folder(pretrained)
     names = list(label_names or [f"LABEL_{i}" for i in range(num_labels)])
     if len(names) != num_labels:
@@ -268,7 +266,6 @@ class FineTuneCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True, **kwargs):
         from mergelit.cli import HintingArgumentParser  # close-key hints, as `mergelit test`
-
         kwargs.setdefault("trainer_defaults", FIT_TRAINER_DEFAULTS)
         kwargs.setdefault("parser_class", HintingArgumentParser)
         # SequenceClassifier builds its own AdamW + linear schedule (the recipe, not a CLI choice).

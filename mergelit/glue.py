@@ -46,7 +46,6 @@ def has_tokenizer_files(folder: str) -> bool:
 def load_tokenizer(path: str):
     """The GPT-2 tokenizer at ``path`` with the spec's padding: pad = eos (50256), on the right."""
     from transformers import GPT2Tokenizer
-
     if os.path.isdir(os.path.expanduser(path)) and not has_tokenizer_files(os.path.expanduser(path)):
         raise FileMissing(f"The tokenizer folder {path!r} holds no tokenizer files (tokenizer.json, or vocab.json + "
                           f"merges.txt); point data.tokenizer / pool.tokenizer at a folder that has them.")
@@ -60,9 +59,8 @@ def load_tokenizer(path: str):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides token ids: vocabulary, merges, normalizer, pad; once per
-    tokenizer and pad id (serialising takes a second). Not the truncation and padding the backend
-    keeps from its last call: the same tokenizer hashes the same before and after use."""
+    """A hash of what decides token ids (vocabulary, merges, normalizer, pad), once per tokenizer and pad
+    id; not the truncation/padding the backend keeps from its last call (same hash before and after use)."""
     known = _fingerprints.get(tokenizer)
     if known is not None and known[0] == tokenizer.pad_token_id:
         return known[1]
@@ -120,8 +118,7 @@ def data_fingerprint(dataset: datasets.Dataset) -> str:
 
 
 def check_split(dataset: datasets.Dataset, task: str, split: str, path: str) -> None:
-    """The one data check of every split a run reads: not empty, text columns hold text (not every
-    segment of a row empty), labels are integer classes of the task. Errors name the first bad row."""
+    """The one data check of every split a run reads (docs/data.md); errors name the first bad row."""
     where = f"Task {task!r} split {split!r} in {path!r}"
     if len(dataset) == 0:
         raise BadData(f"{where} is empty; nothing to score or to draw from.")
@@ -181,11 +178,8 @@ class FixedBatches(Sampler[list[int]]):
 
 
 class LengthSortedBatches(FixedBatches):
-    """Batches of indices sorted by length (longest first), so padding per batch is small.
-
-    Each rank takes every ``num_replicas``-th batch: every example is scored exactly once (unlike
-    ``DistributedSampler``, which pads the last shard with duplicates and so changes the accuracy).
-    """
+    """Batches of indices sorted by length (longest first), so padding per batch is small. Each rank takes
+    every ``num_replicas``-th batch: nothing is repeated (``DistributedSampler``'s padding changes accuracy)."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
                  max_tokens: int = 0, width: int | None = None):
@@ -209,28 +203,24 @@ class GLUEDataModule(L.LightningDataModule):
     Args:
         tasks: GLUE tasks to load; linked from ``pool.finetuned`` by the CLI.
         tokenizer: tokenizer path or hub id; linked from ``pool.tokenizer`` (or ``pool.pretrained``).
-        path: hub dataset name (``glue``) or a local folder holding one ``save_to_disk``
-            DatasetDict per task, named by task (``cola/``, ``mnli/``, ...).
-        batch_size: evaluation batch size (rows per batch), unless ``max_tokens`` is set.
+        path: hub dataset name (``glue``) or a folder of one ``save_to_disk`` DatasetDict per task (``cola/``, ...).
+        batch_size: evaluation rows per batch, unless ``max_tokens`` is set.
         num_workers: DataLoader worker processes.
         max_length: truncation length in tokens (``longest_first``).
-        pad_to_max_length: pad every batch to ``max_length`` (FusionBench's exact layout)
-            instead of to the batch's longest row. Predictions are the same either way.
-        cache_dir: where tokenized splits are cached, keyed by the tokenizer, the max length and
-            the raw data's fingerprint.
-        extra_eval_splits: also score the extra evaluation splits the data has (MNLI
-            ``validation_mismatched``) as separate entries (``mnli_mismatched``) outside the average.
-        dev_source: where the labeled dev split (``mergelit sweep --sweep.select_on dev|agreement``)
-            comes from: ``validation`` (default; a ``dev_fraction`` of each evaluation split, out of
-            sample) or ``train`` (``dev_size`` train rows: in-sample for the experts). docs/data.md.
-        dev_fraction: the dev fraction of each evaluation split under ``dev_source: validation``
-            (0.1, as MergeLM): ``int(n * dev_fraction)`` rows, at least one, at most ``n - 1``.
-        dev_size: dev rows per task under ``dev_source: train``: ``min(dev_size, n // 2)``.
-        dev_seed: seed of the dev draw (the first rows of ``torch.randperm(n)``).
-        hold_out_dev: hold the dev rows out of everything else that reads their split (scoring,
-            statistics, adaptation). Off by default; a sweep that selects turns it on.
-        max_tokens: if > 0, evaluation batches are filled up to this many (padded) tokens instead
-            of ``batch_size`` rows (same predictions). 0 (default): ``batch_size`` rows per batch.
+        pad_to_max_length: pad every batch to ``max_length`` (FusionBench's layout), not to its longest row.
+            Predictions are the same either way.
+        cache_dir: where tokenized splits are cached, keyed by the tokenizer, ``max_length`` and the raw data.
+        extra_eval_splits: also score the extra evaluation splits the data has (MNLI ``validation_mismatched``)
+            as separate entries (``mnli_mismatched``) outside the average.
+        dev_source: where the labeled dev split (``mergelit sweep --sweep.select_on dev|agreement``) comes from:
+            ``validation`` (default; out of sample) or ``train`` (in-sample for the experts). See docs/data.md.
+        dev_fraction: the dev share of each evaluation split under ``dev_source: validation`` (0.1, as MergeLM).
+        dev_size: dev rows per task under ``dev_source: train`` (at most half the split).
+        dev_seed: seed of the dev draw.
+        hold_out_dev: hold the dev rows out of everything else that reads their split (scoring, statistics,
+            adaptation). Off by default; a sweep that selects turns it on.
+        max_tokens: if > 0, evaluation batches are filled up to this many padded tokens instead of
+            ``batch_size`` rows (same predictions). 0 (default): ``batch_size`` rows per batch.
     """
 
     def __init__(self, tasks: list[str] = list(TASKS), tokenizer: str = "gpt2", path: str = "glue",
@@ -274,8 +264,7 @@ class GLUEDataModule(L.LightningDataModule):
 
     # ---- raw data -------------------------------------------------------------------------
     def check(self, splits: Sequence[str] = ("eval",)) -> None:
-        """Fail fast, before any tokenizing, on a missing task folder or split or bad rows
-        (``check_split``); ``splits`` names roles: ``eval`` and ``train``."""
+        """``check_split`` every split of the roles ``splits`` (``eval``, ``train``), before any tokenizing."""
         for task in self.tasks:
             info = GLUE_TASKS[task]
             for role in splits:
@@ -292,7 +281,6 @@ class GLUEDataModule(L.LightningDataModule):
     def raw(self, task: str, split: str) -> datasets.Dataset:
         """One raw split, from the local folder or the hub, with a clear error if missing."""
         import datasets
-
         if task not in self._raw:
             if os.path.isdir(self.path):
                 folder = Path(self.path) / task
@@ -337,9 +325,8 @@ class GLUEDataModule(L.LightningDataModule):
         return self._tokenized[(task, split)]
 
     def _tokenize(self, task: str, split: str) -> datasets.Dataset:
-        """Tokenize one split, or read it from ``cache_dir/<task>-<split>-<key>.arrow``: ``datasets``
-        writes the file (atomically) and reads it back; the trust check is its row count (a
-        truncated Arrow stream reads as fewer rows, no error)."""
+        """Tokenize one split, or read ``cache_dir/<task>-<split>-<key>.arrow`` (written by ``datasets``), trusted
+        if it has the raw row count (a truncated Arrow stream reads as fewer rows, no error)."""
         raw = self.raw(task, split)
         fields = GLUE_TASKS[task].text_fields
         tokenizer = self.tokenizer
@@ -395,7 +382,7 @@ class GLUEDataModule(L.LightningDataModule):
         return info.eval_split if self.dev_source == "validation" else info.train_split
 
     def dev_indices(self, task: str) -> list[int]:
-        """The sorted row numbers of ``task``'s dev rows in ``dev_split(task)`` (see ``dev_fraction``)."""
+        """The sorted row numbers of ``task``'s dev rows in ``dev_split(task)`` (docs/data.md, "The dev split")."""
         n = len(self.raw(task, self.dev_split(task)))
         if self.dev_source == "validation":
             size = min(max(1, int(n * self.dev_fraction)), n - 1)

@@ -20,7 +20,6 @@ def build_body(config, state: dict[str, Tensor], fused_gelu: bool = False) -> nn
     on the CPU, but the logits move in their last bits (benchmarks/README.md), so off by default.
     """
     from transformers import GPT2Model
-
     with torch.device("meta"):
         body = GPT2Model(config)
     # assign: the body takes the given tensors (a merge's fresh output) without a copy of a whole body.

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from mergelit import costs
@@ -63,7 +64,6 @@ def _resolve(path: str, name: str) -> str:
     if os.path.isdir(expanded) or os.path.isfile(expanded) or _looks_local(path):
         return expanded
     from huggingface_hub import snapshot_download
-
     try:
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     except Exception as error:  # huggingface_hub's errors (offline, not found, network) share no narrower base
@@ -113,8 +113,6 @@ def check_checkpoint_folder(path: str, name: str = "checkpoint") -> None:
 
 def _check_safetensors(file: str, name: str) -> list[str]:
     """The tensor names of a safetensors file, after reading its header (a damaged file fails, named)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(file, "pt") as handle:
             keys = list(handle.keys())
@@ -133,7 +131,6 @@ def _check_safetensors(file: str, name: str) -> list[str]:
 def _load_config(folder: str, name: str):
     """The config of a checked checkpoint folder, with the spec's pad id when it has none."""
     from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(folder)
     except OSError as error:
@@ -243,8 +240,6 @@ class _Checkpoint:
     each read maps the file, copies the tensor out and closes it, so no page of the file stays resident."""
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
-
         self.folder = folder
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
@@ -273,8 +268,6 @@ class _Checkpoint:
         return self._shapes[name]
 
     def tensor(self, name: str) -> Tensor:
-        from safetensors import safe_open
-
         with costs.timed("load"), safe_open(self.files[name], framework="pt") as handle:
             tensor = handle.get_tensor(name)
             # Copied out of the file's mapping (a file replaced during a run cannot fault a merge);
@@ -352,7 +345,6 @@ class ModelPool:
         """Body key -> shape, in ``GPT2Model.state_dict()`` order (from the config: nothing loaded)."""
         if self._body_shapes is None:
             from transformers import GPT2Model
-
             with torch.device("meta"):
                 model = GPT2Model(self.body_config())
             self._body_shapes = {key: value.shape for key, value in model.state_dict().items()}
@@ -589,6 +581,5 @@ def from_fusionbench(config: dict[str, Any] | str | os.PathLike) -> ModelPool:
     """A ``ModelPool`` from a FusionBench pool file (path) or its parsed content."""
     if not isinstance(config, dict):
         from mergelit.configfile import load_yaml
-
         config = load_yaml(config, "FusionBench pool file")  # a task named twice in a mapping is refused
     return ModelPool(**fusionbench_pool_args(config))

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -144,7 +145,6 @@ class GramStatistics(_SumsOverBatches):
 
     def __init__(self, body: nn.Module, count_padding: bool, loader: Callable[..., DataLoader]):
         from transformers.pytorch_utils import Conv1D
-
         super().__init__(loader)
         self.body = body.requires_grad_(False)
         self.count_padding = count_padding
@@ -203,8 +203,6 @@ class StoredStatistics:
         source = self.sources[task]
         if isinstance(source, dict):
             return list(source)
-        from safetensors import safe_open
-
         with safe_open(str(source), framework="pt") as file:
             return list(file.keys())
 
@@ -213,8 +211,6 @@ class StoredStatistics:
         source = self.sources[task]
         if isinstance(source, dict):
             return source[name]
-        from safetensors import safe_open
-
         with safe_open(str(source), framework="pt") as file:
             # A copy: a file truncated in place would pull the mapped tensor from under it (SIGBUS).
             return file.get_tensor(name).clone()

@@ -41,13 +41,8 @@ class GLUETask:
 
 GLUE_TASKS: dict[str, GLUETask] = {
     "cola": GLUETask("CoLA", ("sentence",), ("unacceptable", "acceptable")),
-    "mnli": GLUETask(
-        "MNLI",
-        ("premise", "hypothesis"),
-        ("entailment", "neutral", "contradiction"),
-        eval_split="validation_matched",
-        extra_eval_splits=("validation_mismatched",),
-    ),
+    "mnli": GLUETask("MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+                     eval_split="validation_matched", extra_eval_splits=("validation_mismatched",)),
     "mrpc": GLUETask("MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent")),
     "qnli": GLUETask("QNLI", ("question", "sentence"), ("entailment", "not_entailment")),
     "qqp": GLUETask("QQP", ("question1", "question2"), ("not_duplicate", "duplicate")),
