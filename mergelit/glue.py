@@ -355,18 +355,17 @@ class GLUEDataModule(L.LightningDataModule):
                 new_fingerprint=key, desc=f"Tokenizing {task}/{split}",
             )
 
-        if path is None or not path.exists():
-            return tokenize_split()
-        try:
-            tokenized = tokenize_split()
-            rows = len(tokenized["length"])
-            problem = None if rows == len(raw) else f"damaged: {rows} rows for {len(raw)} raw rows"
-        except Exception as error:  # pyarrow's errors for a damaged file share no narrower base
-            problem = f"damaged: {type(error).__name__}: {error}"
-        if problem is None:
-            return tokenized
-        cache.distrust(path, problem)
-        path.unlink()
+        if path is not None and path.exists():
+            try:
+                tokenized = tokenize_split()
+                rows = len(tokenized["length"])
+                problem = None if rows == len(raw) else f"damaged: {rows} rows for {len(raw)} raw rows"
+            except Exception as error:  # pyarrow's errors for a damaged file share no narrower base
+                problem = f"damaged: {type(error).__name__}: {error}"
+            if problem is None:
+                return tokenized
+            cache.distrust(path, problem)
+            path.unlink()
         return tokenize_split()
 
     def eval_dataset(self, task: str) -> datasets.Dataset:

@@ -85,8 +85,8 @@ class _SumsOverBatches(L.LightningModule):
         # Made here (on the device, outside inference mode), not lazily: every rank needs them for the all-reduce.
         with torch.inference_mode(False):
             self.sums = self.zero_sums()
-            zero = functools.partial(torch.zeros, (), dtype=torch.float64, device=self.device)
-            self.counts = {"examples": zero(), "positions": zero()}
+            names = ("examples", "positions")
+            self.counts = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in names}
 
     def on_predict_epoch_end(self) -> None:
         with torch.inference_mode(False):
