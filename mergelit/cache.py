@@ -1,18 +1,8 @@
-"""One rule for what mergelit keeps between runs (statistics, tokenized data, sweep points).
+"""What mergelit keeps between runs (statistics, tokenized data, sweep points): one rule.
 
-Every stored result is **content-addressed**: its name is a hash of everything it depends on
-(``fields``: the content hashes of the weights and data rows, the arguments, a format number),
-never a path alone, so a changed input gives another name and a stale file is simply not found.
-Every write is **atomic** (a temporary file renamed into place): a reader sees no file or the
-whole file. Every read passes **one trust check**: the file's recorded fields equal the ones
-asked for and its content matches the checksum written with it. A file that fails the check is
-reported with **one message** (``<what> cache file <path> is not trusted (<reason>); recomputing
-it.``) and ignored.
-
-    cache = Cache("lightning_logs/cache/statistics", "fisher", "Fisher statistics")
-    key = cache.key({"model": pool.fingerprint(task), "data": rows_hash, "seed": 42, ...})
-    found = cache.read_tensors(key)          # (tensors, metadata) or None
-    cache.write_tensors(key, tensors, {"seconds": "23.7"})
+A file is named by a hash of everything it depends on (so a changed input gives another name),
+written atomically, and read back only if its recorded key and checksum match; otherwise it is
+reported once (``<what> cache file <path> is not trusted (<reason>); recomputing it.``) and ignored.
 """
 
 from __future__ import annotations
@@ -20,13 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import safe_open
+from safetensors.torch import save
 
-FORMAT = 2
-"""Bump when what a cache file holds changes for the same fields: older files are then not found."""
+from mergelit.errors import NotWritable
+from mergelit.state_dict import tensors_fingerprint
+
+FORMAT = 2  # bump when what a cache file holds changes for the same fields: older files are then not found
 
 
 def content_key(fields: dict[str, Any]) -> str:
@@ -37,10 +32,6 @@ def content_key(fields: dict[str, Any]) -> str:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    import tempfile
-
-    from mergelit.errors import NotWritable
-
     path = Path(path)
     tmp = None
     try:
@@ -51,15 +42,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if not isinstance(error, OSError):
+            raise
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise NotWritable(f"Cannot write {str(path)!r}: {reason}. Free space or choose another cache folder.") from None
-    except BaseException:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -87,23 +76,23 @@ class Cache:
         """The one message for a file that fails the trust check."""
         rank_zero_warn(f"{self.what} cache file {path} is not trusted ({reason}); recomputing it.")
 
+    def _trusted(self, path: Path, key: str, written_for: Any, checksum: Any, actual: str) -> bool:
+        if written_for != key:
+            self.distrust(path, f"it was written for key {written_for!r}")
+        elif checksum != actual:
+            self.distrust(path, "its content does not match its checksum")
+        return written_for == key and checksum == actual
+
     # ---- tensors (safetensors; fields and a checksum in the header) ----------------------------
-    def write_tensors(self, key: str, tensors: dict, metadata: Optional[dict[str, str]] = None, prefix: str = "") -> Path:
+    def write_tensors(self, key: str, tensors: dict, metadata: Optional[dict[str, str]] = None,
+                      prefix: str = "") -> Path:
         """Store ``tensors`` (and string ``metadata``) under ``key``, atomically, with a checksum."""
-        from safetensors.torch import save
-
-        from mergelit.state_dict import tensors_fingerprint
-
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         header = {**(metadata or {}), "key": key, "checksum": tensors_fingerprint(tensors)}
         return atomic_write_bytes(self.path(key, prefix=prefix), save(tensors, metadata=header))
 
     def read_tensors(self, key: str, prefix: str = "") -> Optional[tuple[dict, dict[str, str]]]:
         """``(tensors, metadata)`` stored under ``key``, or None if absent or not trusted (warned)."""
-        from safetensors import safe_open
-
-        from mergelit.state_dict import tensors_fingerprint
-
         path = self.path(key, prefix=prefix)
         if not path.is_file():
             return None
@@ -114,20 +103,16 @@ class Cache:
         except Exception as error:  # safetensors raises several types for a damaged file
             self.distrust(path, f"unreadable: {type(error).__name__}: {error}")
             return None
-        if metadata.get("key") != key:
-            self.distrust(path, f"it was written for key {metadata.get('key')!r}")
-            return None
-        if metadata.get("checksum") != tensors_fingerprint(tensors):
-            self.distrust(path, "its content does not match its checksum")
-            return None
-        return tensors, metadata
+        trusted = self._trusted(path, key, metadata.get("key"), metadata.get("checksum"), tensors_fingerprint(tensors))
+        return (tensors, metadata) if trusted else None
 
     # ---- JSON ---------------------------------------------------------------------------------
     def write_json(self, key: str, payload: Any, prefix: str = "") -> Path:
         """Store ``payload`` (JSON) under ``key``, atomically, with a checksum."""
         body = json.dumps(payload, sort_keys=True, default=str)
         record = {"key": key, "checksum": hashlib.sha256(body.encode()).hexdigest(), "payload": payload}
-        return atomic_write_bytes(self.path(key, ".json", prefix), (json.dumps(record, indent=1, default=str) + "\n").encode())
+        text = json.dumps(record, indent=1, default=str) + "\n"
+        return atomic_write_bytes(self.path(key, ".json", prefix), text.encode())
 
     def read_json(self, key: str, prefix: str = "") -> Any:
         """The payload stored under ``key``, or None if absent or not trusted (warned)."""
@@ -141,10 +126,5 @@ class Cache:
         except (OSError, ValueError, KeyError, TypeError) as error:
             self.distrust(path, f"unreadable: {type(error).__name__}: {error}")
             return None
-        if record.get("key") != key:
-            self.distrust(path, f"it was written for key {record.get('key')!r}")
-            return None
-        if record.get("checksum") != hashlib.sha256(body.encode()).hexdigest():
-            self.distrust(path, "its content does not match its checksum")
-            return None
-        return payload
+        checksum = hashlib.sha256(body.encode()).hexdigest()
+        return payload if self._trusted(path, key, record.get("key"), record.get("checksum"), checksum) else None

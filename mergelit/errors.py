@@ -1,13 +1,7 @@
-"""mergelit's user-mistake errors: what ``mergelit`` prints as one short line, without a traceback.
+"""mergelit's user-mistake errors, printed as one line (``mergelit: error: <message>``, status 2).
 
-Every check of the user's input (config values, pool paths, checkpoints, data folders, method
-arguments) raises a ``MergelitError``: a short message saying what was wrong (the value, the file
-or the key) and what to do. ``mergelit.__main__`` prints ``mergelit: error: <message>`` and exits
-with status 2; ``--debug`` (or ``MERGELIT_DEBUG=1``) shows the traceback. Any other exception is a
-genuine internal error and keeps its traceback.
-
-The classes also subclass the built-in exception a caller would expect (``ValueError``,
-``FileNotFoundError``, ``KeyError``), so ``except ValueError`` keeps working for library users.
+``--debug`` (or ``MERGELIT_DEBUG=1``) shows the traceback; any other exception is an internal error
+and keeps it. Each class also subclasses the built-in a caller expects (``ValueError``, ``KeyError``).
 """
 
 from __future__ import annotations
@@ -50,26 +44,20 @@ class MergeFailed(MergelitError):
 
 # ---- argument checks shared by every method ---------------------------------------------------
 def check_number(
-    value: float,
-    name: str,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
+    value: float, name: str, low: float | None = None, high: float | None = None,
+    low_open: bool = False, high_open: bool = False,
 ) -> float:
     """``value`` as a float, refusing a bool, a non-number, NaN/inf, or one outside [low, high]
     (an open end with ``low_open`` / ``high_open``); the message names ``name`` (``scaling_factor (λ)``)."""
-    left = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-    right = "" if high is None else f"{high:g}" + (")" if high_open else "]")
     if low is not None and high is not None:
-        where = f" in {left}, {right}"
+        where = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     elif low is not None:
         where = f" {'>' if low_open else '>='} {low:g}"
     elif high is not None:
         where = f" {'<' if high_open else '<='} {high:g}"
     else:
         where = ""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
         raise MergelitError(f"{name} must be a finite number{where}, got {value!r}.")
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
@@ -83,7 +71,8 @@ def check_integer(value: int, name: str, minimum: int | None = 0, maximum: int |
     if isinstance(value, bool) or not isinstance(value, int):
         raise MergelitError(f"{name} must be an integer, got {value!r}.")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]" if minimum is not None else f"<= {maximum}"
+        bounds = (f">= {minimum}" if maximum is None
+                  else f"in [{minimum}, {maximum}]" if minimum is not None else f"<= {maximum}")
         raise MergelitError(f"{name} must be an integer {bounds}, got {value!r}.")
     return value
 

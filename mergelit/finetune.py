@@ -2,11 +2,8 @@
 
     mergelit fit -c configs/finetune/gpt2_glue.yaml --data.task sst2 --export.dirpath checkpoints/gpt2_sst2
 
-The data goes through the same tokenization and collation as evaluation (``GLUEDataModule``:
-no template, pad = eos on the right, read-out at the last non-pad token), so a model is
-trained on exactly the inputs it is later scored on. Defaults are the published pool's
-recipe (lr 5e-5, 3 epochs) with AdamW and a linear decay to 0. The export is a plain
-transformers checkpoint (safetensors + tokenizer) that goes straight into a ``pool:``.
+Same tokenization and collation as evaluation; the published pool's recipe (lr 5e-5, 3 epochs,
+AdamW, linear decay to 0); the export goes straight into a ``pool:``. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -29,13 +26,11 @@ from mergelit.pool import check_checkpoint_folder, tokenizer_path
 from mergelit.tasks import GLUE_TASKS, PAD_TOKEN_ID, ordered_tasks
 
 
-def adamw_linear_schedule(module: L.LightningModule, learning_rate: float, weight_decay: float, warmup_steps: int) -> dict:
-    """AdamW with transformers' linear schedule: warm-up to ``learning_rate`` over ``warmup_steps``,
-    then a linear decay reaching 0 after the last step (HF Trainer's default), stepped every step."""
+def adamw_linear_schedule(module: L.LightningModule, learning_rate: float, weight_decay: float,
+                          warmup_steps: int) -> dict:
+    """AdamW, warm-up over ``warmup_steps`` then a linear decay to 0 at the last step (HF Trainer's default)."""
     from transformers import get_linear_schedule_with_warmup
-
-    # The fused kernel updates every tensor in one pass: on CPU the per-tensor loop over the
-    # 50,257-row embedding otherwise costs as much as the forward and backward of a small model.
+    # Fused: on CPU the per-tensor loop over the 50,257-row embedding costs as much as a small model's step.
     fused = module.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay, fused=fused)
     total = max(1, int(module.trainer.estimated_stepping_batches))
@@ -54,32 +49,15 @@ class GLUETaskDataModule(GLUEDataModule):
         eval_batch_size: validation batch size.
         num_workers: DataLoader worker processes.
         max_length: truncation length in tokens (``longest_first``), as in evaluation.
-        shuffle_seed: seed of the training order; epoch e uses ``shuffle_seed + e``, so a resumed
-            run sees the same batches as an uninterrupted one.
+        shuffle_seed: seed of the training order (epoch e: ``shuffle_seed + e``, so a resumed run replays it).
         cache_dir: where tokenized splits are cached (shared with evaluation).
     """
 
-    def __init__(
-        self,
-        task: str,
-        tokenizer: str = "gpt2",
-        path: str = "glue",
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        max_length: int = 512,
-        shuffle_seed: int = 0,
-        cache_dir: str = "lightning_logs/cache/tokenized",
-    ):
-        super().__init__(
-            tasks=ordered_tasks([task]),
-            tokenizer=tokenizer,
-            path=path,
-            batch_size=eval_batch_size,
-            num_workers=num_workers,
-            max_length=max_length,
-            cache_dir=cache_dir,
-        )
+    def __init__(self, task: str, tokenizer: str = "gpt2", path: str = "glue", batch_size: int = 32,
+                 eval_batch_size: int = 64, num_workers: int = 0, max_length: int = 512, shuffle_seed: int = 0,
+                 cache_dir: str = "lightning_logs/cache/tokenized"):
+        super().__init__(tasks=ordered_tasks([task]), tokenizer=tokenizer, path=path, batch_size=eval_batch_size,
+                         num_workers=num_workers, max_length=max_length, cache_dir=cache_dir)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.task = task
@@ -104,30 +82,20 @@ class GLUETaskDataModule(GLUEDataModule):
     def train_dataloader(self) -> DataLoader:
         num_replicas, rank = self._world()
         dataset = self.train_dataset(self.task)
-        # DistributedSampler also for one process: its order depends only on (seed, epoch),
-        # and Lightning calls set_epoch on it, so resuming from a checkpoint replays the same order.
-        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.shuffle_seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.train_batch_size,
-            sampler=sampler,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+        # DistributedSampler also for one process: its order depends only on (seed, epoch) and
+        # Lightning calls set_epoch on it, so resuming from a checkpoint replays the same order.
+        sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=self.shuffle_seed)
+        return DataLoader(dataset, batch_size=self.train_batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader(self.task)
 
 
 def load_classifier(pretrained: str, num_labels: int, label_names: Optional[list[str]] = None):
-    """``GPT2ForSequenceClassification`` with the body of ``pretrained`` and a fresh ``score`` head.
-
-    ``pretrained`` is a hub id or folder of a ``GPT2LMHeadModel`` (as ``gpt2``), a bare
-    ``GPT2Model``, or a classifier to continue from (its head is replaced when the label
-    count differs). The config gets the spec's pad token (50256), used for the read-out.
-    """
+    """``GPT2ForSequenceClassification`` with the body of ``pretrained`` (a ``GPT2LMHeadModel``, bare
+    ``GPT2Model`` or classifier: its head replaced when the label count differs), pad token 50256."""
     from transformers import AutoConfig, GPT2ForSequenceClassification
-
     check_checkpoint_folder(pretrained)
     names = list(label_names or [f"LABEL_{i}" for i in range(num_labels)])
     if len(names) != num_labels:
@@ -140,9 +108,8 @@ def load_classifier(pretrained: str, num_labels: int, label_names: Optional[list
     config.label2id = {name: i for i, name in enumerate(names)}
     config.pad_token_id = PAD_TOKEN_ID
     # Weights not in the checkpoint (the score head) are initialised from the global seed.
-    return GPT2ForSequenceClassification.from_pretrained(
-        pretrained, config=config, use_safetensors=True, dtype=torch.float32, ignore_mismatched_sizes=True
-    )
+    return GPT2ForSequenceClassification.from_pretrained(pretrained, config=config, use_safetensors=True,
+                                                         dtype=torch.float32, ignore_mismatched_sizes=True)
 
 
 class SequenceClassifier(L.LightningModule):
@@ -158,15 +125,8 @@ class SequenceClassifier(L.LightningModule):
         warmup_steps: linear warm-up steps before the linear decay to 0 at the last step.
     """
 
-    def __init__(
-        self,
-        task: str,
-        pretrained: str = "gpt2",
-        tokenizer: Optional[str] = None,
-        learning_rate: float = 5e-5,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-    ):
+    def __init__(self, task: str, pretrained: str = "gpt2", tokenizer: Optional[str] = None,
+                 learning_rate: float = 5e-5, weight_decay: float = 0.0, warmup_steps: int = 0):
         super().__init__()
         ordered_tasks([task])
         if learning_rate <= 0:
@@ -177,12 +137,12 @@ class SequenceClassifier(L.LightningModule):
         self.task = task
         self.num_labels = GLUE_TASKS[task].num_labels
         self.model = None
-        self.val_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=self.num_labels)  # micro = plain accuracy
+        # micro (plain accuracy), unlike MulticlassAccuracy's macro default
+        self.val_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=self.num_labels)
         self.val_loss = torchmetrics.MeanMetric()
 
     def configure_model(self) -> None:
-        # Built here, not in __init__, so that parsing a config never loads weights; Lightning
-        # calls this before restoring a checkpoint and before building the optimizer.
+        # Not in __init__, so that parsing a config never loads weights; runs before restore and optimizer.
         if self.model is not None:
             return
         try:
@@ -194,10 +154,8 @@ class SequenceClassifier(L.LightningModule):
         self.model = load_classifier(self.hparams.pretrained, self.num_labels, names).train()
         pad = getattr(datamodule, "pad_token_id", PAD_TOKEN_ID)
         if pad != self.model.config.pad_token_id:
-            raise ValueError(
-                f"The tokenizer pads with id {pad} but the classifier reads out at pad id "
-                f"{self.model.config.pad_token_id}; use GPT-2's tokenizer (pad = <|endoftext|>, 50256)."
-            )
+            raise ValueError(f"The tokenizer pads with id {pad} but the classifier reads out at pad id "
+                             f"{self.model.config.pad_token_id}; use GPT-2's tokenizer (pad = <|endoftext|>, 50256).")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits at each row's last non-pad token, [batch, num_labels]."""
@@ -223,8 +181,8 @@ class SequenceClassifier(L.LightningModule):
         self.val_loss.reset()
 
     def configure_optimizers(self):
-        return adamw_linear_schedule(self, self.hparams.learning_rate, self.hparams.weight_decay, self.hparams.warmup_steps)
-
+        hparams = self.hparams
+        return adamw_linear_schedule(self, hparams.learning_rate, hparams.weight_decay, hparams.warmup_steps)
 
 
 def export_checkpoint(model, folder: str | os.PathLike, tokenizer=None) -> Path:
@@ -241,22 +199,16 @@ class ExportPretrained(L.Callback):
     best epoch's (by ``monitor``) each time validation improves on it.
 
     Args:
-        dirpath: the folder to write (``config.json``, ``model.safetensors``, tokenizer);
-            it goes straight into a pool (``pool.finetuned.<task>: DIR``). Default:
-            ``<log_dir>/hf_model``.
-        save: ``last``: the final epoch (the recipe; nothing is selected on the validation split,
-            which is also the split merges are scored on); ``best``: the epoch with the best ``monitor``.
+        dirpath: the folder to write (config, safetensors, tokenizer), ready for
+            ``pool.finetuned.<task>: DIR``. Default: ``<log_dir>/hf_model``.
+        save: ``last``: the final epoch (the recipe: the validation split is also the merge benchmark);
+            ``best``: the epoch with the best ``monitor``.
         monitor: the logged validation metric that decides ``best``.
         mode: ``max`` or ``min``: whether a larger ``monitor`` is better.
     """
 
-    def __init__(
-        self,
-        dirpath: Optional[str] = None,
-        save: Literal["best", "last"] = "last",
-        monitor: str = "val/accuracy",
-        mode: Literal["max", "min"] = "max",
-    ):
+    def __init__(self, dirpath: Optional[str] = None, save: Literal["best", "last"] = "last",
+                 monitor: str = "val/accuracy", mode: Literal["max", "min"] = "max"):
         self.dirpath = dirpath
         self.save = save
         self.monitor = monitor
@@ -271,16 +223,11 @@ class ExportPretrained(L.Callback):
         if trainer.sanity_checking or self.save != "best":
             return
         if self.monitor not in trainer.callback_metrics:
-            raise KeyError(
-                f"ExportPretrained monitors {self.monitor!r}, which was not logged; logged: "
-                f"{', '.join(sorted(trainer.callback_metrics))}."
-            )
+            raise KeyError(f"ExportPretrained monitors {self.monitor!r}, which was not logged; logged: "
+                           f"{', '.join(sorted(trainer.callback_metrics))}.")
         score = float(trainer.callback_metrics[self.monitor])
-        if (
-            self.best_score is None
-            or (self.mode == "max" and score > self.best_score)
-            or (self.mode == "min" and score < self.best_score)
-        ):
+        best = self.best_score
+        if best is None or (self.mode == "max" and score > best) or (self.mode == "min" and score < best):
             self.best_score, self.best_epoch = score, trainer.current_epoch
             self._export(trainer, pl_module)
 
@@ -289,9 +236,8 @@ class ExportPretrained(L.Callback):
             self._export(trainer, pl_module)
             rank_zero_info(f"Exported the last epoch to {self.folder(trainer)}")
         elif self.best_score is not None:
-            rank_zero_info(
-                f"Exported the best {self.monitor} ({self.best_score:.4f}, epoch {self.best_epoch}) to {self.folder(trainer)}"
-            )
+            rank_zero_info(f"Exported the best {self.monitor} ({self.best_score:.4f}, epoch {self.best_epoch}) to "
+                           f"{self.folder(trainer)}")
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: SequenceClassifier) -> None:
@@ -310,8 +256,7 @@ FIT_TRAINER_DEFAULTS = {
     "max_epochs": 3,
     # Logs, config.yaml and the Lightning checkpoint (for --ckpt_path) go to ./lightning_logs/version_N/.
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}},
-    # The loaders shard by rank themselves (DistributedSampler for training, length-sorted
-    # batches for validation); Lightning's wrapper would pad validation with repeated rows.
+    # The loaders shard by rank themselves; Lightning's wrapper would pad validation with repeated rows.
     "use_distributed_sampler": False,
 }
 
@@ -321,19 +266,12 @@ class FineTuneCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True, **kwargs):
         from mergelit.cli import HintingArgumentParser  # close-key hints, as `mergelit test`
-
         kwargs.setdefault("trainer_defaults", FIT_TRAINER_DEFAULTS)
         kwargs.setdefault("parser_class", HintingArgumentParser)
-        super().__init__(
-            model_class=SequenceClassifier,
-            datamodule_class=GLUETaskDataModule,
-            save_config_kwargs={"overwrite": True},
-            # SequenceClassifier builds its own AdamW + linear schedule (the recipe, not a CLI choice).
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-            **kwargs,
-        )
+        # SequenceClassifier builds its own AdamW + linear schedule (the recipe, not a CLI choice).
+        super().__init__(model_class=SequenceClassifier, datamodule_class=GLUETaskDataModule,
+                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args, run=run,
+                         **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -1,19 +1,14 @@
 """GLUE: the evaluation/statistics DataModule (the task table is ``mergelit.tasks``).
 
-Tokenization follows the spec exactly (what "the same experiment" means): GPT-2 BPE,
-no template, prompt, separator, BOS or EOS; a pair is ``tokenizer(a, b)`` (the two
-token lists concatenated); pad = ``<|endoftext|>`` (50256) on the right; truncation
-``longest_first`` at ``max_length`` (512).
-
-FusionBench pads every example to 512. With right padding and an attention mask GPT-2's
-outputs at the real tokens do not depend on the padding, so by default batches are padded
-to their own longest row and built from length-sorted examples (same predictions, far less
-compute); ``pad_to_max_length: true`` gives the exact 512 layout.
+Tokenization is the spec's (plain GPT-2 BPE, a pair is ``tokenizer(a, b)``, pad 50256 on the right,
+``longest_first`` truncation); batches are length-sorted and padded to their longest row unless
+``pad_to_max_length`` (same predictions). See docs/data.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import weakref
 from pathlib import Path
@@ -27,15 +22,20 @@ from mergelit.cache import Cache, content_key
 from mergelit.errors import BadData, FileMissing, KeyMissing, MergelitError, check_choice, check_number
 from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks
 
-# `datasets` (with pandas and pyarrow, ≈ 0.4 s) is imported in `raw`, where data is read, not here:
-# `mergelit test --help` never reads data. The `datasets.Dataset` annotations are never evaluated
-# (postponed annotations); not under `if TYPE_CHECKING:`, which jsonargparse executes when it
-# introspects this module's classes.
+# `datasets` (≈ 0.4 s) is imported in `raw`, so `--help` never pays for it. The `datasets.Dataset`
+# annotations are never evaluated; not under `if TYPE_CHECKING:`, which jsonargparse executes.
 
-# Bump when the tokenized layout changes, so that old cache files are not found.
-_TOKENIZED_LAYOUT = 2  # 2: the row's ``idx`` is kept
+_TOKENIZED_LAYOUT = 2  # bump when the tokenized layout changes (2: the row's ``idx`` is kept)
+DEV_SOURCES = ("validation", "train")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+# Settings an export records from the tokenizer's last call: they do not change a row's token ids.
+_CALL_SETTINGS = ("max_length", "stride", "truncation_side", "truncation_strategy", "model_max_length", "name_or_path",
+                  "padding_side", "pad_to_multiple_of", "padding_strategy")
+_fingerprints: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
 
 
+# ---- tokenizer ---------------------------------------------------------------------------------
 def has_tokenizer_files(folder: str) -> bool:
     """Whether ``folder`` holds a GPT-2 tokenizer (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``)."""
     return os.path.isfile(os.path.join(folder, "tokenizer.json")) or (
@@ -43,49 +43,24 @@ def has_tokenizer_files(folder: str) -> bool:
     )
 
 
-DEV_SOURCES = ("validation", "train")
-"""Where the dev split comes from (``data.dev_source``)."""
-
-
-def rows_hash(rows: Sequence[int]) -> str:
-    """A short hash of a list of row numbers (the dev rows, recorded in reports and ``selection.json``)."""
-    import json
-
-    return hashlib.sha256(json.dumps(list(rows)).encode()).hexdigest()[:16]
-
-
 def load_tokenizer(path: str):
     """The GPT-2 tokenizer at ``path`` with the spec's padding: pad = eos (50256), on the right."""
     from transformers import GPT2Tokenizer
-
     if os.path.isdir(os.path.expanduser(path)) and not has_tokenizer_files(os.path.expanduser(path)):
-        raise FileMissing(
-            f"The tokenizer folder {path!r} holds no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
-            f"point data.tokenizer / pool.tokenizer at a folder that has them."
-        )
-    # GPT2Tokenizer (tokenizers-backed in transformers 5) also reads a folder holding only
-    # vocab.json + merges.txt, where AutoTokenizer cannot tell the tokenizer class.
+        raise FileMissing(f"The tokenizer folder {path!r} holds no tokenizer files (tokenizer.json, or vocab.json + "
+                          f"merges.txt); point data.tokenizer / pool.tokenizer at a folder that has them.")
+    # GPT2Tokenizer also reads a folder of only vocab.json + merges.txt, where AutoTokenizer cannot
+    # tell the class. The real `gpt2` tokenizer has no pad token; the spec pads with <|endoftext|>.
     tokenizer = GPT2Tokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
-        # The real `gpt2` tokenizer has no pad token; the spec pads with <|endoftext|>.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-
-_fingerprints: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides token ids: vocabulary, merges, normalizer, pad.
-
-    Not the truncation and padding settings the backend keeps from its last call (``tokenizer(...,
-    truncation=True)`` writes them): the same tokenizer must hash the same before and after use.
-    Computed once per tokenizer object and pad id (serialising the vocabulary takes about a second)."""
-    import json
-
+    """A hash of what decides token ids (vocabulary, merges, normalizer, pad), once per tokenizer and pad
+    id; not the truncation/padding the backend keeps from its last call (same hash before and after use)."""
     known = _fingerprints.get(tokenizer)
     if known is not None and known[0] == tokenizer.pad_token_id:
         return known[1]
@@ -98,17 +73,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _fingerprints[tokenizer][1]
 
 
-# Settings a tokenizer export records from its last call, which do not change token ids of a row.
-_CALL_SETTINGS = ("max_length", "stride", "truncation_side", "truncation_strategy", "model_max_length", "name_or_path",
-                  "padding_side", "pad_to_multiple_of", "padding_strategy")
-
-
 def tokenizer_files_digest(folder: str) -> Optional[str]:
-    """A hash of a folder's tokenizer files (None when it is not a folder with them), without the
-    per-call settings an export records in ``tokenizer_config.json``: two folders with the same
-    digest hold the same tokenizer, found without loading either (different digests prove nothing)."""
-    import json
-
+    """A hash of a folder's tokenizer files without ``_CALL_SETTINGS`` (None if it has none): equal
+    digests mean the same tokenizer, found without loading either (different ones prove nothing)."""
     if not os.path.isdir(folder) or not has_tokenizer_files(folder):
         return None
     digest = hashlib.sha256()
@@ -125,73 +92,69 @@ def tokenizer_files_digest(folder: str) -> Optional[str]:
                 return None
             if not isinstance(settings, dict):
                 return None
-            content = json.dumps({k: v for k, v in settings.items() if k not in _CALL_SETTINGS}, sort_keys=True).encode()
+            kept = {k: v for k, v in settings.items() if k not in _CALL_SETTINGS}
+            content = json.dumps(kept, sort_keys=True).encode()
         digest.update(f"{name}\0{len(content)}\0".encode())
         digest.update(content)
     return digest.hexdigest()
 
 
+# ---- rows --------------------------------------------------------------------------------------
+def rows_hash(rows: Sequence[int]) -> str:
+    """A short hash of a list of row numbers (the dev rows, recorded in reports and ``selection.json``)."""
+    return hashlib.sha256(json.dumps(list(rows)).encode()).hexdigest()[:16]
+
+
 def data_fingerprint(dataset: datasets.Dataset) -> str:
     """A hash of a raw split's content: its Arrow files' bytes (or, in memory, its rows) and features."""
     digest = hashlib.sha256(f"rows={len(dataset)}|{dataset.features}".encode())
-    files = [entry["filename"] for entry in dataset.cache_files]
-    if files:
-        for name in files:
-            with open(name, "rb") as file:
-                for chunk in iter(lambda: file.read(1 << 22), b""):
-                    digest.update(chunk)
-    else:
+    for entry in dataset.cache_files:
+        with open(entry["filename"], "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 22), b""):
+                digest.update(chunk)
+    if not dataset.cache_files:
         digest.update(repr(dataset.to_dict()).encode())
     return digest.hexdigest()[:20]
 
 
 def check_split(dataset: datasets.Dataset, task: str, split: str, path: str) -> None:
-    """The one data check, for every split a run reads, before the run: the split is not empty, every
-    text column holds text (no ``None``, bytes or numbers; not every segment of a row empty), and
-    every label is an integer class of the task (no NaN, fraction, string or GLUE's ``-1`` of
-    unlabelled test rows). Errors name the task, the split, the column and the first bad row."""
-    if len(dataset) == 0:
-        raise BadData(f"Task {task!r} split {split!r} in {path!r} is empty; nothing to score or to draw from.")
-    info = GLUE_TASKS[task]
+    """The one data check of every split a run reads (docs/data.md); errors name the first bad row."""
     where = f"Task {task!r} split {split!r} in {path!r}"
+    if len(dataset) == 0:
+        raise BadData(f"{where} is empty; nothing to score or to draw from.")
+    info = GLUE_TASKS[task]
     columns = {}
     for field in info.text_fields:
         dtype = getattr(dataset.features[field], "dtype", type(dataset.features[field]).__name__)
         if dtype not in ("string", "large_string"):
             raise BadData(f"{where}: column {field!r} holds {dtype} values, not text; every {field} must be a string.")
-        values = dataset[field]
-        for row, value in enumerate(values):
+        columns[field] = dataset[field]
+        for row, value in enumerate(columns[field]):
             if not isinstance(value, str):
-                raise BadData(
-                    f"{where}: column {field!r} row {row} holds {type(value).__name__} {value!r:.40}, not text; "
-                    f"every {field} must be a string."
-                )
-        columns[field] = values
+                raise BadData(f"{where}: column {field!r} row {row} holds {type(value).__name__} {value!r:.40}, not "
+                              f"text; every {field} must be a string.")
     for row, texts in enumerate(zip(*columns.values())):
         if not any(text.strip() for text in texts):
-            raise BadData(
-                f"{where}: row {row} has no text ({' and '.join(repr(f) for f in columns)} empty); "
-                f"GPT-2 reads a prediction at the last token, so every row needs one. Remove the row."
-            )
-    num_labels = info.num_labels
+            raise BadData(f"{where}: row {row} has no text ({' and '.join(repr(f) for f in columns)} empty); GPT-2 "
+                          f"reads a prediction at the last token, so every row needs one. Remove the row.")
     for row, label in enumerate(dataset["label"]):
         bad = None
         if isinstance(label, bool) or not isinstance(label, (int, float)):
             bad = f"{type(label).__name__} {label!r:.40}"
         elif isinstance(label, float) and (label != label or not label.is_integer()):
             bad = f"{label!r} (not a whole class number)"
-        elif not 0 <= int(label) < num_labels:
-            bad = f"{int(label)}" + (" (-1 marks GLUE's unlabelled test rows: score the validation split)" if int(label) == -1 else "")
+        elif not 0 <= int(label) < info.num_labels:
+            unlabelled = " (-1 marks GLUE's unlabelled test rows: score the validation split)"
+            bad = f"{int(label)}" + (unlabelled if int(label) == -1 else "")
         if bad is not None:
-            raise BadData(
-                f"{where}: column 'label' row {row} is {bad}; {task} labels are the integers 0..{num_labels - 1} "
-                f"({', '.join(info.label_names)})."
-            )
+            raise BadData(f"{where}: column 'label' row {row} is {bad}; {task} labels are the integers "
+                          f"0..{info.num_labels - 1} ({', '.join(info.label_names)}).")
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``: the token lists right-padded with ``pad_token_id`` to ``width``
-    (default: the longest), the mask 1 on real tokens."""
+# ---- batching ----------------------------------------------------------------------------------
+def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, width: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``: the lists right-padded to ``width`` (default: the longest)."""
     width = width or max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -201,31 +164,11 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int, width: int 
     return input_ids, attention_mask
 
 
-class LengthSortedBatches(Sampler[list[int]]):
-    """Batches of indices sorted by length (longest first), so padding per batch is small.
+class FixedBatches(Sampler[list[int]]):
+    """Given batches of indices, as they are (a DataLoader's ``batch_sampler``)."""
 
-    Under several processes each rank takes every ``num_replicas``-th batch: each example is
-    scored by exactly one process and nothing is repeated (unlike ``DistributedSampler``,
-    which pads the last shard with duplicates and so changes the accuracy).
-    """
-
-    def __init__(
-        self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
-        max_tokens: int = 0, width: int | None = None,
-    ):
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        if max_tokens > 0:
-            # Token budget: each batch takes rows (longest first) while rows × padded width stays
-            # within max_tokens (one row at least); ``width`` fixes the padded width (pad to max).
-            batches, start = [], 0
-            while start < len(order):
-                longest = width or lengths[order[start]]
-                size = max(1, max_tokens // max(1, longest))
-                batches.append(order[start : start + size])
-                start += size
-        else:
-            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        self.batches = batches[rank::num_replicas]
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -234,67 +177,57 @@ class LengthSortedBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+class LengthSortedBatches(FixedBatches):
+    """Batches of indices sorted by length (longest first), so padding per batch is small. Each rank takes
+    every ``num_replicas``-th batch: nothing is repeated (``DistributedSampler``'s padding changes accuracy)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 max_tokens: int = 0, width: int | None = None):
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        if max_tokens > 0:
+            # Rows (longest first) while rows × padded width (``width`` if fixed) fit max_tokens; one at least.
+            batches, start = [], 0
+            while start < len(order):
+                longest = width or lengths[order[start]]
+                size = max(1, max_tokens // max(1, longest))
+                batches.append(order[start : start + size])
+                start += size
+        else:
+            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        super().__init__(batches[rank::num_replicas])
+
+
 class GLUEDataModule(L.LightningDataModule):
     """GLUE validation sets (one test loader per task, in task order) and train splits.
 
     Args:
         tasks: GLUE tasks to load; linked from ``pool.finetuned`` by the CLI.
         tokenizer: tokenizer path or hub id; linked from ``pool.tokenizer`` (or ``pool.pretrained``).
-        path: hub dataset name (``glue``) or a local folder holding one ``save_to_disk``
-            DatasetDict per task, named by task (``cola/``, ``mnli/``, ...).
-        batch_size: evaluation batch size (rows per batch), unless ``max_tokens`` is set.
-        max_tokens: if > 0, evaluation batches are filled up to this many (padded) tokens instead
-            of ``batch_size`` rows: short rows go in large batches, long rows in small ones (same
-            predictions). 0 (default): ``batch_size`` rows per batch.
+        path: hub dataset name (``glue``) or a folder of one ``save_to_disk`` DatasetDict per task (``cola/``, ...).
+        batch_size: evaluation rows per batch, unless ``max_tokens`` is set.
         num_workers: DataLoader worker processes.
         max_length: truncation length in tokens (``longest_first``).
-        pad_to_max_length: pad every batch to ``max_length`` (FusionBench's exact layout)
-            instead of to the batch's longest row. Predictions are the same either way.
-        cache_dir: where tokenized splits are cached. The key includes the tokenizer, the
-            max length and the raw data's fingerprint.
-        extra_eval_splits: also score the extra evaluation splits the data has (MNLI
-            ``validation_mismatched``, with the MNLI head), as separate report entries
-            (``mnli_mismatched``) outside the 7-task average.
-        dev_source: where the labeled **dev split** (for choosing hyperparameters without the
-            reported labels: ``mergelit sweep --sweep.select_on dev|agreement``) comes from.
-            ``validation`` (default): a seeded ``dev_fraction`` of each task's evaluation split,
-            held out of scoring under ``hold_out_dev``, so selection is out of sample for the
-            experts and the reported numbers are on the remaining rows. ``train``: ``dev_size``
-            rows of the train split, the data the experts were fine-tuned on: in-sample for them.
-        dev_fraction: the fraction of each evaluation split that is the dev split under
-            ``dev_source: validation`` (0.1, as MergeLM's protocol): ``int(n * dev_fraction)``
-            rows, at least one, at most ``n - 1``.
-        dev_size: rows per task of the dev split under ``dev_source: train``: ``min(dev_size,
-            n // 2)`` of the ``n`` train rows, so that at least half is left for statistics.
-        dev_seed: seed of the dev draw: the dev rows are the first rows of ``torch.randperm(n)``
-            under this seed (``dev_indices``, recorded in ``selection.json``).
-        hold_out_dev: hold the dev rows out of everything else that reads rows of their split
-            (``held_out_rows``): under ``dev_source: validation`` scoring (the test loaders) and
-            AdaMerging's validation inputs; under ``dev_source: train`` the statistics (Fisher,
-            RegMean) and train-split adaptation. Off by default: every row is used exactly as
-            before (same rows, same numbers, same cache). A sweep with ``select_on`` other than
-            ``none`` turns it on (as ``--data.hold_out_dev true``, so each point's report equals
-            a ``mergelit test`` run with that flag).
+        pad_to_max_length: pad every batch to ``max_length`` (FusionBench's layout), not to its longest row.
+            Predictions are the same either way.
+        cache_dir: where tokenized splits are cached, keyed by the tokenizer, ``max_length`` and the raw data.
+        extra_eval_splits: also score the extra evaluation splits the data has (MNLI ``validation_mismatched``)
+            as separate entries (``mnli_mismatched``) outside the average.
+        dev_source: where the labeled dev split (``mergelit sweep --sweep.select_on dev|agreement``) comes from:
+            ``validation`` (default; out of sample) or ``train`` (in-sample for the experts). See docs/data.md.
+        dev_fraction: the dev share of each evaluation split under ``dev_source: validation`` (0.1, as MergeLM).
+        dev_size: dev rows per task under ``dev_source: train`` (at most half the split).
+        dev_seed: seed of the dev draw.
+        hold_out_dev: hold the dev rows out of everything else that reads their split (scoring, statistics,
+            adaptation). Off by default; a sweep that selects turns it on.
+        max_tokens: if > 0, evaluation batches are filled up to this many padded tokens instead of
+            ``batch_size`` rows (same predictions). 0 (default): ``batch_size`` rows per batch.
     """
 
-    def __init__(
-        self,
-        tasks: list[str] = list(TASKS),
-        tokenizer: str = "gpt2",
-        path: str = "glue",
-        batch_size: int = 32,
-        num_workers: int = 0,
-        max_length: int = 512,
-        pad_to_max_length: bool = False,
-        cache_dir: str = "lightning_logs/cache/tokenized",
-        extra_eval_splits: bool = True,
-        dev_source: Literal["validation", "train"] = "validation",
-        dev_fraction: float = 0.1,
-        dev_size: int = 500,
-        dev_seed: int = 0,
-        hold_out_dev: bool = False,
-        max_tokens: int = 0,
-    ):
+    def __init__(self, tasks: list[str] = list(TASKS), tokenizer: str = "gpt2", path: str = "glue",
+                 batch_size: int = 32, num_workers: int = 0, max_length: int = 512, pad_to_max_length: bool = False,
+                 cache_dir: str = "lightning_logs/cache/tokenized", extra_eval_splits: bool = True,
+                 dev_source: Literal["validation", "train"] = "validation", dev_fraction: float = 0.1,
+                 dev_size: int = 500, dev_seed: int = 0, hold_out_dev: bool = False, max_tokens: int = 0):
         super().__init__()
         self.tasks = ordered_tasks(tasks)
         check_choice(dev_source, "dev_source", DEV_SOURCES)
@@ -303,17 +236,17 @@ class GLUEDataModule(L.LightningDataModule):
             raise ValueError(f"dev_size must be >= 0 (0: no dev split), got {dev_size}.")
         if hold_out_dev and dev_source == "train" and dev_size == 0:
             raise ValueError("hold_out_dev needs a dev split: set dev_size > 0, or hold_out_dev false.")
-        self.dev_source = dev_source
-        self.dev_fraction = dev_fraction
-        self.dev_size = dev_size
-        self.dev_seed = dev_seed
-        self.hold_out_dev = hold_out_dev
         if batch_size < 1:
             raise MergelitError(f"batch_size must be >= 1, got {batch_size}.")
         if max_length < 1:
             raise MergelitError(f"max_length must be >= 1, got {max_length}.")
         if max_tokens < 0:
             raise MergelitError(f"max_tokens must be >= 0 (0: batch by batch_size), got {max_tokens}.")
+        self.dev_source = dev_source
+        self.dev_fraction = dev_fraction
+        self.dev_size = dev_size
+        self.dev_seed = dev_seed
+        self.hold_out_dev = hold_out_dev
         self.max_tokens = max_tokens
         self.tokenizer_path = tokenizer
         self.path = path
@@ -330,18 +263,12 @@ class GLUEDataModule(L.LightningDataModule):
         self._dev: dict[str, datasets.Dataset] = {}
 
     # ---- raw data -------------------------------------------------------------------------
-    @property
-    def is_local(self) -> bool:
-        return os.path.isdir(self.path)
-
     def check(self, splits: Sequence[str] = ("eval",)) -> None:
-        """Fail fast, before any tokenizing, if a task folder or a split is missing.
-
-        ``splits`` names roles: ``eval`` (validation / validation_matched) and ``train``.
-        """
+        """``check_split`` every split of the roles ``splits`` (``eval``, ``train``), before any tokenizing."""
         for task in self.tasks:
+            info = GLUE_TASKS[task]
             for role in splits:
-                names = [self._split_name(task, role)]
+                names = [{"eval": info.eval_split, "train": info.train_split}[role]]
                 if role == "eval":  # the extra evaluation splits (MNLI mismatched) are scored too
                     names += [split for t, split in self.extra_test_splits() if t == task]
                 if self.hold_out_dev:  # selection reads the dev rows
@@ -351,30 +278,21 @@ class GLUEDataModule(L.LightningDataModule):
                         check_split(self.raw(task, split), task, split, self.path)
                         self._checked.add((task, split))
 
-    def _split_name(self, task: str, role: str) -> str:
-        info = GLUE_TASKS[task]
-        return {"eval": info.eval_split, "train": info.train_split}[role]
-
     def raw(self, task: str, split: str) -> datasets.Dataset:
         """One raw split, from the local folder or the hub, with a clear error if missing."""
-        import datasets  # here, not at module import: `mergelit test --help` never reads data
-
+        import datasets
         if task not in self._raw:
-            if self.is_local:
+            if os.path.isdir(self.path):
                 folder = Path(self.path) / task
                 if not folder.is_dir():
-                    raise FileMissing(
-                        f"Data folder {self.path!r} has no {task!r} task folder ({folder}); write one with "
-                        f"DatasetDict.save_to_disk, or use mergelit.synthetic to make one."
-                    )
+                    raise FileMissing(f"Data folder {self.path!r} has no {task!r} task folder ({folder}); write one "
+                                      f"with DatasetDict.save_to_disk, or use mergelit.synthetic to make one.")
                 try:
                     loaded = datasets.load_from_disk(str(folder))
                 except Exception as error:  # datasets' own errors for a damaged folder have no common base
-                    raise BadData(
-                        f"Task {task!r} data folder {str(folder)!r} cannot be read ({type(error).__name__}: {error}): "
-                        f"a damaged folder, or an empty split (datasets cannot reload those)? Rewrite it with "
-                        f"DatasetDict.save_to_disk."
-                    ) from None
+                    raise BadData(f"Task {task!r} data folder {str(folder)!r} cannot be read ({type(error).__name__}: "
+                                  f"{error}): a damaged folder, or an empty split (datasets cannot reload those)? "
+                                  f"Rewrite it with DatasetDict.save_to_disk.") from None
                 if not isinstance(loaded, datasets.DatasetDict):
                     raise MergelitError(f"{folder} holds a single Dataset; save a DatasetDict with the GLUE splits.")
             else:
@@ -382,9 +300,7 @@ class GLUEDataModule(L.LightningDataModule):
             self._raw[task] = loaded
         splits = self._raw[task]
         if split not in splits:
-            raise KeyMissing(
-                f"Task {task!r} in {self.path!r} has no {split!r} split (it has {', '.join(splits)})."
-            )
+            raise KeyMissing(f"Task {task!r} in {self.path!r} has no {split!r} split (it has {', '.join(splits)}).")
         dataset = splits[split]
         missing = [c for c in (*GLUE_TASKS[task].text_fields, "label") if c not in dataset.column_names]
         if missing:
@@ -403,23 +319,14 @@ class GLUEDataModule(L.LightningDataModule):
         return self.tokenizer.pad_token_id
 
     def tokenized(self, task: str, split: str) -> datasets.Dataset:
-        """``split`` of ``task`` as ``input_ids`` + ``label`` (+ ``length``, ``idx``), kept in the
-        tokenized-data cache (``cache_dir``)."""
+        """``split`` of ``task`` as ``input_ids`` + ``label`` (+ ``length``, ``idx``), cached in ``cache_dir``."""
         if (task, split) not in self._tokenized:
             self._tokenized[(task, split)] = self._tokenize(task, split)
         return self._tokenized[(task, split)]
 
-    def _token_cache(self) -> Cache | None:
-        """The tokenized-data cache: ``cache_dir`` is its folder (files ``<task>-<split>-<key>.arrow``)."""
-        if not self.cache_dir:
-            return None
-        folder = Path(self.cache_dir)
-        return Cache(folder.parent, folder.name, "Tokenized data")
-
     def _tokenize(self, task: str, split: str) -> datasets.Dataset:
-        """Tokenize one split, or read it from the cache. The key is the content of everything that
-        decides the token ids; ``datasets`` writes the Arrow file (atomically) and reads it back, and
-        the trust check is its row count (a truncated Arrow stream reads as fewer rows, no error)."""
+        """Tokenize one split, or read ``cache_dir/<task>-<split>-<key>.arrow`` (written by ``datasets``), trusted
+        if it has the raw row count (a truncated Arrow stream reads as fewer rows, no error)."""
         raw = self.raw(task, split)
         fields = GLUE_TASKS[task].text_fields
         tokenizer = self.tokenizer
@@ -429,42 +336,36 @@ class GLUEDataModule(L.LightningDataModule):
         })
 
         def tokenize(batch: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:
-            texts = [batch[f] for f in fields]
-            # Pairs: tokenizer(a, b) concatenates the two token lists, no separator.
-            encoded = tokenizer(*texts, truncation=True, max_length=self.max_length)
-            ids = encoded["input_ids"]
-            # The row's id (GLUE's `idx`, else its row number) travels to per-example predictions.
+            # Pairs: tokenizer(a, b) concatenates the two token lists, no separator. The row's id
+            # (GLUE's `idx`, else its row number) travels to per-example predictions.
+            ids = tokenizer(*[batch[f] for f in fields], truncation=True, max_length=self.max_length)["input_ids"]
             return {"input_ids": ids, "length": [len(x) for x in ids], "idx": list(batch.get("idx", rows))}
 
-        cache = self._token_cache()
-        path = None
-        if cache is not None:
+        cache = path = None
+        if self.cache_dir:
+            cache = Cache(Path(self.cache_dir).parent, Path(self.cache_dir).name, "Tokenized data")
             path = cache.path(key, ".arrow", prefix=f"{task}-{split}-")
             path.parent.mkdir(parents=True, exist_ok=True)
 
         def tokenize_split() -> datasets.Dataset:
             return raw.map(
-                tokenize,
-                batched=True,
-                with_indices=True,
+                tokenize, batched=True, with_indices=True,
                 remove_columns=[c for c in raw.column_names if c != "label"],
                 cache_file_name=None if path is None else str(path),
-                new_fingerprint=key,
-                desc=f"Tokenizing {task}/{split}",
+                new_fingerprint=key, desc=f"Tokenizing {task}/{split}",
             )
 
-        if path is None or not path.exists():
-            return tokenize_split()
-        try:
-            tokenized = tokenize_split()
-            rows = len(tokenized["length"])
-            problem = None if rows == len(raw) else f"damaged: {rows} rows for {len(raw)} raw rows"
-        except Exception as error:  # pyarrow's errors for a damaged file share no narrower base
-            problem = f"damaged: {type(error).__name__}: {error}"
-        if problem is None:
-            return tokenized
-        cache.distrust(path, problem)
-        path.unlink()
+        if path is not None and path.exists():
+            try:
+                tokenized = tokenize_split()
+                rows = len(tokenized["length"])
+                problem = None if rows == len(raw) else f"damaged: {rows} rows for {len(raw)} raw rows"
+            except Exception as error:  # pyarrow's errors for a damaged file share no narrower base
+                problem = f"damaged: {type(error).__name__}: {error}"
+            if problem is None:
+                return tokenized
+            cache.distrust(path, problem)
+            path.unlink()
         return tokenize_split()
 
     def eval_dataset(self, task: str) -> datasets.Dataset:
@@ -475,14 +376,12 @@ class GLUEDataModule(L.LightningDataModule):
 
     # ---- the dev split ----------------------------------------------------------------------
     def dev_split(self, task: str) -> str:
-        """The split ``task``'s dev rows come from: its evaluation split, or its train split."""
+        """The split ``task``'s dev rows come from."""
         info = GLUE_TASKS[task]
         return info.eval_split if self.dev_source == "validation" else info.train_split
 
     def dev_indices(self, task: str) -> list[int]:
-        """The row numbers of ``task``'s dev rows in ``dev_split(task)``, sorted: the first rows of a
-        ``dev_seed`` permutation of its ``n`` rows, ``int(n * dev_fraction)`` of them (at least one,
-        at most ``n - 1``) from validation, ``min(dev_size, n // 2)`` from train."""
+        """The sorted row numbers of ``task``'s dev rows in ``dev_split(task)`` (docs/data.md, "The dev split")."""
         n = len(self.raw(task, self.dev_split(task)))
         if self.dev_source == "validation":
             size = min(max(1, int(n * self.dev_fraction)), n - 1)
@@ -492,9 +391,7 @@ class GLUEDataModule(L.LightningDataModule):
         return sorted(torch.randperm(n, generator=generator)[:size].tolist())
 
     def held_out_rows(self, task: str, split: str) -> list[int]:
-        """Rows of ``task``'s ``split`` that nothing but selection may read (sorted row numbers): the
-        dev rows under ``hold_out_dev`` when ``split`` is the dev split, else none. Scoring
-        (``eval_dataloader``), statistics and adaptation skip them."""
+        """Rows of ``task``'s ``split`` that only selection may read: the dev rows under ``hold_out_dev``."""
         if self.hold_out_dev and split == self.dev_split(task):
             return self.dev_indices(task)
         return []
@@ -503,63 +400,41 @@ class GLUEDataModule(L.LightningDataModule):
         """Train rows that statistics must not draw: ``held_out_rows`` of the train split."""
         return self.held_out_rows(task, GLUE_TASKS[task].train_split)
 
-    def scored_rows(self, task: str, split: str) -> list[int]:
-        """Row numbers of ``split`` that the test loader scores: every row but ``held_out_rows``."""
-        held_out = set(self.held_out_rows(task, split))
-        return [i for i in range(len(self.raw(task, split))) if i not in held_out]
-
     def evaluation_record(self) -> dict[str, Any] | None:
-        """What the report's ``protocol.evaluation`` says when dev rows are held out of scoring: the
-        split, its rows, how many were held out and scored, and a hash of the held-out row numbers
-        (None when every row is scored)."""
+        """The report's ``protocol.evaluation`` when dev rows are held out of scoring, else None."""
         held = {task: self.held_out_rows(task, GLUE_TASKS[task].eval_split) for task in self.tasks}
         if not any(held.values()):
             return None
-        return {
-            "scored": "the rows of each evaluation split that are not dev rows",
-            "dev_source": self.dev_source,
-            "dev_fraction": self.dev_fraction,
-            "dev_seed": self.dev_seed,
-            "tasks": {
-                task: {
-                    "split": GLUE_TASKS[task].eval_split,
-                    "rows": len(self.raw(task, GLUE_TASKS[task].eval_split)),
-                    "held_out": len(rows),
-                    "scored": len(self.raw(task, GLUE_TASKS[task].eval_split)) - len(rows),
-                    "held_out_sha256": rows_hash(rows),
-                }
-                for task, rows in held.items()
-            },
-        }
+        tasks = {}
+        for task, rows in held.items():
+            total = len(self.raw(task, GLUE_TASKS[task].eval_split))
+            tasks[task] = {"split": GLUE_TASKS[task].eval_split, "rows": total, "held_out": len(rows),
+                           "scored": total - len(rows), "held_out_sha256": rows_hash(rows)}
+        return {"scored": "the rows of each evaluation split that are not dev rows", "dev_source": self.dev_source,
+                "dev_fraction": self.dev_fraction, "dev_seed": self.dev_seed, "tasks": tasks}
 
     def dev_dataset(self, task: str) -> datasets.Dataset:
-        """The dev rows of ``task``, tokenized (``input_ids``, ``label``, ``length``, ``idx``), in
-        ``dev_indices`` order."""
+        """The dev rows of ``task``, tokenized, in ``dev_indices`` order."""
         if task not in self._dev:  # a sweep scores the same dev rows at every point: select them once
             indices = self.dev_indices(task)
             if not indices:
                 split = self.dev_split(task)
-                raise BadData(
-                    f"Task {task!r} split {split!r} in {self.path!r} gives no dev rows ({len(self.raw(task, split))} rows, "
-                    f"dev_source {self.dev_source}, dev_size {self.dev_size}): a dev split needs a split of at least 2 rows"
-                    + ("; set data.dev_size > 0." if self.dev_source == "train" and not self.dev_size else ".")
-                )
+                hint = "; set data.dev_size > 0." if self.dev_source == "train" and not self.dev_size else "."
+                raise BadData(f"Task {task!r} split {split!r} in {self.path!r} gives no dev rows "
+                              f"({len(self.raw(task, split))} rows, dev_source {self.dev_source}, dev_size "
+                              f"{self.dev_size}): a dev split needs a split of at least 2 rows{hint}")
             self._dev[task] = self.tokenized(task, self.dev_split(task)).select(indices)
         return self._dev[task]
 
     def dev_dataloader(self, task: str) -> DataLoader:
-        """The dev rows of ``task`` in length-sorted batches, on one process (every rank sees all of them)."""
+        """The dev rows of ``task`` in length-sorted batches, all of them on every rank."""
         dataset = self.dev_dataset(task)
         sampler = LengthSortedBatches(dataset["length"], self.batch_size)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers)
 
     # ---- batching -------------------------------------------------------------------------
     def collate(self, rows: list[dict[str, Any]], pad_to_max_length: bool | None = None) -> dict[str, torch.Tensor]:
-        """Right-pad ``input_ids`` with the pad id; ``attention_mask`` marks real tokens.
-
-        ``pad_to_max_length`` overrides the DataModule's setting for one loader (RegMean's
-        statistics pad to ``max_length`` when they count padding, whatever evaluation does).
-        """
+        """Right-pad ``input_ids``; ``pad_to_max_length`` overrides the DataModule's (RegMean's counted padding)."""
         if pad_to_max_length is None:
             pad_to_max_length = self.pad_to_max_length
         width = self.max_length if pad_to_max_length else None
@@ -572,39 +447,32 @@ class GLUEDataModule(L.LightningDataModule):
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
+        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
 
     def eval_dataloader(self, task: str, split: str | None = None) -> DataLoader:
         """``split`` (default: the evaluation split) of ``task`` without its ``held_out_rows``, in
         length-sorted batches, this process's share of them."""
         split = split or GLUE_TASKS[task].eval_split
         dataset = self.tokenized(task, split)
-        if self.held_out_rows(task, split):
-            dataset = dataset.select(self.scored_rows(task, split))
+        held_out = set(self.held_out_rows(task, split))
+        if held_out:
+            dataset = dataset.select([i for i in range(len(self.raw(task, split))) if i not in held_out])
         num_replicas, rank = self._world()
         width = self.max_length if self.pad_to_max_length else None
         sampler = LengthSortedBatches(dataset["length"], self.batch_size, num_replicas, rank, self.max_tokens, width)
-        return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers
-        )
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers)
 
     # ---- Lightning hooks ------------------------------------------------------------------
     def prepare_data(self) -> None:
-        # Check every task and split before tokenizing anything, then fill the cache.
-        self.check(("eval",))
-        for task in self.tasks:
-            self.eval_dataset(task)
-        for task, split in self.extra_test_splits():
+        self.check(("eval",))  # every task and split before tokenizing anything, then fill the cache
+        for task, split in self.test_splits():
             self.tokenized(task, split)
 
     def setup(self, stage: str | None = None) -> None:
         self.check(("eval",))
 
     def extra_test_splits(self) -> list[tuple[str, str]]:
-        """``(task, split)`` of the extra evaluation splits the data has (``extra_eval_splits``:
-        MNLI ``validation_mismatched``), in task order; none when ``extra_eval_splits`` is off."""
+        """``(task, split)`` of the extra evaluation splits the data has, when ``extra_eval_splits``."""
         if not self.extra_eval_splits:
             return []
         found = []
@@ -618,13 +486,8 @@ class GLUEDataModule(L.LightningDataModule):
         return found
 
     def test_splits(self) -> list[tuple[str, str]]:
-        """``(task, split)`` of every test loader: dataloader_idx i < len(tasks) is tasks[i]'s
-        evaluation split; the extra splits come after them."""
+        """``(task, split)`` of every test loader: dataloader_idx i < len(tasks) is tasks[i]'s, then the extras."""
         return [(task, GLUE_TASKS[task].eval_split) for task in self.tasks] + self.extra_test_splits()
 
     def test_dataloader(self) -> list[DataLoader]:
-        """The validation loaders of ``tasks``, in task order (dataloader_idx i = tasks[i]), then
-        the extra splits' loaders (``test_splits``)."""
-        return [self.eval_dataloader(task) for task in self.tasks] + [
-            self.eval_dataloader(task, split) for task, split in self.extra_test_splits()
-        ]
+        return [self.eval_dataloader(task, split) for task, split in self.test_splits()]

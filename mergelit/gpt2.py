@@ -16,13 +16,10 @@ def last_non_pad_index(input_ids: Tensor, pad_token_id: int) -> Tensor:
 def build_body(config, state: dict[str, Tensor], fused_gelu: bool = False) -> nn.Module:
     """A frozen ``GPT2Model`` holding ``state`` (built on the meta device: no random init).
 
-    ``fused_gelu``: compute the MLP's GELU with PyTorch's fused ``gelu(x, approximate="tanh")``
-    instead of transformers' ``NewGELUActivation`` (the same tanh formula as several Python-level
-    element-wise passes). Faster on the CPU, but not the same bits: the logits move in their last
-    bits (see benchmarks/README.md for the measured difference), so it is off by default.
+    ``fused_gelu``: PyTorch's fused tanh GELU instead of transformers' ``NewGELUActivation``: faster
+    on the CPU, but the logits move in their last bits (benchmarks/README.md), so off by default.
     """
     from transformers import GPT2Model
-
     with torch.device("meta"):
         body = GPT2Model(config)
     # assign: the body takes the given tensors (a merge's fresh output) without a copy of a whole body.
@@ -40,10 +37,10 @@ def build_head(weight: Tensor) -> nn.Linear:
     return head.requires_grad_(False)
 
 
+# GPT-2's Conv1D weights (4 per block), stored [in, out]: y = x W + b.
 CONV1D_WEIGHT_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-"""The 48 Conv1D weights of GPT-2 small (4 per block), stored [in, out]: y = x W + b."""
 
 
 def is_conv1d_weight(key: str) -> bool:
-    """Whether a body tensor name is a Conv1D weight (``h.3.mlp.c_fc.weight``), stored [in, out]."""
+    """Whether a body tensor name is a Conv1D weight (``h.3.mlp.c_fc.weight``)."""
     return key.endswith(CONV1D_WEIGHT_SUFFIXES)

@@ -1,8 +1,7 @@
 """The GLUE task table: every per-task fact mergelit uses, in one place.
 
-The data module reads the text fields and splits, the pool checks the label count and names,
-the fixtures write the same schema, and the tables print the titles. The order of ``TASKS`` is
-the one order used everywhere (pools, loaders, reports, tables): FusionBench's ``model_names``.
+The order of ``TASKS`` is the one order used everywhere (pools, loaders, reports, tables):
+FusionBench's ``model_names``.
 """
 
 from __future__ import annotations
@@ -10,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-PAD_TOKEN_ID = 50256
-"""``<|endoftext|>``: GPT-2's bos = eos, and the pad token the spec sets (the real ``gpt2`` has none)."""
+from mergelit.errors import DuplicateName
+
+PAD_TOKEN_ID = 50256  # <|endoftext|>: GPT-2's bos = eos, and the spec's pad (the real `gpt2` has none)
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,8 @@ class GLUETask:
 
 GLUE_TASKS: dict[str, GLUETask] = {
     "cola": GLUETask("CoLA", ("sentence",), ("unacceptable", "acceptable")),
-    "mnli": GLUETask(
-        "MNLI",
-        ("premise", "hypothesis"),
-        ("entailment", "neutral", "contradiction"),
-        eval_split="validation_matched",
-        extra_eval_splits=("validation_mismatched",),
-    ),
+    "mnli": GLUETask("MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+                     eval_split="validation_matched", extra_eval_splits=("validation_mismatched",)),
     "mrpc": GLUETask("MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent")),
     "qnli": GLUETask("QNLI", ("question", "sentence"), ("entailment", "not_entailment")),
     "qqp": GLUETask("QQP", ("question1", "question2"), ("not_duplicate", "duplicate")),
@@ -56,7 +51,6 @@ GLUE_TASKS: dict[str, GLUETask] = {
 }
 
 TASKS: tuple[str, ...] = tuple(GLUE_TASKS)
-"""Every task, in the one order used everywhere."""
 
 
 def ordered_tasks(tasks: Sequence[str]) -> list[str]:
@@ -69,8 +63,6 @@ def ordered_tasks(tasks: Sequence[str]) -> list[str]:
         raise ValueError(f"No task given; choose among {', '.join(TASKS)}.")
     twice = sorted({t for t in tasks if tasks.count(t) > 1})
     if twice:
-        from mergelit.errors import DuplicateName
-
         raise DuplicateName(f"Task {twice[0]!r} is listed twice in {tasks}; give each task once.")
     return [t for t in TASKS if t in tasks]
 
