@@ -6,19 +6,14 @@ https://arxiv.org/abs/2306.01708.
 With τi = θi − θ0, each flattened over the whole body (keys sorted by name) into one vector:
 
 1. Trim: per task, keep the entries with |τi| ≥ the k-th smallest |τi|, k = d − int(d · K), K the
-   kept share (``threshold``: 20 = 20 %; as FusionBench, a value ≤ 1 is read as a fraction, so
-   0.2 is also 20 %); ties at the cut are kept; zero the rest.
+   kept share (``threshold``: 20 = 20 %; as FusionBench, a value ≤ 1 is a fraction); ties at the cut kept.
 2. Elect: s = sign(Σ trimmed τi); entries where that is 0 take sign(Σ s), the majority sign.
-3. Disjoint merge: keep the trimmed entries whose sign equals s and aggregate them: ``sum``
-   (FusionBench's default and the reproduction setting), ``mean`` (divide by the number of kept
-   entries, at least 1: the paper's choice) or ``max`` (largest magnitude, with sign s).
+3. Disjoint merge: aggregate the trimmed entries whose sign equals s: ``sum`` (FusionBench's),
+   ``mean`` (over the kept entries, at least 1: the paper's) or ``max`` (largest magnitude, sign s).
 
-θ* = θ0 + λ τm. Default λ = 0.3; the best published GPT-2/GLUE λ is 0.6.
-
-Steps 1 and 2 need the whole body (the k-th value over all entries, Σ s), so the first key merged
-runs ``ties_election`` over the pool (each task's trim cut, then the elected signs); the merge
-itself is then per key. The trim, elect and disjoint-merge steps live in ``mergelit.state_dict``
-(DARE-TIES and Consensus run them on their own task vectors).
+θ* = θ0 + λ τm. Steps 1 and 2 need the whole body, so the first key merged runs ``ties_election``
+over the pool; the merge is then per key. The steps live in ``mergelit.state_dict`` (DARE-TIES and
+Consensus share them).
 """
 
 from __future__ import annotations
@@ -38,6 +33,7 @@ from mergelit.state_dict import (
     disjoint_merge,
     elect_sign,
     flatten,
+    pool_task_vectors,
     ties_election,
     trim,
     unflatten,
@@ -46,7 +42,8 @@ from mergelit.state_dict import (
 
 def check_threshold(threshold: float) -> float:
     """TIES's ``threshold``: in (0, 100], a value <= 1 read as a fraction (as FusionBench)."""
-    return check_number(threshold, "threshold (the share of each task vector TIES keeps: 20 = 20 %, or a fraction <= 1)", 0, 100, low_open=True)
+    name = "threshold (the share of each task vector TIES keeps: 20 = 20 %, or a fraction <= 1)"
+    return check_number(threshold, name, 0, 100, low_open=True)
 
 
 def ties_task_vector(
@@ -55,8 +52,7 @@ def ties_task_vector(
     threshold: float = 20,
     merge_func: Literal["sum", "mean", "max"] = "sum",
 ) -> dict[str, Tensor]:
-    """τm over whole bodies (the reference the per-key merge is tested against): trim, elect and
-    disjoint merge of the flattened task vectors; the part of the merge that does not depend on λ."""
+    """τm over whole bodies, the λ-free part of the merge: trim, elect, disjoint merge of the flat τi."""
     check_finetuned(pretrained, finetuned)
     theta0 = flatten(pretrained)
     trimmed = [trim(flatten(body).sub_(theta0), threshold) for body in finetuned.values()]
@@ -71,25 +67,15 @@ def ties_merge(
     threshold: float = 20,
     merge_func: Literal["sum", "mean", "max"] = "sum",
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + λ τm over whole bodies, τm the TIES merge of the task vectors τi = θi − θ0.
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts.
-        scaling_factor: λ.
-        threshold: share of each task vector's entries kept by the trim (by magnitude, whole body).
-        merge_func: how the disjoint merge aggregates agreeing entries: ``sum``, ``mean`` or ``max``.
-    """
+    """θ* = θ0 + λ τm over whole bodies (the arguments as ``TiesMerging``'s)."""
     check_number(scaling_factor, "scaling_factor (λ)")
-    merged = ties_task_vector(pretrained, finetuned, check_threshold(threshold), check_choice(merge_func, "merge_func", MERGE_FUNCS))
+    merge_func = check_choice(merge_func, "merge_func", MERGE_FUNCS)
+    merged = ties_task_vector(pretrained, finetuned, check_threshold(threshold), merge_func)
     return {key: theta0 + scaling_factor * merged[key] for key, theta0 in pretrained.items()}
 
 
 class TiesMerging(MergeMethod):
     """TIES-Merging: θ* = θ0 + λ τm, τm the trimmed, sign-elected, disjoint merge of the task vectors.
-
-    Each task vector keeps only its largest entries (trim), every entry gets the sign of the
-    summed trimmed vectors (elect), and only entries agreeing with it are aggregated (disjoint merge).
 
     Args:
         scaling_factor: λ, multiplies the merged task vector τm. The best published GPT-2/GLUE value is 0.6.
@@ -117,7 +103,9 @@ class TiesMerging(MergeMethod):
         self.threshold = check_threshold(threshold)
         self.merge_func = check_choice(merge_func, "merge_func", MERGE_FUNCS)
         if threshold <= 1:
-            rank_zero_info(f"TIES-Merging: threshold {threshold} <= 1 is read as a fraction: the trim keeps {100 * threshold:g} %.")
+            rank_zero_info(
+                f"TIES-Merging: threshold {threshold} <= 1 is read as a fraction: the trim keeps {100 * threshold:g} %."
+            )
         self._election: TiesElection | None = None
         self.save_hyperparameters(ignore=["pool"])
 
@@ -131,15 +119,8 @@ class TiesMerging(MergeMethod):
 
     def _merged_task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
         if self._election is None:  # only when some key is not reused from an earlier sweep point
-            pool = self.pool
-            self._election = ties_election(
-                {key: shape.numel() for key, shape in pool.body_shapes().items()},
-                len(pool.tasks),
-                lambda i, k: pool.finetuned_tensor(pool.tasks[i], k) - pool.pretrained_tensor(k),
-                self.threshold,
-            )
-        election = self._election
-        sign = election.sign(key)
-        if not election.signs:
+            self._election = ties_election(*pool_task_vectors(self.pool), self.threshold)
+        merged = self._election.merged(key, theta0, thetas, self.merge_func)
+        if not self._election.signs:
             self._election = None  # every key merged: the signs are gone, a new merge elects again
-        return disjoint_merge(election.trimmed(theta - theta0 for theta in thetas), sign, self.merge_func)
+        return merged
