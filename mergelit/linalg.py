@@ -125,6 +125,7 @@ def ordered_sum(tensors: Iterable[Tensor]) -> Tensor:
     total = None
     for tensor in tensors:
         total = tensor.clone() if total is None else total.add_(tensor)
+        del tensor  # before the next one is read
     return total
 
 
