@@ -1,21 +1,11 @@
 """CART: Centred Arithmetic with Rank-reduced Task vectors.
 
 Choi, Kim, Lee & Hong 2024, "Revisiting Weight Averaging for Model Merging",
-https://arxiv.org/abs/2412.12153 (code: JH-GEECS/CART).
+https://arxiv.org/abs/2412.12153 (code: JH-GEECS/CART; not in FusionBench).
 
-With τi = θi − θ0 and n tasks, per tensor:
-
-1. average: θ̄ = θ0 + (1/n) Σi τi;
-2. centre: τ'i = τi + θ0 − θ̄ (= θi − θ̄ up to rounding);
-3. reduce rank: on the Conv1D weights, lowrank(τ'i) = the top r = max(1, int(ρ·k)) singular triplets,
-   k = min(rows, cols) (GPT-2 small, ρ = 0.12: 92 of 768); every other tensor keeps τ'i in full;
-4. θ* = θ̄ + λ Σi lowrank(τ'i).
-
-CART's low-rank key rule ("attn" or "mlp" in the key, neither "ln" nor "bias") is exactly GPT-2's 48
-Conv1D weights. Elsewhere Σi τ'i = 0 in exact arithmetic, so θ* is the simple average θ̄ for any λ
-(up to rounding); with ρ = 1 the whole body is. A truncated SVD is transpose-equivariant, so the
-Conv1D [in, out] layout does not matter. FusionBench has no CART; the defaults (λ = 2.0, ρ = 0.12)
-are the original's 8-task vision setting; its ``energy_threshold`` rank rule is not offered.
+With τi = θi − θ0, per tensor: 1. θ̄ = θ0 + (1/n) Σi τi; 2. τ'i = τi + θ0 − θ̄; 3. on the Conv1D weights
+(CART's key rule), lowrank(τ'i) = its top r = max(1, int(ρ·min(rows, cols))) singular triplets, τ'i in
+full elsewhere (where Σi τ'i = 0 up to rounding: θ̄); 4. θ* = θ̄ + λ Σi lowrank(τ'i). Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -65,9 +55,7 @@ def cart_parts_tensor(key: str, theta0: Tensor, thetas: Sequence[Tensor], rank_r
 
 
 def cart_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    scaling_factor: float = 2.0,
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 2.0,
     rank_ratio: float = 0.12,
 ) -> dict[str, Tensor]:
     """θ* = θ̄ + λ Σi lowrank(τ'i) over whole bodies (the arguments as ``CART``'s)."""
@@ -94,12 +82,10 @@ class CART(MergeMethod):
     vectors centred on it, τ'i = θi − θ̄ (Conv1D weights; every other tensor is θ̄).
 
     Args:
-        scaling_factor: λ (the original's ``prior``), multiplies the summed low-rank centred
-            task vectors. 0, like ``rank_ratio`` 1, gives the simple average. Default 2.0: CART's
-            8-task setting (no 7-task or NLP setting is published).
-        rank_ratio: ρ in (0, 1] (the original's ``initial_rank_ratio``): each centred task vector
-            keeps its top max(1, int(ρ·k)) singular triplets, k = min(rows, cols); 0.12 keeps
-            92 of 768 on GPT-2 small (CART's 8-task setting).
+        scaling_factor: λ (the original's ``prior``), multiplies the summed low-rank centred task vectors;
+            0, like ``rank_ratio`` 1, gives the simple average (2.0: CART's 8-task setting).
+        rank_ratio: ρ in (0, 1] (the original's ``initial_rank_ratio``): each centred task vector keeps its
+            top max(1, int(ρ·k)) singular triplets, k = min(rows, cols) (0.12: 92 of 768 on GPT-2 small).
     """
 
     display_name = "CART"

@@ -3,18 +3,10 @@
 Wang, Dimitriadis et al. 2024, "Localizing Task Information for Improved Model Merging and
 Compression", ICML 2024, https://arxiv.org/abs/2405.07813 (official code: nik-dim/tall_masks).
 
-With τi = θi − θ0, elementwise on every body tensor (LN and biases included, as the official flattening):
-
-1. Multi-task vector τ_MTL: Σi τi (``base: task_arithmetic``), or TIES's merged vector (``base: ties``:
-   top-20 % per task over the whole body, elect, disjoint **sum**, as the official ``use_ties``).
-2. TALL mask of task t: m_t = |θ0 − θt| > λ·|θ_MTL − θt|, θ_MTL = θ0 + τ_MTL (strict ``>``; float32,
-   λ a float32 scalar, exactly as the official ``generate_task_masks``).
-3. Consensus: keep_j = [Σt m_t,j ≥ k]; θ* = θ0 + α·(τ_MTL ⊙ keep).
-
-k = 2 drops the "catastrophic" (no task) and "selfish" (one task) weights; k = 0 is TA (or TIES) at α;
-k > n gives θ0. The paper picks λt per task and α on labeled validation; the data-free defaults are one
-λ = 0.6 (FusionBench's TALL value), k = 2 (official) and α = 0.3 (Task Arithmetic's). FusionBench has
-no consensus algorithm.
+With τi = θi − θ0, elementwise on every body tensor: the multi-task vector τ_MTL (Σi τi, or TIES's vector
+as the official ``use_ties``), the TALL masks m_t = |θ0 − θt| > λ·|θ_MTL − θt| (θ_MTL = θ0 + τ_MTL, float32
+as the official ``generate_task_masks``), keep = [Σt m_t ≥ k], θ* = θ0 + α·(τ_MTL ⊙ keep). k = 0 is TA
+(or TIES) at α; k > n gives θ0. Defaults and details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -70,12 +62,8 @@ def multi_task_vector(pretrained: dict[str, Tensor], finetuned: dict[str, dict[s
 
 
 def consensus_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    scaling_factor: float = 0.3,
-    tall_mask_lambda: float = 0.6,
-    min_agreement: int = 2,
-    base: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 0.3,
+    tall_mask_lambda: float = 0.6, min_agreement: int = 2, base: Literal["task_arithmetic", "ties"] = "task_arithmetic",
 ) -> dict[str, Tensor]:
     """θ* = θ0 + α·(τ_MTL ⊙ keep) over whole state dicts (the arguments as ``ConsensusMerging``'s)."""
     check_finetuned(pretrained, finetuned)
@@ -92,14 +80,10 @@ class ConsensusMerging(MergeMethod):
     """Consensus Merging: θ* = θ0 + α·(τ_MTL ⊙ keep), keep = the entries at least k tasks' TALL masks hold.
 
     Args:
-        scaling_factor: α, multiplies the kept multi-task vector (the paper selects it on validation
-            among 0.1 … 1.0; 0.3 is Task Arithmetic's default).
-        tall_mask_lambda: λ of the TALL masks m_t = |θ0 − θt| > λ·|θ_MTL − θt|, one value for every task
-            (the paper selects one per task among 0.2 … 0.6; 0.6 is FusionBench's).
-        min_agreement: k, how many tasks' masks must hold an entry for it to be kept (official 2;
-            0 keeps everything: Task Arithmetic / TIES at α).
-        base: the multi-task vector τ_MTL: ``task_arithmetic`` (Σ τi) or ``ties`` (TIES's vector at
-            threshold 20, disjoint sum, as the official ``use_ties``).
+        scaling_factor: α, multiplies the kept multi-task vector (0.3, Task Arithmetic's default).
+        tall_mask_lambda: λ of every task's TALL mask m_t = |θ0 − θt| > λ·|θ_MTL − θt| (0.6, FusionBench's).
+        min_agreement: k, how many tasks' masks must hold an entry to keep it (official 2; 0 keeps all).
+        base: τ_MTL: ``task_arithmetic`` (Σ τi) or ``ties`` (TIES's vector at threshold 20, disjoint sum).
     """
 
     display_name = "Consensus Merging"
@@ -108,11 +92,7 @@ class ConsensusMerging(MergeMethod):
     search = {"scaling_factor": LAMBDAS}
 
     def __init__(
-        self,
-        pool: ModelPool,
-        scaling_factor: float = 0.3,
-        tall_mask_lambda: float = 0.6,
-        min_agreement: int = 2,
+        self, pool: ModelPool, scaling_factor: float = 0.3, tall_mask_lambda: float = 0.6, min_agreement: int = 2,
         base: Literal["task_arithmetic", "ties"] = "task_arithmetic",
     ):
         super().__init__(pool)

@@ -3,16 +3,9 @@
 Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022,
 https://arxiv.org/abs/2111.09832.
 
-Statistics (``mergelit.statistics.fisher_statistics``, in ``prepare``): each task's diagonal Fisher Fi,
-the mean over ``num_fisher_examples`` train examples of (∂S/∂θ)² per batch, S = Σ_batch Σ_class
-√p · log_softmax(logits) (p detached). Merge, per tensor, with ε = ``minimal_fisher_weight``:
-
-    θ* = Σ ci (Fi + ε) θi / Σ ci (Fi + ε),   ci = (1/n) · ni,   ni = (1/(‖Fi‖ + ε)) / Σj (1/(‖Fj‖ + ε)),
-
-‖Fi‖ the L2 norm of model i's Fisher over every merged tensor; ``normalize_fisher_weight: false`` gives
-ci = 1/n. Tensors matched by ``exclude_param_names_regex`` keep θ0 (and do not count in ‖Fi‖), as in
-FusionBench. Unlike FusionBench the examples are drawn with ``seed``, and a ``num_fisher_examples`` that
-is not a multiple of ``batch_size`` uses exactly that many examples.
+Per tensor, θ* = Σ ci (Fi + ε) θi / Σ ci (Fi + ε): Fi the diagonal Fisher of model i on its train split
+(``mergelit.statistics.fisher_statistics``), ε = ``minimal_fisher_weight``, ci = (1/n)·ni with
+ni ∝ 1/(‖Fi‖ + ε) (or 1/n). ``exclude_param_names_regex`` matches keep θ0. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -29,14 +22,6 @@ from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, matching_keys
 from mergelit.statistics import DEFAULT_CACHE_DIR, StoredStatistics, fisher_statistics
-
-
-def fisher_coefficients(norms: Sequence[float] | None, minimal_fisher_weight: float, n: int) -> list[float]:
-    """ci = (1/n) · ni, ni = (1/(‖Fi‖ + ε)) / Σj (1/(‖Fj‖ + ε)); ``norms`` None: ci = 1/n."""
-    if norms is None:
-        return [1.0 / n] * n
-    inverse = [1.0 / (norm + minimal_fisher_weight) for norm in norms]
-    return [(x / sum(inverse)) / n for x in inverse]
 
 
 def fisher_merge_tensor(
@@ -72,20 +57,22 @@ def check_fisher(task: str, fishers: Iterable[tuple[str, Tensor]]) -> float:
     return math.sqrt(squares)
 
 
-def _coefficients(
+def fisher_coefficients(
     tasks: Sequence[str], keys: Sequence[str], fisher: Callable[[str, str], Tensor], normalize: bool, eps: float
 ) -> list[float]:
-    """ci of every task, checking its Fisher ``fisher(task, key)`` over the merged ``keys`` (even if not ``normalize``)."""
+    """ci = (1/n) · ni, ni = (1/(‖Fi‖ + ε)) / Σj (1/(‖Fj‖ + ε)), ‖Fi‖ the norm of ``fisher(task, key)`` over
+    the merged ``keys`` (checked even when not ``normalize``: then ci = 1/n)."""
+    n = len(tasks)
     norms = [check_fisher(task, ((key, fisher(task, key)) for key in keys)) for task in tasks] if keys else []
-    return fisher_coefficients(norms if normalize else None, eps, len(tasks))
+    if not normalize:
+        return [1.0 / n] * n
+    inverse = [1.0 / (norm + eps) for norm in norms]
+    return [(x / sum(inverse)) / n for x in inverse]
 
 
 def fisher_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    fishers: dict[str, dict[str, Tensor]],
-    minimal_fisher_weight: float = 1e-6,
-    normalize_fisher_weight: bool = True,
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], fishers: dict[str, dict[str, Tensor]],
+    minimal_fisher_weight: float = 1e-6, normalize_fisher_weight: bool = True,
     exclude_param_names_regex: list[str] = [],
 ) -> dict[str, Tensor]:
     """Fisher Merging over whole state dicts, ``fishers`` task -> Fi (the other arguments as ``FisherMerging``'s)."""
@@ -96,7 +83,7 @@ def fisher_merge(
     tasks = list(finetuned)
     excluded = matching_keys(pretrained, exclude_param_names_regex)
     keys = [key for key in pretrained if key not in excluded]
-    coefficients = _coefficients(
+    coefficients = fisher_coefficients(
         tasks, keys, lambda task, key: fishers[task][key], normalize_fisher_weight, minimal_fisher_weight
     )
     merged = {}
@@ -112,16 +99,14 @@ def fisher_merge(
 class FisherMerging(MergeMethod):
     """Fisher Merging: per-entry mean of the fine-tuned bodies weighted by their diagonal Fisher.
 
-    Each task's Fisher is estimated on its train split (labels unused) by ``trainer.predict`` loops in
-    ``prepare``, cached under ``cache_dir`` (a rerun with the same models, data and sampling loads it);
-    the merge reads one task's Fisher of one tensor at a time from ``statistics``.
+    ``prepare`` estimates each task's Fisher (``trainer.predict`` loops, cached under ``cache_dir``) into
+    ``statistics``.
 
     Args:
         num_fisher_examples: train examples per task used to estimate the Fisher (FusionBench: 256).
-        batch_size: examples per batch of the estimate. It changes the result: each batch adds
-            the square of the gradient of its sum (FusionBench: 32).
-        minimal_fisher_weight: ε, added to every Fisher entry and norm, so that entries no model
-            saw still get a weight.
+        batch_size: examples per batch of the estimate; it changes the result: each batch adds the square
+            of the gradient of its sum (FusionBench: 32).
+        minimal_fisher_weight: ε, added to every Fisher entry and norm (entries no model saw still weigh).
         normalize_fisher_weight: weigh model i by ni ∝ 1/(‖Fi‖ + ε), ‖Fi‖ its global Fisher norm
             (FusionBench's default); ``false`` weighs every model alike.
         exclude_param_names_regex: regular expressions (``re.match`` on body tensor names such as
@@ -135,15 +120,9 @@ class FisherMerging(MergeMethod):
     data = "train inputs"
 
     def __init__(
-        self,
-        pool: ModelPool,
-        num_fisher_examples: int = 256,
-        batch_size: int = 32,
-        minimal_fisher_weight: float = 1e-6,
-        normalize_fisher_weight: bool = True,
-        exclude_param_names_regex: list[str] = [],
-        seed: int = 42,
-        cache_dir: str = DEFAULT_CACHE_DIR,
+        self, pool: ModelPool, num_fisher_examples: int = 256, batch_size: int = 32,
+        minimal_fisher_weight: float = 1e-6, normalize_fisher_weight: bool = True,
+        exclude_param_names_regex: list[str] = [], seed: int = 42, cache_dir: str = DEFAULT_CACHE_DIR,
     ):
         super().__init__(pool)
         self.num_fisher_examples = check_integer(num_fisher_examples, "num_fisher_examples", minimum=1)
@@ -176,10 +155,12 @@ class FisherMerging(MergeMethod):
         keys = self.pool.keys()
         for task in self.tasks:
             if task not in statistics.tasks or set(statistics.names(task)) != set(keys):
-                raise ValueError(f"The Fisher statistics of {task!r} do not cover the pool's body tensors; run `prepare` again.")
+                raise ValueError(
+                    f"The Fisher statistics of {task!r} do not cover the pool's body tensors; run `prepare` again."
+                )
         self._excluded = matching_keys(keys, self.exclude_param_names_regex)
         merged_keys = [key for key in keys if key not in self._excluded]
-        self._coefficients = _coefficients(
+        self._coefficients = fisher_coefficients(
             self.tasks, merged_keys, statistics.tensor, self.normalize_fisher_weight, self.minimal_fisher_weight
         )
 

@@ -3,21 +3,15 @@
 Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023,
 https://arxiv.org/abs/2212.09849.
 
-Statistics (``mergelit.statistics.gram_statistics``, in ``prepare``): for every Conv1D of each
-fine-tuned body (48 in GPT-2), the Gram matrix of its input over ``num_regmean_examples`` shuffled
-train examples, Gi = XiᵀXi / T. Merge: G̃i = Gi ⊙ (r·11ᵀ + (1−r)I) (off-diagonal entries scaled by
-r = ``reduce_non_diagonal_ratio``), W* = (Σ G̃i)⁻¹ Σ G̃i Wi, which minimises Σ ‖Xi W − Xi Wi‖² at r = 1.
-Every other tensor is the plain mean of the θi; tensors matched by ``exclude_param_names_regex`` keep
-θ0 (FusionBench loads the merged tensors into the pretrained model), Conv1D weights included.
-
-The solve is ``torch.linalg.solve`` in float64 (FusionBench: a float32 inverse, ~1e-4 apart with
-padding counted). ``count_padding`` and the statistics cache: see docs/methods.md.
+Each Conv1D weight: W* = (Σ G̃i)⁻¹ Σ G̃i Wi, Gi = XiᵀXi / T the Gram of its inputs on task i's train
+examples (``mergelit.statistics.gram_statistics``), G̃i = Gi ⊙ (r·11ᵀ + (1−r)I); every other tensor: the
+mean of the θi; ``exclude_param_names_regex`` matches keep θ0. Solved in float64; details: docs/methods.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import lightning as L
 import torch
@@ -98,8 +92,13 @@ def regmean_solve(
     return solution
 
 
-def solved_weights(modules: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
-    """``<module>.weight`` -> module for every Conv1D module with Grams (each must have that tensor)."""
+def solved_weights(names: Callable[[str], Iterable[str]], tasks: Sequence[str], keys: Iterable[str]) -> dict:
+    """``<module>.weight`` -> module for the Conv1D modules with Grams (``names(task)``), which must be the
+    same for every task and each have that tensor."""
+    modules = list(names(tasks[0]))
+    for task in tasks[1:]:
+        if set(names(task)) != set(modules):
+            raise ValueError(f"The Grams of {task!r} cover other modules than those of {tasks[0]!r}.")
     solved = {f"{module}.weight": module for module in modules}
     for key, module in solved.items():
         if key not in keys:
@@ -108,10 +107,8 @@ def solved_weights(modules: Iterable[str], keys: Iterable[str]) -> dict[str, str
 
 
 def regmean_merge(
-    finetuned: dict[str, dict[str, Tensor]],
-    grams: dict[str, dict[str, Tensor]],
-    reduce_non_diagonal_ratio: float = 0.6,
-    pretrained: dict[str, Tensor] | None = None,
+    finetuned: dict[str, dict[str, Tensor]], grams: dict[str, dict[str, Tensor]],
+    reduce_non_diagonal_ratio: float = 0.6, pretrained: dict[str, Tensor] | None = None,
     exclude_param_names_regex: list[str] = [],
 ) -> dict[str, Tensor]:
     """RegMean over whole state dicts: ``grams`` is task -> {Conv1D module (``h.0.mlp.c_fc``) -> Gi}, the
@@ -131,11 +128,7 @@ def regmean_merge(
         )
     if pretrained is not None:
         check_finetuned(pretrained, finetuned)
-    modules = list(grams[tasks[0]])
-    for task in tasks[1:]:
-        if set(grams[task]) != set(modules):
-            raise ValueError(f"The Grams of {task!r} cover other modules than those of {tasks[0]!r}.")
-    solved = solved_weights(modules, first)
+    solved = solved_weights(lambda task: grams[task], tasks, first)
     merged = {}
     for key in first:
         thetas = [finetuned[task][key] for task in tasks]
@@ -152,18 +145,15 @@ def regmean_merge(
 class RegMean(MergeMethod):
     """RegMean: each Conv1D weight W* = (Σ G̃i)⁻¹ Σ G̃i Wi from its input Grams; other tensors averaged.
 
-    The Grams come from each task's train examples, as ``trainer.predict`` loops in ``prepare``, cached
-    under ``cache_dir`` (a rerun with the same models, data and sampling loads them); the merge reads
-    one task's Gram of one Conv1D at a time from ``statistics``.
+    ``prepare`` computes the Grams (``trainer.predict`` loops, cached under ``cache_dir``) into ``statistics``.
 
     Args:
         num_regmean_examples: train examples per task for the Gram matrices (FusionBench: 256).
         batch_size: examples per batch of the statistics loop (does not change the Grams).
-        reduce_non_diagonal_ratio: r in G̃ = G ⊙ (r·11ᵀ + (1−r)I): the Grams' off-diagonal
-            entries are multiplied by r (1 = exact least squares, 0 = diagonal only).
-        count_padding: ``true`` pads examples to ``max_length`` (512) and counts padding positions
-            in the Grams, as FusionBench does (reproduces its numbers); ``false`` counts real
-            tokens only (principled, but gives different numbers).
+        reduce_non_diagonal_ratio: r, the factor on the Grams' off-diagonal entries (1 = exact least
+            squares, 0 = diagonal only).
+        count_padding: ``true`` pads examples to ``max_length`` (512) and counts padding positions, as
+            FusionBench (reproduces its numbers); ``false`` counts real tokens only (principled).
         exclude_param_names_regex: regular expressions (``re.match`` on body tensor names such as
             ``h.0.mlp.c_fc.weight``); matching tensors keep the pretrained value.
         seed: seed of the draw of the train examples (their indices are stored with the statistics).
@@ -176,15 +166,9 @@ class RegMean(MergeMethod):
     data = "train inputs"
 
     def __init__(
-        self,
-        pool: ModelPool,
-        num_regmean_examples: int = 256,
-        batch_size: int = 32,
-        reduce_non_diagonal_ratio: float = 0.6,
-        count_padding: bool = True,
-        exclude_param_names_regex: list[str] = [],
-        seed: int = 42,
-        cache_dir: str = DEFAULT_CACHE_DIR,
+        self, pool: ModelPool, num_regmean_examples: int = 256, batch_size: int = 32,
+        reduce_non_diagonal_ratio: float = 0.6, count_padding: bool = True, exclude_param_names_regex: list[str] = [],
+        seed: int = 42, cache_dir: str = DEFAULT_CACHE_DIR,
     ):
         super().__init__(pool)
         self.num_regmean_examples = check_integer(num_regmean_examples, "num_regmean_examples", minimum=1)
@@ -214,13 +198,8 @@ class RegMean(MergeMethod):
                 "RegMean has no Gram statistics: call `method.prepare(trainer, datamodule)` before "
                 "`trainer.test(method, datamodule)` (the `mergelit test` command does this for you)."
             )
-        modules = statistics.names(self.tasks[0])
-        for task in self.tasks[1:]:
-            if set(statistics.names(task)) != set(modules):
-                raise ValueError(f"The Grams of {task!r} cover other modules than those of {self.tasks[0]!r}.")
-        keys = self.pool.keys()
-        self._excluded = matching_keys(keys, self.exclude_param_names_regex)
-        self._solved = solved_weights(modules, keys)
+        self._solved = solved_weights(statistics.names, self.tasks, self.pool.keys())
+        self._excluded = matching_keys(self.pool.keys(), self.exclude_param_names_regex)
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
         if key in self._excluded:

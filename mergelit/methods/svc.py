@@ -2,28 +2,11 @@
 over-count it. A wrapper: ``base:`` is the merge it calibrates (Task Arithmetic, TIES, ...).
 
 "When Shared Knowledge Hurts: Spectral Over-Accumulation in Model Merging", ICML 2026,
-https://arxiv.org/abs/2602.05536. This follows FusionBench 0.2.33 (``method/singular_value_calibration``,
-``subspace_consistency_spectral_calibration_accelerated``), whose merge runs on a GPT-2 pool.
+https://arxiv.org/abs/2602.05536; follows FusionBench 0.2.33 (``method/singular_value_calibration``).
 
-1. Base merge: θ_base = the base method's merged body (run on the same pool).
-2. For every 2-D tensor (wte, wpe, the 48 Conv1D weights; LN and biases keep the base's values), in
-   float64: ΔW_m = θ_base − θ0, ΔWi = θi − θ0 (the full fine-tuned weights, whatever the base
-   trimmed), U, S, Vᵀ = svd(ΔW_m, thin), R = min(rows, cols) directions.
-3. Responses on the left singular vectors: a_r^m = u_rᵀ ΔW_m, a_r^i = u_rᵀ ΔWi;
-   s_r^i = ⟨a_r^m, a_r^i⟩ / max(‖a_r^i‖², 1e-12), then ``nan_to_num(nan=α, neginf=α)``.
-4. γ_r = K / Σi max(s_r^i, α) (K = the number of fine-tuned models);
-   θ* = θ0 + U diag(γ ⊙ S) Vᵀ, cast back to float32.
-
-γ_r lies in (0, 1/α]: directions several tasks push the same way are shrunk; directions no task
-explains better than α are amplified up to 1/α. K identical task vectors A around Task Arithmetic at
-λ ≥ α/K give θ0 + A whatever λ is.
-
-**Conv1D layout** (``projection_side``). As stored, a Conv1D ΔW is [in, out], so its left singular
-vectors span the *input* features (FusionBench's route: ``input``, the default); ``output`` (the paper's
-nn.Linear [out, in]) transposes the 48 Conv1D weights first and back after. wte and wpe stay as stored.
-
-The θi's responses are computed one θi at a time (FusionBench stacks the K task matrices: 2 GiB for wte
-in float64), bit for bit the stacked computation (``svc_merge``) on the test pool.
+Per 2-D tensor, in float64: ΔW_m = θ_base − θ0 = U diag(S) Vᵀ, ΔWi = θi − θ0; on each left singular vector
+u_r, s_r^i = ⟨u_rᵀΔW_m, u_rᵀΔWi⟩ / max(‖u_rᵀΔWi‖², 1e-12) (NaN, −inf: α); γ_r = K / Σi max(s_r^i, α);
+θ* = θ0 + U diag(γ ⊙ S) Vᵀ. LN and biases keep the base's values. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -73,11 +56,8 @@ def calibrate_key(
 
 
 def svc_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    merged: dict[str, Tensor],
-    alpha: float = 0.1,
-    projection_side: Literal["input", "output"] = "input",
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], merged: dict[str, Tensor],
+    alpha: float = 0.1, projection_side: Literal["input", "output"] = "input",
 ) -> dict[str, Tensor]:
     """SVC of the base's ``merged`` body over whole state dicts, as FusionBench computes it: the K task
     matrices of a key stacked, responses by ``einsum`` (K = len(finetuned))."""
@@ -123,10 +103,7 @@ class SingularValueCalibration(WrapperMethod):
     recommended = {"alpha": 0.1}
 
     def __init__(
-        self,
-        pool: ModelPool,
-        alpha: float = 0.1,
-        projection_side: Literal["input", "output"] = "input",
+        self, pool: ModelPool, alpha: float = 0.1, projection_side: Literal["input", "output"] = "input",
         base: Callable[[ModelPool], MergeMethod] = {
             "class_path": "mergelit.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.3}
         },

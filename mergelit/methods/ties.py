@@ -3,17 +3,11 @@
 Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023,
 https://arxiv.org/abs/2306.01708.
 
-With τi = θi − θ0, each flattened over the whole body (keys sorted by name) into one vector:
-
-1. Trim: per task, keep the entries with |τi| ≥ the k-th smallest |τi|, k = d − int(d · K), K the
-   kept share (``threshold``: 20 = 20 %; as FusionBench, a value ≤ 1 is a fraction); ties at the cut kept.
-2. Elect: s = sign(Σ trimmed τi); entries where that is 0 take sign(Σ s), the majority sign.
-3. Disjoint merge: aggregate the trimmed entries whose sign equals s: ``sum`` (FusionBench's),
-   ``mean`` (over the kept entries, at least 1: the paper's) or ``max`` (largest magnitude, sign s).
-
-θ* = θ0 + λ τm. Steps 1 and 2 need the whole body, so the first key merged runs ``ties_election``
-over the pool; the merge is then per key. The steps live in ``mergelit.state_dict`` (DARE-TIES and
-Consensus share them).
+With τi = θi − θ0, each flattened over the whole body: trim each τi to its top ``threshold`` share by
+magnitude (ties at the cut kept), elect s = sign(Σ trimmed τi) (zeros take sign(Σ s)), aggregate the
+trimmed entries whose sign is s (``merge_func``); θ* = θ0 + λ τm. The trim cut and Σ s need the whole
+body, so the first key merged runs ``ties_election`` over the pool; the steps live in
+``mergelit.state_dict`` (DARE-TIES and Consensus share them).
 """
 
 from __future__ import annotations
@@ -47,9 +41,7 @@ def check_threshold(threshold: float) -> float:
 
 
 def ties_task_vector(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    threshold: float = 20,
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], threshold: float = 20,
     merge_func: Literal["sum", "mean", "max"] = "sum",
 ) -> dict[str, Tensor]:
     """τm over whole bodies, the λ-free part of the merge: trim, elect, disjoint merge of the flat τi."""
@@ -61,11 +53,8 @@ def ties_task_vector(
 
 
 def ties_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    scaling_factor: float = 0.3,
-    threshold: float = 20,
-    merge_func: Literal["sum", "mean", "max"] = "sum",
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 0.3,
+    threshold: float = 20, merge_func: Literal["sum", "mean", "max"] = "sum",
 ) -> dict[str, Tensor]:
     """θ* = θ0 + λ τm over whole bodies (the arguments as ``TiesMerging``'s)."""
     check_number(scaling_factor, "scaling_factor (λ)")
@@ -79,11 +68,10 @@ class TiesMerging(MergeMethod):
 
     Args:
         scaling_factor: λ, multiplies the merged task vector τm. The best published GPT-2/GLUE value is 0.6.
-        threshold: share of each task vector's entries kept by the trim, chosen by magnitude over
-            the whole body (the paper's k = 20 %): a percentage in (1, 100], or as FusionBench a
-            fraction in (0, 1] (0.2 = 20 %).
-        merge_func: aggregation of the agreeing entries: ``sum`` (FusionBench's default, reproduces
-            the published numbers), ``mean`` (the paper's disjoint mean) or ``max`` (largest magnitude).
+        threshold: share of each task vector's entries the trim keeps, by magnitude over the whole body (the
+            paper's k = 20 %): a percentage in (1, 100], or as FusionBench a fraction in (0, 1] (0.2 = 20 %).
+        merge_func: aggregation of the agreeing entries: ``sum`` (FusionBench's, reproduces the published
+            numbers), ``mean`` (the paper's disjoint mean) or ``max`` (largest magnitude).
     """
 
     display_name = "TIES-Merging"
@@ -92,10 +80,7 @@ class TiesMerging(MergeMethod):
     search = {"scaling_factor": LAMBDAS}
 
     def __init__(
-        self,
-        pool: ModelPool,
-        scaling_factor: float = 0.3,
-        threshold: float = 20,
+        self, pool: ModelPool, scaling_factor: float = 0.3, threshold: float = 20,
         merge_func: Literal["sum", "mean", "max"] = "sum",
     ):
         super().__init__(pool)

@@ -1,27 +1,12 @@
 """TSV-M (Task Singular Vectors: Merge): keep each task's top singular vectors, orthogonalise, recombine.
 
 Gargiulo et al. 2025, "Task Singular Vectors: Reducing Task Interference in Model Merging",
-CVPR 2025, https://arxiv.org/abs/2412.00081.
+CVPR 2025, https://arxiv.org/abs/2412.00081. As FusionBench's ``TaskSingularVectorMerging``.
 
-With τi = θi − θ0 and n tasks, per tensor in state-dict order:
-
-- 2-D tensors (FusionBench: every 2-D tensor, i.e. wte, wpe and the 48 Conv1D weights):
-  k = min(rows, cols), r = int(k · (1/n)) (GPT-2 small: 109 of 768, slots 763..767 stay 0).
-  1. SVD each task vector, τi = Ui diag(si) Viᵀ, and keep its top r triplets;
-  2. concatenate them: Û[:, i·r:(i+1)·r] = Ui[:, :r], ŝ[i·r:(i+1)·r] = si[:r], V̂ᵀ likewise;
-  3. orthogonalise both sides by their polar factors, P_U = A Bᵀ from Û = A Σ Bᵀ (and P_Vᵀ);
-  4. τm = P_U diag(ŝ) P_Vᵀ.
-- Every other tensor (LayerNorm, biases, ``exclude_keys``): the running mean m ← τ1,
-  m ← m + (τi − m)/i (FusionBench's; it differs from Σ τi / n in the last bit).
-
-θ* = θ0 + α τm on every key (the means too). With α a list of n numbers, τi ← αi τi before
-everything and there is no final scaling. The result does not depend on the SVDs' signs and is
-transpose-equivariant, so GPT-2's Conv1D [in, out] storage needs no transpose.
-
-Differences from FusionBench's ``TaskSingularVectorMerging``: ``svd_keys: conv1d`` (an option) SVDs
-only the Conv1D weights; a task vector of numerical rank below r (likely wpe's) makes the merge depend
-on the LAPACK build, which mergelit warns about (``IllPosedMergeWarning``); wide matrices are SVD'd
-through their transpose; unknown ``exclude_keys`` raise; ``return_single_task_models`` is not offered.
+Per 2-D tensor, with τi = θi − θ0 and r = int(min(rows, cols) / n): concatenate each τi's top r singular
+triplets (Û, ŝ, V̂ᵀ), replace Û and V̂ᵀ by their polar factors and τm = P_U diag(ŝ) P_Vᵀ; every other
+tensor takes the running mean of the τi. θ* = θ0 + α τm. Steps and differences from FusionBench:
+docs/methods.md.
 """
 
 from __future__ import annotations
@@ -76,12 +61,8 @@ def tsv_merge_tensor(
 
 
 def tsv_task_vector_tensor(
-    key: str,
-    theta0: Tensor,
-    thetas: Sequence[Tensor],
-    alpha: Sequence[float] | None = None,
-    exclude_keys: Sequence[str] = (),
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    key: str, theta0: Tensor, thetas: Sequence[Tensor], alpha: Sequence[float] | None = None,
+    exclude_keys: Sequence[str] = (), svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
     tasks: Sequence[str] | None = None,
 ) -> Tensor:
     """τm of one key before the final scaling: TSV-M on an SVD key, the running mean elsewhere; τi = αi (θi − θ0)."""
@@ -92,14 +73,10 @@ def tsv_task_vector_tensor(
 
 
 def tsv_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    alpha: float | Sequence[float] = 1.0,
-    exclude_keys: Sequence[str] | None = None,
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], alpha: float | Sequence[float] = 1.0,
+    exclude_keys: Sequence[str] | None = None, svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + α τm (α a number), or θ0 + τm of the αi-scaled task vectors (α a list of n numbers),
-    over whole bodies (the arguments as ``TaskSingularVectorMerging``'s)."""
+    """TSV-M over whole bodies (the arguments as ``TaskSingularVectorMerging``'s)."""
     alpha = _check_alpha(alpha, len(finetuned))
     check_choice(svd_keys, "svd_keys", SVD_KEYS)
     exclude_keys = list(exclude_keys or [])
@@ -128,13 +105,11 @@ class TaskSingularVectorMerging(MergeMethod):
     """TSV-M: θ* = θ0 + α τm, τm = P_U diag(ŝ) P_Vᵀ from each task's top 1/n singular vectors, orthogonalised.
 
     Args:
-        alpha: α. A number scales the merged task vector on every key (FusionBench's default 1,
-            which the paper picks on validation data from 0.1..3.0). A list of one weight per
-            task (in task order) scales each τi before the merge, with no final scaling.
+        alpha: α, scales τm on every key (FusionBench's 1; the paper picks it from 0.1..3.0), or a list of
+            one weight per task (in task order) that scales each τi before the merge, with no final scaling.
         exclude_keys: exact state-dict keys (e.g. ``wpe.weight``) averaged instead of SVD'd.
-        svd_keys: which 2-D tensors are SVD'd. ``all_2d`` (default, FusionBench): wte, wpe and
-            the 48 Conv1D weights. ``conv1d``: only the Conv1D weights; wte and wpe take the
-            running mean × α, which avoids the ill-posed SVD of a rank-deficient τ_wpe.
+        svd_keys: ``all_2d`` (FusionBench: wte, wpe and the 48 Conv1D weights are SVD'd) or ``conv1d``
+            (wte and wpe averaged, avoiding the ill-posed SVD of a rank-deficient τ_wpe).
     """
 
     display_name = "TSV-M"
@@ -143,10 +118,7 @@ class TaskSingularVectorMerging(MergeMethod):
     search = {"alpha": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}
 
     def __init__(
-        self,
-        pool: ModelPool,
-        alpha: float | list[float] = 1.0,
-        exclude_keys: list[str] | None = None,
+        self, pool: ModelPool, alpha: float | list[float] = 1.0, exclude_keys: list[str] | None = None,
         svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
     ):
         super().__init__(pool)
