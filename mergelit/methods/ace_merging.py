@@ -2,19 +2,9 @@
 
 Xu et al. 2026, "ACE-Merging: Data-Free Model Merging with Adaptive Covariance Estimation", CVPR 2026,
 https://arxiv.org/abs/2603.02945; follows the official GPT-2/GLUE run (unravel-xu/ACE-Merging,
-``MergeStrategy.ace_merging``), quirks included (docs/methods.md lists them).
-
-With τi = θi − θ0 (n tasks): tensors that are not 2-D take τm = mean τi. Each 2-D tensor, as stored
-(d columns; ``covariance_side: input`` transposes the Conv1D weights first), in float64:
-
-1. Heterogeneity: ℓi = log(‖τi‖²_F + 1e-12), γ = var(ℓ) / (mean(ℓ)² + 1e-12); flag ⇔ γ > threshold.
-2. W̃i = τi minus its column means, Ĉi = W̃iᵀW̃i, ti = trace(Ĉi) + 1e-12; flag: Ci = Ĉi/ti, εi = ε/ti,
-   else Ci = Ĉi, εi = ε. B = Σi W̃i (Ci + εi I), G = Σi (Ci + εi I).
-3. Prior c = the [1, d] row of column means of Σi Ci (flag: / (mean ‖τi‖²_F + 1e-12)); W0 = B (G + c)⁻¹.
-4. Flag: R = Σi τi (Ci − G/n), U S Vᵀ = svd(R + W0), k = int(min(rows, cols) · k_frac),
-   τm = W0 + mean(S[:k]) U[:, :k] Vᵀ[:k]; else τm = W0.
-
-θ* = θ0 + scaling·τm.
+``MergeStrategy.ace_merging``), quirks included. Per 2-D tensor, W0 = B A⁻¹ from the task vectors'
+ridge-regularised column covariances and a row prior, refined spectrally when the tasks' magnitudes are
+heterogeneous (γ > threshold); other tensors take the mean τi. Steps and quirks: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -155,8 +145,7 @@ class ACEMerging(MergeMethod):
         eps: ε, the ridge added to each covariance (official 0.01).
         k_frac: share of the singular values whose mean the refinement uses (official 0.3).
         heterogeneity_threshold: γ above which a tensor is normalised and refined (official 0.3).
-        covariance_side: ``stored`` (official: Gram over dim 1 of the stored tensor, the output side
-            of GPT-2's Conv1D) or ``input`` (the Conv1D weights transposed to [out, in] first).
+        covariance_side: ``stored`` (official: the output side of GPT-2's Conv1D) or ``input`` (transposed first).
     """
 
     display_name = "ACE-Merging"

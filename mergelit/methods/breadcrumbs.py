@@ -1,15 +1,8 @@
 """Model Breadcrumbs: drop the smallest and the largest |τ| of each task vector, then Task Arithmetic.
 
 Davari & Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
-ECCV 2024, https://arxiv.org/abs/2312.06795.
-
-With τi = θi − θ0, per tensor and per task (N = numel, k = ``keep_fraction``, γ = ``outlier_fraction``):
-in the stable ascending order of |τi|, zero the int(γ·N) largest (outliers) and the N − int(k·N) − int(γ·N)
-smallest (noise), so the int(k·N) entries just below the outliers survive; θ* = θ0 + λ Σi τ̃i.
-
-Not in FusionBench: mergekit's per-tensor ``magnitude_outliers`` rule with its empty-slice bug fixed
-(n_top = 0 zeroed the whole τ); ``per_row`` is the original code's per-row rule. Details, defaults and
-costs: docs/methods.md.
+ECCV 2024, https://arxiv.org/abs/2312.06795; mergekit's per-tensor rule with its empty-slice bug fixed
+(or, ``per_row``, the original code's). θ* = θ0 + λ Σi τ̃i. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -127,14 +120,10 @@ class Breadcrumbs(MergeMethod):
     """Model Breadcrumbs: θ* = θ0 + λ Σi τ̃i, each τi without its smallest and its largest |τ|, per tensor.
 
     Args:
-        scaling_factor: λ, multiplies the sum of the masked task vectors (0.3, Task Arithmetic's and TIES's
-            default, in the original code's search range; mergekit's 1 assumes per-model weights).
-        keep_fraction: k, the share of each tensor's entries kept (mergekit ``density``, the original's
-            ``beta``; 0.15, the original's first search point). 1 leaves τ untouched.
-        outlier_fraction: γ, the share of each tensor's largest |τ| removed (mergekit's and the original's
-            ``gamma``; 0.006, the original's first search point). keep_fraction + outlier_fraction must be ≤ 1.
-        per_row: the original code's rule, per row of the last dimension (Conv1D weights as [out, in]: a
-            row is one output neuron's incoming weights), instead of mergekit's per tensor.
+        scaling_factor: λ, multiplies the sum of the masked task vectors (Task Arithmetic's and TIES's 0.3).
+        keep_fraction: k, the share of each tensor's entries kept (mergekit ``density``); 1 leaves τ untouched.
+        outlier_fraction: γ, the share of each tensor's largest |τ| removed (mergekit ``gamma``); k + γ ≤ 1.
+        per_row: the original code's rule, per row of the last dimension (Conv1D weights as [out, in]).
     """
 
     display_name = "Model Breadcrumbs"

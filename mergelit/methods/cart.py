@@ -1,11 +1,9 @@
 """CART: Centred Arithmetic with Rank-reduced Task vectors.
 
 Choi, Kim, Lee & Hong 2024, "Revisiting Weight Averaging for Model Merging",
-https://arxiv.org/abs/2412.12153 (code: JH-GEECS/CART; not in FusionBench).
-
-With τi = θi − θ0, per tensor: 1. θ̄ = θ0 + (1/n) Σi τi; 2. τ'i = τi + θ0 − θ̄; 3. on the Conv1D weights
-(CART's key rule), lowrank(τ'i) = its top r = max(1, int(ρ·min(rows, cols))) singular triplets, τ'i in
-full elsewhere (where Σi τ'i = 0 up to rounding: θ̄); 4. θ* = θ̄ + λ Σi lowrank(τ'i). Details: docs/methods.md.
+https://arxiv.org/abs/2412.12153 (code: JH-GEECS/CART). θ̄ = θ0 + (1/n) Σi τi; on the Conv1D weights
+θ* = θ̄ + λ Σi lowrank_r(τi + θ0 − θ̄), r = max(1, int(ρ·min(rows, cols))); θ̄ elsewhere. Details:
+docs/methods.md.
 """
 
 from __future__ import annotations
@@ -82,10 +80,9 @@ class CART(MergeMethod):
     vectors centred on it, τ'i = θi − θ̄ (Conv1D weights; every other tensor is θ̄).
 
     Args:
-        scaling_factor: λ (the original's ``prior``), multiplies the summed low-rank centred task vectors;
-            0, like ``rank_ratio`` 1, gives the simple average (2.0: CART's 8-task setting).
-        rank_ratio: ρ in (0, 1] (the original's ``initial_rank_ratio``): each centred task vector keeps its
-            top max(1, int(ρ·k)) singular triplets, k = min(rows, cols) (0.12: 92 of 768 on GPT-2 small).
+        scaling_factor: λ (the original's ``prior``; 2.0, CART's 8-task setting); 0 gives the simple average.
+        rank_ratio: ρ in (0, 1] (``initial_rank_ratio``): each centred task vector keeps max(1, int(ρ·k)) of
+            its k singular triplets (0.12: 92 of 768 on GPT-2 small).
     """
 
     display_name = "CART"

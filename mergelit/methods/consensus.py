@@ -1,12 +1,8 @@
-"""Consensus Merging: keep only the entries that at least k tasks' TALL masks claim.
+"""Consensus Merging: keep only the entries of the multi-task vector that at least k tasks' TALL masks claim.
 
 Wang, Dimitriadis et al. 2024, "Localizing Task Information for Improved Model Merging and
 Compression", ICML 2024, https://arxiv.org/abs/2405.07813 (official code: nik-dim/tall_masks).
-
-With τi = θi − θ0, elementwise on every body tensor: the multi-task vector τ_MTL (Σi τi, or TIES's vector
-as the official ``use_ties``), the TALL masks m_t = |θ0 − θt| > λ·|θ_MTL − θt| (θ_MTL = θ0 + τ_MTL, float32
-as the official ``generate_task_masks``), keep = [Σt m_t ≥ k], θ* = θ0 + α·(τ_MTL ⊙ keep). k = 0 is TA
-(or TIES) at α; k > n gives θ0. Defaults and details: docs/methods.md.
+θ* = θ0 + α·(τ_MTL ⊙ [Σt m_t ≥ k]), m_t = |θ0 − θt| > λ·|θ_MTL − θt|. Details: docs/methods.md.
 """
 
 from __future__ import annotations

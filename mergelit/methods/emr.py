@@ -1,18 +1,10 @@
 """EMR-Merging: elect a unified task vector, then a mask and a rescaler per task.
 
 Huang et al. 2024, "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024,
-https://arxiv.org/abs/2405.17461.
-
-With τi = θi − θ0, elementwise on every body tensor:
-
-1. Elect: γ = 2·[Σi τi > 0] − 1 (a zero sum counts as −1, as FusionBench's ``_sign``).
-2. Masks Mi = [τi · γ > 0] (zeros never agree); τuni = γ · maxi |Mi ⊙ τi|.
-3. Rescalers ri = Σk mean|τi,k| / Σk mean|Mi,k ⊙ τuni,k|, k over the body tensors in state-dict order
-   (FusionBench's and the original rule: per-tensor means, float32).
-
-Task t is scored with its own body θ0 + rt · (Mt ⊙ τuni): inference needs the task identity. Each body
-is built afresh from θ0 (FusionBench's in-place ``set_task`` drifts); a task with no agreeing entry
-gets rt = 1 (FusionBench: 0/0). Storage and memory: docs/methods.md.
+https://arxiv.org/abs/2405.17461. Elementwise: γ = 2·[Σi τi > 0] − 1 (FusionBench's ``_sign``); masks
+Mi = [τi · γ > 0]; τuni = γ · maxi |Mi ⊙ τi|; ri = Σk mean|τi,k| / Σk mean|Mi,k ⊙ τuni,k| over the body
+tensors. Task t is scored with θ0 + rt · (Mt ⊙ τuni): inference needs the task identity. Details:
+docs/methods.md.
 """
 
 from __future__ import annotations
@@ -101,11 +93,7 @@ def modulated_body(
 
 
 class EMRMerging(MergeMethod):
-    """EMR-Merging: task t is scored with θ0 + rt · (Mt ⊙ τuni); γ elected, Mi masks, ri rescalers.
-
-    No hyperparameters. Task-aware: one body per task, built when that task is scored (one in memory
-    at a time); inference needs the task identity.
-    """
+    """EMR-Merging: task t is scored with θ0 + rt · (Mt ⊙ τuni), built when scored (one body at a time)."""
 
     display_name = "EMR-Merging"
     kind = "task-aware"

@@ -1,11 +1,8 @@
 """Fisher Merging: a per-entry average of the fine-tuned bodies weighted by their Fisher information.
 
 Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022,
-https://arxiv.org/abs/2111.09832.
-
-Per tensor, θ* = Σ ci (Fi + ε) θi / Σ ci (Fi + ε): Fi the diagonal Fisher of model i on its train split
-(``mergelit.statistics.fisher_statistics``), ε = ``minimal_fisher_weight``, ci = (1/n)·ni with
-ni ∝ 1/(‖Fi‖ + ε) (or 1/n). ``exclude_param_names_regex`` matches keep θ0. Details: docs/methods.md.
+https://arxiv.org/abs/2111.09832. θ* = Σ ci (Fi + ε) θi / Σ ci (Fi + ε) per tensor, Fi the diagonal
+Fisher of model i on its train split, ci = (1/n)·ni, ni ∝ 1/(‖Fi‖ + ε). Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -97,18 +94,14 @@ def fisher_merge(
 
 
 class FisherMerging(MergeMethod):
-    """Fisher Merging: per-entry mean of the fine-tuned bodies weighted by their diagonal Fisher.
-
-    ``prepare`` estimates each task's Fisher (``trainer.predict`` loops, cached under ``cache_dir``) into
-    ``statistics``.
+    """Fisher Merging: per-entry mean of the fine-tuned bodies weighted by their diagonal Fisher (estimated
+    and cached by ``prepare``).
 
     Args:
         num_fisher_examples: train examples per task used to estimate the Fisher (FusionBench: 256).
-        batch_size: examples per batch of the estimate; it changes the result: each batch adds the square
-            of the gradient of its sum (FusionBench: 32).
+        batch_size: examples per batch; each adds the square of its sum's gradient, so it matters (FusionBench: 32).
         minimal_fisher_weight: ε, added to every Fisher entry and norm (entries no model saw still weigh).
-        normalize_fisher_weight: weigh model i by ni ∝ 1/(‖Fi‖ + ε), ‖Fi‖ its global Fisher norm
-            (FusionBench's default); ``false`` weighs every model alike.
+        normalize_fisher_weight: weigh model i by ni ∝ 1/(‖Fi‖ + ε) (FusionBench's default), else alike.
         exclude_param_names_regex: regular expressions (``re.match`` on body tensor names such as
             ``h.0.attn.c_attn.weight``); matching tensors keep the pretrained value.
         seed: seed of the draw of the train examples (their indices are stored with the statistics).

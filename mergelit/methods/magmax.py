@@ -1,12 +1,8 @@
-"""MagMax: per entry, the task vector of largest magnitude.
+"""MagMax: per entry, the task vector of largest magnitude (ties: the later task); θ* = θ0 + λ τmax.
 
 Marczak et al. 2024, "MagMax: Leveraging Model Merging for Seamless Continual Learning", ECCV 2024,
-https://arxiv.org/abs/2407.06322 (here the case of independent fine-tunes of one θ0).
-
-With τi = θi − θ0, elementwise on every body tensor, in task order:
-τmax ← τ1; τmax ← where(|τi| ≥ |τmax|, τi, τmax); θ* = θ0 + λ τmax. A tie goes to the **later** task
-(``>=``), as FusionBench's ``_magmax_select`` and the official ``merge_max_abs``; the float32
-operations are FusionBench 0.2.33's, so the merge equals its bit for bit.
+https://arxiv.org/abs/2407.06322 (here independent fine-tunes of one θ0). FusionBench 0.2.33's
+float32 operations, so the merge equals its bit for bit.
 """
 
 from __future__ import annotations
@@ -47,8 +43,7 @@ class MagMax(MergeMethod):
     """MagMax: θ* = θ0 + λ τmax, τmax taking each entry from the task vector of largest magnitude.
 
     Args:
-        scaling_factor: λ, multiplies τmax (FusionBench's and the official default 0.5; the official
-            grid is 20 values in (0, 1]).
+        scaling_factor: λ, multiplies τmax (FusionBench's and the official default 0.5).
     """
 
     display_name = "MagMax"

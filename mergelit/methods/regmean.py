@@ -1,11 +1,9 @@
 """RegMean: merge each linear layer by the closed-form least-squares fit to every model's outputs.
 
 Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023,
-https://arxiv.org/abs/2212.09849.
-
-Each Conv1D weight: W* = (Σ G̃i)⁻¹ Σ G̃i Wi, Gi = XiᵀXi / T the Gram of its inputs on task i's train
-examples (``mergelit.statistics.gram_statistics``), G̃i = Gi ⊙ (r·11ᵀ + (1−r)I); every other tensor: the
-mean of the θi; ``exclude_param_names_regex`` matches keep θ0. Solved in float64; details: docs/methods.md.
+https://arxiv.org/abs/2212.09849. Each Conv1D weight W* = (Σ G̃i)⁻¹ Σ G̃i Wi, Gi = XiᵀXi / T the Gram
+of its inputs on task i's train examples, G̃i = Gi ⊙ (r·11ᵀ + (1−r)I); every other tensor: the mean of
+the θi. Solved in float64. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -143,17 +141,15 @@ def regmean_merge(
 
 
 class RegMean(MergeMethod):
-    """RegMean: each Conv1D weight W* = (Σ G̃i)⁻¹ Σ G̃i Wi from its input Grams; other tensors averaged.
-
-    ``prepare`` computes the Grams (``trainer.predict`` loops, cached under ``cache_dir``) into ``statistics``.
+    """RegMean: each Conv1D weight W* = (Σ G̃i)⁻¹ Σ G̃i Wi from its input Grams (computed and cached by
+    ``prepare``); other tensors averaged.
 
     Args:
         num_regmean_examples: train examples per task for the Gram matrices (FusionBench: 256).
         batch_size: examples per batch of the statistics loop (does not change the Grams).
-        reduce_non_diagonal_ratio: r, the factor on the Grams' off-diagonal entries (1 = exact least
-            squares, 0 = diagonal only).
-        count_padding: ``true`` pads examples to ``max_length`` (512) and counts padding positions, as
-            FusionBench (reproduces its numbers); ``false`` counts real tokens only (principled).
+        reduce_non_diagonal_ratio: r, the factor on the Grams' off-diagonal entries (1: exact least squares).
+        count_padding: ``true`` counts padding positions up to ``max_length`` as FusionBench (reproduces its
+            numbers); ``false`` counts real tokens only.
         exclude_param_names_regex: regular expressions (``re.match`` on body tensor names such as
             ``h.0.mlp.c_fc.weight``); matching tensors keep the pretrained value.
         seed: seed of the draw of the train examples (their indices are stored with the statistics).

@@ -1,15 +1,10 @@
 """Subspace Boosting: raise the small singular values of a merged update to the cutoff's, so the merge
 does not collapse onto a few directions. A wrapper: ``base:`` is the merge it boosts (TA, TIES, ...).
 
-Skorobogat, Roth, Georgescu, Akata 2025, "Subspace-Boosted Model Merging",
-https://arxiv.org/abs/2506.16506. The paper's code was not available; this follows FusionBench's
-unreleased branch ``openclaw_dev-feat/subspace-boosting`` (``subspace_boosting_single_matrix``).
-
-Per matrix X: U, S, Vᵀ = svd(X, thin); r_j = (S_1 + … + S_j) / (S_1 + … + S_k); the cutoff is the first
-j with r_j ≥ β (none: the last index); X' = U diag(max(S, S[cutoff])) Vᵀ. The branch boosts the merged
-task vector and then applies λ; SB(cX) = c·SB(X), so this boosts the base's own update:
-θ* = θ0 + SB(θ_base − θ0) on the target tensors (``targets``), θ_base elsewhere. SVDs in float64; a
-matrix the boost leaves as it is is returned as it is. Targets, β and numerics: docs/methods.md.
+Skorobogat, Roth, Georgescu, Akata 2025, "Subspace-Boosted Model Merging", https://arxiv.org/abs/2506.16506;
+follows FusionBench's unreleased branch ``openclaw_dev-feat/subspace-boosting``. Per target matrix of
+θ_base − θ0 = U diag(S) Vᵀ, the values below S[cutoff] are raised to it, the cutoff the first j with
+(S_1 + … + S_j) / ΣS ≥ β. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -113,14 +108,12 @@ class SubspaceBoosting(WrapperMethod):
     the β-cutoff's (θ* = θ0 + SB(θ_base − θ0)).
 
     Args:
-        beta: β, the cumulative share of Σσ at which the cutoff is set (the branch's 0.01; its comment
-            suggests 0.02 for language). 1 leaves a full-rank matrix as it is.
+        beta: β, the cumulative share of Σσ at which the cutoff is set (the branch's 0.01; 1 changes nothing).
         attn_beta: β of the attention q, k, v blocks (``attn.c_attn``); None: ``beta``.
-        targets: ``conv1d`` (the 48 Conv1D weights, c_attn per q/k/v along its output axis) or
-            ``fusionbench_branch`` (the branch's key rule: c_fc, attn.c_proj, mlp.c_proj on GPT-2).
-        base: the merge to boost, a method config ``{class_path: mergelit.methods.TaskArithmetic,
-            init_args: {scaling_factor: 1.0}}`` (built on this pool; override its arguments with
-            ``--model.init_args.base.init_args.scaling_factor 0.3``). Its λ scales the boosted update.
+        targets: ``conv1d`` (the 48 Conv1D weights, c_attn per q/k/v) or ``fusionbench_branch`` (the branch's
+            key rule: c_fc, attn.c_proj, mlp.c_proj on GPT-2).
+        base: the merge to boost, a method config ``{class_path: ..., init_args: {...}}`` built on this pool
+            (``--model.init_args.base.init_args.scaling_factor 0.3``); its λ scales the boosted update.
     """
 
     display_name = "Subspace Boosting"

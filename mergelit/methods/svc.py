@@ -3,10 +3,7 @@ over-count it. A wrapper: ``base:`` is the merge it calibrates (Task Arithmetic,
 
 "When Shared Knowledge Hurts: Spectral Over-Accumulation in Model Merging", ICML 2026,
 https://arxiv.org/abs/2602.05536; follows FusionBench 0.2.33 (``method/singular_value_calibration``).
-
-Per 2-D tensor, in float64: ΔW_m = θ_base − θ0 = U diag(S) Vᵀ, ΔWi = θi − θ0; on each left singular vector
-u_r, s_r^i = ⟨u_rᵀΔW_m, u_rᵀΔWi⟩ / max(‖u_rᵀΔWi‖², 1e-12) (NaN, −inf: α); γ_r = K / Σi max(s_r^i, α);
-θ* = θ0 + U diag(γ ⊙ S) Vᵀ. LN and biases keep the base's values. Details: docs/methods.md.
+Per 2-D tensor, θ* = θ0 + U diag(γ ⊙ S) Vᵀ from θ_base − θ0 = U diag(S) Vᵀ. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -89,13 +86,11 @@ class SingularValueCalibration(WrapperMethod):
     """SVC: the base merge with each 2-D tensor's singular values rescaled by γ_r = K / Σi max(s_r^i, α).
 
     Args:
-        alpha: α, the floor of each task's projection coefficient: γ ≤ 1/α (FusionBench's 0.1 around
-            Task Arithmetic and TIES; 0.2 around Iso-CTS, 1.0 around TSV-M and WUDI).
-        projection_side: ``input`` (FusionBench: Conv1D weights as stored, projections on their input
-            side) or ``output`` (the paper's nn.Linear orientation: Conv1D weights transposed first).
-        base: the merge to calibrate, a method config ``{class_path: mergelit.methods.TiesMerging,
-            init_args: {scaling_factor: 0.3}}`` (built on this pool; override its arguments with
-            ``--model.init_args.base.init_args.scaling_factor 0.5``).
+        alpha: α, the floor of each task's projection coefficient, γ ≤ 1/α (FusionBench's 0.1 around TA and
+            TIES; 0.2 around Iso-CTS, 1.0 around TSV-M and WUDI).
+        projection_side: ``input`` (FusionBench: Conv1D as stored) or ``output`` (Conv1D transposed first).
+        base: the merge to calibrate, a method config ``{class_path: ..., init_args: {...}}`` built on this
+            pool (``--model.init_args.base.init_args.scaling_factor 0.5``).
     """
 
     display_name = "SVC"

@@ -2,12 +2,7 @@
 
 Wang, Dimitriadis et al. 2024, "Localizing Task Information for Improved Model Merging and
 Compression", ICML 2024, https://arxiv.org/abs/2405.07813 (official code: nik-dim/tall_masks).
-
-With τi = θi − θ0 and τ_MTL = Σi τi (in task order), elementwise on every body tensor:
-m_t = |θ0 − θt| > λ·|θ_MTL − θt| with θ_MTL = θ0 + τ_MTL (strict ``>``, float32, λ a float32 scalar, as
-the official ``generate_task_masks``), and θ_t = θ0 + m_t ⊙ τ_MTL. Inference needs the task identity.
-The paper selects λt per task on labeled validation; here one λ = 0.6 (FusionBench's value, data free).
-FusionBench 0.2.33's version cannot run (docs/methods.md).
+m_t = |θ0 − θt| > λ·|θ_MTL − θt|, τ_MTL = Σi τi. Inference needs the task identity. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -45,13 +40,10 @@ def tall_mask_bodies(
 
 
 class TallMasks(MergeMethod):
-    """TALL masks: task t is scored with θ0 + m_t ⊙ τ_MTL, m_t = |θ0 − θt| > λ·|θ_MTL − θt|.
-
-    Task-aware: one body per task, built when that task is scored (one in memory at a time).
+    """TALL masks: task t is scored with θ0 + m_t ⊙ τ_MTL, built when scored (one body in memory at a time).
 
     Args:
-        tall_mask_lambda: λ, one value for every task's mask (FusionBench's 0.6, the top of the paper's
-            per-task grid 0.2 … 0.6). Larger λ gives sparser masks.
+        tall_mask_lambda: λ of every task's mask (FusionBench's 0.6); a larger λ gives sparser masks.
     """
 
     display_name = "TALL masks"

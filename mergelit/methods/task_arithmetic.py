@@ -33,8 +33,7 @@ class TaskArithmetic(MergeMethod):
     """Task Arithmetic: θ* = θ0 + λ Σ τi, with task vectors τi = θi − θ0.
 
     Args:
-        scaling_factor: λ, multiplies the sum (not the mean) of the task vectors. 0 gives the
-            pretrained body; the best published GPT-2/GLUE value is 0.5.
+        scaling_factor: λ, multiplies the sum (not the mean) of the task vectors (best published GPT-2/GLUE: 0.5).
     """
 
     display_name = "Task Arithmetic"

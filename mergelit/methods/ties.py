@@ -1,13 +1,9 @@
-"""TIES-Merging: trim, elect sign, disjoint merge.
+"""TIES-Merging: trim, elect sign, disjoint merge (the steps live in ``mergelit.state_dict``).
 
 Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023,
-https://arxiv.org/abs/2306.01708.
-
-With τi = θi − θ0, each flattened over the whole body: trim each τi to its top ``threshold`` share by
-magnitude (ties at the cut kept), elect s = sign(Σ trimmed τi) (zeros take sign(Σ s)), aggregate the
-trimmed entries whose sign is s (``merge_func``); θ* = θ0 + λ τm. The trim cut and Σ s need the whole
-body, so the first key merged runs ``ties_election`` over the pool; the steps live in
-``mergelit.state_dict`` (DARE-TIES and Consensus share them).
+https://arxiv.org/abs/2306.01708. Each τi = θi − θ0 keeps its top ``threshold`` share by magnitude over
+the whole body; s = sign(Σ trimmed τi); the entries agreeing with s are aggregated (``merge_func``) into
+τm; θ* = θ0 + λ τm. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -67,11 +63,9 @@ class TiesMerging(MergeMethod):
     """TIES-Merging: θ* = θ0 + λ τm, τm the trimmed, sign-elected, disjoint merge of the task vectors.
 
     Args:
-        scaling_factor: λ, multiplies the merged task vector τm. The best published GPT-2/GLUE value is 0.6.
-        threshold: share of each task vector's entries the trim keeps, by magnitude over the whole body (the
-            paper's k = 20 %): a percentage in (1, 100], or as FusionBench a fraction in (0, 1] (0.2 = 20 %).
-        merge_func: aggregation of the agreeing entries: ``sum`` (FusionBench's, reproduces the published
-            numbers), ``mean`` (the paper's disjoint mean) or ``max`` (largest magnitude).
+        scaling_factor: λ, multiplies τm (the best published GPT-2/GLUE value is 0.6).
+        threshold: the share of each task vector the trim keeps (20 = 20 %; ≤ 1 a fraction, as FusionBench).
+        merge_func: ``sum`` (FusionBench's, reproduces the published numbers), ``mean`` (the paper's) or ``max``.
     """
 
     display_name = "TIES-Merging"

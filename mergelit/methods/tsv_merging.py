@@ -1,12 +1,9 @@
 """TSV-M (Task Singular Vectors: Merge): keep each task's top singular vectors, orthogonalise, recombine.
 
 Gargiulo et al. 2025, "Task Singular Vectors: Reducing Task Interference in Model Merging",
-CVPR 2025, https://arxiv.org/abs/2412.00081. As FusionBench's ``TaskSingularVectorMerging``.
-
-Per 2-D tensor, with τi = θi − θ0 and r = int(min(rows, cols) / n): concatenate each τi's top r singular
-triplets (Û, ŝ, V̂ᵀ), replace Û and V̂ᵀ by their polar factors and τm = P_U diag(ŝ) P_Vᵀ; every other
-tensor takes the running mean of the τi. θ* = θ0 + α τm. Steps and differences from FusionBench:
-docs/methods.md.
+CVPR 2025, https://arxiv.org/abs/2412.00081; as FusionBench's ``TaskSingularVectorMerging``. Per 2-D
+tensor the top int(k/n) singular triplets of each τi are concatenated, both sides replaced by their polar
+factors, τm = P_U diag(ŝ) P_Vᵀ; other tensors take the running mean. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -105,11 +102,9 @@ class TaskSingularVectorMerging(MergeMethod):
     """TSV-M: θ* = θ0 + α τm, τm = P_U diag(ŝ) P_Vᵀ from each task's top 1/n singular vectors, orthogonalised.
 
     Args:
-        alpha: α, scales τm on every key (FusionBench's 1; the paper picks it from 0.1..3.0), or a list of
-            one weight per task (in task order) that scales each τi before the merge, with no final scaling.
+        alpha: α, scales τm (FusionBench's 1), or one weight per task scaling each τi first (no final scaling).
         exclude_keys: exact state-dict keys (e.g. ``wpe.weight``) averaged instead of SVD'd.
-        svd_keys: ``all_2d`` (FusionBench: wte, wpe and the 48 Conv1D weights are SVD'd) or ``conv1d``
-            (wte and wpe averaged, avoiding the ill-posed SVD of a rank-deficient τ_wpe).
+        svd_keys: ``all_2d`` (FusionBench: wte and wpe too) or ``conv1d`` (wte and wpe averaged).
     """
 
     display_name = "TSV-M"
