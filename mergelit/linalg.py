@@ -17,20 +17,13 @@ SVD_KEYS = ("all_2d", "conv1d")  # which 2-D tensors the SVD methods decompose: 
 
 
 class IllPosedMergeWarning(UserWarning):
-    """A task vector (or a sum of them) has fewer non-zero singular values than the merge keeps: the
-    kept vectors for the zero ones are arbitrary, so the merged tensor depends on the device and LAPACK."""
+    """A task vector (or sum) has fewer non-zero singular values than kept: the merge depends on the LAPACK build."""
 
 
 class TaskVectors(Sequence):
-    """τi = αi (θi − θ0) of one tensor, computed from ``thetas[i]`` each time it is read, never stored: a
-    pass holds one at a time and a second pass recomputes them bit for bit.
-
-    Args:
-        theta0: θ0 of this tensor.
-        thetas: θ1..θn of this tensor (the pool's ``TaskTensors`` or a list).
-        weights: αi per task, or None (all 1).
-        transpose: give θiᵀ − θ0ᵀ instead (Iso-CTS and WUDI run GPT-2's [in, out] Conv1D weights as [out, in]).
-    """
+    """τi = αi (θi − θ0) of one tensor (αi = ``weights[i]``, or 1), computed from ``thetas[i]`` each time it
+    is read: a pass holds one at a time, a second recomputes them bit for bit. ``transpose`` gives θiᵀ − θ0ᵀ
+    (Iso-CTS and WUDI run GPT-2's [in, out] Conv1D weights as [out, in])."""
 
     def __init__(self, theta0: Tensor, thetas: Sequence[Tensor], weights: Sequence[float] | None = None, transpose: bool = False):
         self.theta0, self.thetas, self.weights, self.transpose = theta0, thetas, weights, transpose
@@ -72,11 +65,8 @@ def check_exclude_keys(keys: Iterable[str], exclude_keys: Sequence[str]) -> None
 
 
 def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.linalg.svd(matrix, full_matrices=False)`` in float32 (float64 kept): U [rows, k], S [k], Vᵀ [k, cols].
-
-    A wide matrix is decomposed through its transpose: the same factors up to sign and rounding, and
-    CPU LAPACK is 2.5-3× faster on a tall matrix (768 × 2304: 0.39 s wide, 0.16 s tall).
-    """
+    """``torch.linalg.svd(matrix, full_matrices=False)`` in float32 (float64 kept); a wide matrix through its
+    transpose (the same factors up to sign and rounding; CPU LAPACK is 2.5-3× faster on a tall one)."""
     if matrix.dtype not in (torch.float32, torch.float64):
         matrix = matrix.float()  # LAPACK has no half precision (FusionBench upcasts too)
     if matrix.shape[0] < matrix.shape[1]:

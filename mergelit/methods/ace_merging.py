@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mergelit.errors import MergeFailed, check_choice, check_number
 from mergelit.gpt2 import is_conv1d_weight
+from mergelit.linalg import ordered_sum
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
@@ -105,11 +106,7 @@ def ace_task_vector(
     """(τm, γ) of one key, τm float32 in θ0's shape; γ None for a tensor that is not 2-D (τm = mean τi)."""
     n = len(thetas)
     if theta0.dim() != 2:
-        summed = None
-        for theta in thetas:
-            tau = (theta - theta0).double()
-            summed = tau if summed is None else summed.add_(tau)
-        return (summed / n).to(theta0.dtype), None
+        return (ordered_sum((theta - theta0).double() for theta in thetas) / n).to(theta0.dtype), None
     transpose = covariance_side == "input" and is_conv1d_weight(key)
 
     def task_vector(i: int) -> Tensor:
@@ -177,13 +174,11 @@ class ACEMerging(MergeMethod):
     def _task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
         args = (self.eps, self.k_frac, self.heterogeneity_threshold, self.covariance_side)
         tau, gamma = ace_task_vector(key, theta0, thetas, *args)
-        if gamma is not None:
-            self.heterogeneity[key] = gamma
-            if len(self.heterogeneity) == sum(len(shape) == 2 for shape in self.pool.body_shapes().values()):
-                self._log_heterogeneity()
-        return tau
-
-    def _log_heterogeneity(self) -> None:
+        if gamma is None:
+            return tau
+        self.heterogeneity[key] = gamma
+        if len(self.heterogeneity) < sum(len(shape) == 2 for shape in self.pool.body_shapes().values()):
+            return tau
         # The flag switches paths at γ = threshold: say how many took the refinement and how close any came.
         values, threshold = self.heterogeneity, self.heterogeneity_threshold
         flagged = [key for key, gamma in values.items() if gamma > threshold]
@@ -193,3 +188,4 @@ class ACEMerging(MergeMethod):
             f"ACE-Merging: {len(flagged)} of {len(values)} 2-D tensors take the refinement path (γ > {threshold:g})"
             + (f"; closest to the threshold: {closest} (γ = {finite[closest]:.4f})." if closest else ".")
         )
+        return tau

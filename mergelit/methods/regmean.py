@@ -22,10 +22,7 @@ from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, matching_keys
 from mergelit.statistics import DEFAULT_CACHE_DIR, StoredStatistics, gram_statistics
 
-MAX_CONDITION_NUMBER = 1e12
-"""The largest condition number (λmax/λmin of the float64 summed Gram) RegMean solves with: a float64
-solve loses about log10(κ) of its ~16 digits, so the merged weights keep ~4, more than float32 needs.
-Measured: ~4e3 on the tiny test pool with r = 0.6, ≈3e18 (finite garbage) on a nearly singular sum."""
+MAX_CONDITION_NUMBER = 1e12  # of the float64 summed Gram: a solve keeps ~16 − log10(κ) digits (docs/methods.md)
 
 
 def gram_condition_number(gram: Tensor) -> float:
@@ -37,14 +34,9 @@ def gram_condition_number(gram: Tensor) -> float:
     return largest / smallest
 
 
-def _check_ratio(reduce_non_diagonal_ratio: float) -> float:
-    return check_number(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio (r)", low=0, high=1)
-
-
 def reduce_non_diagonal(gram: Tensor, reduce_non_diagonal_ratio: float) -> Tensor:
     """G̃ = G ⊙ (r·11ᵀ + (1−r)I): off-diagonal entries times r, the diagonal unchanged."""
-    r = reduce_non_diagonal_ratio
-    return gram * r + torch.diag_embed(gram.diagonal() * (1 - r))
+    return gram * reduce_non_diagonal_ratio + torch.diag_embed(gram.diagonal() * (1 - reduce_non_diagonal_ratio))
 
 
 def regmean_solve(
@@ -111,7 +103,7 @@ def regmean_merge(
 ) -> dict[str, Tensor]:
     """RegMean over whole state dicts: ``grams`` is task -> {Conv1D module (``h.0.mlp.c_fc``) -> Gi}, the
     same modules for every task; θ0 (``pretrained``) is needed only when tensors are excluded."""
-    r = _check_ratio(reduce_non_diagonal_ratio)
+    r = check_number(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio (r)", low=0, high=1)
     if not finetuned:
         raise ValueError("No fine-tuned bodies to merge: give at least one task.")
     if set(grams) != set(finetuned):
@@ -169,7 +161,7 @@ class RegMean(MergeMethod):
         super().__init__(pool)
         self.num_regmean_examples = check_integer(num_regmean_examples, "num_regmean_examples", minimum=1)
         self.batch_size = check_integer(batch_size, "batch_size", minimum=1)
-        self.reduce_non_diagonal_ratio = _check_ratio(reduce_non_diagonal_ratio)
+        self.reduce_non_diagonal_ratio = check_number(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio (r)", 0, 1)
         self.count_padding = check_choice(count_padding, "count_padding", (True, False))
         matching_keys([], exclude_param_names_regex)  # fail now on a pattern that does not compile
         self.exclude_param_names_regex = list(exclude_param_names_regex)
@@ -187,14 +179,12 @@ class RegMean(MergeMethod):
         )
 
     def prepare_merge(self) -> None:
-        """Which keys are solved from Grams (every task's Grams must cover the same Conv1D modules)."""
-        statistics = self.statistics
-        if statistics is None:
+        if self.statistics is None:
             raise RuntimeError(
                 "RegMean has no Gram statistics: call `method.prepare(trainer, datamodule)` before "
                 "`trainer.test(method, datamodule)` (the `mergelit test` command does this for you)."
             )
-        self._solved = solved_weights(statistics.names, self.tasks, self.pool.keys())
+        self._solved = solved_weights(self.statistics.names, self.tasks, self.pool.keys())
         self._excluded = matching_keys(self.pool.keys(), self.exclude_param_names_regex)
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
