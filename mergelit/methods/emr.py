@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mergelit.errors import KeyMissing
-from mergelit.linalg import TaskVectors
+from mergelit.linalg import TaskVectors, ordered_sum
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, pack_bits, unpack_bits
@@ -27,10 +27,7 @@ Parts = tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, float]]
 def elect_sign(task_vectors: Iterable[Tensor]) -> Tensor:
     """γ = 2·[Σi τi > 0] − 1, summed in task order, as float32 ±1 (FusionBench: int64; multiplying by ±1
     is exact either way, and float avoids an 8-byte-per-entry temporary, 3 s on wte alone)."""
-    summed = None
-    for tau in task_vectors:
-        summed = tau.clone() if summed is None else summed.add_(tau)
-    return torch.where(summed > 0, 1.0, -1.0)
+    return torch.where(ordered_sum(task_vectors) > 0, 1.0, -1.0)
 
 
 def _emr(tasks: list[str], keys: Iterable[tuple[str, Tensor, Sequence[Tensor]]], packed: bool) -> Parts:
@@ -130,7 +127,6 @@ class EMRMerging(MergeMethod):
         return self.task_body(task, state, f"EMR-Merging body of {task!r}")
 
     def bodies_at_inference(self) -> float:
-        """θ0 + τuni (2 fp32 bodies), n bit-packed masks (n/32) and n fp32 scalars (n/d), d the body's
-        number count (124,439,808 at GPT-2 small): 2.21875 + 7/d for n = 7."""
+        """θ0 + τuni (2 fp32 bodies), n bit-packed masks (n/32) and n scalars (n/d, d the body's numbers)."""
         d = sum(math.prod(shape) for shape in self.pool.body_shapes().values())
         return 2 + len(self.tasks) / 32 + len(self.tasks) / d

@@ -30,19 +30,14 @@ BRANCH_TARGET_KEYS = (  # the branch's default ``target_keys`` (substrings of a 
 )
 
 
-def boosted_spectrum(S: Tensor, beta: float) -> tuple[Tensor, int]:
-    """(S', cutoff): the singular values below S[cutoff] raised to it; cutoff = the first j whose
-    cumulative share r_j ≥ β, else the last index (also when Σσ = 0: NaN ratios)."""
+def subspace_boost(matrix: Tensor, beta: float) -> tuple[Tensor, int]:
+    """(X', cutoff) of one matrix in its dtype: the singular values below S[cutoff] raised to it, the cutoff the
+    first j whose cumulative share is ≥ β, else the last index (also when Σσ = 0); ``matrix`` if none is raised."""
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     ratio = torch.cumsum(S, dim=0) / S.sum()
     reached = (ratio >= beta).nonzero()
     cutoff = int(reached[0]) if len(reached) else S.numel() - 1
-    return torch.clamp(S, min=S[cutoff]), cutoff
-
-
-def subspace_boost(matrix: Tensor, beta: float) -> tuple[Tensor, int]:
-    """(X', cutoff) of one matrix, computed in its dtype; ``matrix`` itself when no value is raised."""
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    boosted, cutoff = boosted_spectrum(S, beta)
+    boosted = torch.clamp(S, min=S[cutoff])
     if torch.equal(boosted, S):
         return matrix, cutoff
     return (U * boosted.unsqueeze(0)) @ Vh, cutoff
@@ -121,10 +116,7 @@ class SubspaceBoosting(WrapperMethod):
     recommended = {"beta": 0.01}
 
     def __init__(
-        self,
-        pool: ModelPool,
-        beta: float = 0.01,
-        attn_beta: Optional[float] = None,
+        self, pool: ModelPool, beta: float = 0.01, attn_beta: Optional[float] = None,
         targets: Literal["conv1d", "fusionbench_branch"] = "conv1d",
         base: Callable[[ModelPool], MergeMethod] = {
             "class_path": "mergelit.methods.TaskArithmetic", "init_args": {"scaling_factor": 1.0}

@@ -19,11 +19,6 @@ from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, pack_bits, tall_mask, task_vector_sum, unpack_bits
 
 
-def masked_body_tensor(theta0: Tensor, tau_mtl: Tensor, mask: Tensor) -> Tensor:
-    """θ_t[key] = θ0[key] + m_t[key] ⊙ τ_MTL[key] (a new tensor)."""
-    return theta0 + tau_mtl * mask
-
-
 def tall_mask_bodies(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], tall_mask_lambda: float = 0.6
 ) -> dict[str, dict[str, Tensor]]:
@@ -35,7 +30,7 @@ def tall_mask_bodies(
         tau_mtl = task_vector_sum(theta0, [body[key] for body in finetuned.values()])
         theta_mtl = theta0 + tau_mtl
         for task, body in finetuned.items():
-            bodies[task][key] = masked_body_tensor(theta0, tau_mtl, tall_mask(theta0, body[key], theta_mtl, scale))
+            bodies[task][key] = theta0 + tau_mtl * tall_mask(theta0, body[key], theta_mtl, scale)
     return bodies
 
 
@@ -110,10 +105,8 @@ class TallMasks(MergeMethod):
             self.pool.check()
             self.prepare_merge()
             (sums, masks), shapes, pool = self._parts, self.pool.body_shapes(), self.pool
-            return {
-                key: masked_body_tensor(
-                    pool.pretrained_tensor(key), sums[key], unpack_bits(masks[task][key], shapes[key])
-                )
+            return {  # θ_t = θ0 + m_t ⊙ τ_MTL
+                key: pool.pretrained_tensor(key) + sums[key] * unpack_bits(masks[task][key], shapes[key])
                 for key in pool.keys()
             }
 
