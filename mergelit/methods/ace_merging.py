@@ -27,14 +27,6 @@ from mergelit.state_dict import check_finetuned
 COVARIANCE_SIDES = ("stored", "input")
 
 
-def heterogeneity(traces: Tensor) -> float:
-    """γ = var(ℓ) / (mean(ℓ)² + 1e-12), ℓ = log(tr + 1e-12), unbiased variance; NaN for one task."""
-    if traces.numel() < 2:
-        return math.nan  # torch.var of one value: NaN (and a warning); NaN > threshold is False
-    logs = torch.log(traces + 1e-12)
-    return float(torch.var(logs) / (torch.mean(logs).pow(2) + 1e-12))
-
-
 def _centred_covariance(tau: Tensor, flag: bool, eps: float) -> tuple[Tensor, Tensor, float]:
     """(W̃, C, εi) of one task: W̃ = τ minus its row mean, C = W̃ᵀW̃ (divided by its trace if flag)."""
     centred = tau - tau.mean(dim=0, keepdim=True)
@@ -52,7 +44,9 @@ def ace_tensor(
     """(τm, γ) of one 2-D tensor from ``task_vector(i)`` = τi (float64, new at each of its 2-3 calls per
     task); ``name`` and ``tasks`` name the tensor and the tasks in messages."""
     traces = torch.tensor([float((tau * tau).sum()) for tau in map(task_vector, range(n))], dtype=torch.float64)
-    gamma = heterogeneity(traces)
+    # γ = var(ℓ) / (mean(ℓ)² + 1e-12), ℓ = log(tr + 1e-12); one task: NaN (as torch.var, without its warning).
+    logs = torch.log(traces + 1e-12)
+    gamma = float(torch.var(logs) / (torch.mean(logs).pow(2) + 1e-12)) if n >= 2 else math.nan
     flag = gamma > heterogeneity_threshold
     summed_covariance = weighted_sum = gram_sum = None
     for i in range(n):

@@ -47,26 +47,23 @@ def consensus_mask(
     return count >= min_agreement
 
 
-def multi_task_vector(pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], base: str) -> dict:
-    """τ_MTL over whole bodies: Σ τi, or TIES's vector (trim 20 %, elect, disjoint sum over the flat body)."""
-    if base == "task_arithmetic":
-        bodies = list(finetuned.values())
-        return {key: task_vector_sum(theta0, [body[key] for body in bodies]) for key, theta0 in pretrained.items()}
-    theta0 = flatten(pretrained)
-    trimmed = [trim(flatten(body).sub_(theta0), TIES_THRESHOLD) for body in finetuned.values()]
-    return unflatten(disjoint_merge(trimmed, elect_sign(trimmed), TIES_MERGE_FUNC), pretrained)
-
-
 def consensus_merge(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 0.3,
     tall_mask_lambda: float = 0.6, min_agreement: int = 2, base: Literal["task_arithmetic", "ties"] = "task_arithmetic",
 ) -> dict[str, Tensor]:
     """θ* = θ0 + α·(τ_MTL ⊙ keep) over whole state dicts (the arguments as ``ConsensusMerging``'s)."""
     check_finetuned(pretrained, finetuned)
-    tau_mtl = multi_task_vector(pretrained, finetuned, check_choice(base, "base", BASES))
+    bodies = list(finetuned.values())
+    if check_choice(base, "base", BASES) == "task_arithmetic":
+        tau_mtl = {key: task_vector_sum(theta0, [body[key] for body in bodies]) for key, theta0 in pretrained.items()}
+    else:  # TIES over the flat body: trim 20 %, elect, disjoint sum
+        flat0 = flatten(pretrained)
+        trimmed = [trim(flatten(body).sub_(flat0), TIES_THRESHOLD) for body in bodies]
+        tau_mtl = unflatten(disjoint_merge(trimmed, elect_sign(trimmed), TIES_MERGE_FUNC), pretrained)
+        del flat0, trimmed
     merged = {}
     for key, theta0 in pretrained.items():
-        thetas = [body[key] for body in finetuned.values()]
+        thetas = [body[key] for body in bodies]
         keep = consensus_mask(theta0, thetas, tau_mtl[key], tall_mask_lambda, min_agreement)
         merged[key] = theta0 + scaling_factor * (tau_mtl[key] * keep)
     return merged

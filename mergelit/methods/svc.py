@@ -41,17 +41,6 @@ def calibrate(theta0: Tensor, thetas: Iterable[Tensor], merged: Tensor, alpha: f
     return calibrated.to(merged.dtype)
 
 
-def calibrate_key(
-    key: str, theta0: Tensor, thetas: Sequence[Tensor], merged: Tensor, alpha: float, projection_side: str
-) -> Tensor:
-    """SVC of one key: 2-D tensors calibrated (Conv1D weights transposed for ``output``), others as merged."""
-    if merged.dim() != 2:
-        return merged
-    if projection_side == "output" and is_conv1d_weight(key):
-        return calibrate(theta0.T, (theta.T for theta in thetas), merged.T, alpha).T.contiguous()
-    return calibrate(theta0, thetas, merged, alpha)
-
-
 def svc_merge(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], merged: dict[str, Tensor],
     alpha: float = 0.1, projection_side: Literal["input", "output"] = "input",
@@ -113,4 +102,8 @@ class SingularValueCalibration(WrapperMethod):
         # The base's λ-free parts (Σ τi, TIES's τm) go through its own `reused`, so a sweep keeps them. The
         # calibration keeps nothing: the pool keeps one method's parts at a time, so each would evict the other.
         merged = self.base.merge_tensor(key, theta0, thetas)
-        return calibrate_key(key, theta0, thetas, merged, self.alpha, self.projection_side)
+        if merged.dim() != 2:
+            return merged
+        if self.projection_side == "output" and is_conv1d_weight(key):  # Conv1D as [out, in], then back
+            return calibrate(theta0.T, (theta.T for theta in thetas), merged.T, self.alpha).T.contiguous()
+        return calibrate(theta0, thetas, merged, self.alpha)
