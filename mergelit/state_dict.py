@@ -62,12 +62,9 @@ def unflatten(vector: Tensor, reference: dict[str, Tensor]) -> dict[str, Tensor]
     total = sum(tensor.numel() for tensor in reference.values())
     if vector.numel() != total:
         raise ValueError(f"Cannot unflatten a vector of {vector.numel()} entries into a state dict of {total}.")
-    pieces, offset = {}, 0
-    for key in sorted(reference):
-        numel = reference[key].numel()
-        pieces[key] = vector[offset : offset + numel].view(reference[key].shape)
-        offset += numel
-    return {key: pieces[key] for key in reference}
+    keys = sorted(reference)
+    pieces = dict(zip(keys, torch.split(vector, [reference[key].numel() for key in keys])))
+    return {key: pieces[key].view(reference[key].shape) for key in reference}
 
 
 def matching_keys(keys: Iterable[str], patterns: Sequence[str]) -> set[str]:

@@ -83,14 +83,12 @@ def fisher_merge(
     coefficients = fisher_coefficients(
         tasks, keys, lambda task, key: fishers[task][key], normalize_fisher_weight, minimal_fisher_weight
     )
-    merged = {}
-    for key, theta0 in pretrained.items():
-        if key in excluded:
-            merged[key] = theta0.clone()
-        else:
-            thetas, task_fishers = [finetuned[t][key] for t in tasks], [fishers[t][key] for t in tasks]
-            merged[key] = fisher_merge_tensor(thetas, task_fishers, coefficients, minimal_fisher_weight)
-    return merged
+    return {
+        key: theta0.clone() if key in excluded else fisher_merge_tensor(
+            [finetuned[t][key] for t in tasks], [fishers[t][key] for t in tasks], coefficients, minimal_fisher_weight
+        )
+        for key, theta0 in pretrained.items()
+    }
 
 
 class FisherMerging(MergeMethod):

@@ -123,11 +123,9 @@ class TaskSingularVectorMerging(MergeMethod):
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> tuple | None:
-        # τm depends on the pool, exclude_keys and svd_keys, not on a number α: an α sweep computes it
-        # once. A per-task α list scales the task vectors before the SVDs, so nothing is reusable.
-        if isinstance(self.alpha, list):
-            return None
-        return ("tsv_task_vector", tuple(sorted(self.exclude_keys)), self.svd_keys)
+        # τm does not depend on a number α (an α sweep computes it once); a per-task α list scales the τi first.
+        key = ("tsv_task_vector", tuple(sorted(self.exclude_keys)), self.svd_keys)
+        return None if isinstance(self.alpha, list) else key
 
     def prepare_merge(self) -> None:
         check_exclude_keys(self.pool.keys(), self.exclude_keys)
