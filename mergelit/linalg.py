@@ -65,8 +65,7 @@ def check_exclude_keys(keys: Iterable[str], exclude_keys: Sequence[str]) -> None
 
 
 def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.linalg.svd(matrix, full_matrices=False)`` in float32 (float64 kept); a wide matrix through its
-    transpose (the same factors up to sign and rounding; CPU LAPACK is 2.5-3× faster on a tall one)."""
+    """Thin SVD in float32 (float64 kept); a wide matrix through its transpose (CPU LAPACK: 2.5-3× faster)."""
     if matrix.dtype not in (torch.float32, torch.float64):
         matrix = matrix.float()  # LAPACK has no half precision (FusionBench upcasts too)
     if matrix.shape[0] < matrix.shape[1]:

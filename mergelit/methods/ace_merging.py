@@ -41,8 +41,7 @@ def ace_tensor(
     task_vector: Callable[[int], Tensor], n: int, eps: float = 0.01, k_frac: float = 0.3,
     heterogeneity_threshold: float = 0.3, name: str = "tensor", tasks: Sequence[str] | None = None,
 ) -> tuple[Tensor, float]:
-    """(τm, γ) of one 2-D tensor from ``task_vector(i)`` = τi (float64, new at each of its 2-3 calls per
-    task); ``name`` and ``tasks`` name the tensor and the tasks in messages."""
+    """(τm, γ) of one 2-D tensor from τi = ``task_vector(i)`` (float64, new at each of its 2-3 calls per task)."""
     traces = torch.tensor([float((tau * tau).sum()) for tau in map(task_vector, range(n))], dtype=torch.float64)
     # γ = var(ℓ) / (mean(ℓ)² + 1e-12), ℓ = log(tr + 1e-12); one task: NaN (as torch.var, without its warning).
     logs = torch.log(traces + 1e-12)

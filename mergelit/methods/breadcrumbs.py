@@ -34,8 +34,7 @@ def _check_arguments(scaling_factor: float, keep_fraction: float, outlier_fracti
 
 
 def mask_magnitude_outliers(tau: Tensor, keep_fraction: float, outlier_fraction: float) -> Tensor:
-    """τ̃ (new): τ with all but the entries at ranks [n_bot, N − n_top) of the stable ascending order of
-    |τ| set to 0, n_top = int(γ·N), n_bot = N − int(k·N) − n_top; ``keep_fraction >= 1``: τ unchanged."""
+    """τ̃ (new): only τ's ranks [N − int(kN) − int(γN), N − int(γN)) of the stable ascending |τ| kept (k ≥ 1: all)."""
     if keep_fraction >= 1:
         return tau.clone()
     n = tau.numel()
@@ -69,8 +68,7 @@ def mask_magnitude_outliers(tau: Tensor, keep_fraction: float, outlier_fraction:
 
 
 def mask_magnitude_outliers_per_row(tau: Tensor, keep_fraction: float, outlier_fraction: float) -> Tensor:
-    """τ̃ (new) by the original code's rule: per row of the last dimension (width d), zero the top
-    int(d·γ) |τ|, then keep the top int(d·k) of the rest. 0-D: unchanged."""
+    """τ̃ (new), the original rule: per row of width d, zero the top int(dγ) |τ|, keep the top int(dk) of the rest."""
     if tau.dim() == 0:
         return tau.clone()
     rows = tau.reshape(-1, tau.shape[-1])

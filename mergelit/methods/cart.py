@@ -34,8 +34,7 @@ def cart_rank(k: int, rank_ratio: float) -> int:
 def cart_components(
     pretrained: Tensor, task_vectors: Sequence[Tensor], rank_ratio: float, reduce_rank: bool
 ) -> tuple[Tensor, Tensor]:
-    """(θ̄, Σi lowrank(τ'i)) for one tensor, the λ-free parts; τ'i kept in full unless ``reduce_rank``.
-    ``task_vectors`` (τ1..τn, not modified) is read twice."""
+    """(θ̄, Σi lowrank(τ'i)) of one tensor, the λ-free parts (τ'i in full unless ``reduce_rank``); reads τi twice."""
     # 1. θ̄ = θ0 + (1/n) Σ τi (as the original: from the task vectors, not the mean of θi).
     average = pretrained + ordered_sum(task_vectors) / len(task_vectors)
     rank = cart_rank(min(pretrained.shape), rank_ratio) if reduce_rank else None

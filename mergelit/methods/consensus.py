@@ -17,17 +17,8 @@ from mergelit.errors import check_choice, check_integer, check_number
 from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import (
-    TiesElection,
-    check_finetuned,
-    disjoint_merge,
-    elect_sign,
-    flatten,
-    pool_task_vectors,
-    tall_mask,
-    task_vector_sum,
-    ties_election,
-    trim,
-    unflatten,
+    TiesElection, check_finetuned, disjoint_merge, elect_sign, flatten, pool_task_vectors, tall_mask, task_vector_sum,
+    ties_election, trim, unflatten,
 )
 
 BASES = ("task_arithmetic", "ties")

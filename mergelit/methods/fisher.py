@@ -37,8 +37,7 @@ def fisher_merge_tensor(
 
 
 def check_fisher(task: str, fishers: Iterable[tuple[str, Tensor]]) -> float:
-    """‖Fi‖ of model ``task``'s (key, Fisher) pairs as one vector (float64 per tensor, summed in key
-    order), refusing an estimate that is zero everywhere or not finite."""
+    """‖Fi‖ of model ``task``'s (key, Fisher) pairs (float64, in key order); refuses a zero or non-finite one."""
     squares, nonzero = 0.0, False
     for key, fisher in fishers:
         if not bool(torch.isfinite(fisher).all()):
@@ -57,8 +56,7 @@ def check_fisher(task: str, fishers: Iterable[tuple[str, Tensor]]) -> float:
 def fisher_coefficients(
     tasks: Sequence[str], keys: Sequence[str], fisher: Callable[[str, str], Tensor], normalize: bool, eps: float
 ) -> list[float]:
-    """ci = (1/n) · ni, ni = (1/(‖Fi‖ + ε)) / Σj (1/(‖Fj‖ + ε)), ‖Fi‖ the norm of ``fisher(task, key)`` over
-    the merged ``keys`` (checked even when not ``normalize``: then ci = 1/n)."""
+    """ci = (1/n)·ni, ni = (1/(‖Fi‖ + ε)) / Σj (1/(‖Fj‖ + ε)) over the merged ``keys`` (not ``normalize``: 1/n)."""
     n = len(tasks)
     norms = [check_fisher(task, ((key, fisher(task, key)) for key in keys)) for task in tasks] if keys else []
     if not normalize:
@@ -100,8 +98,7 @@ class FisherMerging(MergeMethod):
         batch_size: examples per batch; each adds the square of its sum's gradient, so it matters (FusionBench: 32).
         minimal_fisher_weight: ε, added to every Fisher entry and norm (entries no model saw still weigh).
         normalize_fisher_weight: weigh model i by ni ∝ 1/(‖Fi‖ + ε) (FusionBench's default), else alike.
-        exclude_param_names_regex: regular expressions (``re.match`` on body tensor names such as
-            ``h.0.attn.c_attn.weight``); matching tensors keep the pretrained value.
+        exclude_param_names_regex: regexes ``re.match``-ing body tensor names; matching tensors keep θ0.
         seed: seed of the draw of the train examples (their indices are stored with the statistics).
         cache_dir: folder of the statistics cache.
     """

@@ -43,8 +43,7 @@ def regmean_solve(
     module: str, tasks: Sequence[str], grams: Iterable[Tensor], weights: Iterable[Tensor],
     reduce_non_diagonal_ratio: float,
 ) -> Tensor:
-    """W* = (Σ G̃i)⁻¹ Σ G̃i Wi (float64) for the Conv1D ``module``, one (Gi, Wi) pair of ``tasks`` at a time.
-    Refuses, naming the layer, a Gram of the wrong size and an ill-conditioned or singular sum."""
+    """W* = (Σ G̃i)⁻¹ Σ G̃i Wi (float64) of Conv1D ``module``, one (Gi, Wi) at a time; refuses a bad or singular sum."""
     summed_gram = summed_product = None
     for task, gram, weight in zip(tasks, grams, weights, strict=True):
         dim = weight.shape[0]
@@ -83,8 +82,7 @@ def regmean_solve(
 
 
 def solved_weights(names: Callable[[str], Iterable[str]], tasks: Sequence[str], keys: Iterable[str]) -> dict:
-    """``<module>.weight`` -> module for the Conv1D modules with Grams (``names(task)``), which must be the
-    same for every task and each have that tensor."""
+    """``<module>.weight`` -> module for the modules with Grams (``names(task)``, the same for every task)."""
     modules = list(names(tasks[0]))
     for task in tasks[1:]:
         if set(names(task)) != set(modules):
@@ -101,8 +99,7 @@ def regmean_merge(
     reduce_non_diagonal_ratio: float = 0.6, pretrained: dict[str, Tensor] | None = None,
     exclude_param_names_regex: list[str] = [],
 ) -> dict[str, Tensor]:
-    """RegMean over whole state dicts: ``grams`` is task -> {Conv1D module (``h.0.mlp.c_fc``) -> Gi}, the
-    same modules for every task; θ0 (``pretrained``) is needed only when tensors are excluded."""
+    """RegMean over whole state dicts, ``grams`` task -> {Conv1D module -> Gi}; θ0 needed only to exclude."""
     r = check_number(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio (r)", low=0, high=1)
     if not finetuned:
         raise ValueError("No fine-tuned bodies to merge: give at least one task.")
@@ -142,8 +139,7 @@ class RegMean(MergeMethod):
         reduce_non_diagonal_ratio: r, the factor on the Grams' off-diagonal entries (1: exact least squares).
         count_padding: ``true`` counts padding positions up to ``max_length`` as FusionBench (reproduces its
             numbers); ``false`` counts real tokens only.
-        exclude_param_names_regex: regular expressions (``re.match`` on body tensor names such as
-            ``h.0.mlp.c_fc.weight``); matching tensors keep the pretrained value.
+        exclude_param_names_regex: regexes ``re.match``-ing body tensor names; matching tensors keep θ0.
         seed: seed of the draw of the train examples (their indices are stored with the statistics).
         cache_dir: folder of the statistics cache.
     """

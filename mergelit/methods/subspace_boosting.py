@@ -60,8 +60,7 @@ def boost_plan(key: str, shape: Sequence[int], targets: str, beta: float, attn_b
 
 
 def boost_tensor(key: str, update: Tensor, plan: tuple[int, int, float]) -> tuple[Tensor, list[int]]:
-    """(SB(update), cutoffs) of one key, block by block along the plan's split; ``update`` itself when
-    no block changes. A zero block is kept, with a warning naming the tensor."""
+    """(SB(update), cutoffs) of one key, block by block (a zero one kept, with a warning); ``update`` if unchanged."""
     dim, size, beta = plan
     blocks = torch.split(update, size, dim=dim)
     boosted, cutoffs = [], []

@@ -45,8 +45,7 @@ def svc_merge(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], merged: dict[str, Tensor],
     alpha: float = 0.1, projection_side: Literal["input", "output"] = "input",
 ) -> dict[str, Tensor]:
-    """SVC of the base's ``merged`` body over whole state dicts, as FusionBench computes it: the K task
-    matrices of a key stacked, responses by ``einsum`` (K = len(finetuned))."""
+    """SVC of the base's ``merged`` body over whole state dicts as FusionBench: K task matrices stacked, ``einsum``."""
     check_finetuned(pretrained, finetuned)
     out = {}
     for key, theta0 in pretrained.items():

@@ -17,16 +17,8 @@ from mergelit.errors import check_choice, check_number
 from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import (
-    MERGE_FUNCS,
-    TiesElection,
-    check_finetuned,
-    disjoint_merge,
-    elect_sign,
-    flatten,
-    pool_task_vectors,
-    ties_election,
-    trim,
-    unflatten,
+    MERGE_FUNCS, TiesElection, check_finetuned, disjoint_merge, elect_sign, flatten, pool_task_vectors, ties_election,
+    trim, unflatten,
 )
 
 

@@ -16,14 +16,7 @@ from torch import Tensor
 
 from mergelit.errors import MergelitError, check_choice, check_number
 from mergelit.linalg import (
-    SVD_KEYS,
-    TaskVectors,
-    check_exclude_keys,
-    numerical_rank,
-    polar_factor,
-    running_mean,
-    svd_applies,
-    thin_svd,
+    SVD_KEYS, TaskVectors, check_exclude_keys, numerical_rank, polar_factor, running_mean, svd_applies, thin_svd,
     warn_rank_deficient,
 )
 from mergelit.methods.base import MergeMethod
