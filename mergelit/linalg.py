@@ -1,15 +1,6 @@
-"""Linear algebra shared by the SVD methods (TSV-M, Iso-C, Iso-CTS, CART) and WUDI: one tensor at a time.
-
-- ``TaskVectors``: τi = αi (θi − θ0) of one tensor, computed each time it is read, so a method
-  that makes two passes over a key's task vectors holds about one of them at a time.
-- ``thin_svd``, ``polar_factor``, ``low_rank``: the decompositions (float32, wide matrices
-  through their transpose).
-- ``numerical_rank``, ``warn_rank_deficient``, ``IllPosedMergeWarning``: the warning the SVD
-  methods give when the singular vectors they keep are arbitrary.
-- ``svd_applies``, ``check_exclude_keys``, ``SVD_KEYS``: which tensors take the SVD path.
-- ``ordered_sum``, ``running_mean``: the sums FusionBench takes, in its order (the last bits of
-  the merged tensors depend on it).
-"""
+"""Linear algebra shared by the SVD methods (TSV-M, Iso-C, Iso-CTS, CART) and WUDI, one tensor at a time:
+task vectors computed when read (``TaskVectors``), float32 decompositions, the rank-deficiency warning,
+which tensors take the SVD path, and the sums in FusionBench's order (the merged bits depend on it)."""
 
 from __future__ import annotations
 
@@ -22,29 +13,17 @@ from torch import Tensor
 from mergelit.errors import KeyMissing
 from mergelit.gpt2 import is_conv1d_weight
 
-SVD_KEYS = ("all_2d", "conv1d")
-"""Which 2-D tensors the SVD methods decompose: every one (FusionBench), or only the Conv1D weights."""
+SVD_KEYS = ("all_2d", "conv1d")  # which 2-D tensors the SVD methods decompose: every one (FusionBench), or Conv1D only
 
 
 class IllPosedMergeWarning(UserWarning):
-    """A task vector (or a sum of them) has fewer non-zero singular values than the merge keeps:
-    the kept singular vectors for the zero ones are arbitrary, so the merged tensor depends on the
-    device and the LAPACK build."""
+    """A task vector (or sum) has fewer non-zero singular values than kept: the merge depends on the LAPACK build."""
 
 
 class TaskVectors(Sequence):
-    """τi = αi (θi − θ0) of one tensor, computed from ``thetas[i]`` each time it is read, never stored.
-
-    ``thetas`` may be the pool's ``TaskTensors`` (each θi read from its checkpoint when indexed) or
-    a list; either way a pass over the task vectors holds one at a time, and a second pass
-    recomputes them bit for bit.
-
-    Args:
-        theta0: θ0 of this tensor.
-        thetas: θ1..θn of this tensor.
-        weights: αi per task, or None (all 1).
-        transpose: give θiᵀ − θ0ᵀ instead (Iso-CTS and WUDI run GPT-2's [in, out] Conv1D weights as [out, in]).
-    """
+    """τi = αi (θi − θ0) of one tensor (αi = ``weights[i]``, or 1), computed from ``thetas[i]`` each time it
+    is read: a pass holds one at a time, a second recomputes them bit for bit. ``transpose`` gives θiᵀ − θ0ᵀ
+    (Iso-CTS and WUDI run GPT-2's [in, out] Conv1D weights as [out, in])."""
 
     def __init__(self, theta0: Tensor, thetas: Sequence[Tensor], weights: Sequence[float] | None = None, transpose: bool = False):
         self.theta0, self.thetas, self.weights, self.transpose = theta0, thetas, weights, transpose
@@ -67,9 +46,6 @@ class TaskVectors(Sequence):
         return TaskVectors(self.theta0, self.thetas, self.weights, not self.transpose)
 
 
-# ---- which tensors are decomposed --------------------------------------------------------------
-
-
 def svd_applies(key: str, tensor: Tensor, svd_keys: str, exclude_keys: Sequence[str] = ()) -> bool:
     """Whether the SVD path handles ``key``: 2-D, not excluded, and a Conv1D weight if ``svd_keys`` is ``conv1d``."""
     if tensor.dim() != 2 or key in exclude_keys:
@@ -78,8 +54,7 @@ def svd_applies(key: str, tensor: Tensor, svd_keys: str, exclude_keys: Sequence[
 
 
 def check_exclude_keys(keys: Iterable[str], exclude_keys: Sequence[str]) -> None:
-    """Refuse an ``exclude_keys`` entry that is not a tensor of the body (exact names): a typo would
-    silently leave the tensor on the SVD path."""
+    """Refuse an ``exclude_keys`` entry that is not a tensor of the body: a typo would silently SVD it."""
     known = set(keys)
     unknown = [key for key in exclude_keys if key not in known]
     if unknown:
@@ -89,15 +64,8 @@ def check_exclude_keys(keys: Iterable[str], exclude_keys: Sequence[str]) -> None
         )
 
 
-# ---- decompositions -----------------------------------------------------------------------------
-
-
 def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.linalg.svd(matrix, full_matrices=False)`` in float32 (float64 kept), U [rows, k], S [k], Vᵀ [k, cols].
-
-    A wide matrix is decomposed through its transpose: the same factors up to sign and rounding,
-    and CPU LAPACK is 2.5-3× faster on a tall matrix (768 × 2304: 0.39 s wide, 0.16 s tall).
-    """
+    """Thin SVD in float32 (float64 kept); a wide matrix through its transpose (CPU LAPACK: 2.5-3× faster)."""
     if matrix.dtype not in (torch.float32, torch.float64):
         matrix = matrix.float()  # LAPACK has no half precision (FusionBench upcasts too)
     if matrix.shape[0] < matrix.shape[1]:
@@ -107,8 +75,7 @@ def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def polar_factor(matrix: Tensor) -> Tensor:
-    """The orthogonal polar factor A Bᵀ of ``matrix`` = A Σ Bᵀ: the nearest matrix with orthonormal
-    columns (or rows), which is how TSV-M and Iso-CTS orthogonalise the concatenated vectors."""
+    """The orthogonal polar factor A Bᵀ of ``matrix`` = A Σ Bᵀ, the nearest matrix with orthonormal columns (rows)."""
     u, _, vh = thin_svd(matrix)
     return u @ vh
 
@@ -117,9 +84,6 @@ def low_rank(matrix: Tensor, rank: int) -> Tensor:
     """The best rank-``rank`` approximation (Eckart–Young): the top singular triplets of ``matrix``."""
     u, s, vh = thin_svd(matrix)
     return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(matrix.dtype)
-
-
-# ---- rank deficiency ----------------------------------------------------------------------------
 
 
 def numerical_rank(singular_values: Tensor, shape: Sequence[int]) -> int:
@@ -145,14 +109,12 @@ def warn_rank_deficient(method: str, name: str, kept: int, ranks: dict[str, int]
         )
 
 
-# ---- sums in FusionBench's order ----------------------------------------------------------------
-
-
 def ordered_sum(tensors: Iterable[Tensor]) -> Tensor:
     """t1 + t2 + … in order (Python's ``sum``, as FusionBench calls it), a new tensor; reads each once."""
     total = None
     for tensor in tensors:
         total = tensor.clone() if total is None else total.add_(tensor)
+        del tensor  # before the next one is read
     return total
 
 

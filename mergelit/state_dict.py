@@ -1,30 +1,27 @@
-"""Small pure helpers over state dicts (``dict[str, Tensor]``) used by the merge methods.
-
-None of them modifies its inputs: the pool hands out its cached tensors.
-"""
+"""Small pure helpers over state dicts (``dict[str, Tensor]``) used by the merge methods; none modifies
+its inputs (the pool hands out its cached tensors)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
+import math
 import re
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
 def check_same_keys_and_shapes(reference: dict[str, Tensor], other: dict[str, Tensor], name: str) -> None:
-    """Raise ``ValueError`` naming the first key (by name) that ``other`` lacks, adds, or shapes differently.
-
-    ``name`` says what ``other`` is in the message, e.g. ``"fine-tuned body 'cola'"``.
-    """
+    """Raise ``ValueError`` naming the first key ``other`` (``"fine-tuned body 'cola'"``) lacks, adds or reshapes."""
     for key in sorted(reference.keys() | other.keys()):
         if key not in other:
             raise ValueError(f"The {name} has no tensor {key!r}; every body to merge must share one architecture.")
         if key not in reference:
-            raise ValueError(f"The {name} has a tensor {key!r} the others lack; every body to merge must share one architecture.")
+            raise ValueError(
+                f"The {name} has a tensor {key!r} the others lack; every body to merge must share one architecture."
+            )
         if reference[key].shape != other[key].shape:
             raise ValueError(
                 f"Tensor {key!r} of the {name} has shape {tuple(other[key].shape)}, expected "
@@ -38,11 +35,6 @@ def check_finetuned(pretrained: dict[str, Tensor], finetuned: dict[str, dict[str
         raise ValueError("No fine-tuned bodies to merge: give at least one task.")
     for task, body in finetuned.items():
         check_same_keys_and_shapes(pretrained, body, f"fine-tuned body {task!r}")
-
-
-def task_vector(finetuned: dict[str, Tensor], pretrained: dict[str, Tensor]) -> dict[str, Tensor]:
-    """τ = θ_finetuned − θ_pretrained, tensor by tensor (new tensors)."""
-    return {key: finetuned[key] - pretrained[key] for key in pretrained}
 
 
 def task_vector_sum(theta0: Tensor, thetas: Iterable[Tensor]) -> Tensor:
@@ -66,27 +58,17 @@ def flatten(state_dict: dict[str, Tensor]) -> Tensor:
 
 
 def unflatten(vector: Tensor, reference: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of ``flatten``: cut ``vector`` into ``reference``'s shapes (keys sorted by name).
-
-    The tensors are views into ``vector``; keys come back in ``reference``'s order.
-    """
+    """Inverse of ``flatten``: views of ``vector`` in ``reference``'s shapes, keys in ``reference``'s order."""
     total = sum(tensor.numel() for tensor in reference.values())
     if vector.numel() != total:
         raise ValueError(f"Cannot unflatten a vector of {vector.numel()} entries into a state dict of {total}.")
-    pieces, offset = {}, 0
-    for key in sorted(reference):
-        numel = reference[key].numel()
-        pieces[key] = vector[offset : offset + numel].view(reference[key].shape)
-        offset += numel
-    return {key: pieces[key] for key in reference}
+    keys = sorted(reference)
+    pieces = dict(zip(keys, torch.split(vector, [reference[key].numel() for key in keys])))
+    return {key: pieces[key].view(reference[key].shape) for key in reference}
 
 
 def matching_keys(keys: Iterable[str], patterns: Sequence[str]) -> set[str]:
-    """The keys that one of the regular expressions ``patterns`` matches at their start.
-
-    ``re.match``, as FusionBench's ``exclude_param_names_regex``: ``h\\.0\\.`` matches block 0,
-    ``.*bias`` every bias. Raises ``ValueError`` naming a pattern that does not compile.
-    """
+    """The keys one of ``patterns`` matches at their start (``re.match``, as FusionBench's regexes)."""
     compiled = []
     for pattern in patterns:
         try:
@@ -101,21 +83,6 @@ def add_scaled(pretrained: dict[str, Tensor], task_vector: dict[str, Tensor], sc
     return {key: pretrained[key] + scaling_factor * task_vector[key] for key in pretrained}
 
 
-def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
-    """Write a safetensors file atomically (temporary file + rename): a reader sees the old file or the new one."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
 def tensors_fingerprint(tensors: dict[str, Tensor], digest=None) -> str:
     """SHA-256 of names, dtypes, shapes and bytes of ``tensors`` (keys sorted)."""
     digest = digest or hashlib.sha256()
@@ -126,63 +93,41 @@ def tensors_fingerprint(tensors: dict[str, Tensor], digest=None) -> str:
     return digest.hexdigest()
 
 
-# ---- TIES-Merging's steps (trim, elect, disjoint merge), shared by TIES and DARE-TIES ----------
+# ---- TIES-Merging's steps (trim, elect, disjoint merge), shared by TIES, DARE-TIES and Consensus ----
 MERGE_FUNCS = ("sum", "mean", "max")
-"""How a disjoint merge aggregates the agreeing entries."""
 
 
 def keep_fraction(threshold: float) -> float:
-    """The fraction of entries TIES's trim keeps for ``threshold``, read as FusionBench reads it: a
-    value <= 1 is a fraction (0.2: 20 %), a larger one a percentage (20: 20 %)."""
+    """The share TIES's trim keeps, read as FusionBench reads ``threshold``: ≤ 1 a fraction, else a percentage."""
     return threshold if threshold <= 1 else threshold / 100
 
 
-def trim_rank(d: int, threshold: float) -> int:
-    """k of the trim: entries with |τ| >= the k-th smallest |τ| are kept (k counted from 1).
-
-    Exactly FusionBench's k = d − int(d · K); keeping everything (K = 1) gives the minimum (k = 1).
-    """
-    return max(d - int(d * keep_fraction(threshold)), 1)
-
-
-def kth_smallest(values: Tensor, k: int, in_place: bool = False) -> Tensor:
-    """The k-th smallest entry of a 1-D CPU tensor (k from 1), as a 0-d tensor: ``values.kthvalue(k)``'s value.
-
-    An exact selection (NumPy's introselect) is several times faster than ``torch.kthvalue`` on the
-    CPU (0.9 s vs 4.6 s for 124 M entries) and returns the same number. ``in_place`` partitions
-    ``values`` itself (a buffer of the caller's) instead of a copy.
-    """
-    import numpy as np
-
-    if not 1 <= k <= values.numel():
-        raise ValueError(f"k must be in [1, {values.numel()}], got {k}.")
+def _kth_smallest(values: Tensor, threshold: float) -> Tensor:
+    """The trim cut, the k-th smallest of the flat ``values`` (partitioned in place: numpy is 5× ``kthvalue``)."""
+    k = max(values.numel() - int(values.numel() * keep_fraction(threshold)), 1)
     array = values.detach().cpu().numpy()
-    if in_place:
-        array.partition(k - 1)
-    else:
-        array = np.partition(array, k - 1)
+    array.partition(k - 1)
     return torch.tensor(array[k - 1], dtype=values.dtype)
 
 
 def trim(tau: Tensor, threshold: float) -> Tensor:
-    """Trim: zero, in place, all but the top ``threshold`` entries of the flat ``tau`` by magnitude
-    (ties at the cut kept)."""
-    cut = kth_smallest(tau.abs(), trim_rank(tau.numel(), threshold))
+    """Trim: zero, in place, all but the top ``threshold`` of the flat ``tau`` by magnitude (ties at the cut kept)."""
+    cut = _kth_smallest(tau.abs(), threshold)
     return tau.masked_fill_(tau.abs() < cut, 0)
 
 
 def elect_sign(trimmed: Iterable[Tensor]) -> Tensor:
     """Elect: s = sign(Σ trimmed τi); its zeros take sign(Σ s), the majority sign."""
-    sign = summed_sign(trimmed)
-    # Σ s summed exactly (float64 holds every integer count up to 2^53; a float32 sum of 124 M ±1
-    # would round), so a merge that counts key by key agrees with the whole-body one.
+    sign = _summed_sign(trimmed)
+    # Σ s summed exactly in float64 (a float32 sum of 124 M ±1 would round), so a merge that counts
+    # key by key agrees with the whole-body one.
     return sign.masked_fill_(sign == 0, torch.sign(sign.sum(dtype=torch.float64)).to(sign.dtype))
 
 
-def summed_sign(trimmed: Iterable[Tensor]) -> Tensor:
-    """sign(Σ trimmed τi), summed in order from +0 (so never −0); zeros left as they are."""
+def _summed_sign(trimmed: Iterable[Tensor]) -> Tensor:
+    """sign(Σ trimmed τi), summed in task order (FusionBench's) from +0, so never −0."""
     summed = None
-    for tau in trimmed:  # in task order, as FusionBench's sum over the stacked vectors
+    for tau in trimmed:
         summed = torch.zeros_like(tau) + tau if summed is None else summed.add_(tau)
     return summed.sign_()
 
@@ -192,12 +137,10 @@ def disjoint_merge(trimmed: Iterable[Tensor], sign: Tensor, merge_func: str) -> 
     magnitude = torch.zeros_like(sign)
     count = torch.zeros_like(sign) if merge_func == "mean" else None
     for tau in trimmed:
-        # |τi| where sign(τi) == s, else 0. Trimmed-away entries are 0 and so never count.
-        agreeing = (tau * sign).clamp_(min=0)
+        agreeing = (tau * sign).clamp_(min=0)  # |τi| where sign(τi) == s, else 0 (trimmed entries are 0)
         if merge_func == "max":
-            # Not torch.maximum: which of +0 / -0 it returns depends on the kernel (vectorised or
-            # not, so on the tensor's size); taking only strictly larger values keeps +0, so a
-            # merge key by key gets the same bits as the whole-body one.
+            # Not torch.maximum: whether it returns +0 or -0 depends on the kernel (so on the tensor's
+            # size); taking only strictly larger values keeps +0, so key by key gives the whole-body bits.
             torch.where(agreeing > magnitude, agreeing, magnitude, out=magnitude)
         else:
             magnitude += agreeing
@@ -209,74 +152,56 @@ def disjoint_merge(trimmed: Iterable[Tensor], sign: Tensor, merge_func: str) -> 
     return magnitude.mul_(sign)
 
 
-def trim_below(magnitudes: Tensor, threshold: float) -> float:
-    """TIES's trim cut of a whole body as the largest float32 below it: ``magnitudes`` is |τ| of
-    every entry, flat (partitioned in place, so a buffer of the caller's); ``trimmed(τ, below)``
-    then keeps exactly the entries ``trim`` keeps, tensor by tensor."""
-    cut = kth_smallest(magnitudes, trim_rank(magnitudes.numel(), threshold), in_place=True)
-    return float(torch.nextafter(cut, torch.tensor(-float("inf"))))
-
-
-def trimmed(tau: Tensor, below: float) -> Tensor:
-    """τ with the entries below TIES's cut set to +0 (new tensor), ``below`` from ``trim_below``.
-
-    ``hardshrink`` keeps x where |x| > below, i.e. |x| >= the cut (no float32 lies between them),
-    and writes +0 elsewhere: the bits of ``tau.masked_fill_(tau.abs() < cut, 0)``, faster.
-    """
-    return torch.nn.functional.hardshrink(tau, below)
-
-
-# ---- bit-packed boolean masks (EMR-Merging's per-task masks) ------------------------------------
+# ---- bit-packed boolean masks (EMR-Merging's and TALL's per-task masks) ------------------------------
 def pack_bits(mask: Tensor) -> Tensor:
-    """A boolean tensor as a flat uint8 tensor of ceil(numel / 8) bytes, 8 entries a byte in
-    ``reshape(-1)`` order (numpy's ``packbits``, big-endian bits): 1/32 of the fp32 tensor's size."""
-    import numpy as np
-
+    """A boolean tensor as flat uint8, 8 entries a byte in ``reshape(-1)`` order (``numpy.packbits``)."""
     return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy()))
 
 
 def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
     """The boolean tensor of ``shape`` that ``pack_bits`` packed (a new tensor)."""
-    import math
-
-    import numpy as np
-
-    numel = math.prod(shape)
-    bits = np.unpackbits(packed.numpy(), count=numel)  # 0/1 bytes
+    bits = np.unpackbits(packed.numpy(), count=math.prod(shape))  # 0/1 bytes
     return torch.from_numpy(bits).view(torch.bool).view(tuple(shape))
 
 
 class TiesElection:
-    """The whole-body part of TIES-Merging, computed once: each task's trim cut and the elected sign of
-    every key (``ties_election``). ``trimmed`` trims a key's task vectors with the cuts, ``sign(key)``
-    gives that key's elected sign (its zeros already filled with the majority sign) and frees it."""
+    """TIES's whole-body part (``ties_election``): each task's trim cut and every key's elected sign."""
 
     def __init__(self, belows: list[float], fill: float, signs: dict[str, Tensor]):
         self.belows, self.fill, self.signs = belows, fill, signs
 
     def trimmed(self, task_vectors: Iterable[Tensor]) -> Iterable[Tensor]:
-        """Trim each τi of one key (in task order) at its task's cut, one at a time (``trimmed``)."""
+        """Each τi of one key (in task order) trimmed at its task's cut, one at a time (new tensors)."""
         for tau, below in zip(task_vectors, self.belows):
-            yield trimmed(tau, below)
+            # hardshrink keeps x where |x| > below, i.e. |x| >= the cut (no float32 lies between them),
+            # and writes +0 elsewhere: the bits of ``trim``'s masked_fill_, faster.
+            yield torch.nn.functional.hardshrink(tau, below)
 
     def sign(self, key: str) -> Tensor:
-        """The elected sign s of ``key`` (float32; zeros filled with sign(Σ s)), handed out once."""
+        """The elected sign s of ``key`` (float32, zeros filled), handed out once."""
         sign = self.signs.pop(key).to(torch.float32)
         return sign.masked_fill_(sign == 0, self.fill)
+
+    def merged(self, key: str, theta0: Tensor, thetas: Iterable[Tensor], merge_func: str) -> Tensor:
+        """τm of ``key``: the task vectors θi − θ0 trimmed at the cuts, disjoint-merged under its sign."""
+        sign = self.sign(key)
+        return disjoint_merge(self.trimmed(theta - theta0 for theta in thetas), sign, merge_func)
+
+
+def pool_task_vectors(pool) -> tuple[dict[str, int], int, Callable[[int, str], Tensor]]:
+    """``ties_election``'s first three arguments for a ``ModelPool``'s task vectors τi = θi − θ0."""
+    def task_vector(i: int, key: str) -> Tensor:
+        return pool.finetuned_tensor(pool.tasks[i], key) - pool.pretrained_tensor(key)
+
+    return {key: shape.numel() for key, shape in pool.body_shapes().items()}, len(pool.tasks), task_vector
 
 
 def ties_election(
     numels: dict[str, int], num_tasks: int, task_vector: Callable[[int, str], Tensor], threshold: float
 ) -> TiesElection:
-    """TIES's trim cuts and elected signs over a whole body, read one tensor at a time.
-
-    ``numels`` gives the body's keys (in order) and sizes; ``task_vector(i, key)`` gives τi[key] (a new
-    tensor; called twice per task and key). Pass 1, per task: |τi| of the whole body in one reused
-    buffer and its exact k-th value, the trim cut (kept as the largest float32 below it). Pass 2, per
-    key: s = sign(Σ trimmed τi) (kept as int8) and Σ s over the body, whose sign the zeros of s take.
-    Holds one body-sized buffer in pass 1 and the int8 signs (a quarter of a body) after it, whatever
-    the number of tasks.
-    """
+    """TIES's trim cuts and elected signs over a whole body (keys and sizes ``numels``), reading τi[key] =
+    ``task_vector(i, key)`` (a new tensor) twice: per task, |τi| in one reused body-sized buffer and its exact
+    cut (kept as the largest float32 below it); per key, s = sign(Σ trimmed τi) as int8, and Σ s."""
     buffer = torch.empty(sum(numels.values()))
     belows = []
     for i in range(num_tasks):
@@ -284,12 +209,13 @@ def ties_election(
         for key, numel in numels.items():
             torch.abs(task_vector(i, key).reshape(-1), out=buffer[offset : offset + numel])
             offset += numel
-        belows.append(trim_below(buffer, threshold))
+        cut = _kth_smallest(buffer, threshold)
+        belows.append(float(torch.nextafter(cut, torch.tensor(-float("inf")))))
     del buffer
     election = TiesElection(belows, 0.0, {})
     total = 0.0
     for key in numels:
-        sign = summed_sign(election.trimmed(task_vector(i, key) for i in range(num_tasks)))
+        sign = _summed_sign(election.trimmed(task_vector(i, key) for i in range(num_tasks)))
         total += float(sign.sum(dtype=torch.float64))  # an integer count, exact in float64
         election.signs[key] = sign.to(torch.int8)
     election.fill = float(torch.sign(torch.tensor(total, dtype=torch.float64)))

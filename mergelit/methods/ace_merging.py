@@ -1,46 +1,10 @@
 """ACE-Merging: a closed-form merge with covariances estimated from the task vectors themselves.
 
 Xu et al. 2026, "ACE-Merging: Data-Free Model Merging with Adaptive Covariance Estimation", CVPR 2026,
-https://arxiv.org/abs/2603.02945 (official code: unravel-xu/ACE-Merging, ``MergeStrategy.ace_merging``,
-which has a GPT-2/GLUE pipeline; this file follows that run).
-
-With τi = θi − θ0 (n tasks), per body tensor:
-
-- Tensors that are not 2-D (LN, biases): τm = mean_i τi.
-- Each 2-D tensor (wte, wpe, the 48 Conv1D weights), **as stored**, d = its number of columns:
-  1. Heterogeneity: tr_i = ‖τi‖²_F (uncentred), ℓ_i = log(tr_i + 1e-12),
-     γ = var(ℓ) / (mean(ℓ)² + 1e-12) with the unbiased variance; "flag" ⇔ γ > threshold (0.3).
-  2. Per task, with W̃i = τi minus its row mean (``mean(dim=0)``: the column means removed):
-     Ĉi = W̃iᵀ W̃i [d, d], ti = trace(Ĉi) + 1e-12; if flag Ci = Ĉi / ti and εi = ε / ti, else Ci = Ĉi
-     and εi = ε. B = Σi W̃i (Ci + εi I), G = Σi (Ci + εi I).
-  3. Collective prior: c = the **[1, d] row** of column means of C1 + … + Cn (``torch.mean(…, dim=0,
-     keepdim=True)``), divided by (mean_i tr_i + 1e-12) if flag; A = G + c, broadcast over the rows.
-  4. W0 = B A⁻¹ (``linalg.inv``; ``pinv`` if the inverse fails).
-  5. If flag (spectral refinement): C̄ = G / n, R = Σi τi (Ci − C̄) with the *uncentred* τi,
-     U, S, Vᵀ = svd(R + W0), k = int(min(rows, cols) · k_frac), τm = W0 + mean(S[:k]) · U[:, :k] Vᵀ[:k].
-     Otherwise τm = W0.
-- θ* = θ0 + scaling·τm (official: scaling 1.0, no search).
-
-**Quirks kept** (all in the official GPT-2 run): the prior is a row vector broadcast over the rows (A
-is not symmetric); B uses the centred τ, R the uncentred; tr_i is uncentred while the normalisation
-uses the centred trace; n = 1 does not give θ1 (the variance of one value is NaN: no flag). A task
-whose update of a refined tensor is zero (once centred) gets the ridge ε / 1e-12, which swamps A: kept
-as computed, with a warning naming the tensor and the task.
-
-**Conv1D layout** (``covariance_side``). The official code takes its Gram matrices over dim 1 of the
-stored tensor: for nn.Linear [out, in] the input features, for GPT-2's Conv1D [in, out] the **output**
-features. ``stored`` (default) reproduces that; ``input`` transposes the 48 Conv1D weights to
-[out, in] first and back after (the paper's input covariance). wte and wpe stay as stored either way
-(their input side is the vocabulary / position index: a [50257, 50257] Gram would take 20 GB).
-
-**Numerics.** τi is the float32 difference θi − θ0 (as the official task vectors); everything after
-it runs in float64 (the official code runs in float32 on the GPU, 1.7e-6 away on the tiny pool). The
-flag is a discontinuity: ``heterogeneity[key]`` keeps γ per tensor, and the run logs the γ closest to
-the threshold. k = 0 (min dimension ≤ 3 at k_frac 0.3) would take the mean of no singular value (NaN):
-refused, naming the tensor.
-
-**Streaming.** Per 2-D key the θi are read once for the traces, once for B and G, and (flag) once more
-for R, recomputing each Ci: one τi and a few [d, d] matrices in memory, whatever n.
+https://arxiv.org/abs/2603.02945; follows the official GPT-2/GLUE run (unravel-xu/ACE-Merging,
+``MergeStrategy.ace_merging``), quirks included. Per 2-D tensor, W0 = B A⁻¹ from the task vectors'
+ridge-regularised column covariances and a row prior, refined spectrally when the tasks' magnitudes are
+heterogeneous (γ > threshold); other tensors take the mean τi. Steps and quirks: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -54,29 +18,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mergelit.errors import MergeFailed, check_choice, check_number
+from mergelit.gpt2 import is_conv1d_weight
+from mergelit.linalg import ordered_sum
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 
 COVARIANCE_SIDES = ("stored", "input")
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-"""GPT-2's Conv1D weights, stored [in, out]."""
-
-
-def is_conv1d(key: str) -> bool:
-    return key.endswith(CONV1D_WEIGHTS)
-
-
-def heterogeneity(traces: Tensor) -> float:
-    """γ = var(ℓ) / (mean(ℓ)² + 1e-12), ℓ = log(tr + 1e-12), unbiased variance; NaN for one task."""
-    if traces.numel() < 2:
-        return math.nan  # torch.var of one value: NaN (and a warning); NaN > threshold is False
-    logs = torch.log(traces + 1e-12)
-    return float(torch.var(logs) / (torch.mean(logs).pow(2) + 1e-12))
 
 
 def _centred_covariance(tau: Tensor, flag: bool, eps: float) -> tuple[Tensor, Tensor, float]:
-    """(W̃, C, ε_i) of one task: W̃ = τ minus its row mean, C = W̃ᵀW̃ (divided by its trace if flag)."""
+    """(W̃, C, εi) of one task: W̃ = τ minus its row mean, C = W̃ᵀW̃ (divided by its trace if flag)."""
     centred = tau - tau.mean(dim=0, keepdim=True)
     gram = centred.T @ centred
     trace = torch.trace(gram) + 1e-12
@@ -86,29 +38,24 @@ def _centred_covariance(tau: Tensor, flag: bool, eps: float) -> tuple[Tensor, Te
 
 
 def ace_tensor(
-    task_vector: Callable[[int], Tensor],
-    n: int,
-    eps: float = 0.01,
-    k_frac: float = 0.3,
-    heterogeneity_threshold: float = 0.3,
-    name: str = "tensor",
-    tasks: Sequence[str] | None = None,
+    task_vector: Callable[[int], Tensor], n: int, eps: float = 0.01, k_frac: float = 0.3,
+    heterogeneity_threshold: float = 0.3, name: str = "tensor", tasks: Sequence[str] | None = None,
 ) -> tuple[Tensor, float]:
-    """(τm, γ) of one 2-D tensor from ``task_vector(i)`` = τi (float64, a new tensor each call; called
-    two or three times per task), following ``MergeStrategy.ace_merging`` (see the module docstring).
-    ``name`` and ``tasks`` name the tensor and the tasks in messages."""
+    """(τm, γ) of one 2-D tensor from τi = ``task_vector(i)`` (float64, new at each of its 2-3 calls per task)."""
     traces = torch.tensor([float((tau * tau).sum()) for tau in map(task_vector, range(n))], dtype=torch.float64)
-    gamma = heterogeneity(traces)
+    # γ = var(ℓ) / (mean(ℓ)² + 1e-12), ℓ = log(tr + 1e-12); one task: NaN (as torch.var, without its warning).
+    logs = torch.log(traces + 1e-12)
+    gamma = float(torch.var(logs) / (torch.mean(logs).pow(2) + 1e-12)) if n >= 2 else math.nan
     flag = gamma > heterogeneity_threshold
     summed_covariance = weighted_sum = gram_sum = None
     for i in range(n):
         centred, covariance, task_eps = _centred_covariance(task_vector(i), flag, eps)
         if flag and not bool(centred.any()):
-            task = tasks[i] if tasks else f"number {i}"
             warnings.warn(
-                f"ACE-Merging: task {task}'s update of {name!r} is zero once its column means are removed, so the "
-                f"normalisation divides by a zero trace (+1e-12): its ridge ε/1e-12 = {eps / 1e-12:g} dominates A and "
-                f"shrinks this tensor's merge towards 0. Kept as the official code computes it.",
+                f"ACE-Merging: task {tasks[i] if tasks else f'number {i}'}'s update of {name!r} is zero once its "
+                f"column means are removed, so the normalisation divides by a zero trace (+1e-12): its ridge "
+                f"ε/1e-12 = {eps / 1e-12:g} dominates A and shrinks this tensor's merge towards 0. Kept as the "
+                f"official code computes it.",
                 stacklevel=2,
             )
         regularised = covariance + task_eps * torch.eye(covariance.shape[0], dtype=covariance.dtype)
@@ -146,46 +93,35 @@ def ace_tensor(
 
 
 def ace_task_vector(
-    key: str,
-    theta0: Tensor,
-    thetas: Sequence[Tensor],
-    eps: float = 0.01,
-    k_frac: float = 0.3,
-    heterogeneity_threshold: float = 0.3,
-    covariance_side: str = "stored",
+    key: str, theta0: Tensor, thetas: Sequence[Tensor], eps: float = 0.01, k_frac: float = 0.3,
+    heterogeneity_threshold: float = 0.3, covariance_side: str = "stored",
 ) -> tuple[Tensor, float | None]:
     """(τm, γ) of one key, τm float32 in θ0's shape; γ None for a tensor that is not 2-D (τm = mean τi)."""
     n = len(thetas)
     if theta0.dim() != 2:
-        summed = None
-        for theta in thetas:
-            tau = (theta - theta0).double()
-            summed = tau if summed is None else summed.add_(tau)
-        return (summed / n).to(theta0.dtype), None
-    transpose = covariance_side == "input" and is_conv1d(key)
+        return (ordered_sum((theta - theta0).double() for theta in thetas) / n).to(theta0.dtype), None
+    transpose = covariance_side == "input" and is_conv1d_weight(key)
 
     def task_vector(i: int) -> Tensor:
         tau = (thetas[i] - theta0).double()
         return tau.T if transpose else tau
 
-    merged, gamma = ace_tensor(task_vector, n, eps, k_frac, heterogeneity_threshold, key, getattr(thetas, "tasks", None))
+    tasks = getattr(thetas, "tasks", None)
+    merged, gamma = ace_tensor(task_vector, n, eps, k_frac, heterogeneity_threshold, key, tasks)
     return (merged.T if transpose else merged).contiguous().to(theta0.dtype), gamma
 
 
 def ace_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    scaling_factor: float = 1.0,
-    eps: float = 0.01,
-    k_frac: float = 0.3,
-    heterogeneity_threshold: float = 0.3,
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 1.0,
+    eps: float = 0.01, k_frac: float = 0.3, heterogeneity_threshold: float = 0.3,
     covariance_side: Literal["stored", "input"] = "stored",
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + scaling·τm over whole state dicts (the reference the per-key merge is tested against)."""
+    """θ* = θ0 + scaling·τm over whole state dicts (the arguments as ``ACEMerging``'s)."""
     check_finetuned(pretrained, finetuned)
     merged = {}
     for key, theta0 in pretrained.items():
-        tau, _ = ace_task_vector(key, theta0, [body[key] for body in finetuned.values()], eps, k_frac, heterogeneity_threshold, covariance_side)
+        thetas = [body[key] for body in finetuned.values()]
+        tau, _ = ace_task_vector(key, theta0, thetas, eps, k_frac, heterogeneity_threshold, covariance_side)
         merged[key] = theta0 + scaling_factor * tau
     return merged
 
@@ -199,23 +135,17 @@ class ACEMerging(MergeMethod):
         eps: ε, the ridge added to each covariance (official 0.01).
         k_frac: share of the singular values whose mean the refinement uses (official 0.3).
         heterogeneity_threshold: γ above which a tensor is normalised and refined (official 0.3).
-        covariance_side: ``stored`` (official: Gram over dim 1 of the stored tensor, the output side
-            of GPT-2's Conv1D) or ``input`` (the Conv1D weights transposed to [out, in] first).
+        covariance_side: ``stored`` (official: the output side of GPT-2's Conv1D) or ``input`` (transposed first).
     """
 
     display_name = "ACE-Merging"
-    symbols = {"scaling_factor": "λ", "eps": "ε", "k_frac": "k/r", "heterogeneity_threshold": "γ₀", "covariance_side": "side"}
-    recommended: dict = {}  # the official values are the defaults
-    data = "none"
+    symbols = {
+        "scaling_factor": "λ", "eps": "ε", "k_frac": "k/r", "heterogeneity_threshold": "γ₀", "covariance_side": "side"
+    }
 
     def __init__(
-        self,
-        pool: ModelPool,
-        scaling_factor: float = 1.0,
-        eps: float = 0.01,
-        k_frac: float = 0.3,
-        heterogeneity_threshold: float = 0.3,
-        covariance_side: Literal["stored", "input"] = "stored",
+        self, pool: ModelPool, scaling_factor: float = 1.0, eps: float = 0.01, k_frac: float = 0.3,
+        heterogeneity_threshold: float = 0.3, covariance_side: Literal["stored", "input"] = "stored",
     ):
         super().__init__(pool)
         self.scaling_factor = check_number(scaling_factor, "scaling_factor (λ)")
@@ -223,30 +153,27 @@ class ACEMerging(MergeMethod):
         self.k_frac = check_number(k_frac, "k_frac", 0, 1)
         self.heterogeneity_threshold = check_number(heterogeneity_threshold, "heterogeneity_threshold", 0)
         self.covariance_side = check_choice(covariance_side, "covariance_side", COVARIANCE_SIDES)
-        self.heterogeneity: dict[str, float] = {}
-        """2-D key -> γ, for the keys computed by this instance (the flag is γ > heterogeneity_threshold)."""
+        self.heterogeneity: dict[str, float] = {}  # 2-D key -> γ, for the keys this instance computed
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> tuple:
         # τm depends on the pool and every argument but the scaling: a scaling sweep computes it once.
-        return ("ace_task_vector", float(self.eps), float(self.k_frac), float(self.heterogeneity_threshold), self.covariance_side)
+        arguments = (float(self.eps), float(self.k_frac), float(self.heterogeneity_threshold), self.covariance_side)
+        return ("ace_task_vector", *arguments)
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        tau = self.reused(key, lambda: self._task_vector(key, theta0, thetas))
-        return theta0 + self.scaling_factor * tau
+        return theta0 + self.scaling_factor * self.reused(key, lambda: self._task_vector(key, theta0, thetas))
 
     def _task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        tau, gamma = ace_task_vector(key, theta0, thetas, self.eps, self.k_frac, self.heterogeneity_threshold, self.covariance_side)
-        if gamma is not None:
-            self.heterogeneity[key] = gamma
-            if len(self.heterogeneity) == sum(len(shape) == 2 for shape in self.pool.body_shapes().values()):
-                self._log_heterogeneity()
-        return tau
-
-    def _log_heterogeneity(self) -> None:
+        args = (self.eps, self.k_frac, self.heterogeneity_threshold, self.covariance_side)
+        tau, gamma = ace_task_vector(key, theta0, thetas, *args)
+        if gamma is None:
+            return tau
+        self.heterogeneity[key] = gamma
+        if len(self.heterogeneity) < sum(len(shape) == 2 for shape in self.pool.body_shapes().values()):
+            return tau
         # The flag switches paths at γ = threshold: say how many took the refinement and how close any came.
-        values = self.heterogeneity
-        threshold = self.heterogeneity_threshold
+        values, threshold = self.heterogeneity, self.heterogeneity_threshold
         flagged = [key for key, gamma in values.items() if gamma > threshold]
         finite = {key: gamma for key, gamma in values.items() if math.isfinite(gamma)}
         closest = min(finite, key=lambda key: abs(finite[key] - threshold)) if finite else None
@@ -254,3 +181,4 @@ class ACEMerging(MergeMethod):
             f"ACE-Merging: {len(flagged)} of {len(values)} 2-D tensors take the refinement path (γ > {threshold:g})"
             + (f"; closest to the threshold: {closest} (γ = {finite[closest]:.4f})." if closest else ".")
         )
+        return tau

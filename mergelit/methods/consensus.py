@@ -1,29 +1,8 @@
-"""Consensus Merging: keep only the entries that at least k tasks' TALL masks claim.
+"""Consensus Merging: keep only the entries of the multi-task vector that at least k tasks' TALL masks claim.
 
 Wang, Dimitriadis et al. 2024, "Localizing Task Information for Improved Model Merging and
 Compression", ICML 2024, https://arxiv.org/abs/2405.07813 (official code: nik-dim/tall_masks).
-
-With τi = θi − θ0, on every body tensor (LN and biases included, as the official flattening), elementwise:
-
-1. Multi-task vector τ_MTL: Σi τi (``base: task_arithmetic``), or TIES's merged vector (``base: ties``:
-   top-20 % per task over the whole body, elect, disjoint **sum**, as the official ``use_ties``).
-2. TALL mask of task t: m_t = |θ0 − θt| > λ·|θ_MTL − θt| with θ_MTL = θ0 + τ_MTL (strict ``>``): the
-   entries where θt is closer to θ_MTL than (scaled) to θ0, i.e. |τt| > λ·|τ_MTL − τt| up to rounding.
-3. Consensus: keep_j = [Σt m_t,j ≥ k]; θ* = θ0 + α·(τ_MTL ⊙ keep).
-
-k = 2 drops the "catastrophic" (no task) and "selfish" (one task) weights; k = 0 is TA (or TIES) at α;
-k > n gives θ0.
-
-**Defaults (data free).** The paper picks λt per task on labeled validation among {0.2, ..., 0.6} and α
-among {0.1, ..., 1.0}; here one λ for every task, ``tall_mask_lambda`` = 0.6 (FusionBench's TALL value, the
-top of the paper's grid), ``min_agreement`` k = 2 (official), ``scaling_factor`` α = 0.3 (Task
-Arithmetic's default). Selecting λ and α on the dev split is a sweep's job. FusionBench has no consensus
-algorithm.
-
-**Numerics.** The masks are boundary comparisons in float32, computed exactly as the official
-``generate_task_masks``: |θ0 − θt| > |θ_MTL − θt| · λ with λ a float32 scalar, Σ τi accumulated in
-task order; counts are exact small integers. Elementwise: GPT-2's Conv1D layout does not matter.
-Entries no task changed have |θ0 − θt| = 0, are in no mask and stay at θ0.
+θ* = θ0 + α·(τ_MTL ⊙ [Σt m_t ≥ k]), m_t = |θ0 − θt| > λ·|θ_MTL − θt|. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -38,16 +17,8 @@ from mergelit.errors import check_choice, check_integer, check_number
 from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import (
-    TiesElection,
-    check_finetuned,
-    disjoint_merge,
-    elect_sign,
-    flatten,
-    tall_mask,
-    task_vector_sum,
-    ties_election,
-    trim,
-    unflatten,
+    TiesElection, check_finetuned, disjoint_merge, elect_sign, flatten, pool_task_vectors, tall_mask, task_vector_sum,
+    ties_election, trim, unflatten,
 )
 
 BASES = ("task_arithmetic", "ties")
@@ -55,7 +26,9 @@ TIES_THRESHOLD = 20  # the official use_ties: top-20 % of each task vector, disj
 TIES_MERGE_FUNC = "sum"
 
 
-def consensus_mask(theta0: Tensor, thetas: Iterable[Tensor], tau_mtl: Tensor, tall_mask_lambda: float, min_agreement: int) -> Tensor:
+def consensus_mask(
+    theta0: Tensor, thetas: Iterable[Tensor], tau_mtl: Tensor, tall_mask_lambda: float, min_agreement: int
+) -> Tensor:
     """keep of one tensor (bool): [the number of tasks whose TALL mask holds the entry ≥ k]."""
     theta_mtl = theta0 + tau_mtl
     scale = torch.tensor(tall_mask_lambda, dtype=torch.float32)
@@ -65,69 +38,45 @@ def consensus_mask(theta0: Tensor, thetas: Iterable[Tensor], tau_mtl: Tensor, ta
     return count >= min_agreement
 
 
-def multi_task_vector(pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], base: str) -> dict[str, Tensor]:
-    """τ_MTL over whole bodies: Σ τi, or TIES's vector (trim 20 %, elect, disjoint sum over the flat body)."""
-    if base == "task_arithmetic":
-        return {key: task_vector_sum(theta0, [body[key] for body in finetuned.values()]) for key, theta0 in pretrained.items()}
-    theta0 = flatten(pretrained)
-    trimmed = [trim(flatten(body).sub_(theta0), TIES_THRESHOLD) for body in finetuned.values()]
-    return unflatten(disjoint_merge(trimmed, elect_sign(trimmed), TIES_MERGE_FUNC), pretrained)
-
-
 def consensus_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    scaling_factor: float = 0.3,
-    tall_mask_lambda: float = 0.6,
-    min_agreement: int = 2,
-    base: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 0.3,
+    tall_mask_lambda: float = 0.6, min_agreement: int = 2, base: Literal["task_arithmetic", "ties"] = "task_arithmetic",
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + α·(τ_MTL ⊙ keep) over whole state dicts (the reference the per-key merge is tested against).
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts (in task order).
-        scaling_factor: α.
-        tall_mask_lambda: λ of every task's TALL mask.
-        min_agreement: k, the number of masks an entry needs to be kept.
-        base: how τ_MTL is made: ``task_arithmetic`` (Σ τi) or ``ties``.
-    """
+    """θ* = θ0 + α·(τ_MTL ⊙ keep) over whole state dicts (the arguments as ``ConsensusMerging``'s)."""
     check_finetuned(pretrained, finetuned)
-    tau_mtl = multi_task_vector(pretrained, finetuned, check_choice(base, "base", BASES))
-    return {
-        key: theta0 + scaling_factor * (
-            tau_mtl[key] * consensus_mask(theta0, [body[key] for body in finetuned.values()], tau_mtl[key], tall_mask_lambda, min_agreement)
-        )
-        for key, theta0 in pretrained.items()
-    }
+    bodies = list(finetuned.values())
+    if check_choice(base, "base", BASES) == "task_arithmetic":
+        tau_mtl = {key: task_vector_sum(theta0, [body[key] for body in bodies]) for key, theta0 in pretrained.items()}
+    else:  # TIES over the flat body: trim 20 %, elect, disjoint sum
+        flat0 = flatten(pretrained)
+        trimmed = [trim(flatten(body).sub_(flat0), TIES_THRESHOLD) for body in bodies]
+        tau_mtl = unflatten(disjoint_merge(trimmed, elect_sign(trimmed), TIES_MERGE_FUNC), pretrained)
+        del flat0, trimmed
+    merged = {}
+    for key, theta0 in pretrained.items():
+        thetas = [body[key] for body in bodies]
+        keep = consensus_mask(theta0, thetas, tau_mtl[key], tall_mask_lambda, min_agreement)
+        merged[key] = theta0 + scaling_factor * (tau_mtl[key] * keep)
+    return merged
 
 
 class ConsensusMerging(MergeMethod):
     """Consensus Merging: θ* = θ0 + α·(τ_MTL ⊙ keep), keep = the entries at least k tasks' TALL masks hold.
 
     Args:
-        scaling_factor: α, multiplies the kept multi-task vector (the paper selects it on validation
-            among 0.1 … 1.0; 0.3 is Task Arithmetic's default).
-        tall_mask_lambda: λ of the TALL masks m_t = |θ0 − θt| > λ·|θ_MTL − θt|, one value for every task
-            (the paper selects one per task among 0.2 … 0.6; 0.6 is FusionBench's).
-        min_agreement: k, how many tasks' masks must hold an entry for it to be kept (official 2;
-            0 keeps everything: Task Arithmetic / TIES at α).
-        base: the multi-task vector τ_MTL: ``task_arithmetic`` (Σ τi) or ``ties`` (TIES's vector at
-            threshold 20, disjoint sum, as the official ``use_ties``).
+        scaling_factor: α, multiplies the kept multi-task vector (0.3, Task Arithmetic's default).
+        tall_mask_lambda: λ of every task's TALL mask m_t = |θ0 − θt| > λ·|θ_MTL − θt| (0.6, FusionBench's).
+        min_agreement: k, how many tasks' masks must hold an entry to keep it (official 2; 0 keeps all).
+        base: τ_MTL: ``task_arithmetic`` (Σ τi) or ``ties`` (TIES's vector at threshold 20, disjoint sum).
     """
 
     display_name = "Consensus Merging"
     symbols = {"scaling_factor": "α", "tall_mask_lambda": "λ", "min_agreement": "k", "base": "base"}
     recommended = {"scaling_factor": 0.3, "tall_mask_lambda": 0.6, "min_agreement": 2}
     search = {"scaling_factor": LAMBDAS}
-    data = "none"
 
     def __init__(
-        self,
-        pool: ModelPool,
-        scaling_factor: float = 0.3,
-        tall_mask_lambda: float = 0.6,
-        min_agreement: int = 2,
+        self, pool: ModelPool, scaling_factor: float = 0.3, tall_mask_lambda: float = 0.6, min_agreement: int = 2,
         base: Literal["task_arithmetic", "ties"] = "task_arithmetic",
     ):
         super().__init__(pool)
@@ -136,8 +85,7 @@ class ConsensusMerging(MergeMethod):
         self.min_agreement = check_integer(min_agreement, "min_agreement (k)", 0)
         self.base = check_choice(base, "base", BASES)
         self._election: TiesElection | None = None
-        self.kept: dict[str, tuple[int, int]] = {}
-        """key -> (entries kept, entries), for the keys computed by this instance."""
+        self.kept: dict[str, tuple[int, int]] = {}  # key -> (entries kept, entries)
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> tuple:
@@ -149,26 +97,24 @@ class ConsensusMerging(MergeMethod):
         return theta0 + self.scaling_factor * kept
 
     def _kept_task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        tau_mtl = task_vector_sum(theta0, thetas) if self.base == "task_arithmetic" else self._ties_vector(key, theta0, thetas)
-        keep = consensus_mask(theta0, thetas, tau_mtl, self.tall_mask_lambda, self.min_agreement)  # a second read of the θt
+        if self.base == "task_arithmetic":
+            tau_mtl = task_vector_sum(theta0, thetas)
+        else:
+            tau_mtl = self._ties_vector(key, theta0, thetas)
+        keep = consensus_mask(theta0, thetas, tau_mtl, self.tall_mask_lambda, self.min_agreement)  # reads the θt again
         self.kept[key] = (int(keep.sum()), keep.numel())
         if key == self.pool.keys()[-1]:
             kept = sum(k for k, _ in self.kept.values()) / sum(n for _, n in self.kept.values())
-            rank_zero_info(f"Consensus Merging (k = {self.min_agreement}, λ = {self.tall_mask_lambda:g}): keeps {100 * kept:.1f} % of the entries.")
+            rank_zero_info(
+                f"Consensus Merging (k = {self.min_agreement}, λ = {self.tall_mask_lambda:g}): "
+                f"keeps {100 * kept:.1f} % of the entries."
+            )
         return tau_mtl * keep
 
     def _ties_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        # TIES's trim cuts and elected signs are over the whole body: one streamed pass, on the first key.
-        if self._election is None:
-            pool = self.pool
-            self._election = ties_election(
-                {k: shape.numel() for k, shape in pool.body_shapes().items()},
-                len(pool.tasks),
-                lambda i, k: pool.finetuned_tensor(pool.tasks[i], k) - pool.pretrained_tensor(k),
-                TIES_THRESHOLD,
-            )
-        election = self._election
-        sign = election.sign(key)
-        if not election.signs:
+        if self._election is None:  # TIES's cuts and signs are over the whole body: one pass, on the first key
+            self._election = ties_election(*pool_task_vectors(self.pool), TIES_THRESHOLD)
+        merged = self._election.merged(key, theta0, thetas, TIES_MERGE_FUNC)
+        if not self._election.signs:
             self._election = None  # every key merged: a new merge elects again
-        return disjoint_merge(election.trimmed(theta - theta0 for theta in thetas), sign, TIES_MERGE_FUNC)
+        return merged

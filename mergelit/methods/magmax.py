@@ -1,18 +1,8 @@
-"""MagMax: per entry, the task vector of largest magnitude.
+"""MagMax: per entry, the task vector of largest magnitude (ties: the later task); θ* = θ0 + λ τmax.
 
 Marczak et al. 2024, "MagMax: Leveraging Model Merging for Seamless Continual Learning", ECCV 2024,
-https://arxiv.org/abs/2407.06322 (here the case of independent fine-tunes of one θ0).
-
-With τi = θi − θ0, on every body tensor (wte, wpe, LN, biases, Conv1D), elementwise and in task order:
-
-    τmax ← τ1;  for i = 2..n:  τmax ← where(|τi| ≥ |τmax|, τi, τmax)
-    θ* = θ0 + λ τmax
-
-A tie goes to the **later** task (``>=``), as FusionBench's ``_magmax_select`` and the official
-``merge_max_abs`` do. Entries no task changed (unseen-token rows of wte) stay at θ0. Elementwise, so
-GPT-2's Conv1D [in, out] layout does not matter. The same float32 operations as FusionBench 0.2.33
-(``method/magmax/magmax.py``: one subtraction, one comparison, λ·τmax, one addition), so the merge
-equals FusionBench's bit for bit. Default λ = 0.5 (FusionBench and the official code).
+https://arxiv.org/abs/2407.06322 (here independent fine-tunes of one θ0). FusionBench 0.2.33's
+float32 operations, so the merge equals its bit for bit.
 """
 
 from __future__ import annotations
@@ -37,14 +27,10 @@ def max_magnitude_tensor(theta0: Tensor, thetas: Iterable[Tensor]) -> Tensor:
     return selected
 
 
-def magmax_merge(pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 0.5) -> dict[str, Tensor]:
-    """θ* = θ0 + λ τmax over whole state dicts (the reference the per-key merge is tested against).
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts (in task order).
-        scaling_factor: λ.
-    """
+def magmax_merge(
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 0.5
+) -> dict[str, Tensor]:
+    """θ* = θ0 + λ τmax over whole state dicts: θ0 (``pretrained``), task -> θi (``finetuned``), λ."""
     scaling_factor = check_number(scaling_factor, "scaling_factor (λ)")
     check_finetuned(pretrained, finetuned)
     return {
@@ -57,15 +43,13 @@ class MagMax(MergeMethod):
     """MagMax: θ* = θ0 + λ τmax, τmax taking each entry from the task vector of largest magnitude.
 
     Args:
-        scaling_factor: λ, multiplies τmax (FusionBench's and the official default 0.5; the official
-            grid is 20 values in (0, 1]).
+        scaling_factor: λ, multiplies τmax (FusionBench's and the official default 0.5).
     """
 
     display_name = "MagMax"
     symbols = {"scaling_factor": "λ"}
     recommended = {"scaling_factor": 0.5}
     search = {"scaling_factor": LAMBDAS}
-    data = "none"
 
     def __init__(self, pool: ModelPool, scaling_factor: float = 0.5):
         super().__init__(pool)
@@ -73,9 +57,7 @@ class MagMax(MergeMethod):
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> str:
-        # τmax depends on nothing but the pool: a λ sweep selects it once.
-        return "max_magnitude_task_vector"
+        return "max_magnitude_task_vector"  # τmax depends on the pool alone: a λ sweep selects once
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        selected = self.reused(key, lambda: max_magnitude_tensor(theta0, thetas))
-        return theta0 + self.scaling_factor * selected
+        return theta0 + self.scaling_factor * self.reused(key, lambda: max_magnitude_tensor(theta0, thetas))

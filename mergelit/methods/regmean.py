@@ -1,57 +1,28 @@
 """RegMean: merge each linear layer by the closed-form least-squares fit to every model's outputs.
 
 Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023,
-https://arxiv.org/abs/2212.09849.
-
-Statistics (``mergelit.statistics.gram_statistics``, in ``prepare``): for every Conv1D of each fine-tuned body
-(per block attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; 48 in GPT-2), the Gram matrix of its
-input over ``num_regmean_examples`` shuffled train examples: Gi = XiᵀXi / T.
-
-Merge: scale the off-diagonal entries, G̃i = Gi ⊙ (r·11ᵀ + (1−r)I), r = ``reduce_non_diagonal_ratio``,
-then W* = (Σ G̃i)⁻¹ Σ G̃i Wi, which minimises Σ ‖Xi W − Xi Wi‖² when r = 1. GPT-2's Conv1D stores
-W as [in, out] (y = xW + b), so there is no transpose. Every other tensor (biases, embeddings,
-layer norms) is the plain mean of the fine-tuned bodies; tensors matched by
-``exclude_param_names_regex`` keep the pretrained value θ0 (FusionBench loads the merged tensors
-into the pretrained model), Conv1D weights included.
-
-Streaming: each key is merged on its own (``merge_tensor``), reading θi[key] and, for a Conv1D
-weight, Gi one task at a time from the memory-mapped checkpoints and statistics files, so the
-merge's memory does not grow with n. ``regmean_merge`` (whole state dicts) is the same
-computation, kept as the tests' oracle.
-
-Numerics: the system is solved with ``torch.linalg.solve`` in float64 (FusionBench forms the
-float32 inverse). With padding counted the summed Grams are poorly conditioned, so the two differ
-by ~1e-4 in the merged weights; the solve is the more accurate.
-
-Padding (``count_padding``): ``true`` pads every example to ``max_length`` (512) and counts every
-position, padding included, as FusionBench does (~96-98 % of positions are padding on GLUE): the
-reproduction setting and the default. ``false`` counts only real tokens (attention mask), the
-principled variant. The two give different Grams, merged weights and accuracies.
+https://arxiv.org/abs/2212.09849. Each Conv1D weight W* = (Σ G̃i)⁻¹ Σ G̃i Wi, Gi = XiᵀXi / T the Gram
+of its inputs on task i's train examples, G̃i = Gi ⊙ (r·11ᵀ + (1−r)I); every other tensor: the mean of
+the θi. Solved in float64. Details: docs/methods.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from mergelit.errors import MergeFailed, check_choice, check_integer, check_number
+from mergelit.linalg import ordered_sum
 from mergelit.methods.base import MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, matching_keys
 from mergelit.statistics import DEFAULT_CACHE_DIR, StoredStatistics, gram_statistics
 
-
-MAX_CONDITION_NUMBER = 1e12
-"""The largest condition number (λmax/λmin of the float64 summed Gram) RegMean solves with.
-
-A float64 solve loses about log10(κ) of its ~16 digits: at 1e12 the merged weights keep ~4
-correct digits, more than their float32 storage needs. Measured: ~4e3 on the tiny test pool with
-r = 0.6, ≈3e18 (weights up to 1.8e3, finite garbage) on a nearly singular sum. Above the bound
-the merge is refused, naming the layer (a singular sum, λmin <= 0, is refused as before)."""
+MAX_CONDITION_NUMBER = 1e12  # of the float64 summed Gram: a solve keeps ~16 − log10(κ) digits (docs/methods.md)
 
 
 def gram_condition_number(gram: Tensor) -> float:
@@ -63,58 +34,38 @@ def gram_condition_number(gram: Tensor) -> float:
     return largest / smallest
 
 
-def _check_ratio(reduce_non_diagonal_ratio: float) -> float:
-    return check_number(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio (r)", low=0, high=1)
-
-
 def reduce_non_diagonal(gram: Tensor, reduce_non_diagonal_ratio: float) -> Tensor:
     """G̃ = G ⊙ (r·11ᵀ + (1−r)I): off-diagonal entries times r, the diagonal unchanged."""
-    r = reduce_non_diagonal_ratio
-    return gram * r + torch.diag_embed(gram.diagonal() * (1 - r))
-
-
-def mean_tensor(thetas: Iterable[Tensor]) -> Tensor:
-    """(1/n) Σ θi for one tensor: summed in task order, then divided by n (FusionBench's rounding)."""
-    merged, n = None, 0
-    for theta in thetas:
-        merged = theta.clone() if merged is None else merged.add_(theta)
-        n += 1
-        del theta  # before the next one is read
-    return merged.div_(n)
+    return gram * reduce_non_diagonal_ratio + torch.diag_embed(gram.diagonal() * (1 - reduce_non_diagonal_ratio))
 
 
 def regmean_solve(
-    module: str, tasks: Sequence[str], grams: Iterable[Tensor], weights: Iterable[Tensor], reduce_non_diagonal_ratio: float
+    module: str, tasks: Sequence[str], grams: Iterable[Tensor], weights: Iterable[Tensor],
+    reduce_non_diagonal_ratio: float,
 ) -> Tensor:
-    """W* = (Σ G̃i)⁻¹ Σ G̃i Wi for one Conv1D (``module``), in float64, reading one (Gi, Wi) pair
-    of ``tasks`` at a time.
-
-    Refuses (naming the layer) a Gram of the wrong size, an ill-conditioned sum (condition number
-    above ``MAX_CONDITION_NUMBER``) and a singular one. Returns float64; the caller casts.
-    """
-    r = reduce_non_diagonal_ratio
+    """W* = (Σ G̃i)⁻¹ Σ G̃i Wi (float64) of Conv1D ``module``, one (Gi, Wi) at a time; refuses a bad or singular sum."""
     summed_gram = summed_product = None
     for task, gram, weight in zip(tasks, grams, weights, strict=True):
         dim = weight.shape[0]
         if gram.shape != (dim, dim):
             raise ValueError(
-                f"The Gram of {module!r} for {task!r} is {tuple(gram.shape)}; its weight {module + '.weight'!r} has {dim} inputs."
+                f"The Gram of {module!r} for {task!r} is {tuple(gram.shape)}; "
+                f"its weight {module + '.weight'!r} has {dim} inputs."
             )
-        scaled = reduce_non_diagonal(gram.to(torch.float64), r)
+        scaled = reduce_non_diagonal(gram.to(torch.float64), reduce_non_diagonal_ratio)
         if summed_gram is None:
             summed_gram = torch.zeros_like(scaled)
             summed_product = torch.zeros(weight.shape, dtype=torch.float64)
         summed_gram += scaled
-        # Conv1D: W is [in, out] and y = xW + b, so G̃ W needs no transpose.
-        summed_product += scaled @ weight.to(torch.float64)
+        summed_product += scaled @ weight.to(torch.float64)  # Conv1D: W is [in, out], y = xW + b: no transpose
         del gram, weight, scaled  # before the next pair is read
     dim = summed_gram.shape[0]
     condition = gram_condition_number(summed_gram)
     if math.isfinite(condition) and condition > MAX_CONDITION_NUMBER:
         raise MergeFailed(
             f"RegMean: the summed Gram matrix of {module!r} ({dim}x{dim}) is ill-conditioned "
-            f"(condition number {condition:.1e} > {MAX_CONDITION_NUMBER:.0e}): the solve for {module + '.weight'!r} would be "
-            f"finite garbage. Use reduce_non_diagonal_ratio < 1, more examples (num_regmean_examples), or "
+            f"(condition number {condition:.1e} > {MAX_CONDITION_NUMBER:.0e}): the solve for {module + '.weight'!r} "
+            f"would be finite garbage. Use reduce_non_diagonal_ratio < 1, more examples (num_regmean_examples), or "
             f"count_padding: false."
         )
     try:
@@ -130,36 +81,26 @@ def regmean_solve(
     return solution
 
 
-def solved_weights(modules: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
-    """``<module>.weight`` -> module for every Conv1D module with Grams (each must have that tensor)."""
-    keys = set(keys)
-    solved = {}
-    for module in modules:
-        key = f"{module}.weight"
+def solved_weights(names: Callable[[str], Iterable[str]], tasks: Sequence[str], keys: Iterable[str]) -> dict:
+    """``<module>.weight`` -> module for the modules with Grams (``names(task)``, the same for every task)."""
+    modules = list(names(tasks[0]))
+    for task in tasks[1:]:
+        if set(names(task)) != set(modules):
+            raise ValueError(f"The Grams of {task!r} cover other modules than those of {tasks[0]!r}.")
+    solved = {f"{module}.weight": module for module in modules}
+    for key, module in solved.items():
         if key not in keys:
             raise KeyError(f"A Gram matrix is given for {module!r} but the bodies have no tensor {key!r}.")
-        solved[key] = module
     return solved
 
 
 def regmean_merge(
-    finetuned: dict[str, dict[str, Tensor]],
-    grams: dict[str, dict[str, Tensor]],
-    reduce_non_diagonal_ratio: float = 0.6,
-    pretrained: dict[str, Tensor] | None = None,
+    finetuned: dict[str, dict[str, Tensor]], grams: dict[str, dict[str, Tensor]],
+    reduce_non_diagonal_ratio: float = 0.6, pretrained: dict[str, Tensor] | None = None,
     exclude_param_names_regex: list[str] = [],
 ) -> dict[str, Tensor]:
-    """W* = (Σ G̃i)⁻¹ Σ G̃i Wi for each ``<module>.weight`` with Grams, the plain mean elsewhere
-    (whole state dicts: the oracle of ``RegMean``'s per-key merge).
-
-    Args:
-        finetuned: task -> θi, the fine-tuned bodies' state dicts.
-        grams: task -> {Conv1D module name (``h.0.mlp.c_fc``) -> Gi, [in, in]}; same modules for every task.
-        reduce_non_diagonal_ratio: r, the factor on the Grams' off-diagonal entries.
-        pretrained: θ0; needed only when tensors are excluded (they keep θ0).
-        exclude_param_names_regex: tensors whose name one of these matches (``re.match``) keep θ0.
-    """
-    r = _check_ratio(reduce_non_diagonal_ratio)
+    """RegMean over whole state dicts, ``grams`` task -> {Conv1D module -> Gi}; θ0 needed only to exclude."""
+    r = check_number(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio (r)", low=0, high=1)
     if not finetuned:
         raise ValueError("No fine-tuned bodies to merge: give at least one task.")
     if set(grams) != set(finetuned):
@@ -174,44 +115,31 @@ def regmean_merge(
         )
     if pretrained is not None:
         check_finetuned(pretrained, finetuned)
-    modules = list(grams[tasks[0]])
-    for task in tasks[1:]:
-        if set(grams[task]) != set(modules):
-            raise ValueError(f"The Grams of {task!r} cover other modules than those of {tasks[0]!r}.")
-    solved = solved_weights(modules, first)
+    solved = solved_weights(lambda task: grams[task], tasks, first)
     merged = {}
     for key in first:
         thetas = [finetuned[task][key] for task in tasks]
         if key in excluded:
             merged[key] = pretrained[key].clone()
         elif key in solved:
-            module = solved[key]
-            merged[key] = regmean_solve(module, tasks, [grams[task][module] for task in tasks], thetas, r).to(first[key].dtype)
+            module_grams = [grams[task][solved[key]] for task in tasks]
+            merged[key] = regmean_solve(solved[key], tasks, module_grams, thetas, r).to(first[key].dtype)
         else:
-            merged[key] = mean_tensor(thetas)
+            merged[key] = ordered_sum(thetas).div_(len(thetas))
     return merged
 
 
 class RegMean(MergeMethod):
-    """RegMean: each Conv1D weight W* = (Σ G̃i)⁻¹ Σ G̃i Wi from its input Grams; other tensors averaged.
-
-    The Grams Gi of each Conv1D's inputs come from each task's train examples. The statistics
-    run as ``trainer.predict`` loops before testing (``prepare``), with a progress bar per task,
-    and are cached under ``cache_dir``: a second run with the same models, data and sampling
-    arguments loads them (the log says so, and the report's costs show what computing them took).
-    ``prepare`` leaves them in ``statistics`` (a ``StoredStatistics``: the merge reads each task's
-    Gram of one Conv1D at a time from its cache file).
+    """RegMean: each Conv1D weight W* = (Σ G̃i)⁻¹ Σ G̃i Wi from its input Grams (computed and cached by
+    ``prepare``); other tensors averaged.
 
     Args:
         num_regmean_examples: train examples per task for the Gram matrices (FusionBench: 256).
         batch_size: examples per batch of the statistics loop (does not change the Grams).
-        reduce_non_diagonal_ratio: r in G̃ = G ⊙ (r·11ᵀ + (1−r)I): the Grams' off-diagonal
-            entries are multiplied by r (1 = exact least squares, 0 = diagonal only).
-        count_padding: ``true`` pads examples to ``max_length`` (512) and counts padding positions
-            in the Grams, as FusionBench does (reproduces its numbers); ``false`` counts real
-            tokens only (principled, but gives different numbers).
-        exclude_param_names_regex: regular expressions (``re.match`` on body tensor names such as
-            ``h.0.mlp.c_fc.weight``); matching tensors keep the pretrained value.
+        reduce_non_diagonal_ratio: r, the factor on the Grams' off-diagonal entries (1: exact least squares).
+        count_padding: ``true`` counts padding positions up to ``max_length`` as FusionBench (reproduces its
+            numbers); ``false`` counts real tokens only.
+        exclude_param_names_regex: regexes ``re.match``-ing body tensor names; matching tensors keep θ0.
         seed: seed of the draw of the train examples (their indices are stored with the statistics).
         cache_dir: folder of the statistics cache.
     """
@@ -222,20 +150,14 @@ class RegMean(MergeMethod):
     data = "train inputs"
 
     def __init__(
-        self,
-        pool: ModelPool,
-        num_regmean_examples: int = 256,
-        batch_size: int = 32,
-        reduce_non_diagonal_ratio: float = 0.6,
-        count_padding: bool = True,
-        exclude_param_names_regex: list[str] = [],
-        seed: int = 42,
-        cache_dir: str = DEFAULT_CACHE_DIR,
+        self, pool: ModelPool, num_regmean_examples: int = 256, batch_size: int = 32,
+        reduce_non_diagonal_ratio: float = 0.6, count_padding: bool = True, exclude_param_names_regex: list[str] = [],
+        seed: int = 42, cache_dir: str = DEFAULT_CACHE_DIR,
     ):
         super().__init__(pool)
         self.num_regmean_examples = check_integer(num_regmean_examples, "num_regmean_examples", minimum=1)
         self.batch_size = check_integer(batch_size, "batch_size", minimum=1)
-        self.reduce_non_diagonal_ratio = _check_ratio(reduce_non_diagonal_ratio)
+        self.reduce_non_diagonal_ratio = check_number(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio (r)", 0, 1)
         self.count_padding = check_choice(count_padding, "count_padding", (True, False))
         matching_keys([], exclude_param_names_regex)  # fail now on a pattern that does not compile
         self.exclude_param_names_regex = list(exclude_param_names_regex)
@@ -248,37 +170,24 @@ class RegMean(MergeMethod):
 
     def prepare(self, trainer: L.Trainer, datamodule) -> None:
         self.statistics = gram_statistics(
-            trainer,
-            datamodule,
-            self.pool,
-            num_examples=self.num_regmean_examples,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            count_padding=self.count_padding,
-            cache_dir=self.cache_dir,
+            trainer, datamodule, self.pool, num_examples=self.num_regmean_examples, batch_size=self.batch_size,
+            seed=self.seed, count_padding=self.count_padding, cache_dir=self.cache_dir,
         )
 
     def prepare_merge(self) -> None:
-        """Which keys are solved from Grams (every task's Grams must cover the same Conv1D modules)."""
-        statistics = self.statistics
-        if statistics is None:
+        if self.statistics is None:
             raise RuntimeError(
                 "RegMean has no Gram statistics: call `method.prepare(trainer, datamodule)` before "
                 "`trainer.test(method, datamodule)` (the `mergelit test` command does this for you)."
             )
-        modules = statistics.names(self.tasks[0])
-        for task in self.tasks[1:]:
-            if set(statistics.names(task)) != set(modules):
-                raise ValueError(f"The Grams of {task!r} cover other modules than those of {self.tasks[0]!r}.")
-        keys = self.pool.keys()
-        self._excluded = matching_keys(keys, self.exclude_param_names_regex)
-        self._solved = solved_weights(modules, keys)
+        self._solved = solved_weights(self.statistics.names, self.tasks, self.pool.keys())
+        self._excluded = matching_keys(self.pool.keys(), self.exclude_param_names_regex)
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
         if key in self._excluded:
             return theta0
         module = self._solved.get(key)
         if module is None:
-            return mean_tensor(thetas)
+            return ordered_sum(thetas).div_(len(thetas))  # the mean, summed in task order (FusionBench's rounding)
         grams = (self.statistics.tensor(task, module) for task in self.tasks)
         return regmean_solve(module, self.tasks, grams, thetas, self.reduce_non_diagonal_ratio).to(theta0.dtype)

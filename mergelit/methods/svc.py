@@ -2,59 +2,28 @@
 over-count it. A wrapper: ``base:`` is the merge it calibrates (Task Arithmetic, TIES, ...).
 
 "When Shared Knowledge Hurts: Spectral Over-Accumulation in Model Merging", ICML 2026,
-https://arxiv.org/abs/2602.05536. This follows FusionBench 0.2.33 (``method/singular_value_calibration``,
-``subspace_consistency_spectral_calibration_accelerated``), whose merge runs on a GPT-2 pool.
-
-1. Base merge: θ_base = the base method's merged body (run on the same pool).
-2. For every 2-D tensor (wte, wpe, the 48 Conv1D weights; LN and biases keep the base's values), in
-   float64: ΔW_m = θ_base − θ0, ΔWi = θi − θ0 (the full fine-tuned weights, whatever the base
-   trimmed), U, S, Vᵀ = svd(ΔW_m, thin), R = min(rows, cols) directions.
-3. Responses on the left singular vectors: a_r^m = u_rᵀ ΔW_m, a_r^i = u_rᵀ ΔWi;
-   s_r^i = ⟨a_r^m, a_r^i⟩ / max(‖a_r^i‖², 1e-12), then ``nan_to_num(nan=α, neginf=α)``.
-4. γ_r = K / Σi max(s_r^i, α) (K = the number of fine-tuned models);
-   θ* = θ0 + U diag(γ ⊙ S) Vᵀ, cast back to float32.
-
-γ_r lies in (0, 1/α]: directions several tasks push the same way are shrunk; directions no task
-explains better than α are amplified up to 1/α (10× at α = 0.1). K identical task vectors A around
-Task Arithmetic at λ ≥ α/K give θ0 + A whatever λ is.
-
-**Conv1D layout** (``projection_side``). As stored, a Conv1D ΔW is [in, out], so its left singular
-vectors span the *input* features (FusionBench's route: ``input``, the default); the paper's nn.Linear
-[out, in] projects on the output side: ``output`` transposes the 48 Conv1D weights first and back
-after (the denominator ‖ΔWiᵀ u_r‖² becomes ‖ΔWi v_r‖², so the results differ). wte and wpe stay as
-stored (their left side is the token / position index).
-
-**Streaming.** The responses of the θi are computed one θi at a time (FusionBench stacks the K task
-matrices: 2 GiB for wte in float64); on the test pool the result equals the stacked computation
-(``svc_merge``) bit for bit.
-
-**Base.** Any method that merges one body per key (``kind == "merged"``, with ``merge_tensor``);
-refused: the ensemble, task-aware methods (one body per task), Pretrained and Individual (nothing
-merged). The base's data-driven step (``prepare``) runs as the wrapper's.
+https://arxiv.org/abs/2602.05536; follows FusionBench 0.2.33 (``method/singular_value_calibration``).
+Per 2-D tensor, θ* = θ0 + U diag(γ ⊙ S) Vᵀ from θ_base − θ0 = U diag(S) Vᵀ. Details: docs/methods.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from mergelit.errors import MergelitError, check_choice, check_number
+from mergelit.errors import check_choice, check_number
+from mergelit.gpt2 import is_conv1d_weight
 from mergelit.methods.base import MergeMethod, WrapperMethod, method_config
 from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 
 PROJECTION_SIDES = ("input", "output")
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-"""GPT-2's Conv1D weights, stored [in, out]."""
 
 
 def calibrate(theta0: Tensor, thetas: Iterable[Tensor], merged: Tensor, alpha: float) -> Tensor:
-    """SVC of one 2-D tensor: θ0 + U diag(γ ⊙ S) Vᵀ, in float64, cast back to ``merged``'s dtype.
-
-    ``thetas`` are read one at a time; K is their number.
-    """
+    """SVC of one 2-D tensor, θ0 + U diag(γ ⊙ S) Vᵀ in float64, cast back; ``thetas`` (K) read one at a time."""
     base = theta0.to(torch.float64)
     delta = merged.to(torch.float64, copy=True).sub_(base)  # in place on fresh copies: fewer float64 temporaries
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
@@ -72,49 +41,29 @@ def calibrate(theta0: Tensor, thetas: Iterable[Tensor], merged: Tensor, alpha: f
     return calibrated.to(merged.dtype)
 
 
-def calibrate_key(key: str, theta0: Tensor, thetas: Sequence[Tensor], merged: Tensor, alpha: float, projection_side: str) -> Tensor:
-    """SVC of one key: 2-D tensors calibrated (Conv1D weights transposed first for ``output``), others as merged."""
-    if merged.dim() != 2:
-        return merged
-    if projection_side == "output" and key.endswith(CONV1D_WEIGHTS):
-        return calibrate(theta0.T, (theta.T for theta in thetas), merged.T, alpha).T.contiguous()
-    return calibrate(theta0, thetas, merged, alpha)
-
-
 def svc_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    merged: dict[str, Tensor],
-    alpha: float = 0.1,
-    projection_side: Literal["input", "output"] = "input",
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], merged: dict[str, Tensor],
+    alpha: float = 0.1, projection_side: Literal["input", "output"] = "input",
 ) -> dict[str, Tensor]:
-    """SVC over whole state dicts, as FusionBench computes it (the reference the wrapper is tested against):
-    the K task matrices of a key stacked, responses by ``einsum``.
-
-    Args:
-        pretrained: θ0.
-        finetuned: task -> θi (all of them: K = len(finetuned)).
-        merged: the base method's merged body.
-        alpha: α.
-        projection_side: ``input`` (Conv1D as stored) or ``output`` (Conv1D transposed).
-    """
+    """SVC of the base's ``merged`` body over whole state dicts as FusionBench: K task matrices stacked, ``einsum``."""
     check_finetuned(pretrained, finetuned)
     out = {}
     for key, theta0 in pretrained.items():
         if merged[key].dim() != 2:
             out[key] = merged[key]
             continue
-        transpose = projection_side == "output" and key.endswith(CONV1D_WEIGHTS)
+        transpose = projection_side == "output" and is_conv1d_weight(key)
         flip = (lambda t: t.T) if transpose else (lambda t: t)
         base = flip(theta0).to(torch.float64)
-        tasks = torch.stack([flip(body[key]).to(torch.float64) - base for body in finetuned.values()], dim=0)  # [K, m, n]
+        tasks = torch.stack([flip(body[key]).to(torch.float64) - base for body in finetuned.values()])  # [K, m, n]
         delta = flip(merged[key]).to(torch.float64) - base
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         directions = U.transpose(0, 1).contiguous()
         merged_response = directions @ delta
         responses = torch.einsum("rm,kmn->rkn", directions, tasks)
         squared = (responses * responses).sum(dim=-1).clamp_min(1e-12)
-        coefficients = torch.nan_to_num(torch.einsum("rn,rkn->rk", merged_response, responses) / squared, nan=alpha, neginf=alpha)
+        coefficients = torch.einsum("rn,rkn->rk", merged_response, responses) / squared
+        coefficients = torch.nan_to_num(coefficients, nan=alpha, neginf=alpha)
         gamma = tasks.shape[0] / torch.maximum(coefficients, torch.as_tensor(alpha, dtype=torch.float64)).sum(dim=1)
         calibrated = ((U * (gamma * S).unsqueeze(0)) @ Vh + base).to(merged[key].dtype)
         out[key] = flip(calibrated).contiguous()
@@ -125,26 +74,22 @@ class SingularValueCalibration(WrapperMethod):
     """SVC: the base merge with each 2-D tensor's singular values rescaled by γ_r = K / Σi max(s_r^i, α).
 
     Args:
-        alpha: α, the floor of each task's projection coefficient: γ ≤ 1/α (FusionBench's 0.1 around
-            Task Arithmetic and TIES; 0.2 around Iso-CTS, 1.0 around TSV-M and WUDI).
-        projection_side: ``input`` (FusionBench: Conv1D weights as stored, projections on their input
-            side) or ``output`` (the paper's nn.Linear orientation: Conv1D weights transposed first).
-        base: the merge to calibrate, a method config ``{class_path: mergelit.methods.TiesMerging,
-            init_args: {scaling_factor: 0.3}}`` (built on this pool; override its arguments with
-            ``--model.init_args.base.init_args.scaling_factor 0.5``).
+        alpha: α, the floor of each task's projection coefficient, γ ≤ 1/α (FusionBench's 0.1 around TA and
+            TIES; 0.2 around Iso-CTS, 1.0 around TSV-M and WUDI).
+        projection_side: ``input`` (FusionBench: Conv1D as stored) or ``output`` (Conv1D transposed first).
+        base: the merge to calibrate, a method config ``{class_path: ..., init_args: {...}}`` built on this
+            pool (``--model.init_args.base.init_args.scaling_factor 0.5``).
     """
 
     display_name = "SVC"
     symbols = {"alpha": "α", "projection_side": "side", "base": "base"}
     recommended = {"alpha": 0.1}
-    data = "none"
 
     def __init__(
-        self,
-        pool: ModelPool,
-        alpha: float = 0.1,
-        projection_side: Literal["input", "output"] = "input",
-        base: Callable[[ModelPool], MergeMethod] = {"class_path": "mergelit.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.3}},
+        self, pool: ModelPool, alpha: float = 0.1, projection_side: Literal["input", "output"] = "input",
+        base: Callable[[ModelPool], MergeMethod] = {
+            "class_path": "mergelit.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.3}
+        },
     ):
         super().__init__(pool, base, "SVC")
         self.alpha = check_number(alpha, "alpha (α)", 0, low_open=True)
@@ -153,8 +98,11 @@ class SingularValueCalibration(WrapperMethod):
         self.hparams["base"] = method_config(self.base)
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        # The base's λ-free parts (Σ τi, TIES's τm) go through its own `reused`, so a sweep keeps them.
-        # The calibration keeps nothing: the pool keeps one method's reused parts at a time, and the
-        # wrapper's would push out the base's (and vice versa) at every key.
+        # The base's λ-free parts (Σ τi, TIES's τm) go through its own `reused`, so a sweep keeps them. The
+        # calibration keeps nothing: the pool keeps one method's parts at a time, so each would evict the other.
         merged = self.base.merge_tensor(key, theta0, thetas)
-        return calibrate_key(key, theta0, thetas, merged, self.alpha, self.projection_side)
+        if merged.dim() != 2:
+            return merged
+        if self.projection_side == "output" and is_conv1d_weight(key):  # Conv1D as [out, in], then back
+            return calibrate(theta0.T, (theta.T for theta in thetas), merged.T, self.alpha).T.contiguous()
+        return calibrate(theta0, thetas, merged, self.alpha)

@@ -2,37 +2,12 @@
 
 Wang, Dimitriadis et al. 2024, "Localizing Task Information for Improved Model Merging and
 Compression", ICML 2024, https://arxiv.org/abs/2405.07813 (official code: nik-dim/tall_masks).
-
-With τi = θi − θ0 and τ_MTL = Σi τi (accumulated in task order), on every body tensor (LN and biases
-included, as the official flattening), elementwise:
-
-    m_t = |θ0 − θt| > λ·|θ_MTL − θt|,   θ_MTL = θ0 + τ_MTL   (strict ``>``)
-    θ_t = θ0 + m_t ⊙ τ_MTL              (coefficient 1)
-
-m_t holds the entries where θt is closer to θ_MTL than (scaled) to θ0, i.e. |τt| > λ·|τ_MTL − τt| up
-to rounding. There is one body per task: inference needs the task identity (``kind = "task-aware"``),
-like EMR-Merging; task t is scored with its own body and head.
-
-**Defaults and FusionBench.** The paper selects λt per task on labeled validation among
-{0.2, ..., 0.6}; here one ``tall_mask_lambda`` = 0.6 for every task (FusionBench's value, data free).
-FusionBench 0.2.33's ``TallMaskTaskArithmeticAlgorithm`` raises a ``TypeError`` on every pool, and
-its mask compares |θ0 − τt| instead of |θ0 − θt| = |τt| (every mask is 1 wherever |θ0| ≫ |τ|); this is
-the paper's rule, which FusionBench's own documentation states.
-
-**Numerics.** Computed exactly as the official ``generate_task_masks``: float32, |θ0 − θt| >
-|θ_MTL − θt| · λ with λ a float32 scalar. Elementwise: GPT-2's Conv1D layout does not matter.
-
-**Storage** (what inference keeps): θ0 and τ_MTL (one fp32 body each) and n bit-packed masks (numpy
-``packbits``: n/32 of a body), 2 + n/32 = 2.22 bodies for n = 7 (GPT-2 small: 1.1 GB against 3.5 GB
-for the 7 bodies). τ_MTL and the masks come from one pass over the pool, key by key (two reads of each
-θt); task t's body is built key by key from θ0 (read per key), its unpacked mask and τ_MTL when t is
-scored, after the previous task's body is let go: one body in memory at a time.
+m_t = |θ0 − θt| > λ·|θ_MTL − θt|, τ_MTL = Σi τi. Inference needs the task identity. Details: docs/methods.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -44,14 +19,10 @@ from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned, pack_bits, tall_mask, task_vector_sum, unpack_bits
 
 
-def masked_body_tensor(theta0: Tensor, tau_mtl: Tensor, mask: Tensor) -> Tensor:
-    """θ_t[key] = θ0[key] + m_t[key] ⊙ τ_MTL[key] (a new tensor)."""
-    return theta0 + tau_mtl * mask
-
-
-def tall_mask_bodies(pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], tall_mask_lambda: float = 0.6) -> dict[str, dict[str, Tensor]]:
-    """Every task's body θ0 + m_t ⊙ τ_MTL over whole state dicts (the reference the streamed bodies are
-    tested against): task -> state dict."""
+def tall_mask_bodies(
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], tall_mask_lambda: float = 0.6
+) -> dict[str, dict[str, Tensor]]:
+    """Every task's body θ0 + m_t ⊙ τ_MTL over whole state dicts: task -> state dict."""
     check_finetuned(pretrained, finetuned)
     scale = torch.tensor(check_number(tall_mask_lambda, "tall_mask_lambda (λ)", 0), dtype=torch.float32)
     bodies: dict[str, dict[str, Tensor]] = {task: {} for task in finetuned}
@@ -59,51 +30,44 @@ def tall_mask_bodies(pretrained: dict[str, Tensor], finetuned: dict[str, dict[st
         tau_mtl = task_vector_sum(theta0, [body[key] for body in finetuned.values()])
         theta_mtl = theta0 + tau_mtl
         for task, body in finetuned.items():
-            bodies[task][key] = masked_body_tensor(theta0, tau_mtl, tall_mask(theta0, body[key], theta_mtl, scale))
+            bodies[task][key] = theta0 + tau_mtl * tall_mask(theta0, body[key], theta_mtl, scale)
     return bodies
 
 
 class TallMasks(MergeMethod):
-    """TALL masks: task t is scored with θ0 + m_t ⊙ τ_MTL, m_t = |θ0 − θt| > λ·|θ_MTL − θt|.
-
-    Task-aware: one body per task, built when that task is scored (one in memory at a time);
-    inference needs the task identity.
+    """TALL masks: task t is scored with θ0 + m_t ⊙ τ_MTL, built when scored (one body in memory at a time).
 
     Args:
-        tall_mask_lambda: λ, one value for every task's mask (FusionBench's 0.6, the top of the paper's
-            per-task grid 0.2 … 0.6). Larger λ gives sparser masks.
+        tall_mask_lambda: λ of every task's mask (FusionBench's 0.6); a larger λ gives sparser masks.
     """
 
     display_name = "TALL masks"
     symbols = {"tall_mask_lambda": "λ"}
     recommended = {"tall_mask_lambda": 0.6}
     kind = "task-aware"
-    data = "none"
 
     def __init__(self, pool: ModelPool, tall_mask_lambda: float = 0.6):
         super().__init__(pool)
         self.tall_mask_lambda = check_number(tall_mask_lambda, "tall_mask_lambda (λ)", 0)
         self._parts: tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]] | None = None
-        self.mask_density: dict[str, float] = {}
-        """task -> the share of the body's entries its mask holds."""
+        self.mask_density: dict[str, float] = {}  # task -> the share of the body's entries its mask holds
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> str:
-        # τ_MTL depends on nothing but the pool: a λ sweep sums it once (the masks depend on λ).
-        return "task_vector_sum"
+        return "task_vector_sum"  # τ_MTL depends on the pool alone: a λ sweep sums once (the masks depend on λ)
 
     def prepare_merge(self) -> None:
-        """τ_MTL and every task's bit-packed mask, in one pass over the pool (once)."""
+        """τ_MTL and every task's bit-packed mask, in one pass over the pool (two reads of each θt), once."""
         if self._parts is not None:
             return
         pool, tasks = self.pool, self.tasks
         scale = torch.tensor(self.tall_mask_lambda, dtype=torch.float32)
         sizes = {key: math.prod(shape) for key, shape in pool.body_shapes().items()}
-        # τ_MTL and each task's packed masks live in one buffer each (a view per key): what is kept is
-        # a few large allocations, so the per-key temporaries leave no fragmented heap behind (at GPT-2
-        # small, separate tensors left ~1 GB of freed but unreturned memory after this pass).
+        # τ_MTL and each task's packed masks live in one buffer each (a view per key): a few large
+        # allocations leave no fragmented heap behind (separate tensors left ~1 GB unreturned at GPT-2 small).
         flat_sums = torch.empty(sum(sizes.values()))
-        flat_masks = {task: torch.empty(sum(-(-size // 8) for size in sizes.values()), dtype=torch.uint8) for task in tasks}
+        packed_total = sum(-(-size // 8) for size in sizes.values())
+        flat_masks = {task: torch.empty(packed_total, dtype=torch.uint8) for task in tasks}
         sums: dict[str, Tensor] = {}
         masks: dict[str, dict[str, Tensor]] = {task: {} for task in tasks}
         held = dict.fromkeys(tasks, 0)
@@ -113,7 +77,7 @@ class TallMasks(MergeMethod):
             tau_mtl = self.reused(key, lambda: task_vector_sum(theta0, thetas))
             theta_mtl = theta0 + tau_mtl
             packed_size = -(-size // 8)
-            for task, theta in zip(tasks, thetas):  # a second read of each θt
+            for task, theta in zip(tasks, thetas):
                 mask = tall_mask(theta0, theta, theta_mtl, scale)
                 held[task] += int(mask.sum())
                 masks[task][key] = flat_masks[task][packed_offset : packed_offset + packed_size]
@@ -123,8 +87,8 @@ class TallMasks(MergeMethod):
             offset, packed_offset = offset + size, packed_offset + packed_size
             del tau_mtl, theta_mtl
         self.mask_density = {task: held[task] / offset for task in tasks}
-        rank_zero_info("TALL masks (λ = %g): mask densities %s." % (
-            self.tall_mask_lambda, ", ".join(f"{task} {density:.3f}" for task, density in self.mask_density.items())))
+        densities = ", ".join(f"{task} {density:.3f}" for task, density in self.mask_density.items())
+        rank_zero_info("TALL masks (λ = %g): mask densities %s." % (self.tall_mask_lambda, densities))
         self._parts = (sums, masks)
 
     def merge(self) -> dict[str, Tensor]:
@@ -133,19 +97,17 @@ class TallMasks(MergeMethod):
         )
 
     def body_for(self, task: str) -> nn.Module:
-        """Task ``task``'s own body θ0 + m_task ⊙ τ_MTL, built when first asked for and kept until
-        another task's is (one body in memory at a time)."""
+        """Task ``task``'s own body θ0 + m_task ⊙ τ_MTL, kept until another task's is asked for."""
         if task not in self.tasks:
             raise KeyMissing(f"TALL masks have no task {task!r}; the pool's tasks are {', '.join(self.tasks)}.")
 
         def state() -> dict[str, Tensor]:  # the first call also computes τ_MTL and the masks
             self.pool.check()
             self.prepare_merge()
-            sums, masks = self._parts
-            shapes = self.pool.body_shapes()
-            return {
-                key: masked_body_tensor(self.pool.pretrained_tensor(key), sums[key], unpack_bits(masks[task][key], shapes[key]))
-                for key in self.pool.keys()
+            (sums, masks), shapes, pool = self._parts, self.pool.body_shapes(), self.pool
+            return {  # θ_t = θ0 + m_t ⊙ τ_MTL
+                key: pool.pretrained_tensor(key) + sums[key] * unpack_bits(masks[task][key], shapes[key])
+                for key in pool.keys()
             }
 
         return self.task_body(task, state, f"TALL-mask body of {task!r}")

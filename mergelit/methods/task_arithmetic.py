@@ -1,10 +1,8 @@
 """Task Arithmetic: add the scaled sum of task vectors to the pretrained body.
 
-Ilharco et al. 2023, "Editing Models with Task Arithmetic", ICLR 2023,
-https://arxiv.org/abs/2212.04089.
+Ilharco et al. 2023, "Editing Models with Task Arithmetic", ICLR 2023, https://arxiv.org/abs/2212.04089.
 
-With τi = θi − θ0:  θ* = θ0 + λ Σ τi  (a sum, not a mean), on every body tensor,
-embeddings included. Default λ = 0.3; the best published GPT-2/GLUE λ is 0.5.
+With τi = θi − θ0:  θ* = θ0 + λ Σ τi  (a sum, not a mean), on every body tensor, embeddings included.
 """
 
 from __future__ import annotations
@@ -22,13 +20,7 @@ from mergelit.state_dict import check_finetuned, task_vector_sum
 def task_arithmetic_merge(
     pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + λ Σ τi with τi = θi − θ0, over whole state dicts.
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts.
-        scaling_factor: λ.
-    """
+    """θ* = θ0 + λ Σ τi over whole state dicts: θ0 (``pretrained``), task -> θi (``finetuned``), λ."""
     scaling_factor = check_number(scaling_factor, "scaling_factor (λ)")
     check_finetuned(pretrained, finetuned)
     return {
@@ -41,8 +33,7 @@ class TaskArithmetic(MergeMethod):
     """Task Arithmetic: θ* = θ0 + λ Σ τi, with task vectors τi = θi − θ0.
 
     Args:
-        scaling_factor: λ, multiplies the sum (not the mean) of the task vectors. 0 gives the
-            pretrained body; the best published GPT-2/GLUE value is 0.5.
+        scaling_factor: λ, multiplies the sum (not the mean) of the task vectors (best published GPT-2/GLUE: 0.5).
     """
 
     display_name = "Task Arithmetic"
@@ -56,9 +47,7 @@ class TaskArithmetic(MergeMethod):
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> str:
-        # Σ τi depends on nothing but the pool: a λ sweep computes it once and only rescales it.
-        return "task_vector_sum"
+        return "task_vector_sum"  # Σ τi depends on the pool alone: a λ sweep sums once and rescales
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        summed = self.reused(key, lambda: task_vector_sum(theta0, thetas))
-        return theta0 + self.scaling_factor * summed
+        return theta0 + self.scaling_factor * self.reused(key, lambda: task_vector_sum(theta0, thetas))

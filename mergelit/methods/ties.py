@@ -1,24 +1,9 @@
-"""TIES-Merging: trim, elect sign, disjoint merge.
+"""TIES-Merging: trim, elect sign, disjoint merge (the steps live in ``mergelit.state_dict``).
 
 Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023,
-https://arxiv.org/abs/2306.01708.
-
-With τi = θi − θ0, each flattened over the whole body (keys sorted by name) into one vector:
-
-1. Trim: per task, keep the entries with |τi| ≥ the k-th smallest |τi|, k = d − int(d · K), K the
-   kept share (``threshold``: 20 = 20 %; as FusionBench, a value ≤ 1 is read as a fraction, so
-   0.2 is also 20 %); ties at the cut are kept; zero the rest.
-2. Elect: s = sign(Σ trimmed τi); entries where that is 0 take sign(Σ s), the majority sign.
-3. Disjoint merge: keep the trimmed entries whose sign equals s and aggregate them: ``sum``
-   (FusionBench's default and the reproduction setting), ``mean`` (divide by the number of kept
-   entries, at least 1: the paper's choice) or ``max`` (largest magnitude, with sign s).
-
-θ* = θ0 + λ τm. Default λ = 0.3; the best published GPT-2/GLUE λ is 0.6.
-
-Steps 1 and 2 need the whole body (the k-th value over all entries, Σ s), so the first key merged
-runs ``ties_election`` over the pool (each task's trim cut, then the elected signs); the merge
-itself is then per key. The trim, elect and disjoint-merge steps live in ``mergelit.state_dict``
-(DARE-TIES and Consensus run them on their own task vectors).
+https://arxiv.org/abs/2306.01708. Each τi = θi − θ0 keeps its top ``threshold`` share by magnitude over
+the whole body; s = sign(Σ trimmed τi); the entries agreeing with s are aggregated (``merge_func``) into
+τm; θ* = θ0 + λ τm. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -32,31 +17,22 @@ from mergelit.errors import check_choice, check_number
 from mergelit.methods.base import LAMBDAS, MergeMethod
 from mergelit.pool import ModelPool
 from mergelit.state_dict import (
-    MERGE_FUNCS,
-    TiesElection,
-    check_finetuned,
-    disjoint_merge,
-    elect_sign,
-    flatten,
-    ties_election,
-    trim,
-    unflatten,
+    MERGE_FUNCS, TiesElection, check_finetuned, disjoint_merge, elect_sign, flatten, pool_task_vectors, ties_election,
+    trim, unflatten,
 )
 
 
 def check_threshold(threshold: float) -> float:
     """TIES's ``threshold``: in (0, 100], a value <= 1 read as a fraction (as FusionBench)."""
-    return check_number(threshold, "threshold (the share of each task vector TIES keeps: 20 = 20 %, or a fraction <= 1)", 0, 100, low_open=True)
+    name = "threshold (the share of each task vector TIES keeps: 20 = 20 %, or a fraction <= 1)"
+    return check_number(threshold, name, 0, 100, low_open=True)
 
 
 def ties_task_vector(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    threshold: float = 20,
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], threshold: float = 20,
     merge_func: Literal["sum", "mean", "max"] = "sum",
 ) -> dict[str, Tensor]:
-    """τm over whole bodies (the reference the per-key merge is tested against): trim, elect and
-    disjoint merge of the flattened task vectors; the part of the merge that does not depend on λ."""
+    """τm over whole bodies, the λ-free part of the merge: trim, elect, disjoint merge of the flat τi."""
     check_finetuned(pretrained, finetuned)
     theta0 = flatten(pretrained)
     trimmed = [trim(flatten(body).sub_(theta0), threshold) for body in finetuned.values()]
@@ -65,39 +41,23 @@ def ties_task_vector(
 
 
 def ties_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    scaling_factor: float = 0.3,
-    threshold: float = 20,
-    merge_func: Literal["sum", "mean", "max"] = "sum",
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], scaling_factor: float = 0.3,
+    threshold: float = 20, merge_func: Literal["sum", "mean", "max"] = "sum",
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + λ τm over whole bodies, τm the TIES merge of the task vectors τi = θi − θ0.
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts.
-        scaling_factor: λ.
-        threshold: share of each task vector's entries kept by the trim (by magnitude, whole body).
-        merge_func: how the disjoint merge aggregates agreeing entries: ``sum``, ``mean`` or ``max``.
-    """
+    """θ* = θ0 + λ τm over whole bodies (the arguments as ``TiesMerging``'s)."""
     check_number(scaling_factor, "scaling_factor (λ)")
-    merged = ties_task_vector(pretrained, finetuned, check_threshold(threshold), check_choice(merge_func, "merge_func", MERGE_FUNCS))
+    merge_func = check_choice(merge_func, "merge_func", MERGE_FUNCS)
+    merged = ties_task_vector(pretrained, finetuned, check_threshold(threshold), merge_func)
     return {key: theta0 + scaling_factor * merged[key] for key, theta0 in pretrained.items()}
 
 
 class TiesMerging(MergeMethod):
     """TIES-Merging: θ* = θ0 + λ τm, τm the trimmed, sign-elected, disjoint merge of the task vectors.
 
-    Each task vector keeps only its largest entries (trim), every entry gets the sign of the
-    summed trimmed vectors (elect), and only entries agreeing with it are aggregated (disjoint merge).
-
     Args:
-        scaling_factor: λ, multiplies the merged task vector τm. The best published GPT-2/GLUE value is 0.6.
-        threshold: share of each task vector's entries kept by the trim, chosen by magnitude over
-            the whole body (the paper's k = 20 %): a percentage in (1, 100], or as FusionBench a
-            fraction in (0, 1] (0.2 = 20 %).
-        merge_func: aggregation of the agreeing entries: ``sum`` (FusionBench's default, reproduces
-            the published numbers), ``mean`` (the paper's disjoint mean) or ``max`` (largest magnitude).
+        scaling_factor: λ, multiplies τm (the best published GPT-2/GLUE value is 0.6).
+        threshold: the share of each task vector the trim keeps (20 = 20 %; ≤ 1 a fraction, as FusionBench).
+        merge_func: ``sum`` (FusionBench's, reproduces the published numbers), ``mean`` (the paper's) or ``max``.
     """
 
     display_name = "TIES-Merging"
@@ -106,10 +66,7 @@ class TiesMerging(MergeMethod):
     search = {"scaling_factor": LAMBDAS}
 
     def __init__(
-        self,
-        pool: ModelPool,
-        scaling_factor: float = 0.3,
-        threshold: float = 20,
+        self, pool: ModelPool, scaling_factor: float = 0.3, threshold: float = 20,
         merge_func: Literal["sum", "mean", "max"] = "sum",
     ):
         super().__init__(pool)
@@ -117,7 +74,9 @@ class TiesMerging(MergeMethod):
         self.threshold = check_threshold(threshold)
         self.merge_func = check_choice(merge_func, "merge_func", MERGE_FUNCS)
         if threshold <= 1:
-            rank_zero_info(f"TIES-Merging: threshold {threshold} <= 1 is read as a fraction: the trim keeps {100 * threshold:g} %.")
+            rank_zero_info(
+                f"TIES-Merging: threshold {threshold} <= 1 is read as a fraction: the trim keeps {100 * threshold:g} %."
+            )
         self._election: TiesElection | None = None
         self.save_hyperparameters(ignore=["pool"])
 
@@ -131,15 +90,8 @@ class TiesMerging(MergeMethod):
 
     def _merged_task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
         if self._election is None:  # only when some key is not reused from an earlier sweep point
-            pool = self.pool
-            self._election = ties_election(
-                {key: shape.numel() for key, shape in pool.body_shapes().items()},
-                len(pool.tasks),
-                lambda i, k: pool.finetuned_tensor(pool.tasks[i], k) - pool.pretrained_tensor(k),
-                self.threshold,
-            )
-        election = self._election
-        sign = election.sign(key)
-        if not election.signs:
+            self._election = ties_election(*pool_task_vectors(self.pool), self.threshold)
+        merged = self._election.merged(key, theta0, thetas, self.merge_func)
+        if not self._election.signs:
             self._election = None  # every key merged: the signs are gone, a new merge elects again
-        return disjoint_merge(election.trimmed(theta - theta0 for theta in thetas), sign, self.merge_func)
+        return merged

@@ -1,43 +1,9 @@
 """TSV-M (Task Singular Vectors: Merge): keep each task's top singular vectors, orthogonalise, recombine.
 
 Gargiulo et al. 2025, "Task Singular Vectors: Reducing Task Interference in Model Merging",
-CVPR 2025, https://arxiv.org/abs/2412.00081.
-
-With τi = θi − θ0 and n tasks, per tensor in state-dict order:
-
-- 2-D tensors (FusionBench: every 2-D tensor, i.e. wte, wpe and the 48 Conv1D weights):
-  k = min(rows, cols), r = int(k · (1/n)) (GPT-2 small: 109 of 768, slots 763..767 stay 0).
-  1. SVD each task vector, τi = Ui diag(si) Viᵀ, and keep its top r triplets;
-  2. concatenate them: Û[:, i·r:(i+1)·r] = Ui[:, :r], ŝ[i·r:(i+1)·r] = si[:r], V̂ᵀ likewise;
-  3. orthogonalise both sides by their polar factors, P_U = A Bᵀ from Û = A Σ Bᵀ (and P_Vᵀ);
-  4. τm = P_U diag(ŝ) P_Vᵀ.
-- Every other tensor (LayerNorm, biases, ``exclude_keys``): the running mean m ← τ1,
-  m ← m + (τi − m)/i (FusionBench's; it differs from Σ τi / n in the last bit).
-
-θ* = θ0 + α τm on every key (the means too). With α a list of n numbers, τi ← αi τi before
-everything and there is no final scaling. The result does not depend on the SVDs' sign choices,
-and it is transpose-equivariant (the SVD transposes, the polar factors swap), so GPT-2's Conv1D
-[in, out] storage needs no transpose.
-
-What differs from FusionBench (``TaskSingularVectorMerging``), and why:
-- ``svd_keys: conv1d`` (an option; the default ``all_2d`` is FusionBench's) SVDs only the 48
-  Conv1D weights and averages wte and wpe like the 1-D tensors. If a task vector has numerical
-  rank below r (likely for wpe: positions no training text reached get no gradient), its top-r
-  block holds arbitrary singular vectors that change the polar factors of every other
-  column, so FusionBench's wpe then depends on the device and LAPACK build. mergelit warns
-  (``IllPosedMergeWarning``, naming the tensor and tasks) whenever that happens.
-- SVDs of wide matrices (c_attn [768, 2304], c_fc [768, 3072]) are taken of the transpose: the
-  same factors up to sign and rounding, about 2.5× faster with CPU LAPACK.
-- Unknown ``exclude_keys`` raise instead of being ignored (a typo would silently SVD the tensor).
-- ``return_single_task_models`` is not offered.
-
-Cost (``benchmarks/svd_method_cost.py``): n + 2 thin SVDs per SVD'd tensor; on GPT-2 small the
-9 SVDs of wte [50257, 768] dominate a one-layer body (≈ 47 s of 61 s, one CPU thread).
-
-The maths is per key: ``TaskSingularVectorMerging.merge_tensor`` gets θ0[key] and the θi[key]
-(read from the checkpoints when asked for) and computes τm of that key, reading each τi = θi − θ0
-when needed (``mergelit.linalg.TaskVectors``), so a merge holds about one task vector at a time.
-``tsv_merge`` (whole bodies) is the reference the per-key merge is tested against.
+CVPR 2025, https://arxiv.org/abs/2412.00081; as FusionBench's ``TaskSingularVectorMerging``. Per 2-D
+tensor the top int(k/n) singular triplets of each τi are concatenated, both sides replaced by their polar
+factors, τm = P_U diag(ŝ) P_Vᵀ; other tensors take the running mean. Details: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -50,14 +16,7 @@ from torch import Tensor
 
 from mergelit.errors import MergelitError, check_choice, check_number
 from mergelit.linalg import (
-    SVD_KEYS,
-    TaskVectors,
-    check_exclude_keys,
-    numerical_rank,
-    polar_factor,
-    running_mean,
-    svd_applies,
-    thin_svd,
+    SVD_KEYS, TaskVectors, check_exclude_keys, numerical_rank, polar_factor, running_mean, svd_applies, thin_svd,
     warn_rank_deficient,
 )
 from mergelit.methods.base import MergeMethod
@@ -65,115 +24,60 @@ from mergelit.pool import ModelPool
 from mergelit.state_dict import check_finetuned
 
 
-# ---- TSV-M -----------------------------------------------------------------------------------
-
-_ADVICE = "Use svd_keys='conv1d' (averages wte and wpe) or exclude_keys for this tensor."
-
-
 def tsv_merge_tensor(
     task_vectors: Sequence[Tensor], name: str = "tensor", tasks: Sequence[str] | None = None
 ) -> Tensor:
-    """τm for one 2-D tensor: top-r SVD triplets of each τi, concatenated, orthogonalised, recombined.
-
-    Args:
-        task_vectors: τ1..τn for this tensor, all the same 2-D shape (not modified; read once each).
-        name: the tensor's key, for the rank-deficiency warning.
-        tasks: the task names, for the warning (default "task 1", "task 2", ...).
-    """
+    """τm of one 2-D tensor from τ1..τn (read once each); ``name`` and ``tasks`` name them in the warning."""
     n = len(task_vectors)
     names = list(tasks) if tasks is not None else [f"task {i + 1}" for i in range(n)]
     u_hat = s_hat = vh_hat = None
     ranks = {}
     for i, tau in enumerate(task_vectors):  # one τi at a time (TaskVectors computes it here)
-        # 1. SVD each task vector.
-        u, s, vh = thin_svd(tau)
+        u, s, vh = thin_svd(tau)  # 1.
         if u_hat is None:
             dtype, r = tau.dtype, int(s.numel() * (1 / n))  # FusionBench's int(k · sv_reduction), sv_reduction = 1/n
             u_hat, s_hat, vh_hat = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
         ranks[names[i]] = numerical_rank(s, tau.shape)
         del tau
-        # 2. Concatenate its top r triplets into block i (k − n·r slots at the end stay 0).
+        # 2. Its top r triplets into block i (k − n·r slots at the end stay 0).
         u_hat[:, i * r : (i + 1) * r] = u[:, :r]
         s_hat[i * r : (i + 1) * r] = s[:r]
         vh_hat[i * r : (i + 1) * r, :] = vh[:r, :]
         del u, s, vh
-    warn_rank_deficient("TSV-M", name, r, ranks, _ADVICE)
-    # 3. Orthogonalise both sides (polar factors): the blocks of different tasks overlap.
-    # 4. τm = P_U diag(ŝ) P_Vᵀ (scaling the columns of P_U by ŝ is the product with diag(ŝ)).
-    merged = polar_factor(u_hat).mul_(s_hat) @ polar_factor(vh_hat)
-    return merged.to(dtype).contiguous()
+    advice = "Use svd_keys='conv1d' (averages wte and wpe) or exclude_keys for this tensor."
+    warn_rank_deficient("TSV-M", name, r, ranks, advice)
+    # 3. and 4.: τm = P_U diag(ŝ) P_Vᵀ (scaling the columns of P_U by ŝ is the product with diag(ŝ)).
+    return (polar_factor(u_hat).mul_(s_hat) @ polar_factor(vh_hat)).to(dtype).contiguous()
 
 
 def tsv_task_vector_tensor(
-    key: str,
-    theta0: Tensor,
-    thetas: Sequence[Tensor],
-    alpha: Sequence[float] | None = None,
-    exclude_keys: Sequence[str] = (),
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    key: str, theta0: Tensor, thetas: Sequence[Tensor], alpha: Sequence[float] | None = None,
+    exclude_keys: Sequence[str] = (), svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
     tasks: Sequence[str] | None = None,
 ) -> Tensor:
-    """τm of one key (before the final scaling): TSV-M on an SVD key, the running mean elsewhere.
-
-    Args:
-        key: the tensor's name (which path it takes; the warning names it).
-        theta0: θ0[key].
-        thetas: θ1[key] … θn[key] (each read once).
-        alpha: per-task weights αi applied to τi before merging (None: all 1).
-        exclude_keys: exact keys that take the running mean instead of the SVD path.
-        svd_keys: ``all_2d`` (FusionBench: wte, wpe and the Conv1D weights) or ``conv1d``.
-        tasks: the task names, for the warning.
-    """
-    # τi = αi (θi − θ0), computed when read: about one task vector in memory at a time.
-    task_vectors = TaskVectors(theta0, thetas, alpha)
+    """τm of one key before the final scaling: TSV-M on an SVD key, the running mean elsewhere; τi = αi (θi − θ0)."""
+    task_vectors = TaskVectors(theta0, thetas, alpha)  # computed when read: about one in memory at a time
     if svd_applies(key, theta0, svd_keys, exclude_keys):
         return tsv_merge_tensor(task_vectors, key, tasks)
     return running_mean(task_vectors)
 
 
-def tsv_task_vector(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    alpha: Sequence[float] | None = None,
-    exclude_keys: Sequence[str] = (),
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
-) -> dict[str, Tensor]:
-    """τm for every key of whole bodies (before the final scaling): ``tsv_task_vector_tensor`` key by key."""
-    check_finetuned(pretrained, finetuned)
-    check_exclude_keys(pretrained, exclude_keys)
-    alpha = None if alpha is None else _check_alpha(list(alpha), len(finetuned))
-    tasks = list(finetuned)
-    return {
-        key: tsv_task_vector_tensor(key, base, [body[key] for body in finetuned.values()], alpha, exclude_keys, svd_keys, tasks)
-        for key, base in pretrained.items()
-    }
-
-
 def tsv_merge(
-    pretrained: dict[str, Tensor],
-    finetuned: dict[str, dict[str, Tensor]],
-    alpha: float | Sequence[float] = 1.0,
-    exclude_keys: Sequence[str] | None = None,
-    svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
+    pretrained: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]], alpha: float | Sequence[float] = 1.0,
+    exclude_keys: Sequence[str] | None = None, svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
 ) -> dict[str, Tensor]:
-    """θ* = θ0 + α τm (α a number), or θ0 + τm of the αi-scaled task vectors (α a list of n numbers),
-    over whole bodies: the reference ``TaskSingularVectorMerging``'s per-key merge is tested against.
-
-    Args:
-        pretrained: θ0, the pretrained body's state dict.
-        finetuned: task -> θi, the fine-tuned bodies' state dicts.
-        alpha: α, a number (scales τm on every key) or one weight per task.
-        exclude_keys: exact keys averaged instead of SVD'd (None: none).
-        svd_keys: ``all_2d`` (FusionBench) or ``conv1d`` (wte and wpe averaged).
-    """
+    """TSV-M over whole bodies (the arguments as ``TaskSingularVectorMerging``'s)."""
     alpha = _check_alpha(alpha, len(finetuned))
     check_choice(svd_keys, "svd_keys", SVD_KEYS)
     exclude_keys = list(exclude_keys or [])
-    if isinstance(alpha, list):
-        merged_tau = tsv_task_vector(pretrained, finetuned, alpha, exclude_keys, svd_keys)
-        return {key: pretrained[key] + tau for key, tau in merged_tau.items()}
-    merged_tau = tsv_task_vector(pretrained, finetuned, None, exclude_keys, svd_keys)
-    return {key: pretrained[key] + alpha * tau for key, tau in merged_tau.items()}
+    check_finetuned(pretrained, finetuned)
+    check_exclude_keys(pretrained, exclude_keys)
+    weights, tasks, merged = alpha if isinstance(alpha, list) else None, list(finetuned), {}
+    for key, theta0 in pretrained.items():
+        thetas = [body[key] for body in finetuned.values()]
+        tau = tsv_task_vector_tensor(key, theta0, thetas, weights, exclude_keys, svd_keys, tasks)
+        merged[key] = theta0 + tau if weights is not None else theta0 + alpha * tau  # weights: no final scaling
+    return merged
 
 
 def _check_alpha(alpha: float | Sequence[float], num_tasks: int) -> float | list[float]:
@@ -190,31 +94,19 @@ def _check_alpha(alpha: float | Sequence[float], num_tasks: int) -> float | list
 class TaskSingularVectorMerging(MergeMethod):
     """TSV-M: θ* = θ0 + α τm, τm = P_U diag(ŝ) P_Vᵀ from each task's top 1/n singular vectors, orthogonalised.
 
-    Per 2-D tensor, each task vector keeps its top int(k/n) singular triplets; the concatenated
-    left and right singular vectors are replaced by their polar factors (the nearest orthonormal
-    sets) and recombined with the kept singular values. Other tensors take the running mean.
-
     Args:
-        alpha: α. A number scales the merged task vector on every key (FusionBench's default 1,
-            which the paper picks on validation data from 0.1..3.0). A list of one weight per
-            task (in task order) scales each τi before the merge, with no final scaling.
+        alpha: α, scales τm (FusionBench's 1), or one weight per task scaling each τi first (no final scaling).
         exclude_keys: exact state-dict keys (e.g. ``wpe.weight``) averaged instead of SVD'd.
-        svd_keys: which 2-D tensors are SVD'd. ``all_2d`` (default, FusionBench): wte, wpe and
-            the 48 Conv1D weights. ``conv1d``: only the Conv1D weights; wte and wpe take the
-            running mean × α, which avoids the ill-posed SVD of a rank-deficient τ_wpe.
+        svd_keys: ``all_2d`` (FusionBench: wte and wpe too) or ``conv1d`` (wte and wpe averaged).
     """
 
     display_name = "TSV-M"
     symbols = {"alpha": "α"}
     recommended = {"alpha": 1.0}
     search = {"alpha": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}
-    kind = "merged"
 
     def __init__(
-        self,
-        pool: ModelPool,
-        alpha: float | list[float] = 1.0,
-        exclude_keys: list[str] | None = None,
+        self, pool: ModelPool, alpha: float | list[float] = 1.0, exclude_keys: list[str] | None = None,
         svd_keys: Literal["all_2d", "conv1d"] = "all_2d",
     ):
         super().__init__(pool)
@@ -224,20 +116,17 @@ class TaskSingularVectorMerging(MergeMethod):
         self.save_hyperparameters(ignore=["pool"])
 
     def reusable_key(self) -> tuple | None:
-        # τm depends on the pool, exclude_keys and svd_keys, not on a number α: an α sweep computes it
-        # once. A per-task α list scales the task vectors before the SVDs, so nothing is reusable.
-        if isinstance(self.alpha, list):
-            return None
-        return ("tsv_task_vector", tuple(sorted(self.exclude_keys)), self.svd_keys)
+        # τm does not depend on a number α (an α sweep computes it once); a per-task α list scales the τi first.
+        key = ("tsv_task_vector", tuple(sorted(self.exclude_keys)), self.svd_keys)
+        return None if isinstance(self.alpha, list) else key
 
     def prepare_merge(self) -> None:
         check_exclude_keys(self.pool.keys(), self.exclude_keys)
 
     def merge_tensor(self, key: str, theta0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
-        if isinstance(self.alpha, list):  # the αi scale each τi before the SVDs: no final scaling
-            return theta0 + self._task_vector(key, theta0, thetas, self.alpha)
-        merged = self.reused(key, lambda: self._task_vector(key, theta0, thetas, None))
-        return theta0 + self.alpha * merged
+        def task_vector(alpha: list[float] | None) -> Tensor:
+            return tsv_task_vector_tensor(key, theta0, thetas, alpha, self.exclude_keys, self.svd_keys, self.tasks)
 
-    def _task_vector(self, key: str, theta0: Tensor, thetas: Sequence[Tensor], alpha: list[float] | None) -> Tensor:
-        return tsv_task_vector_tensor(key, theta0, thetas, alpha, self.exclude_keys, self.svd_keys, self.tasks)
+        if isinstance(self.alpha, list):  # the αi scale each τi before the SVDs: no final scaling
+            return theta0 + task_vector(self.alpha)
+        return theta0 + self.alpha * self.reused(key, lambda: task_vector(None))
