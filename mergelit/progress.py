@@ -1,8 +1,7 @@
 """One progress display for mergelit's own long loops (the merge's keys, a sweep's points).
 
-Lightning draws the bars of statistics, adaptation and evaluation; mergelit's own loops use
-``bar``, a tqdm bar that stays quiet where a bar would only litter a log: when stderr is not a
-terminal (captured logs, CI) or when the run is ``--quiet`` (``set_enabled(False)``).
+Lightning draws the bars of statistics, adaptation and evaluation; mergelit's own loops use tqdm bars that
+stay quiet where they would litter a log: when stderr is not a terminal or the run is ``--quiet``.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ def enabled() -> bool:
 
 
 def counter(total: int, desc: str, unit: str = "it", show: bool = True):
-    """A progress bar updated by hand (``update``, ``set_postfix_str``); drawn only where ``bar`` would
-    be and ``show`` (e.g. on rank 0 alone)."""
+    """A bar updated by hand, drawn only where ``bar`` would be and ``show`` (e.g. on rank 0 alone)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not (show and enabled()), dynamic_ncols=True)

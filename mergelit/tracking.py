@@ -1,11 +1,9 @@
 """Weights & Biases: offline unless the user has a key; one run per sweep point; the sweep's table and plot.
 
-W&B is used through Lightning's ``WandbLogger`` (``--trainer.logger
-lightning.pytorch.loggers.WandbLogger``, or in YAML), never imported by the rest of mergelit.
-Without an API key ``wandb.init`` fails at once, so ``wandb_logger`` builds the logger with
-``offline=True`` when the user has chosen neither a mode (``WANDB_MODE``, ``offline:``) nor
-logged in (W&B's own lookup: ``WANDB_API_KEY``, or the entry ``wandb login`` writes): runs go
-to ``./wandb/offline-run-*`` and ``wandb sync`` uploads them later. With a key, nothing changes.
+W&B is used through Lightning's ``WandbLogger`` (``--trainer.logger lightning.pytorch.loggers.WandbLogger``),
+never imported by the rest of mergelit. Without an API key ``wandb.init`` fails at once, so when the user has
+chosen no mode (``WANDB_MODE``, ``offline:``) and W&B finds no key, the logger is built offline: runs go to
+``./wandb/offline-run-*`` and ``wandb sync`` uploads them later.
 """
 
 from __future__ import annotations
@@ -54,9 +52,7 @@ def finish() -> None:
     wandb.finish()
 
 
-def log_summary(
-    logger, columns: Sequence[str], data: Sequence[Sequence[Any]], plot: Optional[Path], markdown: str
-) -> None:
+def log_summary(logger, columns: Sequence[str], data: Sequence[Sequence[Any]], plot: Optional[Path], markdown: str) -> None:
     """Log the sweep table as a ``wandb.Table`` and the plot as an image to ``logger``'s run, then end it."""
     import wandb
 
