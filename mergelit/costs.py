@@ -1,12 +1,8 @@
-"""What a run costs: wall time and peak memory of each phase, recorded for the report (docs/sweeps.md).
+"""What a run costs: wall time and peak memory of the ``load``, ``prepare`` and ``merge`` phases (docs/sweeps.md).
 
-The phases are ``prepare`` (statistics, adaptation), ``merge`` (``MergeMethod.setup``; task-aware methods:
-each task's body) and ``load`` (reading weights, wherever it happens, excluded from the other two). A
-phase's memory is its peak resident memory minus the resident memory when it started (Linux ``VmHWM``
-after a reset through ``/proc/self/clear_refs``, minus ``VmRSS``; elsewhere ``None``); a phase entered
-several times sums its times and keeps its largest peak. Work read from a cache records what the original
-computation cost as well (``note_cached``). Measured code says which phase it is in (``with
-costs.phase("merge"):``); the caller that wants the figures opens a record (``with costs.recording(record):``).
+Measured code says which phase it is in (``with costs.phase("merge"):``); the caller that wants the figures
+opens a record (``with costs.recording(record):``). A phase's peak is above the resident memory at its start
+(Linux ``VmHWM`` after a reset, minus ``VmRSS``; elsewhere None); a phase entered again sums its times.
 """
 
 from __future__ import annotations
@@ -54,7 +50,8 @@ class CostRecord:
         prepare = self.phases.get("prepare")
         out["prepare_cached"] = bool(prepare and prepare.cached)
         if prepare and prepare.cached:
-            out["prepare_original_seconds"] = max(prepare.seconds - prepare.cache_read_seconds, 0.0) + prepare.cached_seconds
+            uncached = max(prepare.seconds - prepare.cache_read_seconds, 0.0)  # this run's time, less reading the cache
+            out["prepare_original_seconds"] = uncached + prepare.cached_seconds
             peaks = [p for p in (prepare.peak_gb, prepare.cached_peak_gb) if p is not None]
             out["prepare_original_peak_gb"] = max(peaks) if peaks else None
         return out

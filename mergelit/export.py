@@ -1,10 +1,7 @@
 """Export: the merged body with each task's head as plain transformers checkpoints, with their provenance.
 
-``folder/<task>/`` is a ``GPT2ForSequenceClassification`` checkpoint that ``from_pretrained`` loads, with a
-Hub model card (``README.md``: method, the pool's sources and weight sha256s, protocol, results, command)
-and ``mergelit_config.yaml``, the run's resolved config that merges the same weights again (docs/data.md).
-The folder belongs to one run: an earlier export's task folders are replaced or removed, and a folder
-holding anything else is refused before any work (``check_export_folder``).
+``folder/<task>/`` is a ``GPT2ForSequenceClassification`` checkpoint with a Hub model card (``README.md``) and
+``mergelit_config.yaml``, the resolved config that merges the same weights again (docs/data.md).
 """
 
 from __future__ import annotations
@@ -82,24 +79,16 @@ def weight_files(pool: ModelPool) -> dict[str, dict[str, Any]]:
 def _front_matter(method: str, pool: ModelPool, task: str, report: dict[str, Any]) -> str:
     import yaml
 
-    meta = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-classification",
-        "tags": ["merge", "mergelit", "gpt2", "glue", method.lower().replace(" ", "-")],
-        "base_model": [pool.pretrained_path, *pool.finetuned_paths.values()],
-        "base_model_relation": "merge",
-        "datasets": ["nyu-mll/glue"],
-    }
+    meta = {"library_name": "transformers", "pipeline_tag": "text-classification",
+            "tags": ["merge", "mergelit", "gpt2", "glue", method.lower().replace(" ", "-")],
+            "base_model": [pool.pretrained_path, *pool.finetuned_paths.values()], "base_model_relation": "merge",
+            "datasets": ["nyu-mll/glue"]}
     if task in report and "accuracy" in report[task]:
-        meta["model-index"] = [{
-            "name": f"{method} ({task})",
-            "results": [{
-                "task": {"type": "text-classification"},
-                "dataset": {"type": "nyu-mll/glue", "name": f"GLUE {GLUE_TASKS[task].title}", "config": task,
-                            "split": GLUE_TASKS[task].eval_split},
-                "metrics": [{"type": name, "value": value} for name, value in report[task].items() if name != "loss"],
-            }],
-        }]
+        info = GLUE_TASKS[task]
+        dataset = {"type": "nyu-mll/glue", "name": f"GLUE {info.title}", "config": task, "split": info.eval_split}
+        metrics = [{"type": name, "value": value} for name, value in report[task].items() if name != "loss"]
+        results = [{"task": {"type": "text-classification"}, "dataset": dataset, "metrics": metrics}]
+        meta["model-index"] = [{"name": f"{method} ({task})", "results": results}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 

@@ -1,8 +1,7 @@
-"""The extra metrics papers report beside accuracy, computed exactly from binary confusion counts.
+"""The extra metrics papers report beside accuracy (CoLA MCC, MRPC/QQP F1 of class 1), from confusion counts.
 
-CoLA: Matthews correlation; MRPC, QQP: F1 of class 1. The counts are summed across processes (DDP gives the
-one-process value) and, as GLUE's scorer (scikit-learn), a metric is **0 where its denominator is 0**
-(predictions or labels all of one class), never an epsilon-smoothed value.
+The counts are summed across processes (DDP gives the one-process value); as GLUE's scorer (scikit-learn), a
+metric is 0 where its denominator is 0 (one-class predictions or labels), never an epsilon-smoothed value.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""One progress display for mergelit's own long loops (the merge's keys, a sweep's points).
-
-Lightning draws the bars of statistics, adaptation and evaluation; mergelit's own loops use tqdm bars that
-stay quiet where they would litter a log: when stderr is not a terminal or the run is ``--quiet``.
-"""
+"""tqdm bars for mergelit's own long loops (Lightning draws the others), quiet where they would litter a log:
+when stderr is not a terminal or the run is ``--quiet``."""
 
 from __future__ import annotations
 

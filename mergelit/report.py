@@ -1,9 +1,7 @@
-"""Reports: FusionBench-compatible JSON files, the callback that writes them, and the per-task table.
+"""Reports: FusionBench-compatible JSON files (docs/sweeps.md), the callback that writes them, predictions.
 
-A report maps each task to ``{"accuracy", "loss", ...}`` (fractions; extra metrics are extra keys, never in
-place of accuracy), then ``average``, extra splits such as ``mnli_mismatched`` (not averaged) and
-``protocol`` (what was measured and what it cost): readers that look up task names keep working. The
-format and every protocol entry are in docs/sweeps.md.
+FusionBench's readers look up task names: extra metrics are extra keys of a task's entry, never in place of
+its accuracy, and the entries that are no task (``average``, ``mnli_mismatched``, ``protocol``) come after.
 """
 
 from __future__ import annotations
@@ -197,21 +195,17 @@ class ReportWriter(Callback):
 
     def __init__(self, log_dir: bool = True, path: str | os.PathLike | None = None, save_predictions: bool = False):
         self.log_dir = log_dir
-        self.path = path
-        self.save_predictions = save_predictions
-        self.written: list[Path] = []
-        self.report: Report | None = None
-        self.predictions: dict[str, list[dict[str, Any]]] | None = None
-        self.costs = CostRecord()
         self._rows: dict[str, list[tuple]] = {}
+        self.new_run(path, save_predictions)
 
     def new_run(self, path: str | os.PathLike | None = None, save_predictions: bool = False) -> CostRecord:
         """Start a run's report: where to write it, and a fresh cost record (returned)."""
         self.path = path
         self.save_predictions = save_predictions
         self.costs = CostRecord()
-        self.report = self.predictions = None
-        self.written = []
+        self.report: Report | None = None
+        self.predictions: dict[str, list[dict[str, Any]]] | None = None
+        self.written: list[Path] = []
         return self.costs
 
     def on_test_start(self, trainer, pl_module) -> None:

@@ -1,14 +1,9 @@
-"""Result tables and plots from report files: sweep tables, the 7x7 heatmap, the leaderboard.
+"""Result tables and plots from report files: sweep tables, the 7x7 heatmap, the leaderboard (``compare``).
 
-    mergelit compare lightning_logs/version_3 lightning_logs/version_4 sweeps/ta sweeps/ties
-    mergelit compare -c configs/gpt2_glue.yaml -c configs/sweeps/methods.yaml   (runs the methods)
+    mergelit compare lightning_logs/version_3 sweeps/ta sweeps/ties --against task_arithmetic
 
-Tables have the published layout (``shared/reference/seed_results.md``): a row per run or sweep
-point, the tasks in the one task order, the unweighted average last; λ sweeps in fractions (six
-digits), the 7x7 and methods tables in percent (one decimal, best values bold), each with a CSV
-twin at full precision. ``compare`` reads report files, run folders, sweep folders (a method's
-selected and oracle rows, or the 7x7 diagonal) and folders of runs; the leaderboard's columns are
-in docs/sweeps.md, what a results folder must hold in docs/reliability.md.
+Tables have the published layout (``shared/reference/seed_results.md``) and a full-precision CSV twin; the
+leaderboard's rows and columns are in docs/sweeps.md, what a results folder must hold in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -26,17 +21,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mergelit.errors import BadData, FileMissing, KeyMissing, NotWritable
-from mergelit.report import (
-    EXTRA_ENTRIES,
-    EXTRA_METRICS,
-    NON_TASK_ENTRIES,
-    PROTOCOL,
-    Report,
-    atomic_write_text,
-    make_report,
-    read_predictions,
-    read_report,
-)
+from mergelit.report import (EXTRA_ENTRIES, EXTRA_METRICS, NON_TASK_ENTRIES, PROTOCOL, Report, atomic_write_text,
+                             make_report, read_predictions, read_report)
 from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks, task_title
 
 # Headers of the config keys that are not a method's own arguments (those show its ``symbols``).
@@ -48,12 +34,8 @@ SELECTION = "selection.json"  # the selection step's result (mergelit.selection.
 
 @dataclass
 class Row:
-    """A table row: its label columns and its report (None: a point not scored on validation, shown "–").
-
-    ``role``: ``selected`` (on dev rows), ``oracle`` (the best validation accuracy of several points),
-    ``individual`` (the 7x7 diagonal) or ``""`` (a single run). ``data`` replaces the report's
-    ``protocol.data`` when the choice read more than the method did.
-    """
+    """A table row: its labels and report (None: not scored on validation, shown "–"). ``role``: ``selected``,
+    ``oracle``, ``individual`` (the 7x7 diagonal) or ``""``; ``data`` replaces the report's ``protocol.data``."""
 
     labels: list[str]
     report: Optional[Report]
@@ -72,10 +54,8 @@ def method_class(class_path: str) -> Optional[type]:
     folder is data, so a class path read from it is looked up in that allow-list, never imported."""
     from mergelit.methods.base import method_class as lookup
 
-    if not isinstance(class_path, str):
-        return None
     try:
-        return lookup(class_path)
+        return lookup(class_path) if isinstance(class_path, str) else None
     except KeyMissing:
         return None
 
@@ -118,12 +98,9 @@ def changed_args(spec: dict[str, Any], always: Sequence[str] = ()) -> dict[str, 
     except (AttributeError, ValueError, TypeError):
         parameters = {}
     defaults = {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
-    return {
-        k: v
-        for k, v in (spec.get("init_args") or {}).items()
-        if k not in ("pool", "cache_dir", "coefficients_path")
-        and (k in always or not (k in defaults and _same(defaults[k], v)))
-    }
+    skipped = ("pool", "cache_dir", "coefficients_path")
+    return {k: v for k, v in (spec.get("init_args") or {}).items()
+            if k not in skipped and (k in always or not (k in defaults and _same(defaults[k], v)))}
 
 
 def method_label(spec: dict[str, Any], always: Sequence[str] = ()) -> str:
@@ -143,9 +120,8 @@ def _csv_value(value: Any) -> Any:
     return "" if value is None else repr(value) if isinstance(value, float) else value
 
 
-def markdown_table(
-    rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str], percent: bool = False, mark_best: bool = False
-) -> str:
+def markdown_table(rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str], percent: bool = False,
+                   mark_best: bool = False) -> str:
     """The published layout: label column(s), one column per task, ``Avg.``. ``percent``: accuracy in percent
     (one decimal) and task names as published (CoLA ... SST-2, row labels too), else fractions to six digits;
     ``mark_best``: each column's best value in bold (ties all bold)."""
@@ -157,11 +133,8 @@ def markdown_table(
     for row in rows:
         cells = [task_title(label) if percent else label for label in row.labels]
         for column in columns:
-            if row.report is None:
-                cells.append("–")
-                continue
-            value = _accuracy(row.report, column)
-            text = f"{100 * value:.1f}" if percent else repr(round(value, 6))
+            value = None if row.report is None else _accuracy(row.report, column)
+            text = "–" if value is None else f"{100 * value:.1f}" if percent else repr(round(value, 6))
             cells.append(f"**{text}**" if column in best and value == best[column] else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -178,26 +151,26 @@ def csv_table(rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str])
     return out.getvalue()
 
 
-def write_tables(
-    folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str],
-    percent: bool = False, mark_best: bool = False,
-) -> tuple[Path, Path]:
+def write_tables(folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str],
+                 percent: bool = False, mark_best: bool = False) -> tuple[Path, Path]:
     """Write ``folder/table.md`` and ``folder/table.csv`` (atomically); return their paths."""
     md = atomic_write_text(Path(folder) / "table.md", markdown_table(rows, tasks, headers, percent, mark_best))
     return md, atomic_write_text(Path(folder) / "table.csv", csv_table(rows, tasks, headers))
 
 
 # ---- plots -------------------------------------------------------------------------------
-def _pyplot():
+def _figure(size: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers, CI and tests
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt, *plt.subplots(figsize=size)
 
 
-def _save(plt, fig, path: str | os.PathLike) -> Path:
+def _save(plt, fig, ax, path: str | os.PathLike, title: str) -> Path:
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,17 +180,13 @@ def _save(plt, fig, path: str | os.PathLike) -> Path:
 
 
 def is_numeric(values: Sequence[Any]) -> bool:
-    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return bool(values) and all(_number(v) is not None for v in values)
 
 
-def plot_sweep(
-    path: str | os.PathLike, xs: Sequence[float], rows: Sequence[Row], tasks: Sequence[str], xlabel: str, title: str = "",
-    ylabel: str = "accuracy (%)",
-) -> Path:
-    """Accuracy (or a criterion: ``ylabel``) of each task against the swept value, the average in bold, its best
-    point marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_sweep(path: str | os.PathLike, xs: Sequence[float], rows: Sequence[Row], tasks: Sequence[str], xlabel: str,
+               title: str = "", ylabel: str = "accuracy (%)") -> Path:
+    """Accuracy (or ``ylabel``) of each task against the swept value, the average in bold, its best point marked."""
+    plt, fig, ax = _figure((7, 4.5))
     for task in tasks:
         ax.plot(xs, [100 * _accuracy(r.report, task) for r in rows], marker="o", markersize=3, linewidth=1, alpha=0.8, label=task)
     average = [100 * _accuracy(r.report, "average") for r in rows]
@@ -228,19 +197,17 @@ def plot_sweep(
                 textcoords="offset points", xytext=(0, 12), ha="center", fontweight="bold")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="best")
-    return _save(plt, fig, path)
+    return _save(plt, fig, ax, path, title)
 
 
-def plot_heatmap(path: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], title: str = "", ylabel: str = "") -> Path:
+def plot_heatmap(path: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], title: str = "",
+                 ylabel: str = "") -> Path:
     """Rows x (tasks, Avg.) accuracy in percent as a heatmap with the values written in (the 7x7 table)."""
-    plt = _pyplot()
     columns = [*tasks, "average"]
     values = [[100 * _accuracy(r.report, c) for c in columns] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2.5, 0.55 * len(rows) + 1.8))
+    plt, fig, ax = _figure((1.0 * len(columns) + 2.5, 0.55 * len(rows) + 1.8))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), [task_title(c) for c in tasks] + ["Avg."])
     ax.set_yticks(range(len(rows)), [", ".join(task_title(label) for label in r.labels) for r in rows])
@@ -253,28 +220,24 @@ def plot_heatmap(path: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[s
     if ylabel:
         ax.set_ylabel(ylabel)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
-    if title:
-        ax.set_title(title)
-    return _save(plt, fig, path)
+    return _save(plt, fig, ax, path, title)
 
 
 def plot_costs(path: str | os.PathLike, rows: Sequence[Row], title: str = "") -> Path:
     """Average accuracy (%) against the total cost, one labelled point per row (no cost recorded: at 0)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plt, fig, ax = _figure((7, 4.5))
     for row in rows:
         x = total_cost(row.report) or 0.0
         y = 100 * _accuracy(row.report, "average")
-        marker = {"merged": "o", "task-aware": "s", "ensemble": "^"}.get(_protocol(row.report).get("kind", "merged"), "D")
+        kind = _protocol(row.report).get("kind", "merged")
+        marker = {"merged": "o", "task-aware": "s", "ensemble": "^"}.get(kind, "D")
         ax.plot([x], [y], marker=marker, markersize=8, linestyle="none")
         ax.annotate(row.labels[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("total cost: prepare + merge (s; o merged, s task-aware, ^ ensemble)")
     ax.set_ylabel("average accuracy (%)")
-    if title:
-        ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
+    return _save(plt, fig, ax, path, title)
 
 
 # ---- reading runs ------------------------------------------------------------------------
@@ -420,8 +383,7 @@ def report_tasks(report: Report) -> list[str]:
 
 
 def inside(folder: Path, name: str, what: str) -> Path:
-    """``folder / name``, refused unless it stays inside ``folder`` once ``..`` and links are resolved;
-    ``what`` says who named it (``The sweep manifest '.../sweep.json'``)."""
+    """``folder / name``, refused (naming ``what`` named it) unless it stays inside ``folder``, links resolved."""
     path = Path(folder) / name
     try:
         path.resolve().relative_to(Path(folder).resolve())
@@ -451,8 +413,7 @@ def _present(folder: Path, name: str) -> bool:
 
 
 def read_json(path: Path, what: str, fix: str) -> Any:
-    """The JSON content of ``path``; one that cannot be read or parsed is damaged, naming it (``what``) and the
-    remedy (``fix``)."""
+    """The JSON content of ``path``; one that cannot be read or parsed is damaged, naming ``what`` and ``fix``."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
@@ -466,8 +427,7 @@ def _checked_spec(spec: Any, where: str) -> dict[str, Any]:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """A sweep folder's ``sweep.json``, checked: its tasks, and for every point a name inside the folder, its
-    overrides, method, group and swept arguments."""
+    """A sweep folder's ``sweep.json``, checked: its tasks, and each point's name (inside the folder) and fields."""
     folder = Path(folder)
     path = inside(folder, MANIFEST, f"Sweep folder {str(folder)!r}")
     fix = "rerun its sweep with --overwrite to rewrite it, or remove the folder."
@@ -513,8 +473,7 @@ def _run_label(folder: Path) -> str:
 
 
 def individual_diagonal(manifest: dict[str, Any], reports: dict[str, Report]) -> Optional[Report]:
-    """The "Fine-tuned (individual)" row from a sweep of ``Individual`` over every task of the pool (the 7x7
-    table's diagonal), with each task's per-example correctness, or None."""
+    """The "Fine-tuned (individual)" report from a sweep of ``Individual`` over every task (the 7x7 diagonal)."""
     tasks = manifest["tasks"]
     by_task = {}
     for name, point in manifest["points"].items():
@@ -560,16 +519,11 @@ def read_selection(folder: Path, manifest: Optional[dict[str, Any]] = None) -> O
 
 
 def sweep_rows(folder: Path) -> list[Row]:
-    """A sweep folder's leaderboard rows: the individual diagonal; or per method (a group of points) its
-    selected point (when the sweep selected) and its oracle point (when every point was scored on
-    validation); a method of one point: that point."""
+    """A sweep folder's leaderboard rows: the individual diagonal, or each method's selected and oracle points."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    tasks = manifest["tasks"]
-    reports = {}
-    for name in manifest["points"]:
-        if _present(folder, f"{name}.json"):  # inside the folder: read_manifest checked every name
-            reports[name] = load_report(folder / f"{name}.json", tasks)
+    manifest = read_manifest(folder)  # checked that every point's report lies inside the folder
+    reports = {name: load_report(folder / f"{name}.json", manifest["tasks"]) for name in manifest["points"]
+               if _present(folder, f"{name}.json")}
     diagonal = individual_diagonal(manifest, reports)
     if diagonal is not None:
         return [Row(["Fine-tuned (individual)"], diagonal, role="individual")]
@@ -617,8 +571,7 @@ def _natural(path: Path) -> list:
 
 
 def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
-    """Rows from report files (read wherever they are), run folders, sweep folders or folders of runs (each
-    read only inside itself)."""
+    """Rows from report files (read wherever they are), run, sweep or run-holding folders (read only inside)."""
     rows: list[Row] = []
     for raw in paths:
         path = Path(raw)
@@ -643,11 +596,8 @@ def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
 
 # ---- per-example predictions -------------------------------------------------------------
 def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Accuracy, loss and ``task``'s extra metric of prediction rows: the report's numbers, from the file alone.
-
-    Accuracy, MCC and F1 come from counts, so they equal the report's exactly; the loss is the mean of the
-    rows' float64 ``loss`` (from the logits where a row has none), summed in another order (~1e-8 relative).
-    """
+    """Accuracy, loss and ``task``'s extra metric of prediction rows: counts give the report's exactly; the loss,
+    the mean of the rows' float64 ``loss`` (else from the logits) in another order, to ~1e-8 relative."""
     import torch
     import torch.nn.functional as F
 
@@ -763,8 +713,7 @@ def resampled(report: Report, tasks: Sequence[str]):
 
 
 def accuracy_interval(report: Report, entry: str, tasks: Sequence[str]) -> Optional[list[float]]:
-    """The 95 % interval of ``entry``'s accuracy: the report's own (``protocol.uncertainty``), else the bootstrap
-    of its per-example correctness, else None."""
+    """The 95 % interval of ``entry``'s accuracy: the report's own, else a bootstrap of its examples, else None."""
     from mergelit import uncertainty
 
     stored = (_protocol(report).get("uncertainty") or {}).get("accuracy") or {}
@@ -774,46 +723,40 @@ def accuracy_interval(report: Report, entry: str, tasks: Sequence[str]) -> Optio
     return None if draws is None or entry not in draws else uncertainty.interval(draws[entry])
 
 
-def _normalized(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+def _called(name: str, *names: str) -> bool:
+    """Whether ``name`` is one of ``names`` up to case and punctuation (``task_arithmetic``, ``Task Arithmetic``)."""
+    def plain(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    return plain(name) in {plain(n) for n in names if n}
 
 
 def matches(row: Row, name: str) -> bool:
-    """Whether ``row`` is a run of the method ``name`` (``task_arithmetic``, ``TaskArithmetic``, ``Task
-    Arithmetic``, its module ``ties``), or its label is ``name``."""
-    class_path = str(_protocol(row.report).get("class_path", ""))
-    module, _, cls = class_path.rpartition(".")
-    names = {cls, module.rpartition(".")[2], str(_protocol(row.report).get("method", "")), row.labels[0]}
-    return _normalized(name) in {_normalized(n) for n in names if n}
+    """Whether ``row`` is a run of the method ``name`` (its class, module or display name) or labelled so."""
+    module, _, cls = str(_protocol(row.report).get("class_path", "")).rpartition(".")
+    return _called(name, cls, module.rpartition(".")[2], str(_protocol(row.report).get("method", "")), row.labels[0])
 
 
 def reference_title(name: str) -> str:
-    """The display name of the method ``name`` stands for (``task_arithmetic`` -> ``Task Arithmetic``), else ``name``."""
+    """The display name of the method ``name`` stands for (``task_arithmetic``: ``Task Arithmetic``), else ``name``."""
     from mergelit.methods import method_classes
 
-    for cls in method_classes():
-        if _normalized(name) in {_normalized(n) for n in (cls.__name__, cls.__module__.rpartition(".")[2], cls.display_name)}:
-            return cls.display_name
-    return name
+    return next((cls.display_name for cls in method_classes()
+                 if _called(name, cls.__name__, cls.__module__.rpartition(".")[2], cls.display_name)), name)
 
 
-def reference_rows(rows: Sequence[Row], against: str) -> dict[int, Optional[Row]]:
-    """For each row (by index) the row of method ``against`` chosen the same way (selected vs selected, oracle vs
-    oracle); failing that, its selected, single, then oracle row."""
+def reference_rows(rows: Sequence[Row], against: str) -> list[Optional[Row]]:
+    """Each row's row of method ``against`` chosen the same way (selected vs selected), else its selected, single,
+    then oracle row."""
     candidates = [row for row in rows if row.report is not None and matches(row, against)]
     order = ["selected", "", "oracle"]
-    out: dict[int, Optional[Row]] = {}
-    for i, row in enumerate(rows):
-        same = [c for c in candidates if c.role == row.role]
-        ordered = same + sorted((c for c in candidates if c not in same), key=lambda c: order.index(c.role) if c.role in order else 3)
-        out[i] = ordered[0] if ordered else None
-    return out
+    ranked = sorted(candidates, key=lambda c: order.index(c.role) if c.role in order else 3)
+    return [next((c for c in candidates if c.role == row.role), ranked[0] if ranked else None) for row in rows]
 
 
 @dataclass
 class Leaderboard:
-    """Everything the leaderboard shows beside accuracy, computed once per ``rows`` (columns: docs/sweeps.md).
-    A column no row can fill is left out (``P(win)`` also where two runs did not score the same rows)."""
+    """Everything the leaderboard shows beside accuracy (docs/sweeps.md); a column no row can fill is left out."""
 
     rows: Sequence[Row]
     tasks: Sequence[str]
@@ -824,23 +767,24 @@ class Leaderboard:
         from mergelit import uncertainty
 
         rows, tasks = self.rows, self.tasks
-        self.extra = [c for c in EXTRA_COLUMNS if any(_extra_value(r.report, c[1], c[2]) is not None for r in rows)
-                      ] if self.extra_metrics else []
+        shown = EXTRA_COLUMNS if self.extra_metrics else []
+        self.extra = [c for c in shown if any(_extra_value(r.report, c[1], c[2]) is not None for r in rows)]
         self.intervals = [accuracy_interval(r.report, "average", tasks) for r in rows]
         # Normalized accuracy (the TSV-M and Iso papers'): the mean over tasks of accuracy / the fine-tuned
         # model's own; marked when that was measured on other rows (a run without the held-out dev rows).
         individual = next((r.report for r in rows if r.role == "individual"), None)
         self.normalized = [None if individual is None else
-                           sum(_accuracy(r.report, t) / _accuracy(individual, t) for t in tasks) / len(tasks) for r in rows]
+                           sum(_accuracy(r.report, t) / _accuracy(individual, t) for t in tasks) / len(tasks)
+                           for r in rows]
         self.other_rows = [individual is not None and _same_rows(r.report, individual, tasks) is False for r in rows]
         name = self.against or "task_arithmetic"
         self.references = reference_rows(rows, name)
-        if self.against and not any(self.references.values()):
+        if self.against and not any(self.references):
             raise ValueError(f"--against {self.against}: no row is a run of it; the rows are "
                              f"{', '.join(repr(r.labels[0]) for r in rows)}.")
         self.reference_name = reference_title(name)
         self.gains = [None if ref is None else _accuracy(r.report, "average") - _accuracy(ref.report, "average")
-                      for r, ref in zip(rows, self.references.values())]
+                      for r, ref in zip(rows, self.references)]
         draws: dict[int, Any] = {}  # each row's bootstrap, drawn once
 
         def bootstrap_of(row: Row):
@@ -849,33 +793,38 @@ class Leaderboard:
             return draws[id(row)]
 
         self.wins: list[Optional[float]] = [
-            uncertainty.win_probability(bootstrap_of(row), bootstrap_of(ref)) if ref and _same_rows(row.report, ref.report, tasks)
-            else None for row, ref in zip(rows, self.references.values())
+            uncertainty.win_probability(bootstrap_of(row), bootstrap_of(ref))
+            if ref and _same_rows(row.report, ref.report, tasks) else None for row, ref in zip(rows, self.references)
         ]
 
     def columns(self) -> list[tuple[str, list[str]]]:
         """The markdown columns after Avg.: (header, one cell per row)."""
         rows = self.rows
         short = "TA" if self.reference_name == "Task Arithmetic" else self.reference_name
-        is_ref = [ref is row for row, ref in zip(rows, self.references.values())]
+        is_ref = [ref is row for row, ref in zip(rows, self.references)]
         optional = [
             ("Avg. 95% CI", [None if ci is None else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}" for ci in self.intervals]),
             ("Norm.", [None if v is None else f"{100 * v:.1f}" + (OTHER_ROWS if other else "")
                        for v, other in zip(self.normalized, self.other_rows)]),
-            (f"Δ {short}", [None if v is None else "ref" if ref else f"{100 * v:+.1f}" for v, ref in zip(self.gains, is_ref)]),
-            (f"P(win) vs {short}", [None if v is None else "ref" if ref else f"{v:.2f}" for v, ref in zip(self.wins, is_ref)]),
+            (f"Δ {short}", [None if v is None else "ref" if ref else f"{100 * v:+.1f}"
+                            for v, ref in zip(self.gains, is_ref)]),
+            (f"P(win) vs {short}", [None if v is None else "ref" if ref else f"{v:.2f}"
+                                    for v, ref in zip(self.wins, is_ref)]),
         ]
-        columns = [(h, ["–" if c is None else c for c in cells]) for h, cells in optional if any(c is not None for c in cells)]
+        columns = [(h, ["–" if c is None else c for c in cells]) for h, cells in optional
+                   if any(c is not None for c in cells)]
         for header, entry, metric in self.extra:
             values = [_extra_value(r.report, entry, metric) for r in rows]
             best = max((v for v in values if v is not None), default=None)
-            columns.append((header, ["–" if v is None else f"**{100 * v:.1f}**" if v == best else f"{100 * v:.1f}" for v in values]))
+            texts = ["–" if v is None else f"{100 * v:.1f}" for v in values]
+            columns.append((header, [f"**{t}**" if v is not None and v == best else t for v, t in zip(values, texts)]))
         prepared = [prepare_cost(r.report) for r in rows]
         totals = [total_cost(r.report) for r in rows]
         protocols = [_protocol(r.report) for r in rows]
         bodies = [p.get("bodies_at_inference") for p in protocols]
         return columns + [
-            ("cost s", [_seconds(t) + (CACHED if cached and t is not None else "") for t, (_, _, cached) in zip(totals, prepared)]),
+            ("cost s", [_seconds(t) + (CACHED if cached and t is not None else "")
+                        for t, (_, _, cached) in zip(totals, prepared)]),
             ("load s", [_seconds(_cost(r.report, "load_seconds")) for r in rows]),
             ("prep GB", [_gb(peak) for _, peak, _ in prepared]),
             ("merge GB", [_gb(_cost(r.report, "merge_peak_gb")) for r in rows]),
@@ -886,8 +835,7 @@ class Leaderboard:
         ]
 
     def markdown(self) -> str:
-        """The methods table (percent, best accuracy and extra metric per column in bold), the columns after
-        Avg., and a note on each mark used."""
+        """The methods table in percent, best values bold, with the ``columns`` and a note on each mark used."""
         table = markdown_table(self.rows, self.tasks, ["Method"], percent=True, mark_best=True).splitlines()
         columns = self.columns()
         lines = [table[0] + " " + " | ".join(h for h, _ in columns) + " |", table[1] + "---|" * len(columns)]
@@ -926,7 +874,8 @@ class Leaderboard:
                 *map(_csv_value, (self.normalized[i], self.gains[i], self.wins[i])),
                 *(_csv_value(_extra_value(row.report, e, m)) for _, e, m in self.extra),
                 _csv_value(total_cost(row.report)), *(_csv_value(costs.get(k)) for k in COST_KEYS),
-                *map(_csv_value, (protocol.get("bodies_at_inference"), row.data or protocol.get("data"), protocol.get("kind"))),
+                *map(_csv_value, (protocol.get("bodies_at_inference"), row.data or protocol.get("data"))),
+                _csv_value(protocol.get("kind")),
                 row.role,
             ])
         return out.getvalue()

@@ -1,10 +1,4 @@
-"""Weights & Biases: offline unless the user has a key; one run per sweep point; the sweep's table and plot.
-
-W&B is used through Lightning's ``WandbLogger`` (``--trainer.logger lightning.pytorch.loggers.WandbLogger``),
-never imported by the rest of mergelit. Without an API key ``wandb.init`` fails at once, so when the user has
-chosen no mode (``WANDB_MODE``, ``offline:``) and W&B finds no key, the logger is built offline: runs go to
-``./wandb/offline-run-*`` and ``wandb sync`` uploads them later.
-"""
+"""Weights & Biases through Lightning's ``WandbLogger``: offline unless the user has a key; the sweep's summary."""
 
 from __future__ import annotations
 
@@ -23,7 +17,8 @@ def has_wandb_key() -> bool:
 
 
 def wandb_logger(class_type: type, *args: Any, **kwargs: Any):
-    """A jsonargparse instantiator for ``WandbLogger``: offline when no mode is chosen and no key is found."""
+    """A jsonargparse instantiator for ``WandbLogger``: offline (to ./wandb, for ``wandb sync``) when no mode is
+    chosen (``WANDB_MODE``, ``offline:``) and no key is found, since ``wandb.init`` would fail at once."""
     if not kwargs.get("offline") and not os.environ.get("WANDB_MODE") and not has_wandb_key():
         kwargs["offline"] = True
         rank_zero_info("W&B: no API key found, logging offline to ./wandb (upload later with `wandb sync`).")
@@ -45,14 +40,14 @@ def wandb_loggers(trainer) -> list:
 
 
 def finish() -> None:
-    """End the active W&B run, so that the next point starts its own (a WandbLogger made while a run
-    is active would join that run)."""
+    """End the active W&B run, so that the next point starts its own (a new WandbLogger would join it)."""
     import wandb
 
     wandb.finish()
 
 
-def log_summary(logger, columns: Sequence[str], data: Sequence[Sequence[Any]], plot: Optional[Path], markdown: str) -> None:
+def log_summary(logger, columns: Sequence[str], data: Sequence[Sequence[Any]], plot: Optional[Path],
+                markdown: str) -> None:
     """Log the sweep table as a ``wandb.Table`` and the plot as an image to ``logger``'s run, then end it."""
     import wandb
 

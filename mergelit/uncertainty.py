@@ -1,9 +1,7 @@
 """How sure a number is: 95 % percentile bootstrap intervals of accuracy, and paired win probabilities.
 
-Each task's examples are resampled ``RESAMPLES`` times from one generator seeded ``SEED``, task after task
-in report order; the average's resample is the mean of the tasks' resamples of the same draw. The draws
-depend only on the seed and each task's number of rows, so two runs scored on the same rows are paired:
-resample b picks the same examples for both. The method and what a report stores: docs/sweeps.md.
+The draws depend only on ``SEED`` and each task's number of rows, so runs scored on the same rows are paired;
+the average's resample is the mean of the tasks' resamples of the same draw (docs/sweeps.md).
 """
 
 from __future__ import annotations
