@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import yaml
 from torch import Tensor
 
 from mergelit.errors import NotWritable
@@ -77,8 +80,6 @@ def weight_files(pool: ModelPool) -> dict[str, dict[str, Any]]:
 
 
 def _front_matter(method: str, pool: ModelPool, task: str, report: dict[str, Any]) -> str:
-    import yaml
-
     meta = {"library_name": "transformers", "pipeline_tag": "text-classification",
             "tags": ["merge", "mergelit", "gpt2", "glue", method.lower().replace(" ", "-")],
             "base_model": [pool.pretrained_path, *pool.finetuned_paths.values()], "base_model_relation": "merge",
@@ -95,7 +96,6 @@ def _front_matter(method: str, pool: ModelPool, task: str, report: dict[str, Any
 def model_card(task: str, pool: ModelPool, provenance: Provenance, weights: dict[str, dict[str, Any]]) -> str:
     """The Hub model card (README.md) of ``task``'s exported model."""
     from mergelit import __version__
-
     report = provenance.report or {}
     protocol = report.get("protocol") or {}
     method = protocol.get("method", "merge")
@@ -140,7 +140,6 @@ def save_merged(folder: str | os.PathLike, pool: ModelPool, body_of: Callable[[s
     """Write ``folder/<task>/`` for every task of ``pool``: the body ``body_of(task)`` (task-aware methods: the
     task's own) with the task's head, its model card and the run's config; each swapped in when complete."""
     from transformers import GPT2ForSequenceClassification
-
     check_export_folder(folder)
     folder = Path(folder)
     provenance = provenance or Provenance()
@@ -177,8 +176,6 @@ def save_merged(folder: str | os.PathLike, pool: ModelPool, body_of: Callable[[s
 
 def command_line() -> str:
     """The command this process runs, quoted for a shell."""
-    import shlex
-
     program = "mergelit" if Path(sys.argv[0]).name in ("mergelit", "__main__.py") else Path(sys.argv[0]).name
     return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
@@ -186,10 +183,6 @@ def command_line() -> str:
 def reproducible_config(config: dict[str, Any]) -> str:
     """The run's resolved config as YAML for an export: output paths left out (a rerun must not write
     over the export it reads) and local folders made absolute (so it runs from any directory)."""
-    import copy
-
-    import yaml
-
     config = copy.deepcopy(config)
     for key in ("report_save_path", "merged_model_save_path", "config"):
         config.pop(key, None)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Iterable, Optional, TypeVar
 
+from tqdm.auto import tqdm
+
 T = TypeVar("T")
 
 _enabled = True
@@ -23,8 +25,6 @@ def enabled() -> bool:
 
 def counter(total: int, desc: str, unit: str = "it", show: bool = True):
     """A bar updated by hand, drawn only where ``bar`` would be and ``show`` (e.g. on rank 0 alone)."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, disable=not (show and enabled()), dynamic_ncols=True)
 
 
@@ -32,6 +32,4 @@ def bar(iterable: Iterable[T], desc: str, total: Optional[int] = None, unit: str
     """``iterable`` with a transient progress bar (none when disabled or not on a terminal)."""
     if not enabled():
         return iterable
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)

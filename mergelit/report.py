@@ -17,6 +17,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from mergelit import uncertainty
 from mergelit.cache import atomic_write_bytes
 from mergelit.costs import CostRecord
 from mergelit.errors import BadData, MergeFailed, NotWritable
@@ -265,8 +266,6 @@ def sampling_entries(datamodule: Any, tasks: list[str], predictions: Mapping[str
                      ) -> dict[str, Any]:
     """The protocol's ``evaluation`` (the dev rows held out of scoring, if any), ``per_example`` (each entry's
     correctness, compactly) and ``uncertainty`` (bootstrap intervals of each accuracy and the average)."""
-    from mergelit import uncertainty
-
     out: dict[str, Any] = {}
     record = datamodule.evaluation_record() if hasattr(datamodule, "evaluation_record") else None
     if record is not None:

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+import torch.nn.functional as F
+
+from mergelit import uncertainty
+from mergelit.configfile import load_yaml
 from mergelit.errors import BadData, FileMissing, KeyMissing, NotWritable
+from mergelit.metrics import binary_metric
 from mergelit.report import (EXTRA_ENTRIES, EXTRA_METRICS, NON_TASK_ENTRIES, PROTOCOL, Report, atomic_write_text,
                              make_report, read_predictions, read_report)
 from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks, task_title
@@ -53,7 +59,6 @@ def method_class(class_path: str) -> Optional[type]:
     """The class ``class_path`` names among ``mergelit.methods.method_classes()``, or None: a results
     folder is data, so a class path read from it is looked up in that allow-list, never imported."""
     from mergelit.methods.base import method_class as lookup
-
     try:
         return lookup(class_path) if isinstance(class_path, str) else None
     except KeyMissing:
@@ -161,10 +166,8 @@ def write_tables(folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence
 # ---- plots -------------------------------------------------------------------------------
 def _figure(size: tuple[float, float]):
     import matplotlib
-
     matplotlib.use("Agg")  # files only: no display on servers, CI and tests
     import matplotlib.pyplot as plt
-
     return plt, *plt.subplots(figsize=size)
 
 
@@ -458,8 +461,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def _run_label(folder: Path) -> str:
     """A run folder's label: its method and changed arguments, from its ``config.yaml`` (never imported)."""
-    from mergelit.configfile import load_yaml
-
     if not _present(folder, "config.yaml"):
         return folder.name
     path = inside(folder, "config.yaml", f"Run folder {str(folder)!r}")
@@ -598,11 +599,6 @@ def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
 def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Accuracy, loss and ``task``'s extra metric of prediction rows: counts give the report's exactly; the loss,
     the mean of the rows' float64 ``loss`` (else from the logits) in another order, to ~1e-8 relative."""
-    import torch
-    import torch.nn.functional as F
-
-    from mergelit.metrics import binary_metric
-
     if not rows:
         raise BadData(f"no prediction rows for {task!r}")
     classes = GLUE_TASKS[task].num_labels
@@ -706,16 +702,12 @@ def _same_rows(a: Report, b: Report, tasks: Sequence[str]) -> Optional[bool]:
 
 def resampled(report: Report, tasks: Sequence[str]):
     """The report's bootstrap of ``tasks`` and their average (``mergelit.uncertainty.bootstrap``), or None."""
-    from mergelit import uncertainty
-
     stored = per_example(report, tasks)
     return None if stored is None else uncertainty.bootstrap({t: uncertainty.decode_correct(stored[t]) for t in tasks})
 
 
 def accuracy_interval(report: Report, entry: str, tasks: Sequence[str]) -> Optional[list[float]]:
     """The 95 % interval of ``entry``'s accuracy: the report's own, else a bootstrap of its examples, else None."""
-    from mergelit import uncertainty
-
     stored = (_protocol(report).get("uncertainty") or {}).get("accuracy") or {}
     if entry in stored:
         return list(stored[entry])
@@ -740,7 +732,6 @@ def matches(row: Row, name: str) -> bool:
 def reference_title(name: str) -> str:
     """The display name of the method ``name`` stands for (``task_arithmetic``: ``Task Arithmetic``), else ``name``."""
     from mergelit.methods import method_classes
-
     return next((cls.display_name for cls in method_classes()
                  if _called(name, cls.__name__, cls.__module__.rpartition(".")[2], cls.display_name)), name)
 
@@ -764,8 +755,6 @@ class Leaderboard:
     against: Optional[str] = None
 
     def __post_init__(self) -> None:
-        from mergelit import uncertainty
-
         rows, tasks = self.rows, self.tasks
         shown = EXTRA_COLUMNS if self.extra_metrics else []
         self.extra = [c for c in shown if any(_extra_value(r.report, c[1], c[2]) is not None for r in rows)]

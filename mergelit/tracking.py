@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 
 def has_wandb_key() -> bool:
     """Whether W&B finds credentials (environment, settings or netrc), asking W&B itself; no prompt, no network."""
     import wandb
-
     return bool(wandb.login(prompt=False, verify=False))
 
 
@@ -26,8 +26,6 @@ def wandb_logger(class_type: type, *args: Any, **kwargs: Any):
 
 
 def wandb_logger_class() -> type:
-    from lightning.pytorch.loggers import WandbLogger
-
     return WandbLogger
 
 
@@ -42,7 +40,6 @@ def wandb_loggers(trainer) -> list:
 def finish() -> None:
     """End the active W&B run, so that the next point starts its own (a new WandbLogger would join it)."""
     import wandb
-
     wandb.finish()
 
 
@@ -50,7 +47,6 @@ def log_summary(logger, columns: Sequence[str], data: Sequence[Sequence[Any]], p
                 markdown: str) -> None:
     """Log the sweep table as a ``wandb.Table`` and the plot as an image to ``logger``'s run, then end it."""
     import wandb
-
     experiment = logger.experiment
     payload: dict[str, Any] = {"sweep/table": wandb.Table(columns=list(columns), data=[list(row) for row in data])}
     if plot is not None and Path(plot).is_file():

@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,8 +24,6 @@ _CHUNK = 50  # resamples drawn at once: 50 x 40,430 QQP rows = 16 MB of indices
 def encode_correct(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``{"rows", "ids_sha256", "correct"}`` of prediction rows sorted by ``idx``: a short hash of their ids (runs
     are paired only on equal hashes) and their correctness as packed bits in base64."""
-    import numpy as np
-
     rows = sorted(rows, key=lambda row: row["idx"])
     correct = np.array([row["prediction"] == row["label"] for row in rows], dtype=bool)
     return {
@@ -36,8 +35,6 @@ def encode_correct(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def decode_correct(entry: Mapping[str, Any]) -> Tensor:
     """The boolean correctness vector ``encode_correct`` stored."""
-    import numpy as np
-
     packed = np.frombuffer(base64.b64decode(entry["correct"]), dtype=np.uint8)
     return torch.from_numpy(np.unpackbits(packed)[: int(entry["rows"])].astype(bool))
 
