@@ -54,10 +54,8 @@ def check_export_folder(folder: str | os.PathLike) -> None:
     ]
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise NotWritable(
-            f"The export folder {str(folder)!r} already holds {shown}, which is not a mergelit export; choose an empty "
-            f"or new folder (--merged_model_save_path)."
-        )
+        raise NotWritable(f"The export folder {str(folder)!r} already holds {shown}, which is not a mergelit export; "
+                          f"choose an empty or new folder (--merged_model_save_path).")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -96,9 +96,8 @@ def report_table(report: Report) -> tuple[list[str], list[list[Any]]]:
     return ["entry", *metrics], [[name, *(values.get(m) for m in metrics)] for name, values in entries]
 
 
-def write_predictions(
-    predictions: Mapping[str, list[Mapping[str, Any]]], folder: str | os.PathLike, partial: bool = False
-) -> list[Path]:
+def write_predictions(predictions: Mapping[str, list[Mapping[str, Any]]], folder: str | os.PathLike,
+                      partial: bool = False) -> list[Path]:
     """Write ``folder/<entry>.jsonl`` (a JSON line per example) for every entry, and the folder's manifest; the
     files of entries an earlier run left are removed. A folder that is a link is refused."""
     folder = Path(folder)
@@ -145,15 +144,12 @@ def read_predictions(folder: str | os.PathLike, allow_partial: bool = False) -> 
                           f"({type(error).__name__}: {error}).") from None
         unknown = [entry for entry in entries if entry not in GLUE_TASKS and entry not in EXTRA_ENTRIES]
         if unknown:
-            raise BadData(
-                f"The predictions manifest {str(manifest_path)!r} names {unknown[0]!r}, which is no report entry "
-                f"(a GLUE task or {', '.join(EXTRA_ENTRIES)}); mergelit reads only <entry>.jsonl files of the folder."
-            )
+            raise BadData(f"The predictions manifest {str(manifest_path)!r} names {unknown[0]!r}, which is no report "
+                          f"entry (a GLUE task or {', '.join(EXTRA_ENTRIES)}); mergelit reads only <entry>.jsonl files "
+                          f"of the folder.")
         if partial and not allow_partial:
-            raise BadData(
-                f"The predictions in {str(folder)!r} come from a partial run (limit_test_batches / fast_dev_run): "
-                f"they do not cover the whole split. Rerun without those limits."
-            )
+            raise BadData(f"The predictions in {str(folder)!r} come from a partial run (limit_test_batches / "
+                          f"fast_dev_run): they do not cover the whole split. Rerun without those limits.")
     paths = [folder / f"{entry}.jsonl" for entry in entries] if entries is not None else sorted(folder.glob("*.jsonl"))
     out = {}
     for path in paths:
@@ -164,10 +160,9 @@ def read_predictions(folder: str | os.PathLike, allow_partial: bool = False) -> 
                           f"({type(error).__name__}: {error}).") from None
         for line, row in enumerate(out[path.stem], 1):
             if not _prediction_row(row):
-                raise BadData(
-                    f"The predictions file {str(path)!r} line {line} is not a prediction row (integer idx, label and "
-                    f"prediction; a list of logits and a number loss if any): {json.dumps(row)[:80]}"
-                )
+                raise BadData(f"The predictions file {str(path)!r} line {line} is not a prediction row (integer idx, "
+                              f"label and prediction; a list of logits and a number loss if any): "
+                              f"{json.dumps(row)[:80]}")
     return out
 
 
@@ -232,12 +227,10 @@ class ReportWriter(Callback):
         for entry, rows in predictions.items():  # every rank holds every row: they all fail alike
             bad = sum(1 for row in rows if not (math.isfinite(row["loss"]) and all(map(math.isfinite, row["logits"]))))
             if bad:
-                raise MergeFailed(
-                    f"Task {entry!r}: {bad} of {len(rows)} examples have non-finite logits or loss (NaN/inf), so its "
-                    f"accuracy would be meaningless; no report was written. The likely cause is a forward pass that "
-                    f"overflows: merged weights far too large (a huge scaling factor, or an extreme weight in the "
-                    f"pool)."
-                )
+                raise MergeFailed(f"Task {entry!r}: {bad} of {len(rows)} examples have non-finite logits or loss "
+                                  f"(NaN/inf), so its accuracy would be meaningless; no report was written. The likely "
+                                  f"cause is a forward pass that overflows: merged weights far too large (a huge "
+                                  f"scaling factor, or an extreme weight in the pool).")
         tasks = list(pl_module.tasks)
         extra = {entry: values for entry, values in results.items() if entry not in tasks}
         self.report = make_report({t: results[t] for t in tasks}, extra, protocol_entry(pl_module, trainer, self.costs))

@@ -299,11 +299,10 @@ def _check_protocol(protocol: Any) -> None:
         rows = stored.get("rows") if isinstance(stored, dict) else None
         usable = (isinstance(rows, int) and not isinstance(rows, bool) and rows > 0
                   and isinstance(stored.get("ids_sha256"), str) and isinstance(stored.get("correct"), str))
-        if usable:
-            try:
-                usable = 8 * len(base64.b64decode(stored["correct"], validate=True)) >= rows
-            except ValueError:
-                usable = False
+        try:
+            usable = usable and 8 * len(base64.b64decode(stored["correct"], validate=True)) >= rows
+        except ValueError:
+            usable = False
         if not usable:
             raise BadData(f"the report's protocol.per_example.{entry} is damaged (expected rows, ids_sha256 and the "
                           f"packed correctness of each row)")
@@ -323,10 +322,8 @@ def _check_names(report: dict[str, Any]) -> list[str]:
     """The report's tasks in the one task order; any entry but a GLUE task or ``NON_TASK_ENTRIES`` is refused."""
     unknown = [key for key in report if key not in TASKS and key not in NON_TASK_ENTRIES]
     if unknown:
-        raise BadData(
-            f"the report has an entry {unknown[0]!r}, which is no GLUE task (the tasks are {', '.join(TASKS)}; "
-            f"the other entries are {', '.join(NON_TASK_ENTRIES)})"
-        )
+        raise BadData(f"the report has an entry {unknown[0]!r}, which is no GLUE task (the tasks are "
+                      f"{', '.join(TASKS)}; the other entries are {', '.join(NON_TASK_ENTRIES)})")
     tasks = [t for t in TASKS if t in report]
     if not tasks:
         raise BadData("the report names no task")
@@ -355,10 +352,8 @@ def check_report(report: Any, tasks: Optional[Sequence[str]] = None) -> Report:
         mean = sum(report[task][metric] for task in own) / len(own)
         stated = report["average"][metric]
         if not math.isclose(stated, mean, rel_tol=AVERAGE_TOLERANCE, abs_tol=1e-12):
-            raise BadData(
-                f"the report's average.{metric} is {stated!r} but the mean of its {len(own)} tasks' is {mean!r}: "
-                f"the report contradicts itself"
-            )
+            raise BadData(f"the report's average.{metric} is {stated!r} but the mean of its {len(own)} tasks' is "
+                          f"{mean!r}: the report contradicts itself")
     return report
 
 
@@ -391,10 +386,8 @@ def inside(folder: Path, name: str, what: str) -> Path:
     try:
         path.resolve().relative_to(Path(folder).resolve())
     except (ValueError, OSError):
-        raise BadData(
-            f"{what} names {name!r}, which lies outside the folder {str(folder)!r} (a path that leaves it, or a link "
-            f"out of it); mergelit reads a results folder only inside it."
-        ) from None
+        raise BadData(f"{what} names {name!r}, which lies outside the folder {str(folder)!r} (a path that leaves it, "
+                      f"or a link out of it); mergelit reads a results folder only inside it.") from None
     return path
 
 
@@ -402,10 +395,8 @@ def check_output_folder(folder: str | os.PathLike, what: str) -> None:
     """Refuse an output folder that is a link (what is written would land elsewhere) or a file, naming it."""
     folder = Path(folder)
     if folder.is_symlink():
-        raise NotWritable(
-            f"The {what} {str(folder)!r} is a link (to {os.readlink(folder)!r}); mergelit writes only into a folder it "
-            f"owns, never through a link. Give a real folder."
-        )
+        raise NotWritable(f"The {what} {str(folder)!r} is a link (to {os.readlink(folder)!r}); mergelit writes only "
+                          f"into a folder it owns, never through a link. Give a real folder.")
     if folder.exists() and not folder.is_dir():
         raise NotWritable(f"The {what} {str(folder)!r} is a file; give a folder.")
 
@@ -842,8 +833,7 @@ class Leaderboard:
         return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
     def csv(self) -> str:
-        """The same rows as CSV: fractions, intervals (per task and average) and costs at full precision, empty
-        where missing."""
+        """The same rows as CSV: fractions, intervals (per task and average) and costs in full, empty where missing."""
         entries = [*self.tasks, "average"]
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -870,12 +860,9 @@ class Leaderboard:
         return out.getvalue()
 
 
-def write_leaderboard(
-    folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True,
-    title: str = "Merging methods", against: Optional[str] = None,
-) -> tuple[Path, Path, Path]:
-    """Write ``folder/table.md``, ``table.csv`` (the leaderboard) and ``plot.png`` (average accuracy against total
-    cost); return their paths."""
+def write_leaderboard(folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True,
+                      title: str = "Merging methods", against: Optional[str] = None) -> tuple[Path, Path, Path]:
+    """Write the leaderboard (``folder/table.md``, ``table.csv``) and ``plot.png`` (``plot_costs``); return them."""
     board = Leaderboard(rows, tasks, extra_metrics, against)
     md = atomic_write_text(Path(folder) / "table.md", board.markdown())
     csv_path = atomic_write_text(Path(folder) / "table.csv", board.csv())
@@ -887,17 +874,13 @@ def check_same_tasks(rows: Sequence[Row]) -> list[str]:
     tasks = report_tasks(rows[0].report)
     for row in rows[1:]:
         if report_tasks(row.report) != tasks:
-            raise ValueError(
-                f"{row.labels[0]!r} scores {report_tasks(row.report)} but {rows[0].labels[0]!r} scores {tasks}; "
-                f"a table compares runs on the same tasks."
-            )
+            raise ValueError(f"{row.labels[0]!r} scores {report_tasks(row.report)} but {rows[0].labels[0]!r} scores "
+                             f"{tasks}; a table compares runs on the same tasks.")
     return tasks
 
 
-def compare(
-    paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.PathLike] = None, extra_metrics: bool = True,
-    against: Optional[str] = None,
-) -> str:
+def compare(paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.PathLike] = None,
+            extra_metrics: bool = True, against: Optional[str] = None) -> str:
     """The leaderboard of ``paths`` as markdown, against ``against`` (default: Task Arithmetic when a row is one),
     extra metrics unless ``extra_metrics`` is off; written to ``output_dir`` if given (``write_leaderboard``)."""
     if output_dir is not None:

@@ -71,9 +71,8 @@ def intervals(correct: Mapping[str, Tensor], resamples: int = RESAMPLES, seed: i
     return {entry: interval(values) for entry, values in bootstrap(correct, resamples, seed).items()}
 
 
-def uncertainty_entry(
-    per_example: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], resamples: int = RESAMPLES, seed: int = SEED
-) -> dict[str, Any]:
+def uncertainty_entry(per_example: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], resamples: int = RESAMPLES,
+                      seed: int = SEED) -> dict[str, Any]:
     """The report's ``protocol.uncertainty``: intervals of ``tasks`` and their average (one bootstrap), and of each
     other entry of ``per_example`` (``mnli_mismatched``) on its own."""
     averaged = {task: decode_correct(per_example[task]) for task in tasks}
