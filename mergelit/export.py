@@ -46,12 +46,10 @@ def check_export_folder(folder: str | os.PathLike) -> None:
         raise NotWritable(f"The export folder {str(folder)!r} is a file; give a folder (--merged_model_save_path).")
     if not folder.is_dir():
         return
-    foreign = [
-        entry.name
-        for entry in sorted(folder.iterdir())
-        if not (entry.is_dir() and not entry.is_symlink() and entry.name in GLUE_TASKS and (entry / CONFIG_FILE).is_file())
-        and not entry.name.startswith(".mergelit-export-")  # save_merged's staging folders
-    ]
+    foreign = [entry.name for entry in sorted(folder.iterdir())
+               if not (entry.is_dir() and not entry.is_symlink() and entry.name in GLUE_TASKS
+                       and (entry / CONFIG_FILE).is_file())
+               and not entry.name.startswith(".mergelit-export-")]  # save_merged's staging folders
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise NotWritable(f"The export folder {str(folder)!r} already holds {shown}, which is not a mergelit export; "

@@ -191,7 +191,8 @@ def plot_sweep(path: str | os.PathLike, xs: Sequence[float], rows: Sequence[Row]
     """Accuracy (or ``ylabel``) of each task against the swept value, the average in bold, its best point marked."""
     plt, fig, ax = _figure((7, 4.5))
     for task in tasks:
-        ax.plot(xs, [100 * _accuracy(r.report, task) for r in rows], marker="o", markersize=3, linewidth=1, alpha=0.8, label=task)
+        accuracy = [100 * _accuracy(r.report, task) for r in rows]
+        ax.plot(xs, accuracy, marker="o", markersize=3, linewidth=1, alpha=0.8, label=task)
     average = [100 * _accuracy(r.report, "average") for r in rows]
     ax.plot(xs, average, color="black", linewidth=3, marker="o", label="average")
     best = max(range(len(rows)), key=lambda i: average[i])
@@ -411,13 +412,16 @@ def read_json(path: Path, what: str, fix: str) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
-        raise BadData(f"{what} {str(path)!r} is damaged or unreadable ({type(error).__name__}: {error}); {fix}") from None
+        raise BadData(f"{what} {str(path)!r} is damaged or unreadable ({type(error).__name__}: {error}); "
+                      f"{fix}") from None
 
 
 def _checked_spec(spec: Any, where: str) -> dict[str, Any]:
-    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str) and isinstance(spec.get("init_args") or {}, dict):
+    if (isinstance(spec, dict) and isinstance(spec.get("class_path"), str)
+            and isinstance(spec.get("init_args") or {}, dict)):
         return spec
-    raise BadData(f"{where} is {spec!r:.80}, not a method ({{class_path: ..., init_args: {{...}}}}); the file is damaged.")
+    raise BadData(f"{where} is {spec!r:.80}, not a method ({{class_path: ..., init_args: {{...}}}}); the file is "
+                  f"damaged.")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -476,7 +480,8 @@ def individual_diagonal(manifest: dict[str, Any], reports: dict[str, Report]) ->
     if set(by_task) != set(tasks):
         return None
     examples = {t: (by_task[t].get(PROTOCOL) or {}).get("per_example", {}).get(t) for t in tasks}
-    protocol = {"method": "Fine-tuned (individual)", "kind": "task-aware", "data": "none", "bodies_at_inference": float(len(tasks))}
+    protocol = {"method": "Fine-tuned (individual)", "kind": "task-aware", "data": "none",
+                "bodies_at_inference": float(len(tasks))}
     if all(examples.values()):
         protocol["per_example"] = examples
     return make_report({t: by_task[t][t] for t in tasks}, protocol=protocol)
@@ -491,8 +496,8 @@ def read_selection(folder: Path, manifest: Optional[dict[str, Any]] = None) -> O
     fix = "rerun its sweep to select again, or remove the file."
     picked = read_json(path, "The selection file", fix)
     where = f"The selection file {str(path)!r}"
-    if not (isinstance(picked, dict) and isinstance(picked.get("select_on"), str) and isinstance(picked.get("groups"), dict)
-            and picked["groups"]):
+    if not (isinstance(picked, dict) and isinstance(picked.get("select_on"), str)
+            and isinstance(picked.get("groups"), dict) and picked["groups"]):
         raise BadData(f"{where} is damaged (expected select_on and the groups' choices); {fix}")
     for key in ("chosen_on", "data_read", "labels_used"):
         if key in picked and not isinstance(picked[key], str):
@@ -502,11 +507,14 @@ def read_selection(folder: Path, manifest: Optional[dict[str, Any]] = None) -> O
         raise BadData(f"{where} is damaged (its 'criterion' values are not numbers); {fix}")
     for group, info in picked["groups"].items():
         names = info.get("points") if isinstance(info, dict) else None
-        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names) and info.get("selected") in names):
-            raise BadData(f"{where}: group {group!r} is damaged (expected its 'points' and the 'selected' one among them); {fix}")
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+                and info.get("selected") in names):
+            raise BadData(f"{where}: group {group!r} is damaged (expected its 'points' and the 'selected' one among "
+                          f"them); {fix}")
         stray = [n for n in names if manifest is not None and n not in manifest["points"]]
         if stray:
-            raise BadData(f"{where}: group {group!r} names the point {stray[0]!r}, which the sweep manifest does not list; {fix}")
+            raise BadData(f"{where}: group {group!r} names the point {stray[0]!r}, which the sweep manifest does not "
+                          f"list; {fix}")
     return picked
 
 
@@ -523,7 +531,8 @@ def sweep_rows(folder: Path) -> list[Row]:
     def label_of(name: str) -> str:
         point = manifest["points"][name]
         label = method_label(point["model"], point.get("swept", ())) if point.get("model") else name
-        others = [f"{header_of(k)}={format_value(v)}" for k, v in point["overrides"].items() if not k.startswith("model")]
+        others = [f"{header_of(k)}={format_value(v)}" for k, v in point["overrides"].items()
+                  if not k.startswith("model")]
         return f"{label} ({', '.join(others)})" if others else label
 
     def data_of(name: str, read: str) -> str:
@@ -543,10 +552,12 @@ def sweep_rows(folder: Path) -> list[Row]:
         if picked:
             name = info["selected"]
             if name not in reports:
-                raise BadData(f"Sweep folder {folder}: the selected point {name!r} has no complete report; rerun its sweep.")
+                raise BadData(f"Sweep folder {folder}: the selected point {name!r} has no complete report; rerun its "
+                              f"sweep.")
             on = picked.get("chosen_on", picked["select_on"])
+            read = picked.get("data_read", picked.get("labels_used", "dev rows"))
             rows.append(Row([f"{label_of(name)}, selected on {on} (of {len(names)})"], reports[name],
-                            role="selected", data=data_of(name, picked.get("data_read", picked.get("labels_used", "dev rows")))))
+                            role="selected", data=data_of(name, read)))
         scored = [name for name in names if name in reports]
         if scored and (not picked or len(scored) == len(names)):  # without selection: the best scored so far
             best = max(scored, key=lambda name: reports[name]["average"]["accuracy"])
@@ -575,7 +586,8 @@ def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
             report = inside(path, "report.json", f"Run folder {str(path)!r}")
             rows.append(Row([_run_label(path)], load_report(report)))
         elif path.is_dir():
-            runs = sorted((p for p in path.iterdir() if _present(p, MANIFEST) or _present(p, "report.json")), key=_natural)
+            runs = [p for p in path.iterdir() if _present(p, MANIFEST) or _present(p, "report.json")]
+            runs.sort(key=_natural)
             if not runs:
                 raise BadData(f"{path} holds no report.json, sweep.json, or run folder with one of them.")
             for run in runs:
@@ -605,7 +617,8 @@ def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, fl
         logits = torch.tensor([r["logits"] for r in rows], dtype=torch.float32)  # stored from float32: exact
         losses = F.cross_entropy(logits, labels, reduction="none").double()
     else:
-        raise BadData(f"the prediction rows of {task!r} hold neither every row's loss nor its logits (one count per row)")
+        raise BadData(f"the prediction rows of {task!r} hold neither every row's loss nor its logits (one count per "
+                      f"row)")
     values = {"accuracy": (predicted == labels).double().sum().item() / len(rows), "loss": losses.mean().item()}
     if task in EXTRA_METRICS:
         values[EXTRA_METRICS[task]] = binary_metric(EXTRA_METRICS[task], predicted, labels)
@@ -616,12 +629,14 @@ def metrics_from_predictions(folder: str | os.PathLike) -> Report:
     """Re-score a ``predictions/`` folder (``--save_predictions``) into a report with the average of its tasks."""
     predictions = read_predictions(folder)
     if not predictions:
-        raise BadData(f"{folder} holds no <task>.jsonl prediction file; run `mergelit test ... --save_predictions true`.")
+        raise BadData(f"{folder} holds no <task>.jsonl prediction file; run `mergelit test ... --save_predictions "
+                      f"true`.")
     scored = {}
     for entry, rows in predictions.items():
         path = Path(folder) / f"{entry}.jsonl"
         if entry not in TASKS and entry not in EXTRA_ENTRIES:
-            raise BadData(f"The predictions file {str(path)!r} is of no report entry (a GLUE task or {', '.join(EXTRA_ENTRIES)}).")
+            raise BadData(f"The predictions file {str(path)!r} is of no report entry (a GLUE task or "
+                          f"{', '.join(EXTRA_ENTRIES)}).")
         try:
             scored[entry] = score_predictions(EXTRA_ENTRIES.get(entry, (entry, ""))[0], rows)
         except BadData as error:
@@ -829,7 +844,8 @@ class Leaderboard:
         if any(self.intervals):
             notes.append("95% CI: percentile bootstrap over each task's examples (1000 resamples, seed 0).")
         if any(v is not None for v in self.wins):
-            notes.append("P(win): share of paired resamples (the same examples) where the row's average beats the reference's.")
+            notes.append("P(win): share of paired resamples (the same examples) where the row's average beats the "
+                         "reference's.")
         return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
     def csv(self) -> str:
