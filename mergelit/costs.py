@@ -127,9 +127,8 @@ def phase(name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def measured() -> Iterator[PhaseCost]:
-    """The block's ``seconds`` and ``peak_gb`` measured as ``phase`` measures a phase, returned instead of recorded:
-    for work whose result a cache keeps with its cost. The peak window is reset for the block; inside an open
-    phase, the peak the phase had reached before the block and the block's own still count for the phase."""
+    """The block's ``seconds`` and ``peak_gb`` measured as ``phase`` would, returned for a cache to keep; inside an
+    open phase, the phase's peak before the block and the block's own still count for the phase."""
     measure = PhaseCost()
     record = current()
     before_kb = _status_kb("VmHWM") if record is not None and record._open else None

@@ -98,8 +98,7 @@ def report_table(report: Report) -> tuple[list[str], list[list[Any]]]:
 
 def write_predictions(predictions: Mapping[str, list[Mapping[str, Any]]], folder: str | os.PathLike,
                       partial: bool = False) -> list[Path]:
-    """Write ``folder/<entry>.jsonl`` (a JSON line per example) for every entry, and the folder's manifest; the
-    files of entries an earlier run left are removed. A folder that is a link is refused."""
+    """Write ``folder/<entry>.jsonl`` per entry and the manifest; an earlier run's other entries are removed."""
     folder = Path(folder)
     if folder.is_symlink():
         raise NotWritable(f"The predictions folder {str(folder)!r} is a link; mergelit writes only inside its output "
@@ -123,10 +122,8 @@ def remove_predictions(folder: str | os.PathLike) -> None:
 
 
 def read_predictions(folder: str | os.PathLike, allow_partial: bool = False) -> dict[str, list[dict[str, Any]]]:
-    """``{entry: [row, ...]}`` from ``folder/<entry>.jsonl``, the entries its manifest lists, every row checked.
-
-    A partial run's predictions are refused unless ``allow_partial``; the manifest may name report entries only,
-    so no file outside the folder is read."""
+    """``{entry: [row, ...]}`` of the entries the manifest lists (report entries only, so no file outside the folder
+    is read), every row checked; a partial run's are refused unless ``allow_partial``."""
     folder = Path(folder)
     manifest_path = folder / PREDICTIONS_MANIFEST
     entries = None
@@ -179,9 +176,8 @@ def _prediction_row(row: Any) -> bool:
 
 
 class ReportWriter(Callback):
-    """The Lightning callback that makes a run's report, ``make_report`` of the method's ``results`` plus the
-    ``protocol`` entry: the costs (``costs``, which ``mergelit.run.run_test`` activates), the per-example rows
-    gathered from every process, and their correctness and bootstrap intervals. Rank 0 writes it.
+    """The Lightning callback that makes a run's report (the method's ``results`` and the ``protocol`` entry, with
+    the ``costs`` that ``mergelit.run.run_test`` activates and the rows gathered from every process); rank 0 writes.
 
     Args:
         log_dir: also write ``report.json`` into the run's log folder (``trainer.log_dir``).
@@ -325,12 +321,8 @@ def protocol_entry(method, trainer, record: CostRecord | None = None) -> dict[st
 
 
 class RunLogger(CSVLogger):
-    """Lightning's ``CSVLogger`` whose ``version_N`` folder is claimed atomically.
-
-    ``CSVLogger`` picks the next free number by listing the folder, so two runs started together both take
-    ``version_0``; here rank 0 claims a number by creating its folder (``mkdir`` fails if another run made it
-    first). The other processes of a distributed run use rank 0's folder (``trainer.log_dir`` broadcasts it).
-    """
+    """Lightning's ``CSVLogger`` whose ``version_N`` folder rank 0 claims by creating it (``mkdir`` fails if another
+    run made it first), where listing the folder would give two runs started together ``version_0``."""
 
     def _get_next_version(self) -> int:
         version = super()._get_next_version()

@@ -56,8 +56,7 @@ def short_key(key: str) -> str:
 
 
 def method_class(class_path: str) -> Optional[type]:
-    """The class ``class_path`` names among ``mergelit.methods.method_classes()``, or None: a results
-    folder is data, so a class path read from it is looked up in that allow-list, never imported."""
+    """The class ``class_path`` names among ``mergelit.methods.method_classes()`` (never imported), or None."""
     from mergelit.methods.base import method_class as lookup
     try:
         return lookup(class_path) if isinstance(class_path, str) else None
@@ -96,8 +95,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def changed_args(spec: dict[str, Any], always: Sequence[str] = ()) -> dict[str, Any]:
-    """The ``init_args`` of a method spec that differ from its class's defaults, or are in ``always``; never the
-    pool, ``cache_dir`` or ``coefficients_path`` (where results are cached is no part of what a method computes)."""
+    """A method spec's ``init_args`` that differ from its class's defaults or are in ``always``, not cache paths."""
     try:
         parameters = inspect.signature(method_class(spec["class_path"]).__init__).parameters
     except (AttributeError, ValueError, TypeError):
@@ -109,8 +107,7 @@ def changed_args(spec: dict[str, Any], always: Sequence[str] = ()) -> dict[str, 
 
 
 def method_label(spec: dict[str, Any], always: Sequence[str] = ()) -> str:
-    """``{"class_path": ...TaskArithmetic, "init_args": {"scaling_factor": 0.5}}`` -> ``Task Arithmetic (λ=0.5)``:
-    the arguments that differ from the defaults (a default run reads as the bare name), and those in ``always``."""
+    """``{"class_path": ...TaskArithmetic, "init_args": {"scaling_factor": 0.5}}`` -> ``Task Arithmetic (λ=0.5)``."""
     args = [f"{symbol(k, spec['class_path'])}={format_value(v)}" for k, v in changed_args(spec, always).items()]
     name = method_name(spec["class_path"])
     return f"{name} ({', '.join(args)})" if args else name
@@ -127,9 +124,8 @@ def _csv_value(value: Any) -> Any:
 
 def markdown_table(rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str], percent: bool = False,
                    mark_best: bool = False) -> str:
-    """The published layout: label column(s), one column per task, ``Avg.``. ``percent``: accuracy in percent
-    (one decimal) and task names as published (CoLA ... SST-2, row labels too), else fractions to six digits;
-    ``mark_best``: each column's best value in bold (ties all bold)."""
+    """The published layout: label column(s), a column per task, ``Avg.``; ``percent``: in percent with the tasks'
+    published names, else fractions to six digits; ``mark_best``: each column's best value in bold (ties too)."""
     columns = [*tasks, "average"]
     scored = [r for r in rows if r.report is not None]
     best = {c: max(_accuracy(r.report, c) for r in scored) for c in columns} if mark_best and scored else {}
@@ -359,8 +355,7 @@ def check_report(report: Any, tasks: Optional[Sequence[str]] = None) -> Report:
 
 
 def load_report(path: str | os.PathLike, tasks: Optional[Sequence[str]] = None) -> Report:
-    """Read and check a report file (``check_report``), naming the file; a FusionBench report without an
-    ``average`` entry gets one (the unweighted mean of its tasks)."""
+    """``check_report`` of a report file, naming it; a FusionBench report without ``average`` gets one."""
     try:
         report = read_report(path)
         if isinstance(report, dict) and "average" not in report:
@@ -743,8 +738,7 @@ def reference_title(name: str) -> str:
 
 
 def reference_rows(rows: Sequence[Row], against: str) -> list[Optional[Row]]:
-    """Each row's row of method ``against`` chosen the same way (selected vs selected), else its selected, single,
-    then oracle row."""
+    """Each row's row of method ``against``: chosen the same way, else its selected, single, then oracle row."""
     candidates = [row for row in rows if row.report is not None and matches(row, against)]
     order = ["selected", "", "oracle"]
     ranked = sorted(candidates, key=lambda c: order.index(c.role) if c.role in order else 3)

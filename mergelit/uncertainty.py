@@ -40,8 +40,7 @@ def decode_correct(entry: Mapping[str, Any]) -> Tensor:
 
 
 def bootstrap(correct: Mapping[str, Tensor], resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, Tensor]:
-    """Resampled accuracies ``{entry: [resamples]}`` (float64) of ``correct`` (entry -> boolean vector, in report
-    order), and their ``average``."""
+    """Resampled accuracies ``{entry: [resamples]}`` of ``correct`` (entry -> boolean vector), and their ``average``."""
     if not correct:
         raise ValueError("bootstrap needs at least one task's per-example correctness")
     generator = torch.Generator().manual_seed(seed)
