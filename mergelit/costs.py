@@ -1,25 +1,8 @@
-"""What a run costs: wall time and peak memory of each phase, recorded for the report.
+"""What a run costs: wall time and peak memory of the ``load``, ``prepare`` and ``merge`` phases (docs/sweeps.md).
 
-A run's phases are ``prepare`` (statistics, adaptation: ``MergeMethod.prepare``), ``merge``
-(``MergeMethod.setup`` and, for task-aware methods, each task's body) and ``load`` (reading
-weights from the checkpoints, wherever it happens). ``merge`` and ``prepare`` exclude the
-``load`` time spent inside them, so a method that happens to read the pool first is not charged
-for it.
-
-Memory is the **peak resident memory during the phase minus the resident memory when the phase
-started** (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus
-``VmRSS`` at the start), so what was resident before (the pool's pages, an earlier point's
-merge) is not counted. A phase entered several times (a task-aware method's bodies) reports the
-sum of its times and the largest of its peaks. Elsewhere than Linux the peak is not measured
-(``None``).
-
-Work whose result came from a cache (statistics) records the cost of the original computation
-as well (``note_cached``), so a cached run still shows what the result cost to produce; the code
-that computes such a result measures it with ``measured`` and stores the figures with it.
-
-The code being measured only says which phase it is in (``with costs.phase("merge"):``); the
-caller that wants the figures opens a record (``with costs.recording(record):``). Nothing is
-recorded outside a record.
+Measured code says which phase it is in (``with costs.phase("merge"):``); the caller that wants the figures
+opens a record (``with costs.recording(record):``). A phase's peak is above the resident memory at its start
+(Linux ``VmHWM`` after a reset, minus ``VmRSS``; elsewhere None); a phase entered again sums its times.
 """
 
 from __future__ import annotations
@@ -40,17 +23,6 @@ class PhaseCost:
     cache_read_seconds: float = 0.0  # this run's time reading them
     cached: bool = False
 
-    @property
-    def original_seconds(self) -> float:
-        """The phase's cost had nothing come from a cache: this run's time, minus reading the
-        cache, plus the recorded time of what was read."""
-        return max(self.seconds - self.cache_read_seconds, 0.0) + self.cached_seconds
-
-    @property
-    def original_peak_gb(self) -> Optional[float]:
-        peaks = [p for p in (self.peak_gb, self.cached_peak_gb) if p is not None]
-        return max(peaks) if peaks else None
-
 
 class CostRecord:
     """The phases of one run (``phases[name]``), filled while the record is active."""
@@ -67,8 +39,8 @@ class CostRecord:
         return self.phases[name].seconds if name in self.phases else None
 
     def as_dict(self) -> dict[str, Any]:
-        """The report's ``protocol.costs``: ``<phase>_seconds`` and ``<phase>_peak_gb`` per phase,
-        and for a phase read from a cache ``<phase>_cached: true`` with the original figures."""
+        """The report's ``protocol.costs``: ``<phase>_seconds`` and ``<phase>_peak_gb``, and for a prepare phase
+        read from a cache ``prepare_cached: true`` with its original figures (had nothing come from a cache)."""
         out: dict[str, Any] = {}
         for name in ("load", "prepare", "merge"):
             cost = self.phases.get(name)
@@ -78,8 +50,10 @@ class CostRecord:
         prepare = self.phases.get("prepare")
         out["prepare_cached"] = bool(prepare and prepare.cached)
         if prepare and prepare.cached:
-            out["prepare_original_seconds"] = prepare.original_seconds
-            out["prepare_original_peak_gb"] = prepare.original_peak_gb
+            uncached = max(prepare.seconds - prepare.cache_read_seconds, 0.0)  # this run's time, less reading the cache
+            out["prepare_original_seconds"] = uncached + prepare.cached_seconds
+            peaks = [p for p in (prepare.peak_gb, prepare.cached_peak_gb) if p is not None]
+            out["prepare_original_peak_gb"] = max(peaks) if peaks else None
         return out
 
 
@@ -122,9 +96,8 @@ def _reset_peak() -> bool:
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Charge the block's wall time and peak memory (above the resident memory at its start) to
-    phase ``name`` of the active record. Inside another phase it only adds its time (the outer
-    window's peak covers it); outside a record it does nothing."""
+    """Charge the block's wall time and peak memory to phase ``name`` of the active record (none: nothing).
+    Inside another phase it only adds its time (the outer window's peak covers it)."""
     record = current()
     if record is None:
         yield
@@ -133,7 +106,7 @@ def phase(name: str) -> Iterator[None]:
     baseline = None if outer or not _reset_peak() else _status_kb("VmRSS")
     if not outer:
         record._window_peak_kb = 0
-    loaded = record.phases["load"].seconds if "load" in record.phases else 0.0
+    loaded = record.seconds("load") or 0.0
     start = time.perf_counter()
     record._open.append(name)
     try:
@@ -142,7 +115,7 @@ def phase(name: str) -> Iterator[None]:
         record._open.pop()
         elapsed = time.perf_counter() - start
         if name != "load":  # reading weights is the load phase's, wherever it happens
-            elapsed -= (record.phases["load"].seconds if "load" in record.phases else 0.0) - loaded
+            elapsed -= (record.seconds("load") or 0.0) - loaded
         cost = record.phase_cost(name)
         if name not in record._open:  # a phase re-entered inside itself is already being timed
             cost.seconds += max(elapsed, 0.0)
@@ -152,27 +125,15 @@ def phase(name: str) -> Iterator[None]:
             cost.peak_gb = gb if cost.peak_gb is None else max(cost.peak_gb, gb)
 
 
-@dataclass
-class Measure:
-    """What ``measured`` found: the block's wall time (reads of weights excluded) and peak memory."""
-
-    seconds: float = 0.0
-    peak_gb: Optional[float] = None
-
-
 @contextlib.contextmanager
-def measured() -> Iterator[Measure]:
-    """The block's cost measured as ``phase`` measures a phase, returned instead of recorded: for
-    work whose result a cache keeps together with what it cost (``note_cached`` reports it later).
-
-    The peak window is reset for the block; inside an open phase, the peak the phase had reached
-    before the block and the block's own peak still count for the phase.
-    """
-    measure = Measure()
+def measured() -> Iterator[PhaseCost]:
+    """The block's ``seconds`` and ``peak_gb`` measured as ``phase`` would, returned for a cache to keep; inside an
+    open phase, the phase's peak before the block and the block's own still count for the phase."""
+    measure = PhaseCost()
     record = current()
     before_kb = _status_kb("VmHWM") if record is not None and record._open else None
     baseline = _status_kb("VmRSS") if _reset_peak() else None
-    loaded = record.phases["load"].seconds if record is not None and "load" in record.phases else 0.0
+    loaded = (record.seconds("load") or 0.0) if record is not None else 0.0
     start = time.perf_counter()
     try:
         yield measure
@@ -196,8 +157,8 @@ def charge(name: str, seconds: float) -> None:
 
 
 def note_cached(name: str, seconds: float, peak_gb: Optional[float], read_seconds: float) -> None:
-    """Phase ``name`` took part of its result from a cache: that part originally cost ``seconds``
-    (peak ``peak_gb``); reading it took ``read_seconds`` of this run."""
+    """Phase ``name`` took part of its result from a cache: that part originally cost ``seconds`` (peak
+    ``peak_gb``); reading it took ``read_seconds`` of this run."""
     record = current()
     if record is None:
         return

@@ -1,14 +1,12 @@
-"""One progress display for mergelit's own long loops (the merge's keys, a sweep's points).
-
-Lightning draws the bars of statistics, adaptation and evaluation; mergelit's own loops use
-``bar``, a tqdm bar that stays quiet where a bar would only litter a log: when stderr is not a
-terminal (captured logs, CI) or when the run is ``--quiet`` (``set_enabled(False)``).
-"""
+"""tqdm bars for mergelit's own long loops (Lightning draws the others), quiet where they would litter a log:
+when stderr is not a terminal or the run is ``--quiet``."""
 
 from __future__ import annotations
 
 import sys
 from typing import Iterable, Optional, TypeVar
+
+from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
@@ -26,10 +24,7 @@ def enabled() -> bool:
 
 
 def counter(total: int, desc: str, unit: str = "it", show: bool = True):
-    """A progress bar updated by hand (``update``, ``set_postfix_str``); drawn only where ``bar`` would
-    be and ``show`` (e.g. on rank 0 alone)."""
-    from tqdm.auto import tqdm
-
+    """A bar updated by hand, drawn only where ``bar`` would be and ``show`` (e.g. on rank 0 alone)."""
     return tqdm(total=total, desc=desc, unit=unit, disable=not (show and enabled()), dynamic_ncols=True)
 
 
@@ -37,6 +32,4 @@ def bar(iterable: Iterable[T], desc: str, total: Optional[int] = None, unit: str
     """``iterable`` with a transient progress bar (none when disabled or not on a terminal)."""
     if not enabled():
         return iterable
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)

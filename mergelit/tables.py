@@ -1,31 +1,9 @@
-"""Result tables and plots from report files: sweep tables, the 7x7 heatmap, the methods table.
+"""Result tables and plots from report files: sweep tables, the 7x7 heatmap, the leaderboard (``compare``).
 
-    mergelit compare lightning_logs/version_3 lightning_logs/version_4 sweeps/ta sweeps/ties
-    mergelit compare -c configs/gpt2_glue.yaml -c configs/sweeps/methods.yaml   (runs the methods)
+    mergelit compare lightning_logs/version_3 sweeps/ta sweeps/ties --against task_arithmetic
 
-Every table has one row per run (or sweep point), the pool's tasks as columns in the one task
-order (cola ... sst2) and the unweighted average last, as in the published tables
-(``shared/reference/seed_results.md``): the λ sweeps in fractions with six digits, the 7x7
-cross-task table and the methods table in percent with one decimal. The methods table
-("Experimental Results") marks the best value of each column in bold. Each markdown table
-has a CSV twin with full-precision fractions.
-
-``compare`` reads, for each path: a report JSON; a run's log folder (``report.json``, labelled
-from its ``config.yaml``); a sweep folder (``sweep.json``; below); or a folder of such runs
-(``lightning_logs/``: each run in it). A sweep folder gives, per method (a group of points:
-the sweep's one method, or each method of a methods sweep with its own range), its
-**selected** point when the sweep selected (``selection.json``: "selected on dev (of N)"), and
-its **oracle** point when every point of it was scored on validation ("best of N (oracle)": a
-point chosen by reading the very labels it is reported on); a method of one point is a plain
-row; a sweep of ``Individual`` over every task gives the diagonal "Fine-tuned (individual)" row.
-
-The leaderboard adds, per row: the average's 95 % bootstrap interval, the normalized accuracy
-(mean over tasks of accuracy / the fine-tuned model's own, when the individual row is among the
-rows), the gain over a reference method in points and the paired win probability against it
-(``--against``, default Task Arithmetic: selected rows against its selected row, oracle rows
-against its oracle row), the extra metrics, the total cost (prepare, at its original time when
-cached, + merge), load time, each phase's peak memory, bodies at inference, the data read
-(a selected row names the dev rows it read) and the kind.
+Tables have the published layout (``shared/reference/seed_results.md``) and a full-precision CSV twin; the
+leaderboard's rows and columns are in docs/sweeps.md, what a results folder must hold in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -42,43 +20,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelit.errors import BadData, FileMissing, NotWritable
+import torch
+import torch.nn.functional as F
+
+from mergelit import uncertainty
+from mergelit.configfile import load_yaml
+from mergelit.errors import BadData, FileMissing, KeyMissing, NotWritable
+from mergelit.metrics import binary_metric
+from mergelit.report import (EXTRA_ENTRIES, EXTRA_METRICS, NON_TASK_ENTRIES, PROTOCOL, Report, atomic_write_text,
+                             make_report, read_predictions, read_report)
 from mergelit.tasks import GLUE_TASKS, TASKS, ordered_tasks, task_title
-from mergelit.report import (
-    EXTRA_METRICS,
-    NON_TASK_ENTRIES,
-    PROTOCOL,
-    Report,
-    atomic_write_text,
-    make_report,
-    read_predictions,
-    read_report,
-)
 
-# Column headers for the config keys that are not a method's own arguments (those take the
-# method class's ``symbols``, as the papers write them).
+# Headers of the config keys that are not a method's own arguments (those show its ``symbols``).
 KEY_HEADERS = {"task": "Model", "model": "Method"}
-
-MANIFEST = "sweep.json"
-"""The file that makes a folder a sweep folder (written by ``mergelit.sweep``)."""
-
-CRITERION_SUFFIX = ".criterion.json"
-"""A sweep point's selection criterion value sits beside its report: ``<point>.criterion.json``."""
-
-SELECTION = "selection.json"
-"""The selection step's result in a sweep folder (``mergelit.selection.write_selection``)."""
+MANIFEST = "sweep.json"  # makes a folder a sweep folder (written by mergelit.sweep)
+CRITERION_SUFFIX = ".criterion.json"  # a point's selection criterion, beside its report
+SELECTION = "selection.json"  # the selection step's result (mergelit.selection.write_selection)
 
 
 @dataclass
 class Row:
-    """One table row: the values of the row's label columns, and its report (None: a sweep point not
-    scored on validation, shown as "–").
-
-    ``role`` says how a leaderboard row was chosen: ``selected`` (on the dev rows), ``oracle`` (the
-    best validation accuracy of several points), ``individual`` (the fine-tuned models' diagonal)
-    or ``""`` (a single run). ``data`` replaces the report's ``protocol.data`` in the leaderboard
-    when the choice read more than the method did (``none + dev labels (validation rows)``).
-    """
+    """A table row: its labels and report (None: not scored on validation, shown "–"). ``role``: ``selected``,
+    ``oracle``, ``individual`` (the 7x7 diagonal) or ``""``; ``data`` replaces the report's ``protocol.data``."""
 
     labels: list[str]
     report: Optional[Report]
@@ -93,21 +56,10 @@ def short_key(key: str) -> str:
 
 
 def method_class(class_path: str) -> Optional[type]:
-    """The method class a ``class_path`` names, or None: looked up among ``mergelit.methods.method_classes()``
-    only (the allow-list), never imported by name.
-
-    A results folder (a run's ``config.yaml``, a sweep's manifest, a report's protocol) is data, not
-    code: a class path read from it is matched against the methods mergelit ships, spelt
-    ``mergelit.methods.TiesMerging``, ``mergelit.methods.ties.TiesMerging`` or ``TiesMerging``; any
-    other name (``os.system``, a module of the user's) is an unknown method, shown by its last part.
-    """
-    from mergelit.errors import KeyMissing
+    """The class ``class_path`` names among ``mergelit.methods.method_classes()`` (never imported), or None."""
     from mergelit.methods.base import method_class as lookup
-
-    if not isinstance(class_path, str):
-        return None
     try:
-        return lookup(class_path)
+        return lookup(class_path) if isinstance(class_path, str) else None
     except KeyMissing:
         return None
 
@@ -128,45 +80,12 @@ def format_value(value: Any) -> str:
     """A config value as a table label (a method spec becomes the method's name)."""
     if isinstance(value, dict) and "class_path" in value:
         return method_label(value)
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def method_name(class_path: str) -> str:
     """The method class's ``display_name`` ("Task Arithmetic"), else its class name."""
-    cls = method_class(class_path)
-    return getattr(cls, "display_name", None) or class_path.rsplit(".", 1)[-1]
-
-
-def _defaults(class_path: str) -> dict[str, Any]:
-    try:
-        signature = inspect.signature(method_class(class_path).__init__)
-    except (AttributeError, ValueError, TypeError):
-        return {}
-    return {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
-
-
-def changed_args(spec: dict[str, Any], always: Sequence[str] = ()) -> dict[str, Any]:
-    """The ``init_args`` of a method spec that differ from its class's defaults (the pool left out,
-    and ``cache_dir`` / ``coefficients_path``: where results are cached is no part of what a method computes)."""
-    defaults = _defaults(spec["class_path"])
-    return {
-        k: v
-        for k, v in (spec.get("init_args") or {}).items()
-        if k not in ("pool", "cache_dir", "coefficients_path") and (k in always or not (k in defaults and _same(defaults[k], v)))
-    }
-
-
-def method_label(spec: dict[str, Any], always: Sequence[str] = ()) -> str:
-    """``{"class_path": ...TaskArithmetic, "init_args": {"scaling_factor": 0.5}}`` -> ``Task Arithmetic (λ=0.5)``.
-
-    Only the arguments that differ from the class's defaults are shown, so a default run reads
-    as the bare method name; ``always``: these arguments too (those a sweep varies).
-    """
-    args = [f"{symbol(k, spec['class_path'])}={format_value(v)}" for k, v in changed_args(spec, always).items()]
-    name = method_name(spec["class_path"])
-    return f"{name} ({', '.join(args)})" if args else name
+    return getattr(method_class(class_path), "display_name", None) or class_path.rsplit(".", 1)[-1]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -175,9 +94,23 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _display(label: str, percent: bool) -> str:
-    # The published percent tables write task names as CoLA, SST-2 (row labels of the 7x7 table too).
-    return task_title(label) if percent else label
+def changed_args(spec: dict[str, Any], always: Sequence[str] = ()) -> dict[str, Any]:
+    """A method spec's ``init_args`` that differ from its class's defaults or are in ``always``, not cache paths."""
+    try:
+        parameters = inspect.signature(method_class(spec["class_path"]).__init__).parameters
+    except (AttributeError, ValueError, TypeError):
+        parameters = {}
+    defaults = {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    skipped = ("pool", "cache_dir", "coefficients_path")
+    return {k: v for k, v in (spec.get("init_args") or {}).items()
+            if k not in skipped and (k in always or not (k in defaults and _same(defaults[k], v)))}
+
+
+def method_label(spec: dict[str, Any], always: Sequence[str] = ()) -> str:
+    """``{"class_path": ...TaskArithmetic, "init_args": {"scaling_factor": 0.5}}`` -> ``Task Arithmetic (λ=0.5)``."""
+    args = [f"{symbol(k, spec['class_path'])}={format_value(v)}" for k, v in changed_args(spec, always).items()]
+    name = method_name(spec["class_path"])
+    return f"{name} ({', '.join(args)})" if args else name
 
 
 # ---- tables ------------------------------------------------------------------------------
@@ -185,39 +118,24 @@ def _accuracy(report: Report, key: str) -> float:
     return float(report[key]["accuracy"])
 
 
-def _best(rows: Sequence[Row], columns: Sequence[str]) -> dict[str, float]:
-    scored = [r for r in rows if r.report is not None]
-    return {c: max(_accuracy(r.report, c) for r in scored) for c in columns} if scored else {}
+def _csv_value(value: Any) -> Any:
+    return "" if value is None else repr(value) if isinstance(value, float) else value
 
 
-def markdown_table(
-    rows: Sequence[Row],
-    tasks: Sequence[str],
-    headers: Sequence[str],
-    percent: bool = False,
-    mark_best: bool = False,
-) -> str:
-    """The published layout: label column(s), one column per task, ``Avg.``.
-
-    ``percent``: accuracy in percent with one decimal and task names as published (CoLA ...
-    SST-2); otherwise fractions rounded to six digits and task ids (cola ... sst2).
-    ``mark_best``: bold the best value of each column (ties all bold).
-    """
+def markdown_table(rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str], percent: bool = False,
+                   mark_best: bool = False) -> str:
+    """The published layout: label column(s), a column per task, ``Avg.``; ``percent``: in percent with the tasks'
+    published names, else fractions to six digits; ``mark_best``: each column's best value in bold (ties too)."""
     columns = [*tasks, "average"]
-    names = [_display(t, percent) for t in tasks] if percent else list(tasks)
-    best = _best(rows, columns) if mark_best and rows else {}
-    lines = [
-        "| " + " | ".join([*headers, *names, "Avg."]) + " |",
-        "|" + "---|" * (len(headers) + len(columns)),
-    ]
+    scored = [r for r in rows if r.report is not None]
+    best = {c: max(_accuracy(r.report, c) for r in scored) for c in columns} if mark_best and scored else {}
+    names = [task_title(t) for t in tasks] if percent else list(tasks)
+    lines = ["| " + " | ".join([*headers, *names, "Avg."]) + " |", "|" + "---|" * (len(headers) + len(columns))]
     for row in rows:
-        cells = [_display(label, percent) for label in row.labels]
+        cells = [task_title(label) if percent else label for label in row.labels]
         for column in columns:
-            if row.report is None:
-                cells.append("–")
-                continue
-            value = _accuracy(row.report, column)
-            text = f"{100 * value:.1f}" if percent else repr(round(value, 6))
+            value = None if row.report is None else _accuracy(row.report, column)
+            text = "–" if value is None else f"{100 * value:.1f}" if percent else repr(round(value, 6))
             cells.append(f"**{text}**" if column in best and value == best[column] else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -229,72 +147,29 @@ def csv_table(rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str])
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*headers, *tasks, "average"])
     for row in rows:
-        writer.writerow([*row.labels, *("" if row.report is None else repr(_accuracy(row.report, c)) for c in [*tasks, "average"])])
+        accuracies = (None if row.report is None else _accuracy(row.report, c) for c in [*tasks, "average"])
+        writer.writerow([*row.labels, *map(_csv_value, accuracies)])
     return out.getvalue()
 
 
-def write_tables(
-    folder: str | os.PathLike,
-    rows: Sequence[Row],
-    tasks: Sequence[str],
-    headers: Sequence[str],
-    percent: bool = False,
-    mark_best: bool = False,
-) -> tuple[Path, Path]:
+def write_tables(folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], headers: Sequence[str],
+                 percent: bool = False, mark_best: bool = False) -> tuple[Path, Path]:
     """Write ``folder/table.md`` and ``folder/table.csv`` (atomically); return their paths."""
-    folder = Path(folder)
-    md = atomic_write_text(folder / "table.md", markdown_table(rows, tasks, headers, percent, mark_best))
-    csv_path = atomic_write_text(folder / "table.csv", csv_table(rows, tasks, headers))
-    return md, csv_path
+    md = atomic_write_text(Path(folder) / "table.md", markdown_table(rows, tasks, headers, percent, mark_best))
+    return md, atomic_write_text(Path(folder) / "table.csv", csv_table(rows, tasks, headers))
 
 
 # ---- plots -------------------------------------------------------------------------------
-def _pyplot():
+def _figure(size: tuple[float, float]):
     import matplotlib
-
     matplotlib.use("Agg")  # files only: no display on servers, CI and tests
     import matplotlib.pyplot as plt
-
-    return plt
-
-
-def is_numeric(values: Sequence[Any]) -> bool:
-    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return plt, *plt.subplots(figsize=size)
 
 
-def plot_sweep(
-    path: str | os.PathLike, xs: Sequence[float], rows: Sequence[Row], tasks: Sequence[str], xlabel: str, title: str = "",
-    ylabel: str = "accuracy (%)",
-) -> Path:
-    """Accuracy (or a criterion: ``ylabel``) of each task against the swept value, the average in
-    bold, its best point marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for task in tasks:
-        ax.plot(xs, [100 * _accuracy(r.report, task) for r in rows], marker="o", markersize=3, linewidth=1, alpha=0.8, label=task)
-    average = [100 * _accuracy(r.report, "average") for r in rows]
-    ax.plot(xs, average, color="black", linewidth=3, marker="o", label="average")
-    best = max(range(len(rows)), key=lambda i: average[i])
-    ax.plot([xs[best]], [average[best]], marker="*", markersize=18, color="gold", markeredgecolor="black", zorder=5)
-    ax.annotate(
-        f"best {xlabel}={format_value(xs[best])}: {average[best]:.1f}%",
-        (xs[best], average[best]),
-        textcoords="offset points",
-        xytext=(0, 12),
-        ha="center",
-        fontweight="bold",
-    )
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+def _save(plt, fig, ax, path: str | os.PathLike, title: str) -> Path:
     if title:
         ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="best")
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path: str | os.PathLike) -> Path:
-    """Lay out ``fig``, write it as a PNG at ``path`` (folders made) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,17 +178,39 @@ def _save(plt, fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_heatmap(
-    path: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], title: str = "", ylabel: str = ""
-) -> Path:
+def is_numeric(values: Sequence[Any]) -> bool:
+    return bool(values) and all(_number(v) is not None for v in values)
+
+
+def plot_sweep(path: str | os.PathLike, xs: Sequence[float], rows: Sequence[Row], tasks: Sequence[str], xlabel: str,
+               title: str = "", ylabel: str = "accuracy (%)") -> Path:
+    """Accuracy (or ``ylabel``) of each task against the swept value, the average in bold, its best point marked."""
+    plt, fig, ax = _figure((7, 4.5))
+    for task in tasks:
+        accuracy = [100 * _accuracy(r.report, task) for r in rows]
+        ax.plot(xs, accuracy, marker="o", markersize=3, linewidth=1, alpha=0.8, label=task)
+    average = [100 * _accuracy(r.report, "average") for r in rows]
+    ax.plot(xs, average, color="black", linewidth=3, marker="o", label="average")
+    best = max(range(len(rows)), key=lambda i: average[i])
+    ax.plot([xs[best]], [average[best]], marker="*", markersize=18, color="gold", markeredgecolor="black", zorder=5)
+    ax.annotate(f"best {xlabel}={format_value(xs[best])}: {average[best]:.1f}%", (xs[best], average[best]),
+                textcoords="offset points", xytext=(0, 12), ha="center", fontweight="bold")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="best")
+    return _save(plt, fig, ax, path, title)
+
+
+def plot_heatmap(path: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], title: str = "",
+                 ylabel: str = "") -> Path:
     """Rows x (tasks, Avg.) accuracy in percent as a heatmap with the values written in (the 7x7 table)."""
-    plt = _pyplot()
     columns = [*tasks, "average"]
     values = [[100 * _accuracy(r.report, c) for c in columns] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2.5, 0.55 * len(rows) + 1.8))
+    plt, fig, ax = _figure((1.0 * len(columns) + 2.5, 0.55 * len(rows) + 1.8))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), [task_title(c) for c in tasks] + ["Avg."])
-    ax.set_yticks(range(len(rows)), [", ".join(_display(label, True) for label in r.labels) for r in rows])
+    ax.set_yticks(range(len(rows)), [", ".join(task_title(label) for label in r.labels) for r in rows])
     low, high = image.get_clim()
     for i, row in enumerate(values):
         for j, value in enumerate(row):
@@ -323,32 +220,44 @@ def plot_heatmap(
     if ylabel:
         ax.set_ylabel(ylabel)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
-    if title:
-        ax.set_title(title)
-    return _save(plt, fig, path)
+    return _save(plt, fig, ax, path, title)
+
+
+def plot_costs(path: str | os.PathLike, rows: Sequence[Row], title: str = "") -> Path:
+    """Average accuracy (%) against the total cost, one labelled point per row (no cost recorded: at 0)."""
+    plt, fig, ax = _figure((7, 4.5))
+    for row in rows:
+        x = total_cost(row.report) or 0.0
+        y = 100 * _accuracy(row.report, "average")
+        kind = _protocol(row.report).get("kind", "merged")
+        marker = {"merged": "o", "task-aware": "s", "ensemble": "^"}.get(kind, "D")
+        ax.plot([x], [y], marker=marker, markersize=8, linestyle="none")
+        ax.annotate(row.labels[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("total cost: prepare + merge (s; o merged, s task-aware, ^ ensemble)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, ax, path, title)
 
 
 # ---- reading runs ------------------------------------------------------------------------
-# A results folder is data written by a run, and nothing in it is trusted before it is checked: a
-# report's numbers (known entries, fractions in range, the average equal to its tasks'), a sweep's
-# manifest and selection (their structure), every path they name (resolved inside the folder:
-# ``../x`` and links out of it are refused), every method class they name (looked up among
-# mergelit's methods, never imported). Every error names the file.
-METRIC_BOUNDS = {"loss": (0.0, math.inf), "mcc": (-1.0, 1.0)}
-"""Bounds of the report metrics that are not fractions: the loss (a cross-entropy, >= 0) and MCC (a
-correlation, -1..1). Every other metric (accuracy, F1) is a fraction in [0, 1]."""
+# Nothing in a results folder is trusted before it is checked: a report's numbers, a sweep's manifest and
+# selection, every path they name (resolved inside the folder), every method class (looked up, never
+# imported). Every error names the file. The rules are in docs/reliability.md ("What a report may hold").
+METRIC_BOUNDS = {"loss": (0.0, math.inf), "mcc": (-1.0, 1.0)}  # every other metric is a fraction in [0, 1]
+AVERAGE_TOLERANCE = 1e-9  # relative, of ``average`` against the mean of the report's tasks: float rounding only
 
-AVERAGE_TOLERANCE = 1e-9
-"""Relative tolerance of ``average`` against the mean of the report's tasks (float rounding only)."""
+
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _number(value) is not None and math.isfinite(value)
 
 
 def _check_entry(name: str, values: Any) -> None:
-    """One report entry (a task, ``average``, ``mnli_mismatched``): a mapping with ``accuracy`` and
-    ``loss``, every metric a finite number within its bounds (``METRIC_BOUNDS``, else [0, 1])."""
+    """A mapping with ``accuracy`` and ``loss``, every metric a finite number within its bounds."""
     if not isinstance(values, dict):
         raise BadData(f"the report's {name!r} entry is {values!r:.60}, not a mapping of metrics")
     for metric in ("accuracy", "loss"):
@@ -365,8 +274,7 @@ def _check_entry(name: str, values: Any) -> None:
 
 
 def _check_protocol(protocol: Any) -> None:
-    """The ``protocol`` entry, where a report has one: not partial, and the parts the leaderboard
-    reads (per-example correctness, intervals, costs, labels) of the types it reads."""
+    """Not partial, and the parts the leaderboard reads of the types it reads."""
     if protocol is None:
         return
     if not isinstance(protocol, dict):
@@ -382,23 +290,19 @@ def _check_protocol(protocol: Any) -> None:
     if not isinstance(protocol.get("costs") or {}, dict):
         raise BadData(f"the report's protocol.costs is {protocol['costs']!r:.60}, not a mapping")
     per_example = protocol.get("per_example")
-    if per_example is not None:
-        if not isinstance(per_example, dict):
-            raise BadData(f"the report's protocol.per_example is {per_example!r:.60}, not a mapping")
-        for entry, stored in per_example.items():
-            rows = stored.get("rows") if isinstance(stored, dict) else None
-            usable = (
-                isinstance(rows, int) and not isinstance(rows, bool) and rows > 0
-                and isinstance(stored.get("ids_sha256"), str) and isinstance(stored.get("correct"), str)
-            )
-            if usable:
-                try:
-                    usable = 8 * len(base64.b64decode(stored["correct"], validate=True)) >= rows
-                except ValueError:
-                    usable = False
-            if not usable:
-                raise BadData(f"the report's protocol.per_example.{entry} is damaged (expected rows, ids_sha256 and the "
-                              f"packed correctness of each row)")
+    if per_example is not None and not isinstance(per_example, dict):
+        raise BadData(f"the report's protocol.per_example is {per_example!r:.60}, not a mapping")
+    for entry, stored in (per_example or {}).items():
+        rows = stored.get("rows") if isinstance(stored, dict) else None
+        usable = (isinstance(rows, int) and not isinstance(rows, bool) and rows > 0
+                  and isinstance(stored.get("ids_sha256"), str) and isinstance(stored.get("correct"), str))
+        try:
+            usable = usable and 8 * len(base64.b64decode(stored["correct"], validate=True)) >= rows
+        except ValueError:
+            usable = False
+        if not usable:
+            raise BadData(f"the report's protocol.per_example.{entry} is damaged (expected rows, ids_sha256 and the "
+                          f"packed correctness of each row)")
     intervals = protocol.get("uncertainty")
     if intervals is not None:
         accuracy = intervals.get("accuracy") if isinstance(intervals, dict) else None
@@ -412,14 +316,11 @@ def _check_protocol(protocol: Any) -> None:
 
 
 def _check_names(report: dict[str, Any]) -> list[str]:
-    """The report's tasks (in the one task order); an entry that is neither a GLUE task nor one of
-    ``NON_TASK_ENTRIES`` is refused (a typo, another benchmark's task, a prefixed name)."""
+    """The report's tasks in the one task order; any entry but a GLUE task or ``NON_TASK_ENTRIES`` is refused."""
     unknown = [key for key in report if key not in TASKS and key not in NON_TASK_ENTRIES]
     if unknown:
-        raise BadData(
-            f"the report has an entry {unknown[0]!r}, which is no GLUE task (the tasks are {', '.join(TASKS)}; "
-            f"the other entries are {', '.join(NON_TASK_ENTRIES)})"
-        )
+        raise BadData(f"the report has an entry {unknown[0]!r}, which is no GLUE task (the tasks are "
+                      f"{', '.join(TASKS)}; the other entries are {', '.join(NON_TASK_ENTRIES)})")
     tasks = [t for t in TASKS if t in report]
     if not tasks:
         raise BadData("the report names no task")
@@ -427,14 +328,8 @@ def _check_names(report: dict[str, Any]) -> list[str]:
 
 
 def check_report(report: Any, tasks: Optional[Sequence[str]] = None) -> Report:
-    """``report`` if it is complete and consistent, else ``BadData`` (a ``ValueError``) saying why.
-
-    Complete: every task of ``tasks`` (default: those it names) and no other, the average, each
-    with ``accuracy`` and ``loss``; not from a partial evaluation. Consistent: only known entries
-    (the 7 GLUE tasks, ``average``, ``mnli_mismatched``, ``protocol``); every metric a finite
-    number, accuracy and F1 fractions in [0, 1] (a report in percent is refused), MCC in [-1, 1],
-    the loss >= 0; ``average`` equal to the unweighted mean of its tasks (float rounding only).
-    """
+    """``report`` if it is complete (every task of ``tasks``, default those it names, and no other; the average;
+    not partial) and consistent (docs/reliability.md), else ``BadData`` saying why."""
     if not isinstance(report, dict):
         raise BadData("a report is a JSON object {task: {accuracy, loss}, ..., average: {...}}")
     own = _check_names(report)
@@ -454,56 +349,41 @@ def check_report(report: Any, tasks: Optional[Sequence[str]] = None) -> Report:
         mean = sum(report[task][metric] for task in own) / len(own)
         stated = report["average"][metric]
         if not math.isclose(stated, mean, rel_tol=AVERAGE_TOLERANCE, abs_tol=1e-12):
-            raise BadData(
-                f"the report's average.{metric} is {stated!r} but the mean of its {len(own)} tasks' is {mean!r}: "
-                f"the report contradicts itself"
-            )
+            raise BadData(f"the report's average.{metric} is {stated!r} but the mean of its {len(own)} tasks' is "
+                          f"{mean!r}: the report contradicts itself")
     return report
 
 
 def load_report(path: str | os.PathLike, tasks: Optional[Sequence[str]] = None) -> Report:
-    """Read and check a report file (``check_report``); the error names the file. A FusionBench
-    report without an ``average`` entry gets one (the unweighted mean of its tasks)."""
+    """``check_report`` of a report file, naming it; a FusionBench report without ``average`` gets one."""
     try:
         report = read_report(path)
         if isinstance(report, dict) and "average" not in report:
-            report = with_average(report)
+            own = _check_names(report)
+            for key, values in report.items():
+                if key != PROTOCOL:
+                    _check_entry(key, values)
+            others = {k: v for k, v in report.items() if k in NON_TASK_ENTRIES and k != PROTOCOL}
+            report = make_report({t: report[t] for t in own}, others, report.get(PROTOCOL))
         return check_report(report, tasks)
     except (OSError, ValueError) as error:  # json's and UnicodeDecodeError are ValueErrors
         raise BadData(f"{path} is not a complete mergelit/FusionBench report: {error}") from None
 
 
-def with_average(report: dict[str, Any]) -> Report:
-    """``report`` with the ``average`` entry made from its tasks (FusionBench may not write one)."""
-    tasks = _check_names(report)
-    for key, values in report.items():
-        if key != PROTOCOL:
-            _check_entry(key, values)
-    others = {k: v for k, v in report.items() if k in NON_TASK_ENTRIES and k != PROTOCOL}
-    return make_report({t: report[t] for t in tasks}, others, report.get(PROTOCOL))
-
-
 def report_tasks(report: Report) -> list[str]:
-    """The report's tasks in the one task order (unknown names last, as written); the non-task
-    entries (``average``, ``mnli_mismatched``, ``protocol``) left out."""
+    """The report's tasks in the one task order (unknown names last, as written), without the non-task entries."""
     names = [k for k in report if k not in NON_TASK_ENTRIES]
     return [t for t in TASKS if t in names] + [t for t in names if t not in TASKS]
 
 
 def inside(folder: Path, name: str, what: str) -> Path:
-    """``folder / name``, refused unless it stays inside ``folder`` once ``..`` and links are resolved.
-
-    ``what`` says who named it (``The sweep manifest '.../sweep.json'``): a results folder's own files
-    may name paths (point reports, predictions), and reading it must never leave the folder.
-    """
+    """``folder / name``, refused (naming ``what`` named it) unless it stays inside ``folder``, links resolved."""
     path = Path(folder) / name
     try:
         path.resolve().relative_to(Path(folder).resolve())
     except (ValueError, OSError):
-        raise BadData(
-            f"{what} names {name!r}, which lies outside the folder {str(folder)!r} (a path that leaves it, or a link "
-            f"out of it); mergelit reads a results folder only inside it."
-        ) from None
+        raise BadData(f"{what} names {name!r}, which lies outside the folder {str(folder)!r} (a path that leaves it, "
+                      f"or a link out of it); mergelit reads a results folder only inside it.") from None
     return path
 
 
@@ -511,10 +391,8 @@ def check_output_folder(folder: str | os.PathLike, what: str) -> None:
     """Refuse an output folder that is a link (what is written would land elsewhere) or a file, naming it."""
     folder = Path(folder)
     if folder.is_symlink():
-        raise NotWritable(
-            f"The {what} {str(folder)!r} is a link (to {os.readlink(folder)!r}); mergelit writes only into a folder it "
-            f"owns, never through a link. Give a real folder."
-        )
+        raise NotWritable(f"The {what} {str(folder)!r} is a link (to {os.readlink(folder)!r}); mergelit writes only "
+                          f"into a folder it owns, never through a link. Give a real folder.")
     if folder.exists() and not folder.is_dir():
         raise NotWritable(f"The {what} {str(folder)!r} is a file; give a folder.")
 
@@ -525,24 +403,24 @@ def _present(folder: Path, name: str) -> bool:
 
 
 def read_json(path: Path, what: str, fix: str) -> Any:
-    """The JSON content of ``path``; a file that cannot be read or parsed (truncated, damaged) is
-    reported as damaged, naming it (``what``) and what to do (``fix``)."""
+    """The JSON content of ``path``; one that cannot be read or parsed is damaged, naming ``what`` and ``fix``."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
-        raise BadData(f"{what} {str(path)!r} is damaged or unreadable ({type(error).__name__}: {error}); {fix}") from None
+        raise BadData(f"{what} {str(path)!r} is damaged or unreadable ({type(error).__name__}: {error}); "
+                      f"{fix}") from None
 
 
 def _checked_spec(spec: Any, where: str) -> dict[str, Any]:
-    """A method spec read from a results file: ``{class_path: str, init_args: mapping}``."""
-    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str) and isinstance(spec.get("init_args") or {}, dict):
+    if (isinstance(spec, dict) and isinstance(spec.get("class_path"), str)
+            and isinstance(spec.get("init_args") or {}, dict)):
         return spec
-    raise BadData(f"{where} is {spec!r:.80}, not a method ({{class_path: ..., init_args: {{...}}}}); the file is damaged.")
+    raise BadData(f"{where} is {spec!r:.80}, not a method ({{class_path: ..., init_args: {{...}}}}); the file is "
+                  f"damaged.")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """A sweep folder's manifest (``sweep.json``), checked: its tasks, and for every point a name that
-    stays inside the folder, its overrides, method, group and swept arguments."""
+    """A sweep folder's ``sweep.json``, checked: its tasks, and each point's name (inside the folder) and fields."""
     folder = Path(folder)
     path = inside(folder, MANIFEST, f"Sweep folder {str(folder)!r}")
     fix = "rerun its sweep with --overwrite to rewrite it, or remove the folder."
@@ -573,8 +451,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def _run_label(folder: Path) -> str:
     """A run folder's label: its method and changed arguments, from its ``config.yaml`` (never imported)."""
-    from mergelit.configfile import load_yaml
-
     if not _present(folder, "config.yaml"):
         return folder.name
     path = inside(folder, "config.yaml", f"Run folder {str(folder)!r}")
@@ -588,9 +464,7 @@ def _run_label(folder: Path) -> str:
 
 
 def individual_diagonal(manifest: dict[str, Any], reports: dict[str, Report]) -> Optional[Report]:
-    """The "Fine-tuned (individual)" row: each task scored by its own fine-tuned body, taken from
-    a sweep of ``Individual`` over every task of the pool (the 7x7 table's diagonal). It keeps
-    each task's per-example correctness, so its interval and paired comparisons work as a run's."""
+    """The "Fine-tuned (individual)" report from a sweep of ``Individual`` over every task (the 7x7 diagonal)."""
     tasks = manifest["tasks"]
     by_task = {}
     for name, point in manifest["points"].items():
@@ -601,15 +475,15 @@ def individual_diagonal(manifest: dict[str, Any], reports: dict[str, Report]) ->
     if set(by_task) != set(tasks):
         return None
     examples = {t: (by_task[t].get(PROTOCOL) or {}).get("per_example", {}).get(t) for t in tasks}
-    protocol = {"method": "Fine-tuned (individual)", "kind": "task-aware", "data": "none", "bodies_at_inference": float(len(tasks))}
+    protocol = {"method": "Fine-tuned (individual)", "kind": "task-aware", "data": "none",
+                "bodies_at_inference": float(len(tasks))}
     if all(examples.values()):
         protocol["per_example"] = examples
     return make_report({t: by_task[t][t] for t in tasks}, protocol=protocol)
 
 
 def read_selection(folder: Path, manifest: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
-    """A sweep folder's ``selection.json`` (written by its selection step), checked, or None when it
-    has none. Every group's points (and its selected one) must be points of ``manifest``."""
+    """A sweep folder's ``selection.json``, checked (every group's points those of ``manifest``), or None."""
     folder = Path(folder)
     if not _present(folder, SELECTION):
         return None
@@ -617,8 +491,8 @@ def read_selection(folder: Path, manifest: Optional[dict[str, Any]] = None) -> O
     fix = "rerun its sweep to select again, or remove the file."
     picked = read_json(path, "The selection file", fix)
     where = f"The selection file {str(path)!r}"
-    if not (isinstance(picked, dict) and isinstance(picked.get("select_on"), str) and isinstance(picked.get("groups"), dict)
-            and picked["groups"]):
+    if not (isinstance(picked, dict) and isinstance(picked.get("select_on"), str)
+            and isinstance(picked.get("groups"), dict) and picked["groups"]):
         raise BadData(f"{where} is damaged (expected select_on and the groups' choices); {fix}")
     for key in ("chosen_on", "data_read", "labels_used"):
         if key in picked and not isinstance(picked[key], str):
@@ -626,29 +500,25 @@ def read_selection(folder: Path, manifest: Optional[dict[str, Any]] = None) -> O
     criterion = picked.get("criterion", {})
     if not isinstance(criterion, dict) or not all(_finite_number(v) for v in criterion.values()):
         raise BadData(f"{where} is damaged (its 'criterion' values are not numbers); {fix}")
-    known = manifest["points"] if manifest is not None else None
     for group, info in picked["groups"].items():
         names = info.get("points") if isinstance(info, dict) else None
-        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names) and info.get("selected") in names):
-            raise BadData(f"{where}: group {group!r} is damaged (expected its 'points' and the 'selected' one among them); {fix}")
-        stray = [n for n in names if known is not None and n not in known]
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+                and info.get("selected") in names):
+            raise BadData(f"{where}: group {group!r} is damaged (expected its 'points' and the 'selected' one among "
+                          f"them); {fix}")
+        stray = [n for n in names if manifest is not None and n not in manifest["points"]]
         if stray:
-            raise BadData(f"{where}: group {group!r} names the point {stray[0]!r}, which the sweep manifest does not list; {fix}")
+            raise BadData(f"{where}: group {group!r} names the point {stray[0]!r}, which the sweep manifest does not "
+                          f"list; {fix}")
     return picked
 
 
 def sweep_rows(folder: Path) -> list[Row]:
-    """A sweep folder's rows for the leaderboard: the individual diagonal; or per method (a group
-    of points) its **selected** point (when the sweep selected) and its **oracle** point (when every
-    point of it was scored on validation); a method of one point: that point."""
+    """A sweep folder's leaderboard rows: the individual diagonal, or each method's selected and oracle points."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    tasks = manifest["tasks"]
-    reports = {}
-    for name in manifest["points"]:
-        path = folder / f"{name}.json"  # inside the folder: read_manifest checked every name
-        if _present(folder, f"{name}.json"):
-            reports[name] = load_report(path, tasks)
+    manifest = read_manifest(folder)  # checked that every point's report lies inside the folder
+    reports = {name: load_report(folder / f"{name}.json", manifest["tasks"]) for name in manifest["points"]
+               if _present(folder, f"{name}.json")}
     diagonal = individual_diagonal(manifest, reports)
     if diagonal is not None:
         return [Row(["Fine-tuned (individual)"], diagonal, role="individual")]
@@ -656,7 +526,8 @@ def sweep_rows(folder: Path) -> list[Row]:
     def label_of(name: str) -> str:
         point = manifest["points"][name]
         label = method_label(point["model"], point.get("swept", ())) if point.get("model") else name
-        others = [f"{header_of(k)}={format_value(v)}" for k, v in point["overrides"].items() if not k.startswith("model")]
+        others = [f"{header_of(k)}={format_value(v)}" for k, v in point["overrides"].items()
+                  if not k.startswith("model")]
         return f"{label} ({', '.join(others)})" if others else label
 
     def data_of(name: str, read: str) -> str:
@@ -676,10 +547,12 @@ def sweep_rows(folder: Path) -> list[Row]:
         if picked:
             name = info["selected"]
             if name not in reports:
-                raise BadData(f"Sweep folder {folder}: the selected point {name!r} has no complete report; rerun its sweep.")
+                raise BadData(f"Sweep folder {folder}: the selected point {name!r} has no complete report; rerun its "
+                              f"sweep.")
             on = picked.get("chosen_on", picked["select_on"])
+            read = picked.get("data_read", picked.get("labels_used", "dev rows"))
             rows.append(Row([f"{label_of(name)}, selected on {on} (of {len(names)})"], reports[name],
-                            role="selected", data=data_of(name, picked.get("data_read", picked.get("labels_used", "dev rows")))))
+                            role="selected", data=data_of(name, read)))
         scored = [name for name in names if name in reports]
         if scored and (not picked or len(scored) == len(names)):  # without selection: the best scored so far
             best = max(scored, key=lambda name: reports[name]["average"]["accuracy"])
@@ -696,10 +569,7 @@ def _natural(path: Path) -> list:
 
 
 def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
-    """Rows for the methods table from report files, run folders, sweep folders, or folders of runs.
-
-    A report file named on the command line is read wherever it is; what a folder holds (its
-    report, config, manifest, runs) is read only inside that folder."""
+    """Rows from report files (read wherever they are), run, sweep or run-holding folders (read only inside)."""
     rows: list[Row] = []
     for raw in paths:
         path = Path(raw)
@@ -711,7 +581,8 @@ def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
             report = inside(path, "report.json", f"Run folder {str(path)!r}")
             rows.append(Row([_run_label(path)], load_report(report)))
         elif path.is_dir():
-            runs = sorted((p for p in path.iterdir() if _present(p, MANIFEST) or _present(p, "report.json")), key=_natural)
+            runs = [p for p in path.iterdir() if _present(p, MANIFEST) or _present(p, "report.json")]
+            runs.sort(key=_natural)
             if not runs:
                 raise BadData(f"{path} holds no report.json, sweep.json, or run folder with one of them.")
             for run in runs:
@@ -724,18 +595,8 @@ def collect_rows(paths: Sequence[str | os.PathLike]) -> list[Row]:
 
 # ---- per-example predictions -------------------------------------------------------------
 def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Accuracy, loss and ``task``'s extra metric (``report.EXTRA_METRICS``) of prediction rows
-    (``idx``, ``label``, ``prediction``, ``logits``): the report's numbers, from the file alone.
-
-    Accuracy, MCC and F1 come from counts, so they equal the report's exactly; the loss is the mean
-    of the rows' ``loss`` (the float64 cross-entropy the report averaged; recomputed from the logits
-    where a row has none), summed in another order: equal to float32 accuracy (~1e-8 relative).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from mergelit.metrics import binary_metric
-
+    """Accuracy, loss and ``task``'s extra metric of prediction rows: counts give the report's exactly; the loss,
+    the mean of the rows' float64 ``loss`` (else from the logits) in another order, to ~1e-8 relative."""
     if not rows:
         raise BadData(f"no prediction rows for {task!r}")
     classes = GLUE_TASKS[task].num_labels
@@ -751,72 +612,41 @@ def score_predictions(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, fl
         logits = torch.tensor([r["logits"] for r in rows], dtype=torch.float32)  # stored from float32: exact
         losses = F.cross_entropy(logits, labels, reduction="none").double()
     else:
-        raise BadData(f"the prediction rows of {task!r} hold neither every row's loss nor its logits (one count per row)")
+        raise BadData(f"the prediction rows of {task!r} hold neither every row's loss nor its logits (one count per "
+                      f"row)")
     values = {"accuracy": (predicted == labels).double().sum().item() / len(rows), "loss": losses.mean().item()}
-    metric = EXTRA_METRICS.get(task)
-    if metric is not None:
-        values[metric] = binary_metric(metric, predicted, labels)
+    if task in EXTRA_METRICS:
+        values[EXTRA_METRICS[task]] = binary_metric(EXTRA_METRICS[task], predicted, labels)
     return values
 
 
 def metrics_from_predictions(folder: str | os.PathLike) -> Report:
-    """Re-score a ``predictions/`` folder (``<task>.jsonl`` per entry, written by ``--save_predictions``)
-    into a report: every task's metrics, the average of the 7 tasks, and the extra entries."""
+    """Re-score a ``predictions/`` folder (``--save_predictions``) into a report with the average of its tasks."""
     predictions = read_predictions(folder)
     if not predictions:
-        raise BadData(f"{folder} holds no <task>.jsonl prediction file; run `mergelit test ... --save_predictions true`.")
-    from mergelit.report import EXTRA_ENTRIES
-
+        raise BadData(f"{folder} holds no <task>.jsonl prediction file; run `mergelit test ... --save_predictions "
+                      f"true`.")
     scored = {}
     for entry, rows in predictions.items():
         path = Path(folder) / f"{entry}.jsonl"
         if entry not in TASKS and entry not in EXTRA_ENTRIES:
-            raise BadData(f"The predictions file {str(path)!r} is of no report entry (a GLUE task or {', '.join(EXTRA_ENTRIES)}).")
+            raise BadData(f"The predictions file {str(path)!r} is of no report entry (a GLUE task or "
+                          f"{', '.join(EXTRA_ENTRIES)}).")
         try:
             scored[entry] = score_predictions(EXTRA_ENTRIES.get(entry, (entry, ""))[0], rows)
         except BadData as error:
             raise BadData(f"The predictions file {str(path)!r} cannot be scored: {error}") from None
-    tasks = [t for t in TASKS if t in scored]
     extra = {e: v for e, v in scored.items() if e in NON_TASK_ENTRIES}
-    return make_report({t: scored[t] for t in tasks}, extra)
+    return make_report({t: scored[t] for t in TASKS if t in scored}, extra)
 
 
 # ---- the leaderboard ----------------------------------------------------------------------
-EXTRA_COLUMNS: list[tuple[str, str, str]] = [
-    ("CoLA-MCC", "cola", "mcc"),
-    ("MRPC-F1", "mrpc", "f1"),
-    ("QQP-F1", "qqp", "f1"),
-    ("MNLI-mm", "mnli_mismatched", "accuracy"),
-]
-"""The leaderboard's extra-metric columns: (header, report entry, metric)."""
-
-COST_COLUMNS: list[tuple[str, str]] = [
-    ("cost s", "total_cost_seconds"),
-    ("load s", "load_seconds"),
-    ("prep GB", "prepare_peak_gb"),
-    ("merge GB", "merge_peak_gb"),
-]
-"""The leaderboard's cost columns (header, name): the **total cost** = prepare (statistics,
-adaptation; the original computation's seconds when this run read them from a cache, marked †)
-+ merge, reading the pool separately, and each phase's peak memory above what was resident when
-it started (prepare's original peak when cached). The CSV has every ``protocol.costs`` key."""
-
+EXTRA_COLUMNS = [("CoLA-MCC", "cola", "mcc"), ("MRPC-F1", "mrpc", "f1"), ("QQP-F1", "qqp", "f1"),
+                 ("MNLI-mm", "mnli_mismatched", "accuracy")]  # (header, report entry, metric)
 COST_KEYS = ("load_seconds", "prepare_seconds", "prepare_peak_gb", "prepare_cached", "prepare_original_seconds",
-             "prepare_original_peak_gb", "merge_seconds", "merge_peak_gb")
-"""The report's ``protocol.costs`` keys (``mergelit.costs.CostRecord.as_dict``), as CSV columns."""
-
-PROTOCOL_COLUMNS: list[tuple[str, str]] = [("bodies", "bodies_at_inference"), ("data", "data"), ("kind", "kind")]
-
-CACHED = "†"
-"""Marks a total cost whose prepare part was read from a cache (its original time is counted)."""
-
-OTHER_ROWS = "‡"
-"""Marks a normalized accuracy whose fine-tuned reference scored other rows than the run."""
-
-
-def _extra_value(report: Report, entry: str, metric: str) -> Optional[float]:
-    value = (report.get(entry) or {}).get(metric)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+             "prepare_original_peak_gb", "merge_seconds", "merge_peak_gb")  # mergelit.costs.CostRecord.as_dict
+CACHED = "†"  # a total cost whose prepare part was read from a cache (its original time is counted)
+OTHER_ROWS = "‡"  # a normalized accuracy whose fine-tuned reference scored other rows than the run
 
 
 def _protocol(report: Report) -> dict[str, Any]:
@@ -824,24 +654,24 @@ def _protocol(report: Report) -> dict[str, Any]:
     return protocol if isinstance(protocol, dict) else {}
 
 
+def _extra_value(report: Report, entry: str, metric: str) -> Optional[float]:
+    return _number((report.get(entry) or {}).get(metric))
+
+
 def _cost(report: Report, key: str) -> Optional[float]:
-    value = (_protocol(report).get("costs") or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return _number((_protocol(report).get("costs") or {}).get(key))
 
 
 def prepare_cost(report: Report) -> tuple[Optional[float], Optional[float], bool]:
-    """``(seconds, peak GB, cached)`` of the prepare phase: what the result cost to produce, i.e. the
-    original computation's figures when this run read it from a cache."""
-    cached = bool((_protocol(report).get("costs") or {}).get("prepare_cached"))
-    if cached:
+    """``(seconds, peak GB, cached)`` of the prepare phase: the original computation's when read from a cache."""
+    if (_protocol(report).get("costs") or {}).get("prepare_cached"):
         return _cost(report, "prepare_original_seconds"), _cost(report, "prepare_original_peak_gb"), True
     return _cost(report, "prepare_seconds"), _cost(report, "prepare_peak_gb"), False
 
 
 def total_cost(report: Report) -> Optional[float]:
     """Prepare (original seconds when cached) + merge seconds; None when the report records neither."""
-    prepare, _, _ = prepare_cost(report)
-    merge = _cost(report, "merge_seconds")
+    prepare, merge = prepare_cost(report)[0], _cost(report, "merge_seconds")
     if prepare is None and merge is None:
         return None
     return (prepare or 0.0) + (merge or 0.0)
@@ -857,28 +687,28 @@ def _gb(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-# ---- uncertainty and references --------------------------------------------------------------
 def per_example(report: Report, tasks: Sequence[str]) -> Optional[dict[str, Any]]:
     """The report's stored per-example correctness of ``tasks`` (``protocol.per_example``), or None."""
     stored = _protocol(report).get("per_example") or {}
     return {t: stored[t] for t in tasks} if all(t in stored for t in tasks) else None
 
 
+def _same_rows(a: Report, b: Report, tasks: Sequence[str]) -> Optional[bool]:
+    """Whether two reports scored the same rows of every task (their stored ids' hashes); None: unknown."""
+    ours, theirs = per_example(a, tasks), per_example(b, tasks)
+    if not (ours and theirs):
+        return None
+    return all(ours[t]["ids_sha256"] == theirs[t]["ids_sha256"] for t in tasks)
+
+
 def resampled(report: Report, tasks: Sequence[str]):
     """The report's bootstrap of ``tasks`` and their average (``mergelit.uncertainty.bootstrap``), or None."""
-    from mergelit import uncertainty
-
     stored = per_example(report, tasks)
-    if stored is None:
-        return None
-    return uncertainty.bootstrap({t: uncertainty.decode_correct(stored[t]) for t in tasks})
+    return None if stored is None else uncertainty.bootstrap({t: uncertainty.decode_correct(stored[t]) for t in tasks})
 
 
 def accuracy_interval(report: Report, entry: str, tasks: Sequence[str]) -> Optional[list[float]]:
-    """The 95 % interval of ``entry``'s accuracy (a task or ``average``): the report's own
-    (``protocol.uncertainty``), else the bootstrap of its per-example correctness, else None."""
-    from mergelit import uncertainty
-
+    """The 95 % interval of ``entry``'s accuracy: the report's own, else a bootstrap of its examples, else None."""
     stored = (_protocol(report).get("uncertainty") or {}).get("accuracy") or {}
     if entry in stored:
         return list(stored[entry])
@@ -886,66 +716,38 @@ def accuracy_interval(report: Report, entry: str, tasks: Sequence[str]) -> Optio
     return None if draws is None or entry not in draws else uncertainty.interval(draws[entry])
 
 
-def _normalized(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+def _called(name: str, *names: str) -> bool:
+    """Whether ``name`` is one of ``names`` up to case and punctuation (``task_arithmetic``, ``Task Arithmetic``)."""
+    def plain(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    return plain(name) in {plain(n) for n in names if n}
 
 
 def matches(row: Row, name: str) -> bool:
-    """Whether ``row`` is a run of the method ``name`` (a config or class name: ``task_arithmetic``,
-    ``TaskArithmetic``, ``Task Arithmetic``, its module ``ties``), or its label is ``name``."""
-    wanted = _normalized(name)
-    class_path = str(_protocol(row.report).get("class_path", ""))
-    module, _, cls = class_path.rpartition(".")
-    names = {cls, module.rpartition(".")[2], str(_protocol(row.report).get("method", "")), row.labels[0]}
-    return wanted in {_normalized(n) for n in names if n}
+    """Whether ``row`` is a run of the method ``name`` (its class, module or display name) or labelled so."""
+    module, _, cls = str(_protocol(row.report).get("class_path", "")).rpartition(".")
+    return _called(name, cls, module.rpartition(".")[2], str(_protocol(row.report).get("method", "")), row.labels[0])
 
 
 def reference_title(name: str) -> str:
-    """The display name of the method ``name`` stands for (``task_arithmetic`` -> ``Task Arithmetic``),
-    else ``name`` itself."""
+    """The display name of the method ``name`` stands for (``task_arithmetic``: ``Task Arithmetic``), else ``name``."""
     from mergelit.methods import method_classes
-
-    wanted = _normalized(name)
-    for cls in method_classes():
-        if wanted in {_normalized(n) for n in (cls.__name__, cls.__module__.rpartition(".")[2], cls.display_name)}:
-            return cls.display_name
-    return name
+    return next((cls.display_name for cls in method_classes()
+                 if _called(name, cls.__name__, cls.__module__.rpartition(".")[2], cls.display_name)), name)
 
 
-def reference_rows(rows: Sequence[Row], against: str) -> dict[int, Optional[Row]]:
-    """For each row (by index) its reference: the row of method ``against`` chosen the same way
-    (selected vs selected, oracle vs oracle); failing that, its selected, single, then oracle row."""
+def reference_rows(rows: Sequence[Row], against: str) -> list[Optional[Row]]:
+    """Each row's row of method ``against``: chosen the same way, else its selected, single, then oracle row."""
     candidates = [row for row in rows if row.report is not None and matches(row, against)]
-    out: dict[int, Optional[Row]] = {}
-    for i, row in enumerate(rows):
-        same = [c for c in candidates if c.role == row.role]
-        ordered = same + sorted((c for c in candidates if c not in same), key=lambda c: ["selected", "", "oracle"].index(c.role)
-                                if c.role in ("selected", "", "oracle") else 3)
-        out[i] = ordered[0] if ordered else None
-    return out
-
-
-def _other_rows(report: Report, individual: Report, tasks: Sequence[str]) -> bool:
-    """Whether two reports' stored per-example ids differ on some task (unknown: False)."""
-    ours, theirs = per_example(report, tasks), per_example(individual, tasks)
-    return bool(ours and theirs) and any(ours[t]["ids_sha256"] != theirs[t]["ids_sha256"] for t in tasks)
-
-
-def normalized_accuracy(report: Report, individual: Report, tasks: Sequence[str]) -> float:
-    """The mean over tasks of accuracy / the fine-tuned model's own accuracy on that task (the TSV-M
-    and Iso papers' normalized accuracy); ``individual``: the fine-tuned models' diagonal."""
-    return sum(_accuracy(report, t) / _accuracy(individual, t) for t in tasks) / len(tasks)
+    order = ["selected", "", "oracle"]
+    ranked = sorted(candidates, key=lambda c: order.index(c.role) if c.role in order else 3)
+    return [next((c for c in candidates if c.role == row.role), ranked[0] if ranked else None) for row in rows]
 
 
 @dataclass
 class Leaderboard:
-    """Everything the leaderboard shows beside accuracy, computed once per ``rows``.
-
-    Columns that no row can fill are left out: the interval where no report holds per-example
-    results, ``Norm.`` without an individual (7x7 diagonal) row, the gain and ``P(win)`` without
-    a row of the reference method (``against``), ``P(win)`` where the two runs did not score the
-    same rows.
-    """
+    """Everything the leaderboard shows beside accuracy (docs/sweeps.md); a column no row can fill is left out."""
 
     rows: Sequence[Row]
     tasks: Sequence[str]
@@ -954,96 +756,79 @@ class Leaderboard:
 
     def __post_init__(self) -> None:
         rows, tasks = self.rows, self.tasks
-        self.extra = (
-            [c for c in EXTRA_COLUMNS if any(_extra_value(r.report, c[1], c[2]) is not None for r in rows)]
-            if self.extra_metrics else []
-        )
+        shown = EXTRA_COLUMNS if self.extra_metrics else []
+        self.extra = [c for c in shown if any(_extra_value(r.report, c[1], c[2]) is not None for r in rows)]
         self.intervals = [accuracy_interval(r.report, "average", tasks) for r in rows]
-        individual = next((r for r in rows if r.role == "individual"), None)
-        self.normalized = [normalized_accuracy(r.report, individual.report, tasks) if individual else None for r in rows]
-        # Normalized by accuracies measured on other rows (a run without the held-out dev rows): marked.
-        self.other_rows = [individual is not None and _other_rows(r.report, individual.report, tasks) for r in rows]
+        # Normalized accuracy (the TSV-M and Iso papers'): the mean over tasks of accuracy / the fine-tuned
+        # model's own; marked when that was measured on other rows (a run without the held-out dev rows).
+        individual = next((r.report for r in rows if r.role == "individual"), None)
+        self.normalized = [None if individual is None else
+                           sum(_accuracy(r.report, t) / _accuracy(individual, t) for t in tasks) / len(tasks)
+                           for r in rows]
+        self.other_rows = [individual is not None and _same_rows(r.report, individual, tasks) is False for r in rows]
         name = self.against or "task_arithmetic"
         self.references = reference_rows(rows, name)
-        if self.against and not any(self.references.values()):
+        if self.against and not any(self.references):
             raise ValueError(f"--against {self.against}: no row is a run of it; the rows are "
                              f"{', '.join(repr(r.labels[0]) for r in rows)}.")
         self.reference_name = reference_title(name)
         self.gains = [None if ref is None else _accuracy(r.report, "average") - _accuracy(ref.report, "average")
-                      for r, ref in zip(rows, self.references.values())]
-        draws: dict[int, Any] = {}
+                      for r, ref in zip(rows, self.references)]
+        draws: dict[int, Any] = {}  # each row's bootstrap, drawn once
 
         def bootstrap_of(row: Row):
             if id(row) not in draws:
                 draws[id(row)] = resampled(row.report, tasks)
             return draws[id(row)]
 
-        from mergelit import uncertainty
+        self.wins: list[Optional[float]] = [
+            uncertainty.win_probability(bootstrap_of(row), bootstrap_of(ref))
+            if ref and _same_rows(row.report, ref.report, tasks) else None for row, ref in zip(rows, self.references)
+        ]
 
-        self.wins: list[Optional[float]] = []
-        for row, ref in zip(rows, self.references.values()):
-            ours, theirs = (per_example(row.report, tasks), per_example(ref.report, tasks)) if ref else (None, None)
-            paired = ours and theirs and all(ours[t]["ids_sha256"] == theirs[t]["ids_sha256"] for t in tasks)
-            self.wins.append(uncertainty.win_probability(bootstrap_of(row), bootstrap_of(ref)) if paired else None)
-
-    # ---- columns ----------------------------------------------------------------------------
-    def headers(self) -> list[str]:
+    def columns(self) -> list[tuple[str, list[str]]]:
+        """The markdown columns after Avg.: (header, one cell per row)."""
+        rows = self.rows
         short = "TA" if self.reference_name == "Task Arithmetic" else self.reference_name
-        return [
-            *(["Avg. 95% CI"] if any(self.intervals) else []),
-            *(["Norm."] if any(v is not None for v in self.normalized) else []),
-            *([f"Δ {short}"] if any(v is not None for v in self.gains) else []),
-            *([f"P(win) vs {short}"] if any(v is not None for v in self.wins) else []),
-            *(h for h, _, _ in self.extra),
-            *(h for h, _ in COST_COLUMNS),
-            *(h for h, _ in PROTOCOL_COLUMNS),
+        is_ref = [ref is row for row, ref in zip(rows, self.references)]
+        optional = [
+            ("Avg. 95% CI", [None if ci is None else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}" for ci in self.intervals]),
+            ("Norm.", [None if v is None else f"{100 * v:.1f}" + (OTHER_ROWS if other else "")
+                       for v, other in zip(self.normalized, self.other_rows)]),
+            (f"Δ {short}", [None if v is None else "ref" if ref else f"{100 * v:+.1f}"
+                            for v, ref in zip(self.gains, is_ref)]),
+            (f"P(win) vs {short}", [None if v is None else "ref" if ref else f"{v:.2f}"
+                                    for v, ref in zip(self.wins, is_ref)]),
         ]
-
-    def cells(self, i: int, best: list[Optional[float]]) -> list[str]:
-        row = self.rows[i]
-        reference = self.references[i]
-        out = []
-        if any(self.intervals):
-            low_high = self.intervals[i]
-            out.append("–" if low_high is None else f"{100 * low_high[0]:.1f}–{100 * low_high[1]:.1f}")
-        if any(v is not None for v in self.normalized):
-            mark = OTHER_ROWS if self.other_rows[i] else ""
-            out.append("–" if self.normalized[i] is None else f"{100 * self.normalized[i]:.1f}{mark}")
-        if any(v is not None for v in self.gains):
-            out.append("–" if self.gains[i] is None else "ref" if reference is row else f"{100 * self.gains[i]:+.1f}")
-        if any(v is not None for v in self.wins):
-            out.append("–" if self.wins[i] is None else "ref" if reference is row else f"{self.wins[i]:.2f}")
-        for j, (_, entry, metric) in enumerate(self.extra):
-            value = _extra_value(row.report, entry, metric)
-            text = "–" if value is None else f"{100 * value:.1f}"
-            out.append(f"**{text}**" if value is not None and value == best[j] else text)
-        _, prepare_peak, cached = prepare_cost(row.report)
-        total = total_cost(row.report)
-        protocol = _protocol(row.report)
-        bodies = protocol.get("bodies_at_inference")
-        out += [
-            _seconds(total) + (CACHED if cached and total is not None else ""),
-            _seconds(_cost(row.report, "load_seconds")),
-            _gb(prepare_peak),
-            _gb(_cost(row.report, "merge_peak_gb")),
-            "–" if not isinstance(bodies, (int, float)) else f"{bodies:g}" if float(bodies).is_integer() else f"{bodies:.2f}",
-            row.data or str(protocol.get("data", "–")),
-            str(protocol.get("kind", "–")),
+        columns = [(h, ["–" if c is None else c for c in cells]) for h, cells in optional
+                   if any(c is not None for c in cells)]
+        for header, entry, metric in self.extra:
+            values = [_extra_value(r.report, entry, metric) for r in rows]
+            best = max((v for v in values if v is not None), default=None)
+            texts = ["–" if v is None else f"{100 * v:.1f}" for v in values]
+            columns.append((header, [f"**{t}**" if v is not None and v == best else t for v, t in zip(values, texts)]))
+        prepared = [prepare_cost(r.report) for r in rows]
+        totals = [total_cost(r.report) for r in rows]
+        protocols = [_protocol(r.report) for r in rows]
+        bodies = [p.get("bodies_at_inference") for p in protocols]
+        return columns + [
+            ("cost s", [_seconds(t) + (CACHED if cached and t is not None else "")
+                        for t, (_, _, cached) in zip(totals, prepared)]),
+            ("load s", [_seconds(_cost(r.report, "load_seconds")) for r in rows]),
+            ("prep GB", [_gb(peak) for _, peak, _ in prepared]),
+            ("merge GB", [_gb(_cost(r.report, "merge_peak_gb")) for r in rows]),
+            ("bodies", ["–" if not isinstance(b, (int, float)) else f"{b:g}" if float(b).is_integer() else f"{b:.2f}"
+                        for b in bodies]),
+            ("data", [r.data or str(p.get("data", "–")) for r, p in zip(rows, protocols)]),
+            ("kind", [str(p.get("kind", "–")) for p in protocols]),
         ]
-        return out
 
     def markdown(self) -> str:
-        """The methods table with everything else: Method, accuracy per task (%), Avg., the average's
-        95 % interval, normalized accuracy, the gain over the reference in points and the paired
-        win probability against it, the extra metrics (%), the costs, bodies kept at inference,
-        data read and kind. Best accuracy and extra metric per column in bold."""
+        """The methods table in percent, best values bold, with the ``columns`` and a note on each mark used."""
         table = markdown_table(self.rows, self.tasks, ["Method"], percent=True, mark_best=True).splitlines()
-        headers = self.headers()
-        lines = [table[0] + " " + " | ".join(headers) + " |", table[1] + "---|" * len(headers)]
-        best = [max((v for v in (_extra_value(r.report, e, m) for r in self.rows) if v is not None), default=None)
-                for _, e, m in self.extra]
-        for i, line in enumerate(table[2:]):
-            lines.append(line + " " + " | ".join(self.cells(i, best)) + " |")
+        columns = self.columns()
+        lines = [table[0] + " " + " | ".join(h for h, _ in columns) + " |", table[1] + "---|" * len(columns)]
+        lines += [line + " " + " | ".join(cells[i] for _, cells in columns) + " |" for i, line in enumerate(table[2:])]
         notes = []
         if any(prepare_cost(r.report)[2] for r in self.rows):
             notes.append(f"{CACHED} prepare read from a cache: the cost counts its original computation.")
@@ -1053,83 +838,45 @@ class Leaderboard:
         if any(self.intervals):
             notes.append("95% CI: percentile bootstrap over each task's examples (1000 resamples, seed 0).")
         if any(v is not None for v in self.wins):
-            notes.append("P(win): share of paired resamples (the same examples) where the row's average beats the reference's.")
+            notes.append("P(win): share of paired resamples (the same examples) where the row's average beats the "
+                         "reference's.")
         return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
     def csv(self) -> str:
-        """The same rows as CSV: fractions, intervals (per task and average) and costs at full
-        precision, empty where missing."""
-        tasks = list(self.tasks)
+        """The same rows as CSV: fractions, intervals (per task and average) and costs in full, empty where missing."""
+        entries = [*self.tasks, "average"]
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow([
-            "Method", *tasks, "average", *(f"{e}_ci_{s}" for e in [*tasks, "average"] for s in ("low", "high")),
-            "normalized_accuracy", "gain", "win_probability", *(h for h, _, _ in self.extra),
-            "total_cost_seconds", *COST_KEYS, *(k for _, k in PROTOCOL_COLUMNS), "role",
+            "Method", *entries, *(f"{e}_ci_{s}" for e in entries for s in ("low", "high")), "normalized_accuracy",
+            "gain", "win_probability", *(h for h, _, _ in self.extra), "total_cost_seconds", *COST_KEYS,
+            "bodies_at_inference", "data", "kind", "role",
         ])
-
-        def text(value: Any) -> Any:
-            return "" if value is None else repr(value) if isinstance(value, float) else value
-
         for i, row in enumerate(self.rows):
-            intervals = [accuracy_interval(row.report, e, tasks) for e in [*tasks, "average"]]
+            intervals = [accuracy_interval(row.report, e, list(self.tasks)) for e in entries]
             protocol = _protocol(row.report)
             costs = protocol.get("costs") or {}
             writer.writerow([
                 *row.labels,
-                *(repr(_accuracy(row.report, c)) for c in [*tasks, "average"]),
-                *(text(None if ci is None else float(ci[k])) for ci in intervals for k in (0, 1)),
-                text(self.normalized[i]), text(self.gains[i]), text(self.wins[i]),
-                *(text(_extra_value(row.report, e, m)) for _, e, m in self.extra),
-                text(total_cost(row.report)), *(text(costs.get(k)) for k in COST_KEYS),
-                *(text(row.data if k == "data" and row.data else protocol.get(k)) for _, k in PROTOCOL_COLUMNS),
+                *(repr(_accuracy(row.report, e)) for e in entries),
+                *(_csv_value(None if ci is None else float(ci[k])) for ci in intervals for k in (0, 1)),
+                *map(_csv_value, (self.normalized[i], self.gains[i], self.wins[i])),
+                *(_csv_value(_extra_value(row.report, e, m)) for _, e, m in self.extra),
+                _csv_value(total_cost(row.report)), *(_csv_value(costs.get(k)) for k in COST_KEYS),
+                *map(_csv_value, (protocol.get("bodies_at_inference"), row.data or protocol.get("data"))),
+                _csv_value(protocol.get("kind")),
                 row.role,
             ])
         return out.getvalue()
 
 
-def leaderboard_markdown(rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True, against: Optional[str] = None) -> str:
-    """The leaderboard as markdown (``Leaderboard.markdown``)."""
-    return Leaderboard(rows, tasks, extra_metrics, against).markdown()
-
-
-def leaderboard_csv(rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True, against: Optional[str] = None) -> str:
-    """The leaderboard as CSV (``Leaderboard.csv``)."""
-    return Leaderboard(rows, tasks, extra_metrics, against).csv()
-
-
-def plot_costs(path: str | os.PathLike, rows: Sequence[Row], title: str = "") -> Path:
-    """Average accuracy (%) against the total cost (prepare + merge seconds; a cached prepare counts
-    its original time), one labelled point per row (no cost recorded: at 0)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        x = total_cost(row.report) or 0.0
-        y = 100 * _accuracy(row.report, "average")
-        kind = _protocol(row.report).get("kind", "merged")
-        marker = {"merged": "o", "task-aware": "s", "ensemble": "^"}.get(kind, "D")
-        ax.plot([x], [y], marker=marker, markersize=8, linestyle="none")
-        ax.annotate(row.labels[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xlabel("total cost: prepare + merge (s; o merged, s task-aware, ^ ensemble)")
-    ax.set_ylabel("average accuracy (%)")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
-
-
-def write_leaderboard(
-    folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True,
-    title: str = "Merging methods", against: Optional[str] = None,
-) -> tuple[Path, Path, Path]:
-    """Write ``folder/table.md``, ``table.csv`` (the leaderboard) and ``plot.png`` (average accuracy
-    against total cost); return their paths."""
-    folder = Path(folder)
+def write_leaderboard(folder: str | os.PathLike, rows: Sequence[Row], tasks: Sequence[str], extra_metrics: bool = True,
+                      title: str = "Merging methods", against: Optional[str] = None) -> tuple[Path, Path, Path]:
+    """Write the leaderboard (``folder/table.md``, ``table.csv``) and ``plot.png`` (``plot_costs``); return them."""
     board = Leaderboard(rows, tasks, extra_metrics, against)
-    md = atomic_write_text(folder / "table.md", board.markdown())
-    csv_path = atomic_write_text(folder / "table.csv", board.csv())
-    return md, csv_path, plot_costs(folder / "plot.png", rows, title=title)
+    md = atomic_write_text(Path(folder) / "table.md", board.markdown())
+    csv_path = atomic_write_text(Path(folder) / "table.csv", board.csv())
+    return md, csv_path, plot_costs(Path(folder) / "plot.png", rows, title=title)
 
 
 def check_same_tasks(rows: Sequence[Row]) -> list[str]:
@@ -1137,22 +884,15 @@ def check_same_tasks(rows: Sequence[Row]) -> list[str]:
     tasks = report_tasks(rows[0].report)
     for row in rows[1:]:
         if report_tasks(row.report) != tasks:
-            raise ValueError(
-                f"{row.labels[0]!r} scores {report_tasks(row.report)} but {rows[0].labels[0]!r} scores {tasks}; "
-                f"a table compares runs on the same tasks."
-            )
+            raise ValueError(f"{row.labels[0]!r} scores {report_tasks(row.report)} but {rows[0].labels[0]!r} scores "
+                             f"{tasks}; a table compares runs on the same tasks.")
     return tasks
 
 
-def compare(
-    paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.PathLike] = None, extra_metrics: bool = True,
-    against: Optional[str] = None,
-) -> str:
-    """The leaderboard of ``paths`` (accuracy per task, average and its interval, normalized accuracy,
-    gain and win probability against ``against`` (default: Task Arithmetic when a row is one),
-    extra metrics unless ``extra_metrics`` is off, costs, data, kind); written to ``output_dir`` if
-    given (``table.md``, ``table.csv``, ``plot.png``: average accuracy against total cost).
-    Returns the markdown."""
+def compare(paths: Sequence[str | os.PathLike], output_dir: Optional[str | os.PathLike] = None,
+            extra_metrics: bool = True, against: Optional[str] = None) -> str:
+    """The leaderboard of ``paths`` as markdown, against ``against`` (default: Task Arithmetic when a row is one),
+    extra metrics unless ``extra_metrics`` is off; written to ``output_dir`` if given (``write_leaderboard``)."""
     if output_dir is not None:
         check_output_folder(output_dir, "compare output folder (--output_dir)")
     rows = collect_rows(paths)
@@ -1161,4 +901,4 @@ def compare(
     tasks = check_same_tasks(rows)
     if output_dir is not None:
         write_leaderboard(output_dir, rows, tasks, extra_metrics, against=against)
-    return leaderboard_markdown(rows, tasks, extra_metrics, against)
+    return Leaderboard(rows, tasks, extra_metrics, against).markdown()

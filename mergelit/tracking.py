@@ -1,12 +1,4 @@
-"""Weights & Biases: offline unless the user has a key; one run per sweep point; the sweep's table and plot.
-
-W&B is used through Lightning's ``WandbLogger`` (``--trainer.logger
-lightning.pytorch.loggers.WandbLogger``, or in YAML), never imported by the rest of mergelit.
-Without an API key ``wandb.init`` fails at once, so ``wandb_logger`` builds the logger with
-``offline=True`` when the user has chosen neither a mode (``WANDB_MODE``, ``offline:``) nor
-logged in (W&B's own lookup: ``WANDB_API_KEY``, or the entry ``wandb login`` writes): runs go
-to ``./wandb/offline-run-*`` and ``wandb sync`` uploads them later. With a key, nothing changes.
-"""
+"""Weights & Biases through Lightning's ``WandbLogger``: offline unless the user has a key; the sweep's summary."""
 
 from __future__ import annotations
 
@@ -14,18 +6,19 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 
 def has_wandb_key() -> bool:
     """Whether W&B finds credentials (environment, settings or netrc), asking W&B itself; no prompt, no network."""
     import wandb
-
     return bool(wandb.login(prompt=False, verify=False))
 
 
 def wandb_logger(class_type: type, *args: Any, **kwargs: Any):
-    """A jsonargparse instantiator for ``WandbLogger``: offline when no mode is chosen and no key is found."""
+    """A jsonargparse instantiator for ``WandbLogger``: offline (to ./wandb, for ``wandb sync``) when no mode is
+    chosen (``WANDB_MODE``, ``offline:``) and no key is found, since ``wandb.init`` would fail at once."""
     if not kwargs.get("offline") and not os.environ.get("WANDB_MODE") and not has_wandb_key():
         kwargs["offline"] = True
         rank_zero_info("W&B: no API key found, logging offline to ./wandb (upload later with `wandb sync`).")
@@ -33,8 +26,6 @@ def wandb_logger(class_type: type, *args: Any, **kwargs: Any):
 
 
 def wandb_logger_class() -> type:
-    from lightning.pytorch.loggers import WandbLogger
-
     return WandbLogger
 
 
@@ -47,19 +38,15 @@ def wandb_loggers(trainer) -> list:
 
 
 def finish() -> None:
-    """End the active W&B run, so that the next point starts its own (a WandbLogger made while a run
-    is active would join that run)."""
+    """End the active W&B run, so that the next point starts its own (a new WandbLogger would join it)."""
     import wandb
-
     wandb.finish()
 
 
-def log_summary(
-    logger, columns: Sequence[str], data: Sequence[Sequence[Any]], plot: Optional[Path], markdown: str
-) -> None:
+def log_summary(logger, columns: Sequence[str], data: Sequence[Sequence[Any]], plot: Optional[Path],
+                markdown: str) -> None:
     """Log the sweep table as a ``wandb.Table`` and the plot as an image to ``logger``'s run, then end it."""
     import wandb
-
     experiment = logger.experiment
     payload: dict[str, Any] = {"sweep/table": wandb.Table(columns=list(columns), data=[list(row) for row in data])}
     if plot is not None and Path(plot).is_file():
