@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from mergelit.errors import MergelitError
-from mergelit.export import Provenance, save_merged
+from mergelit.export import Provenance, reproducible_config, save_merged
 from mergelit.glue import GLUEDataModule
 from mergelit.methods import MergeMethod, method_classes
 from mergelit.pool import ModelPool
-from mergelit.report import Report, ReportWriter
+from mergelit.report import Report, ReportWriter, plain_value
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "methods"
 
@@ -174,9 +174,6 @@ def export_merged(method_: MergeMethod, folder: Union[str, Path], report: Option
     card; ``report`` (from ``evaluate``) puts the accuracies and the protocol in the cards."""
     if not method_.exportable:
         raise MergelitError(f"{method_.display_name} has no merged body to export.")
-    from mergelit.export import reproducible_config
-    from mergelit.report import plain_value
-
     method_.setup("test")
     pool = method_.pool
     config = {

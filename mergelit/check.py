@@ -10,27 +10,6 @@ from typing import Any, Optional
 from mergelit.tasks import GLUE_TASKS
 
 
-def model_summary(pool) -> list[dict[str, Any]]:
-    """Each model: its name, source, parameter count (body and head) and stored dtypes (from the headers)."""
-    from safetensors import safe_open
-
-    rows = []
-    for name in ["pretrained", *pool.tasks]:
-        checkpoint = pool._pretrained_checkpoint() if name == "pretrained" else pool._finetuned_checkpoint(name)
-        numbers, dtypes = 0, set()
-        for file in sorted(set(checkpoint.files.values())):
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    if key.endswith((".attn.bias", ".attn.masked_bias")):
-                        continue
-                    view = handle.get_slice(key)
-                    numbers += math.prod(view.get_shape())
-                    dtypes.add(view.get_dtype())
-        source = pool.pretrained_path if name == "pretrained" else pool.finetuned_paths[name]
-        rows.append({"model": name, "source": source, "parameters": numbers, "dtypes": sorted(dtypes)})
-    return rows
-
-
 def percentile(values: list[int], q: float) -> int:
     """The q-th percentile (nearest rank) of ``values``."""
     ordered = sorted(values)
@@ -69,13 +48,26 @@ def forward_flops(config, tokens: int, squared_lengths: int) -> float:
 
 def run_check(trainer, method, datamodule, report_save_path: Optional[str] = None, merged_model_save_path: Optional[str] = None) -> str:
     """Every input check of ``mergelit test`` on these objects, then the summary text."""
+    from safetensors import safe_open
+
     from mergelit.run import check_inputs
 
     check_inputs(trainer, method, datamodule, report_save_path, merged_model_save_path)
     pool = method.pool
     lines = [f"Everything {method.display_name} needs is usable.", "", "| model | source | parameters | dtypes |", "|---|---|---|---|"]
-    for row in model_summary(pool):
-        lines.append(f"| {row['model']} | {row['source']} | {row['parameters']:,} | {', '.join(row['dtypes'])} |")
+    for name in ["pretrained", *pool.tasks]:  # parameters (body and head) and dtypes, from the files' headers
+        checkpoint = pool._pretrained_checkpoint() if name == "pretrained" else pool._finetuned_checkpoint(name)
+        numbers, dtypes = 0, set()
+        for file in sorted(set(checkpoint.files.values())):
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    if key.endswith((".attn.bias", ".attn.masked_bias")):
+                        continue
+                    view = handle.get_slice(key)
+                    numbers += math.prod(view.get_shape())
+                    dtypes.add(view.get_dtype())
+        source = pool.pretrained_path if name == "pretrained" else pool.finetuned_paths[name]
+        lines.append(f"| {name} | {source} | {numbers:,} | {', '.join(sorted(dtypes))} |")
     if datamodule is None:
         return "\n".join(lines)
     data = data_summary(datamodule, ("eval", "train") if "train" in str(method.data) else ("eval",))

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import json
+import os
 import re
 from typing import Any, Callable, Optional
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mergelit.configfile import yaml_file
 from mergelit.errors import MergelitError
+from mergelit.export import reproducible_config
 from mergelit.glue import GLUEDataModule
 from mergelit.methods import MergeMethod, method_classes
 from mergelit.pool import ModelPool, fusionbench_pool_args, is_fusionbench_pool, tokenizer_path
@@ -67,8 +72,6 @@ def fusionbench_args(args):
     """The command line with FusionBench pool files (``--pool FILE``, or ``-c FILE`` holding one under
     ``pool:``) turned into mergelit's ``pool:`` group, as the YAML strings jsonargparse accepts in place
     of a file (``pool.fusionbench_pool_args``). Everything else passes unchanged (dicts and Namespaces too)."""
-    import json
-
     if not isinstance(args, (list, tuple)):
         return args
     out, i = [], 0
@@ -106,8 +109,6 @@ def close_keys(parser, message: str) -> str:
     """`` Did you mean ...?`` for a misspelt config key or option in jsonargparse's ``message``."""
     nested = re.search(r"class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", message, re.S)
     if nested:  # a method argument: the candidates are the class's __init__ arguments
-        import inspect
-
         try:
             arguments = list(inspect.signature(import_object(nested[1]).__init__).parameters)
         except (ImportError, AttributeError, ValueError):
@@ -195,10 +196,6 @@ def parse_config(parser: LightningArgumentParser, args, what: str = "The command
 
 def test_command(args: Optional[list[str]] = None):
     """``mergelit test ARGS``: parse and instantiate, then run the test flow; returns the report."""
-    import yaml
-
-    from mergelit.export import reproducible_config
-
     cli = MergeCLI(args)
     config = cli.config
     export_to = config.get("merged_model_save_path")
@@ -215,8 +212,6 @@ def test_command(args: Optional[list[str]] = None):
 def adapt_command(args: Optional[list[str]] = None) -> None:
     """``mergelit fit`` with a merge config (a ``pool:`` group): run only ``method.prepare`` (AdaMerging's
     ``trainer.fit``; Fisher/RegMean's statistics) and keep its result for later ``mergelit test`` runs."""
-    import os
-
     cli = MergeCLI(args)
     method = cli.model
     if type(method).prepare is MergeMethod.prepare:

@@ -15,7 +15,7 @@ from mergelit.errors import DuplicateName, FileMissing, MergelitError
 
 def load_yaml(path: str | os.PathLike, what: str = "Config file") -> Any:
     """The content of the YAML file ``path``, with short errors naming it (missing, a folder, invalid, repeated keys)."""
-    import yaml
+    import yaml  # on first use: `mergelit --help` stays fast
 
     path = Path(path)
     source = f"{what} {str(path)!r}"

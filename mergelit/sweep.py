@@ -87,8 +87,16 @@ class SweepRunner:
         self.parser = self.cli.parser
         self.config = self.cli.config
         self.options: Sweep = Sweep(**plain(self.config.sweep))
-        if self.options.select_on != "none":
-            self.hold_out_dev()
+        data = self.config.data
+        if self.options.select_on != "none" and data.dev_source == "train" and not data.dev_size:
+            raise ValueError(
+                f"--sweep.select_on {self.options.select_on} needs a dev split, but data.dev_size is 0 with "
+                f"data.dev_source train; set --data.dev_size (e.g. 500 rows per task)."
+            )
+        if self.options.select_on != "none" and not data.hold_out_dev:
+            # Selection reads the dev rows: every point runs with them held out of everything else.
+            self.args.append("--data.hold_out_dev=true")
+            self.config = parse_config(self.parser, self.args)  # the base of every point's config and fingerprint
         # What points share, made on first use: key = the arguments they were made from.
         self.pools: dict[str, ModelPool] = {}
         self.datamodules: dict[str, GLUEDataModule] = {}
@@ -111,18 +119,6 @@ class SweepRunner:
         parser.set_defaults({"model": {"class_path": PLACEHOLDER_MODEL}})
         if self.compare:
             parser.set_defaults({"sweep.percent": True, "sweep.mark_best": True})
-
-    def hold_out_dev(self) -> None:
-        """Selection reads the dev rows: every point runs with ``--data.hold_out_dev true``."""
-        data = self.config.data
-        if data.dev_source == "train" and not data.dev_size:
-            raise ValueError(
-                f"--sweep.select_on {self.options.select_on} needs a dev split, but data.dev_size is 0 with "
-                f"data.dev_source train; set --data.dev_size (e.g. 500 rows per task)."
-            )
-        if not data.hold_out_dev:
-            self.args.append("--data.hold_out_dev=true")
-            self.config = parse_config(self.parser, self.args)  # the base of every point's config and fingerprint
 
     def pool_for(self, config) -> ModelPool:
         key = json.dumps(plain(config.pool), sort_keys=True, default=str)
