@@ -1,7 +1,5 @@
-"""The ``mergelit`` command: dispatches to each command's module, importing only what that command uses.
-
-    mergelit test -c configs/gpt2_glue.yaml -c configs/methods/task_arithmetic.yaml
-    python -m mergelit test ...
+"""The ``mergelit`` command (also ``python -m mergelit``): dispatches to each command's module, importing only
+what that command uses.
 
 A user's mistake (a ``MergelitError``, or a ``ValueError``/``OSError`` raised by mergelit's own code)
 prints ``mergelit: error: <message>`` (the outermost mergelit one: it names the file, key or task) and

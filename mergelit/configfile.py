@@ -1,7 +1,5 @@
-"""Reading the user's YAML files: every mistake named with the file (and line).
-
-YAML lets a mapping repeat a key and keeps the last value, so a config listing a task twice
-(``finetuned: {sst2: a, sst2: b}``) would silently run on one of them: ``load_yaml`` refuses it.
+"""Reading the user's YAML files: every mistake named with the file (and line), and a repeated key refused
+(YAML would keep the last value: ``finetuned: {sst2: a, sst2: b}`` would silently run on one of them).
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Sweep grids and sweep folders: naming the points, checking the grid, the manifest and resume.
-
-Every combination of a grid's values is a ``Point`` named after them (``scaling_factor=0.3``); the
-points of one method are one *group* (selection chooses within it). The manifest ``sweep.json``
-fingerprints the config without the swept keys: a rerun resumes, a folder of another config is refused.
+"""Sweep grids and sweep folders: naming the points (a method's points are one *group*, selection chooses
+within it), checking the grid, the manifest ``sweep.json`` and resume.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from mergelit.errors import BadData
 from mergelit.glue import GLUEDataModule, rows_hash
 from mergelit.methods.base import MergeMethod
 from mergelit.methods.individual import Individual
-from mergelit.pool import ModelPool
 from mergelit.report import atomic_write_text
 from mergelit.tables import CRITERION_SUFFIX, SELECTION, inside, read_json
 
@@ -89,14 +88,6 @@ class CriterionScorer:
         self.select_on = select_on
         self._experts: dict[tuple, Tensor] = {}  # (pool, task, dev rows) -> expert predictions
 
-    def expert_predictions(self, pool: ModelPool, datamodule: GLUEDataModule, task: str) -> Tensor:
-        key = (id(pool), task, tuple(datamodule.dev_indices(task)), datamodule.max_length)
-        if key not in self._experts:
-            expert = Individual(pool, task=task)
-            expert.setup("test")
-            self._experts[key] = predictions(expert, datamodule.dev_dataloader(task), task)
-        return self._experts[key]
-
     def score(self, method: MergeMethod, datamodule: GLUEDataModule) -> dict[str, Any]:
         """``{"select_on", "value", "per_task"}`` of ``method``: the mean over tasks of the fraction of
         dev rows where it predicts the label (``dev``) or what expert t predicts (``agreement``)."""
@@ -109,8 +100,13 @@ class CriterionScorer:
             predicted = predictions(method, loader, task)
             if self.select_on == "dev":
                 reference = torch.cat([batch["labels"] for batch in loader])
-            else:
-                reference = self.expert_predictions(method.pool, datamodule, task)
+            else:  # expert t's predictions, computed once per pool and dev rows
+                key = (id(method.pool), task, tuple(datamodule.dev_indices(task)), datamodule.max_length)
+                if key not in self._experts:
+                    expert = Individual(method.pool, task=task)
+                    expert.setup("test")
+                    self._experts[key] = predictions(expert, datamodule.dev_dataloader(task), task)
+                reference = self._experts[key]
             per_task[task] = (predicted == reference).double().mean().item()
         return {"select_on": self.select_on, "value": sum(per_task.values()) / len(per_task), "per_task": per_task}
 
