@@ -22,13 +22,9 @@ _WHERE = {
     "GLUEDataModule": "mergelit.glue",
     "MergeMethod": "mergelit.methods",
     "method_classes": "mergelit.methods",
-    "method": "mergelit.api",
-    "method_names": "mergelit.api",
-    "prepare": "mergelit.api",
-    "merge": "mergelit.api",
-    "classifiers": "mergelit.api",
-    "evaluate": "mergelit.api",
-    "export_merged": "mergelit.api",
+    **dict.fromkeys(
+        ("method", "method_names", "prepare", "merge", "classifiers", "evaluate", "export_merged"), "mergelit.api"
+    ),
     "TASKS": "mergelit.tasks",
     "MergelitError": "mergelit.errors",
 }

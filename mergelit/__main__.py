@@ -1,15 +1,11 @@
-"""The ``mergelit`` command: dispatches to each command's module, importing only what that command uses.
+"""The ``mergelit`` command (also ``python -m mergelit``): dispatches to each command's module, importing only
+what that command uses.
 
-    mergelit test -c configs/gpt2_glue.yaml -c configs/methods/task_arithmetic.yaml
-    python -m mergelit test ...
-
-A user's mistake (a ``mergelit.errors.MergelitError``, or a ``ValueError``/``OSError`` raised by
-mergelit's own checks) prints one line, ``mergelit: error: <message>``, and exits with status 2; the
-message is the outermost mergelit one, which names the file, key or task it was about.
-``--debug`` (anywhere on the line) or ``MERGELIT_DEBUG=1`` shows the traceback instead. Any other
-exception, a bare ``KeyError``, ``IndexError`` or ``TypeError`` from mergelit's own code included,
-is an internal error (a bug) and keeps its traceback. ``--quiet`` keeps only the result table and
-errors (no progress bars, no log lines).
+A user's mistake (a ``MergelitError``, or a ``ValueError``/``OSError`` raised by mergelit's own code)
+prints ``mergelit: error: <message>`` (the outermost mergelit one: it names the file, key or task) and
+exits 2; ``--debug`` (anywhere on the line) or ``MERGELIT_DEBUG=1`` shows the traceback instead. Any
+other exception, a bare ``KeyError``/``IndexError``/``TypeError`` from mergelit included, is a bug and
+keeps its traceback. ``--quiet`` keeps only the result table and errors.
 """
 
 from __future__ import annotations
@@ -38,42 +34,28 @@ commands:
 """
 
 COMMANDS = ("test", "sweep", "compare", "check", "fit", "demo")
-
-
-def _raised_by_mergelit(error: BaseException) -> bool:
-    """Whether ``error`` was raised by a ``raise`` in mergelit's own code (its innermost frame is ours)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    if not frames:
-        return False
-    try:
-        Path(frames[-1].filename).resolve().relative_to(PACKAGE)
-    except ValueError:
-        return False
-    return True
+_EXITS: dict[type, type] = {}  # an exit class per mistake class (main)
 
 
 def user_error(error: BaseException) -> Optional[BaseException]:
-    """The user mistake behind ``error`` (unwrapping jsonargparse's and Lightning's re-raises), or None.
-
-    jsonargparse re-raises an error from a class ``__init__`` as a ``ValueError`` holding every
-    Union subtype's message; the original is in the ``__cause__``/``__context__`` chain.
-    """
-    chain, seen = [], set()
+    """The user mistake behind ``error`` (in its ``__cause__``/``__context__`` chain: jsonargparse re-raises an
+    ``__init__``'s error as a ``ValueError`` of every Union subtype's message), or None."""
+    seen = set()
     current: Optional[BaseException] = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        chain.append(current)
+        if isinstance(current, MergelitError):
+            return current
+        if isinstance(current, (ValueError, OSError)):
+            frames = traceback.extract_tb(current.__traceback__)
+            if frames and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE):  # raised by mergelit's own code
+                return current
         current = current.__cause__ or current.__context__
-    for candidate in chain:  # the outermost first: the mergelit context names the file, key or task
-        if isinstance(candidate, MergelitError):
-            return candidate
-        if isinstance(candidate, (ValueError, OSError)) and _raised_by_mergelit(candidate):
-            return candidate
     return None
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Each ``-c/--config FILE``: a readable YAML file, not empty, a mapping, no key repeated (named errors, before parsing)."""
+    """Each ``-c/--config FILE``: a readable YAML mapping, not empty, no key repeated (named errors, before parsing)."""
     from mergelit.configfile import load_yaml
 
     pairs = list(zip(argv, argv[1:])) + [("--config", a.split("=", 1)[1]) for a in argv if a.startswith("--config=")]
@@ -88,8 +70,8 @@ def check_config_files(argv: list[str]) -> None:
 
 
 def quiet(argv: list[str]) -> list[str]:
-    """``--quiet``: no progress bars and no log lines, only the result table and errors; returns the
-    arguments without it (and with the Trainer's bar off for the commands that build one)."""
+    """``--quiet``: progress bars and log lines off; returns the arguments without it (and with the
+    Trainer's bar off for the commands that build one)."""
     import logging
 
     from mergelit import progress
@@ -104,45 +86,14 @@ def quiet(argv: list[str]) -> list[str]:
     return argv
 
 
-_EXITS: dict[type, type] = {}
-
-
-def exit_for(mistake: BaseException, message: str) -> SystemExit:
-    """``SystemExit(2)`` that is also an instance of the mistake's class where Python allows it
-    (``ValueError``, ``KeyError`` and their subclasses, not ``OSError``), so that in-process callers
-    of ``main([...])`` can still ``except ValueError`` (status 2 either way)."""
-    kind = type(mistake)
-    if kind not in _EXITS:
-        try:
-            _EXITS[kind] = type(f"Exit{kind.__name__}", (SystemExit, kind), {"__str__": lambda self: str(self.args[0])})
-        except TypeError:  # an instance lay-out conflict (OSError): a plain SystemExit
-            _EXITS[kind] = SystemExit
-    error = _EXITS[kind](message) if _EXITS[kind] is not SystemExit else SystemExit(2)
-    error.code = 2
-    return error
-
-
-def _message(error: BaseException) -> str:
-    if isinstance(error, KeyError) and not isinstance(error, MergelitError) and error.args:
-        return str(error.args[0])
-    return str(error)
-
-
 def is_merge_config(args: list[str]) -> bool:
     """Whether ``mergelit fit ARGS`` configures a merge (a ``pool:`` group) rather than a fine-tuning run."""
-    import yaml
+    from mergelit.configfile import yaml_file
 
     if any(arg == "--pool" or arg.startswith(("--pool.", "--pool=")) for arg in args):
         return True
-    for flag, value in zip(args, args[1:]):
-        if flag in ("-c", "--config"):
-            try:
-                with open(value) as file:
-                    if "pool" in (yaml.safe_load(file) or {}):
-                        return True
-            except (OSError, yaml.YAMLError, TypeError):
-                continue  # the CLI itself reports a file it cannot read
-    return False
+    # The files were checked (check_config_files); an inline value is left to the CLI.
+    return any(flag in ("-c", "--config") and "pool" in (yaml_file(value) or {}) for flag, value in zip(args, args[1:]))
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -161,9 +112,21 @@ def main(args: Optional[list[str]] = None) -> None:
         mistake = user_error(error)
         if mistake is None or debug:
             raise
-        message = _message(mistake)
+        # A KeyError would repr() its message.
+        plain_key = isinstance(mistake, KeyError) and not isinstance(mistake, MergelitError) and mistake.args
+        message = str(mistake.args[0]) if plain_key else str(mistake)
         sys.stderr.write(f"mergelit: error: {message}\n(run with --debug or MERGELIT_DEBUG=1 for the traceback)\n")
-        raise exit_for(mistake, message) from None
+        # Exit 2 with a SystemExit that is also an instance of the mistake's class where Python allows it,
+        # so that in-process callers of main([...]) can still `except ValueError`.
+        kind = type(mistake)
+        if kind not in _EXITS:
+            try:
+                _EXITS[kind] = type(f"Exit{kind.__name__}", (SystemExit, kind), {"__str__": lambda self: str(self.args[0])})
+            except TypeError:  # an instance lay-out conflict (OSError): a plain SystemExit
+                _EXITS[kind] = SystemExit
+        exit_error = _EXITS[kind](message) if _EXITS[kind] is not SystemExit else SystemExit(2)
+        exit_error.code = 2
+        raise exit_error from None
 
 
 def _dispatch(argv: list[str]) -> None:
@@ -174,34 +137,21 @@ def _dispatch(argv: list[str]) -> None:
     if command not in COMMANDS:
         sys.stderr.write(f"mergelit: unknown command {command!r}; the commands are {', '.join(COMMANDS)}.\n\n{USAGE}")
         raise SystemExit(2)
-
     if command == "test":
-        from mergelit.cli import test_command
-
-        test_command(rest)
+        from mergelit.cli import test_command as run
     elif command == "check":
-        from mergelit.check import check_command
-
-        check_command(rest)
-    elif command in ("sweep", "compare"):
-        # Grids of test runs in one process: mergelit/sweep.py.
-        from mergelit.sweep import compare_command, sweep_command
-
-        (sweep_command if command == "sweep" else compare_command)(rest)
-    elif command == "fit" and is_merge_config(rest):
-        # A merge config (with a `pool:` group): run the method's adaptation (AdaMerging) alone.
-        from mergelit.cli import adapt_command
-
-        adapt_command(rest)
-    elif command == "fit":
-        # Fine-tuning is its own LightningCLI (another model and datamodule): mergelit/finetune.py.
-        from mergelit.finetune import fit_command
-
-        fit_command(rest)
+        from mergelit.check import check_command as run
+    elif command == "sweep":  # grids of test runs in one process
+        from mergelit.sweep import sweep_command as run
+    elif command == "compare":
+        from mergelit.sweep import compare_command as run
+    elif command == "fit" and is_merge_config(rest):  # a merge config: the method's adaptation (AdaMerging) alone
+        from mergelit.cli import adapt_command as run
+    elif command == "fit":  # fine-tuning is its own LightningCLI (another model and datamodule)
+        from mergelit.finetune import fit_command as run
     else:
-        from mergelit.demo import demo_command
-
-        demo_command(rest)
+        from mergelit.demo import demo_command as run
+    run(rest)
 
 
 if __name__ == "__main__":

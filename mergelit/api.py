@@ -1,21 +1,10 @@
-"""mergelit from Python: merge a pool, build the classifiers, score them, export them.
-
-    import mergelit
-
-    pool = mergelit.ModelPool(pretrained="gpt2", finetuned={t: f"tanganke/gpt2_{t}" for t in mergelit.TASKS})
-    data = mergelit.GLUEDataModule(tasks=pool.tasks, tokenizer=pool.tokenizer_path)
-    ties = mergelit.method(pool, "ties_merging", scaling_factor=0.6)
-    report = mergelit.evaluate(ties, data)           # the report `mergelit test` writes
-    mergelit.export_merged(ties, "merged/ties", report)   # folder/<task>/ checkpoints with model cards
-
-Every function runs what ``mergelit test`` runs, in the same order: the method's ``prepare``
-(statistics, adaptation: it needs ``data``), the merge, the scoring. ``evaluate`` returns the
-same report dict, numbers and costs included.
+"""mergelit from Python (``mergelit/__init__.py`` shows an example): merge a pool, build the classifiers,
+score them, export them. Every function runs what ``mergelit test`` runs, in the same order: the
+method's ``prepare`` (statistics, adaptation: it needs ``data``), the merge, the scoring.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -24,11 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from mergelit.errors import MergelitError
-from mergelit.export import Provenance, save_merged
+from mergelit.export import Provenance, reproducible_config, save_merged
 from mergelit.glue import GLUEDataModule
 from mergelit.methods import MergeMethod, method_classes
 from mergelit.pool import ModelPool
-from mergelit.report import Report, ReportWriter
+from mergelit.report import Report, ReportWriter, plain_value
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "methods"
 
@@ -53,39 +42,34 @@ def method_names() -> dict[str, type[MergeMethod]]:
 
 
 def method(pool: ModelPool, name: Union[str, type[MergeMethod]], **arguments: Any) -> MergeMethod:
-    """A merge method of ``pool``: ``name`` is a method class, its name (``TiesMerging``), its module
-    (``ties``) or its config's name (``ties_merging``); ``arguments`` are its init arguments."""
+    """A merge method of ``pool``: ``name`` is a method class or one of ``method_names()``;
+    ``arguments`` are its init arguments."""
     if isinstance(name, type) and issubclass(name, MergeMethod):
-        cls = name
-    else:
-        names = method_names()
-        if name not in names:
-            import difflib
+        return name(pool, **arguments)
+    names = method_names()
+    if name not in names:
+        import difflib
 
-            close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise MergelitError(f"No merge method is called {name!r}.{hint} The methods: {', '.join(sorted(set(c.__name__ for c in names.values())))}.")
-        cls = names[name]
-    return cls(pool, **arguments)
+        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        known = ", ".join(sorted(set(c.__name__ for c in names.values())))
+        raise MergelitError(f"No merge method is called {name!r}.{hint} The methods: {known}.")
+    return names[name](pool, **arguments)
 
 
 def _trainer(trainer: Optional[L.Trainer], progress: bool = False) -> L.Trainer:
-    """The given Trainer with a report writer that writes no file, or a one-process CPU/GPU one."""
-    if trainer is None:
-        trainer = L.Trainer(
-            accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-            enable_progress_bar=progress, use_distributed_sampler=False, callbacks=[ReportWriter(log_dir=False)],
-        )
-    return trainer
-
-
-def _needs_data(method_: MergeMethod) -> bool:
-    return type(method_).prepare is not MergeMethod.prepare
+    """The given Trainer, or a one-process CPU/GPU one whose report writer writes no file."""
+    if trainer is not None:
+        return trainer
+    return L.Trainer(
+        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=progress, use_distributed_sampler=False, callbacks=[ReportWriter(log_dir=False)],
+    )
 
 
 def prepare(method_: MergeMethod, data: Optional[GLUEDataModule] = None, trainer: Optional[L.Trainer] = None) -> MergeMethod:
     """Run ``method_.prepare`` (statistics, adaptation) as ``mergelit test`` does; nothing for data-free methods."""
-    if _needs_data(method_):
+    if type(method_).prepare is not MergeMethod.prepare:
         if data is None:
             raise MergelitError(
                 f"{type(method_).__name__} reads data ({method_.data}): pass data=mergelit.GLUEDataModule(...)."
@@ -99,8 +83,7 @@ def merge(
     trainer: Optional[L.Trainer] = None, **arguments: Any,
 ) -> dict[str, Tensor]:
     """The merged body (a ``GPT2Model`` state dict) of ``method_`` (an instance, or a name plus its
-    ``arguments``), after its ``prepare`` (``data`` for data-driven methods). A task-aware method
-    has no single body: use ``classifiers``."""
+    ``arguments``), after its ``prepare``. A task-aware method has no single body: use ``classifiers``."""
     if not isinstance(method_, MergeMethod):
         method_ = method(pool, method_, **arguments)
     elif arguments:
@@ -118,8 +101,8 @@ def classifiers(
     pool: ModelPool, body_or_method: Union[Mapping[str, Tensor], MergeMethod], data: Optional[GLUEDataModule] = None,
     trainer: Optional[L.Trainer] = None,
 ) -> dict[str, nn.Module]:
-    """``{task: GPT2ForSequenceClassification}``: each task's head on the merged body (a state dict,
-    or a method, prepared first if it reads data); a task-aware method gives each task its own body."""
+    """``{task: GPT2ForSequenceClassification}``: each task's head on the merged body (a state dict, or
+    a method, prepared first); a task-aware method gives each task its own body."""
     from transformers import GPT2ForSequenceClassification
 
     if isinstance(body_or_method, MergeMethod):
@@ -144,7 +127,7 @@ def classifiers(
 
 class Classifiers(MergeMethod):
     """Given classifiers (``{task: GPT2ForSequenceClassification}``) scored as a method: task t with
-    classifier t's body and head (what ``evaluate`` does with ``classifiers(...)``'s result)."""
+    classifier t's body and head."""
 
     display_name = "Given classifiers"
     kind = "task-aware"
@@ -168,17 +151,12 @@ class Classifiers(MergeMethod):
 
 
 def evaluate(
-    method_or_classifiers: Union[MergeMethod, Mapping[str, nn.Module]],
-    data: GLUEDataModule,
-    trainer: Optional[L.Trainer] = None,
-    pool: Optional[ModelPool] = None,
-    save_predictions: bool = False,
-    report_path: Optional[str] = None,
-    progress: bool = False,
+    method_or_classifiers: Union[MergeMethod, Mapping[str, nn.Module]], data: GLUEDataModule,
+    trainer: Optional[L.Trainer] = None, pool: Optional[ModelPool] = None, save_predictions: bool = False,
+    report_path: Optional[str] = None, progress: bool = False,
 ) -> Report:
-    """Prepare, merge and score as ``mergelit test`` does; returns its report (accuracies, extra
-    metrics, intervals, protocol and costs). ``method_or_classifiers``: a method, or ``{task: model}``
-    from ``classifiers`` (then ``pool`` gives the heads' configs). Writes a file only if ``report_path``."""
+    """Prepare, merge and score as ``mergelit test`` does; returns its report. ``method_or_classifiers``:
+    a method, or ``{task: model}`` from ``classifiers`` (with their ``pool``). Writes a file only if ``report_path``."""
     from mergelit.run import run_test
 
     if isinstance(method_or_classifiers, MergeMethod):
@@ -196,9 +174,6 @@ def export_merged(method_: MergeMethod, folder: Union[str, Path], report: Option
     card; ``report`` (from ``evaluate``) puts the accuracies and the protocol in the cards."""
     if not method_.exportable:
         raise MergelitError(f"{method_.display_name} has no merged body to export.")
-    from mergelit.export import reproducible_config
-    from mergelit.report import plain_value
-
     method_.setup("test")
     pool = method_.pool
     config = {

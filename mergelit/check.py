@@ -1,45 +1,13 @@
-"""``mergelit check``: every input check of ``mergelit test``, without merging or scoring, and a summary.
-
-    mergelit check -c configs/gpt2_glue.yaml -c configs/methods/ties_merging.yaml
-
-It runs ``mergelit.run.check_inputs`` (output paths; the pool's checkpoints, heads, label names,
-architectures, shapes and finite weights; every split the run reads, its columns, texts and labels;
-the tokenizer against the pool; lengths against the positions) in that order, so a bad pool fails
-before any data row is read. Then it prints the models (parameters and dtypes), each task's rows
-per split with token-length percentiles and the rows that reach ``max_length``, and the estimated
-cost of the run (forward FLOPs on the real tokens; the statistics or adaptation examples of a
-data-driven method). Exit 0 when everything is usable; the usual one-line error otherwise.
+"""``mergelit check -c ...``: every input check of ``mergelit test`` (``mergelit.run.check_inputs``), no merge,
+then a summary: the models, each task's rows and token lengths per split, the estimated cost of the run.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from mergelit.tasks import GLUE_TASKS
-
-
-def model_summary(pool) -> list[dict[str, Any]]:
-    """Each model: its name, source, parameter count (body and head) and stored dtypes (from the headers)."""
-    from safetensors import safe_open
-
-    rows = []
-    for name in ["pretrained", *pool.tasks]:
-        checkpoint = pool._pretrained_checkpoint() if name == "pretrained" else pool._finetuned_checkpoint(name)
-        numbers, dtypes = 0, set()
-        for file in sorted(set(checkpoint.files.values())):
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    if key.endswith((".attn.bias", ".attn.masked_bias")):
-                        continue
-                    view = handle.get_slice(key)
-                    count = 1
-                    for size in view.get_shape():
-                        count *= size
-                    numbers += count
-                    dtypes.add(view.get_dtype())
-        source = pool.pretrained_path if name == "pretrained" else pool.finetuned_paths[name]
-        rows.append({"model": name, "source": source, "parameters": numbers, "dtypes": sorted(dtypes)})
-    return rows
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -80,18 +48,29 @@ def forward_flops(config, tokens: int, squared_lengths: int) -> float:
 
 def run_check(trainer, method, datamodule, report_save_path: Optional[str] = None, merged_model_save_path: Optional[str] = None) -> str:
     """Every input check of ``mergelit test`` on these objects, then the summary text."""
+    from safetensors import safe_open
+
     from mergelit.run import check_inputs
 
     check_inputs(trainer, method, datamodule, report_save_path, merged_model_save_path)
     pool = method.pool
-    roles = ("eval", "train") if "train" in str(method.data) else ("eval",)
-    models = model_summary(pool)
     lines = [f"Everything {method.display_name} needs is usable.", "", "| model | source | parameters | dtypes |", "|---|---|---|---|"]
-    for row in models:
-        lines.append(f"| {row['model']} | {row['source']} | {row['parameters']:,} | {', '.join(row['dtypes'])} |")
+    for name in ["pretrained", *pool.tasks]:  # parameters (body and head) and dtypes, from the files' headers
+        checkpoint = pool._pretrained_checkpoint() if name == "pretrained" else pool._finetuned_checkpoint(name)
+        numbers, dtypes = 0, set()
+        for file in sorted(set(checkpoint.files.values())):
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    if key.endswith((".attn.bias", ".attn.masked_bias")):
+                        continue
+                    view = handle.get_slice(key)
+                    numbers += math.prod(view.get_shape())
+                    dtypes.add(view.get_dtype())
+        source = pool.pretrained_path if name == "pretrained" else pool.finetuned_paths[name]
+        lines.append(f"| {name} | {source} | {numbers:,} | {', '.join(sorted(dtypes))} |")
     if datamodule is None:
         return "\n".join(lines)
-    data = data_summary(datamodule, roles)
+    data = data_summary(datamodule, ("eval", "train") if "train" in str(method.data) else ("eval",))
     lines += ["", f"| task | split | rows | tokens p50 | p95 | max | at max_length ({datamodule.max_length}) |", "|---|---|---|---|---|---|---|"]
     for row in data:
         lines.append(f"| {row['task']} | {row['split']} | {row['rows']:,} | {row['p50']} | {row['p95']} | {row['max']} | {row['at_max_length']} |")

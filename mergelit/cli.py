@@ -1,29 +1,26 @@
 """``MergeCLI``: the LightningCLI parser and instantiation of ``mergelit test`` (and of each sweep point).
 
-    mergelit test -c configs/gpt2_glue.yaml -c configs/methods/task_arithmetic.yaml
-
-Config groups: ``pool:`` (ModelPool), ``model:`` (a MergeMethod subclass, ``class_path`` +
-``init_args``), ``data:`` (GLUEDataModule), ``trainer:``. The pool is linked into the
-method, and the pool's tasks and tokenizer into the data, so every part uses one task order.
-
-``MergeCLI`` only parses and instantiates (LightningCLI's ``run=False``); ``test_command``
-then runs the flow of one ``mergelit test`` top to bottom (``mergelit.run.run_test``). A sweep
-holds a ``MergeCLI`` that only parses (``instantiate=False``) and makes each point's objects
-itself (``mergelit.sweep``).
-
-A misspelt key or option gets the closest known ones in its error (``Did you mean
-'data.batch_size'?``): ``MergeCLI``'s parser is a ``HintingArgumentParser``.
+Config groups: ``pool:`` (ModelPool, linked into the method, and its tasks and tokenizer into the
+data, so every part uses one task order), ``model:`` (a MergeMethod subclass), ``data:``
+(GLUEDataModule), ``trainer:``. A sweep holds a parse-only ``MergeCLI`` (``mergelit.sweep``).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
+import json
+import os
 import re
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mergelit.configfile import yaml_file
 from mergelit.errors import MergelitError
+from mergelit.export import reproducible_config
 from mergelit.glue import GLUEDataModule
 from mergelit.methods import MergeMethod, method_classes
 from mergelit.pool import ModelPool, fusionbench_pool_args, is_fusionbench_pool, tokenizer_path
@@ -41,27 +38,40 @@ TRAINER_DEFAULTS = {
     "enable_checkpointing": False,
 }
 
+# `mergelit test`'s own options: name -> (type, default, help).
+TEST_OPTIONS = {
+    "export.wandb_artifact": (bool, False, "Also log the exported model folder (--merged_model_save_path) as a W&B "
+                              "artifact, to each W&B logger of the run (offline without an API key)."),
+    "report_save_path": (Optional[str], None, "Also write the report JSON here (FusionBench's option name); it is "
+                         "always written to the run's log dir as report.json."),
+    "merged_model_save_path": (Optional[str], None, "Export the merged model: DIR/<task>/ is a complete "
+                               "GPT2ForSequenceClassification checkpoint (merged body + that task's head, config, "
+                               "tokenizer, safetensors)."),
+    "save_predictions": (bool, False, "Also write per-example predictions (idx, label, predicted class, logits), one "
+                         "JSON-lines file per task, to predictions/<task>.jsonl next to the report (log dir and "
+                         "--report_save_path)."),
+    "verbose": (bool, False, "Also print Lightning's own results table (every metric once per task loader)."),
+    "extra_metrics": (bool, True, "The printed table's column of CoLA MCC and MRPC/QQP F1 (the report always holds "
+                      "them)."),
+    "fused_gelu": (bool, False, "Score with torch's fused tanh GELU instead of transformers' Python formula: faster on "
+                   "CPU; logits change in the last bits (benchmarks/gelu.py measures it), so it is off by default."),
+}
 
-def _yaml_file(value: str):
-    import os
 
-    from mergelit.configfile import load_yaml
+def add_options(parser, options: dict[str, tuple]) -> None:
+    for name, (kind, default, text) in options.items():
+        parser.add_argument(f"--{name}", type=kind, default=default, help=text)
 
-    if not os.path.isfile(value):
-        return None
-    return load_yaml(value)  # named errors; a key (a task) given twice in a mapping is refused
+
+def import_object(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def fusionbench_args(args):
-    """Command-line arguments with FusionBench pool files turned into mergelit's ``pool:`` group.
-
-    ``--pool FILE`` whose content is a FusionBench pool (``models: [{name: _pretrained_, path: gpt2},
-    ...]``), and ``-c FILE`` holding such a pool under ``pool:``, become the same values in mergelit's
-    form (``pool.fusionbench_pool_args``), given as the YAML strings jsonargparse accepts in place of
-    a file. Everything else passes unchanged (dicts and Namespaces too).
-    """
-    import json
-
+    """The command line with FusionBench pool files (``--pool FILE``, or ``-c FILE`` holding one under
+    ``pool:``) turned into mergelit's ``pool:`` group, as the YAML strings jsonargparse accepts in place
+    of a file (``pool.fusionbench_pool_args``). Everything else passes unchanged (dicts and Namespaces too)."""
     if not isinstance(args, (list, tuple)):
         return args
     out, i = [], 0
@@ -70,7 +80,7 @@ def fusionbench_args(args):
         name, eq, value = arg.partition("=")
         if name in ("--pool", "-c", "--config") and (eq or i + 1 < len(args)):
             value = value if eq else args[i + 1]
-            content = _yaml_file(value)
+            content = yaml_file(value)  # a key (a task) given twice in a mapping is refused
             if name == "--pool" and is_fusionbench_pool(content):
                 value = json.dumps(fusionbench_pool_args(content))
             elif name != "--pool" and isinstance(content, dict) and is_fusionbench_pool(content.get("pool")):
@@ -97,76 +107,55 @@ _UNKNOWN_KEY = (
 
 def close_keys(parser, message: str) -> str:
     """`` Did you mean ...?`` for a misspelt config key or option in jsonargparse's ``message``."""
-    try:
-        known = set(parser.get_defaults().keys())  # every dotted config key the parser knows
-    except Exception:  # a parser whose defaults cannot be built: no suggestion
-        known = set()
     nested = re.search(r"class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", message, re.S)
     if nested:  # a method argument: the candidates are the class's __init__ arguments
-        import importlib
-        import inspect
-
-        module, _, name = nested[1].rpartition(".")
         try:
-            arguments = list(inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters)
+            arguments = list(inspect.signature(import_object(nested[1]).__init__).parameters)
         except (ImportError, AttributeError, ValueError):
             arguments = []
         matches = difflib.get_close_matches(nested[2], [a for a in arguments if a not in ("self", "pool")], n=3, cutoff=0.7)
         if matches:
-            return f"\nDid you mean {' or '.join(repr(m) for m in matches)} (an argument of {name})?"
+            return f"\nDid you mean {' or '.join(map(repr, matches))} (an argument of {nested[1].rpartition('.')[2]})?"
+    try:
+        known = sorted(parser.get_defaults().keys())  # every dotted config key the parser knows
+    except Exception:  # a parser whose defaults cannot be built: no suggestion
+        known = []
     for pattern, key_of in _UNKNOWN_KEY:
         match = pattern.search(message)
-        if match:
-            matches = difflib.get_close_matches(key_of(match), sorted(known), n=3, cutoff=0.75)
-            if matches:
-                return f"\nDid you mean {' or '.join(repr(m) for m in matches)}?"
+        matches = difflib.get_close_matches(key_of(match), known, n=3, cutoff=0.75) if match else []
+        if matches:
+            return f"\nDid you mean {' or '.join(map(repr, matches))}?"
     return ""
 
 
 class HintingArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser whose errors end with the closest known keys to a misspelt one
-    (``Did you mean 'data.batch_size'?``); otherwise jsonargparse's behaviour, unchanged."""
+    """LightningCLI's parser whose errors end with ``Did you mean 'data.batch_size'?`` for a misspelt key."""
 
     def error(self, message: str, ex: Optional[Exception] = None):
         return super().error(message + close_keys(self, message), ex)
 
 
 class MergeCLI(LightningCLI):
-    """LightningCLI over a ``MergeMethod``, the GLUE DataModule and a ``pool:`` group (parse + instantiate).
-
-    Args:
-        args: the command line after ``mergelit test`` (default: ``sys.argv[2:]``), or a dict/Namespace.
-        instantiate: make the pool, data, method and trainer from the parsed config (``False``: parse
-            only; ``config`` and ``parser`` are then all there is, for a caller that makes the
-            objects itself, as a sweep does per point).
-        add_arguments: also add these arguments to the parser (``add_arguments(parser)``: a sweep's
-            ``sweep:`` group and ``--output_dir``).
-    """
+    """LightningCLI over a ``MergeMethod``, the GLUE DataModule and a ``pool:`` group: parses ``args`` (the
+    command line after ``mergelit test``, or a dict/Namespace) and, unless not ``instantiate``, makes the
+    objects; ``add_arguments(parser)`` adds more (a sweep's ``sweep:`` group and options)."""
 
     def __init__(
-        self,
-        args=None,
-        instantiate: bool = True,
-        add_arguments: Optional[Callable[[LightningArgumentParser], None]] = None,
-        **kwargs,
+        self, args=None, instantiate: bool = True,
+        add_arguments: Optional[Callable[[LightningArgumentParser], None]] = None, **kwargs,
     ):
         method_classes()  # import every method, so that short class names (`--model TiesMerging`) resolve
-        args = fusionbench_args(args)  # FusionBench pool files work as the pool
+        args = fusionbench_args(args)
         self.instantiate = instantiate
         self.extra_arguments = add_arguments
         kwargs.setdefault("parser_class", HintingArgumentParser)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a rerun into the same log dir
         super().__init__(
-            model_class=MergeMethod,
-            subclass_mode_model=True,
-            datamodule_class=GLUEDataModule,
-            auto_configure_optimizers=False,
+            model_class=MergeMethod, subclass_mode_model=True, datamodule_class=GLUEDataModule,
+            auto_configure_optimizers=False, args=args, run=False,
             # Methods are configured by the YAML, never restored from Lightning checkpoints.
-            load_from_checkpoint_support=False,
-            args=args,
-            run=False,
-            **kwargs,
+            load_from_checkpoint_support=False, **kwargs,
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -174,16 +163,12 @@ class MergeCLI(LightningCLI):
         # the `mergelit` command passes the arguments after `test`, on purpose.
         self.config = parse_config(parser, args)
 
-    def instantiators(self) -> list[tuple]:
-        """jsonargparse instantiators for this CLI's classes: a WandbLogger without an API key (and
-        no mode chosen) logs offline instead of failing."""
-        return [(wandb_logger, wandb_logger_class(), True)]
-
     def instantiate_classes(self) -> None:
-        # As LightningCLI's, through jsonargparse's `instantiate` with this CLI's instantiators.
+        # As LightningCLI's; a WandbLogger without an API key (and no mode chosen) logs offline instead of failing.
         if not self.instantiate:
             return
-        self.config_init = self.parser.instantiate(self.config, instantiators=self.instantiators())
+        instantiators = [(wandb_logger, wandb_logger_class(), True)]
+        self.config_init = self.parser.instantiate(self.config, instantiators=instantiators)
         self.datamodule = self.config_init.get("data")
         self.model = self.config_init.get("model")
         self.trainer = self.instantiate_trainer()
@@ -193,60 +178,14 @@ class MergeCLI(LightningCLI):
         parser.link_arguments("pool", "model.init_args.pool", apply_on="instantiate")
         parser.link_arguments("pool.finetuned", "data.tasks", compute_fn=tasks_of)
         parser.link_arguments(("pool.pretrained", "pool.tokenizer"), "data.tokenizer", compute_fn=tokenizer_path)
-        parser.add_argument(
-            "--export.wandb_artifact",
-            type=bool,
-            default=False,
-            help="Also log the exported model folder (--merged_model_save_path) as a W&B artifact, to each W&B "
-            "logger of the run (offline without an API key).",
-        )
-        parser.add_argument(
-            "--report_save_path",
-            type=Optional[str],
-            default=None,
-            help="Also write the report JSON here (FusionBench's option name); it is always written "
-            "to the run's log dir as report.json.",
-        )
-        parser.add_argument(
-            "--merged_model_save_path",
-            type=Optional[str],
-            default=None,
-            help="Export the merged model: DIR/<task>/ is a complete GPT2ForSequenceClassification "
-            "checkpoint (merged body + that task's head, config, tokenizer, safetensors).",
-        )
-        parser.add_argument(
-            "--save_predictions",
-            type=bool,
-            default=False,
-            help="Also write per-example predictions (idx, label, predicted class, logits), one JSON-lines "
-            "file per task, to predictions/<task>.jsonl next to the report (log dir and --report_save_path).",
-        )
-        parser.add_argument(
-            "--verbose",
-            type=bool,
-            default=False,
-            help="Also print Lightning's own results table (every metric once per task loader).",
-        )
-        parser.add_argument(
-            "--extra_metrics",
-            type=bool,
-            default=True,
-            help="The printed table's column of CoLA MCC and MRPC/QQP F1 (the report always holds them).",
-        )
-        parser.add_argument(
-            "--fused_gelu",
-            type=bool,
-            default=False,
-            help="Score with torch's fused tanh GELU instead of transformers' Python formula: faster on CPU; "
-            "logits change in the last bits (benchmarks/gelu.py measures it), so it is off by default.",
-        )
+        add_options(parser, TEST_OPTIONS)
         if self.extra_arguments is not None:
             self.extra_arguments(parser)
 
 
 def parse_config(parser: LightningArgumentParser, args, what: str = "The command line"):
     """``parser.parse_args(args)``; a parser built with ``exit_on_error=False`` (a sweep's) raises its
-    error as a ``MergelitError`` (one line, its close-key hint kept) naming ``what`` was parsed."""
+    error as a one-line ``MergelitError`` (its close-key hint kept) naming ``what`` was parsed."""
     from jsonargparse import ArgumentError
 
     try:
@@ -257,22 +196,13 @@ def parse_config(parser: LightningArgumentParser, args, what: str = "The command
 
 def test_command(args: Optional[list[str]] = None):
     """``mergelit test ARGS``: parse and instantiate, then run the test flow; returns the report."""
-    import yaml
-
-    from mergelit.export import reproducible_config
-
     cli = MergeCLI(args)
     config = cli.config
     export_to = config.get("merged_model_save_path")
     return run_test(
-        cli.trainer,
-        cli.model,
-        cli.datamodule,
-        report_save_path=config.get("report_save_path"),
-        merged_model_save_path=export_to,
-        verbose=config.get("verbose", False),
-        save_predictions=config.get("save_predictions", False),
-        fused_gelu=config.get("fused_gelu", False),
+        cli.trainer, cli.model, cli.datamodule, report_save_path=config.get("report_save_path"),
+        merged_model_save_path=export_to, verbose=config.get("verbose", False),
+        save_predictions=config.get("save_predictions", False), fused_gelu=config.get("fused_gelu", False),
         extra_metrics=config.get("extra_metrics", True),
         config_yaml=reproducible_config(yaml.safe_load(cli.parser.dump(config, skip_none=False))) if export_to else None,
         wandb_artifact=bool(config.get("export.wandb_artifact") or False),
@@ -280,11 +210,8 @@ def test_command(args: Optional[list[str]] = None):
 
 
 def adapt_command(args: Optional[list[str]] = None) -> None:
-    """``mergelit fit`` with a merge config (one with a ``pool:`` group): run only the method's data-driven
-    step, ``method.prepare`` (AdaMerging's ``trainer.fit``; Fisher/RegMean's statistics), and keep its
-    result for later ``mergelit test`` runs (AdaMerging's coefficients file; the statistics cache)."""
-    import os
-
+    """``mergelit fit`` with a merge config (a ``pool:`` group): run only ``method.prepare`` (AdaMerging's
+    ``trainer.fit``; Fisher/RegMean's statistics) and keep its result for later ``mergelit test`` runs."""
     cli = MergeCLI(args)
     method = cli.model
     if type(method).prepare is MergeMethod.prepare:

@@ -1,11 +1,5 @@
-"""Sweep grids and sweep folders: naming the points, checking the grid, the manifest and resume.
-
-A grid is ``sweep: {grid: {KEY: [values]}}``; every combination is a ``Point`` named after its
-values (``scaling_factor=0.3``); a swept ``model`` may give each method its own grid, and the
-points of one method are one *group* (selection chooses within it). A sweep folder holds a
-report per point scored on validation, a criterion file per point scored on the dev rows, and
-the manifest ``sweep.json``, whose fingerprint covers the config without the swept keys: a
-rerun resumes, a folder of another config is refused.
+"""Sweep grids and sweep folders: naming the points (a method's points are one *group*, selection chooses
+within it), checking the grid, the manifest ``sweep.json`` and resume.
 """
 
 from __future__ import annotations
@@ -27,37 +21,23 @@ from mergelit.report import atomic_write_text
 # this placeholder is never run: a sweep that does not sweep ``model`` must name one.
 PLACEHOLDER_MODEL = "mergelit.methods.MergeMethod"
 
-
-def is_placeholder(class_path: str) -> bool:
-    """Whether ``class_path`` is the placeholder (jsonargparse may spell it ``mergelit.MergeMethod``)."""
-    return str(class_path).rsplit(".", 1)[-1] == PLACEHOLDER_MODEL.rsplit(".", 1)[-1]
-
 # Settings that cannot change a report: left out of the fingerprint, so a resumed sweep may change them.
 NOT_IN_FINGERPRINT = (
-    "config",
-    "sweep",
-    "output_dir",
-    "overwrite",
-    "report_save_path",
-    "merged_model_save_path",
-    "trainer.logger",
-    "trainer.callbacks",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.default_root_dir",
-    "data.num_workers",
-    "data.cache_dir",
-    "save_predictions",
-    "extra_metrics",
-    "verbose",
+    "config", "sweep", "output_dir", "overwrite", "report_save_path", "merged_model_save_path", "trainer.logger",
+    "trainer.callbacks", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir",
+    "data.num_workers", "data.cache_dir", "save_predictions", "extra_metrics", "verbose",
 )
 
 MANIFEST_FORMAT = 1
+ALL_METHODS = "all"  # sweep.grid.model: every method meant for comparison (mergelit.sweep.every_method)
+TUNED_METHODS = "tuned"  # the same methods, each with its own range (MergeMethod.search)
+# The files of a sweep folder beside its points' reports and criterion files.
+SWEEP_FILES = ("table.md", "table.csv", "plot.png", "config.yaml", tables.SELECTION, tables.MANIFEST)
 
-ALL_METHODS = "all"
-"""``sweep.grid.model: all`` lists every method meant for comparison (``mergelit.sweep.every_method``)."""
-TUNED_METHODS = "tuned"
-"""``sweep.grid.model: tuned``: the same methods, each with its own range (``MergeMethod.search``)."""
+
+def is_placeholder(class_path: str) -> bool:
+    # jsonargparse may spell it mergelit.MergeMethod.
+    return str(class_path).rsplit(".", 1)[-1] == PLACEHOLDER_MODEL.rsplit(".", 1)[-1]
 
 
 @dataclass
@@ -104,9 +84,7 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point: its file-safe name, the config values it sets, its method group (the method
-    label shared by the points among which selection chooses; ``""``: the sweep's one method), and
-    the arguments its method's own grid sweeps (shown in its labels even where they are defaults)."""
+    """A grid point: its file-safe name, config values, method group and the arguments its method's grid sweeps."""
 
     name: str
     overrides: dict[str, Any]
@@ -118,16 +96,13 @@ class Point:
         return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in self.overrides.items()]
 
 
-# ---- the grid ----------------------------------------------------------------------------
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def plain(value: Any) -> Any:
     # jsonargparse hands nested mappings of an ``Any`` value over as Namespaces: plain dicts here.
-    if hasattr(value, "as_dict"):
-        return value.as_dict()
-    return value
+    return value.as_dict() if hasattr(value, "as_dict") else value
 
 
 def _value_name(value: Any, shown: Sequence[str] = ()) -> str:
@@ -147,9 +122,8 @@ def file_safe(name: str) -> str:
 
 
 def expand_models(values: Sequence[Any]) -> list[tuple[Any, str, tuple[str, ...]]]:
-    """The ``model`` values of a grid as ``(spec, group, swept)`` per point: a method with its own
-    ``grid:`` of arguments becomes one spec per combination (its arguments varying as listed, the
-    first slowest), all in one group named after the method and its fixed arguments."""
+    """A grid's ``model`` values as ``(spec, group, swept)`` per point: a method with its own ``grid:``
+    gives one spec per combination (the first argument slowest), one group named after its fixed arguments."""
     out = []
     for value in values:
         if not (isinstance(value, dict) and "grid" in value):
@@ -170,9 +144,8 @@ def expand_models(values: Sequence[Any]) -> list[tuple[Any, str, tuple[str, ...]
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[Point]:
-    """Every combination of the grid's values, in order, named ``key=value,key=value`` after the
-    last part of each key (``scaling_factor=0.3``; a swept ``model`` is named by its class and the
-    arguments it sets). A swept ``model`` gives each point its method group (``expand_models``)."""
+    """Every combination of the grid's values, in order, named ``key=value,...`` after the last part of
+    each key (a swept ``model``: its class and the arguments it sets, and its method group)."""
     shorts = [tables.short_key(key) for key in grid]
     labels = [key if shorts.count(short) > 1 else short for key, short in zip(grid, shorts)]
     values = {key: expand_models(v) if key == "model" else [(x, "", ()) for x in v] for key, v in grid.items()}
@@ -194,17 +167,6 @@ def grid_points(grid: dict[str, list[Any]]) -> list[Point]:
     return points
 
 
-def _known_keys(config) -> list[str]:
-    keys = set()
-    for key in config.keys():
-        # The sweep's own settings are not sweepable; model.init_args.pool is linked from `pool:`.
-        if key.split(".")[0] in ("config", "sweep", "output_dir", "overwrite") or key == "model.init_args.pool":
-            continue
-        parts = key.split(".")
-        keys.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return sorted(keys)
-
-
 def check_grid(grid: dict[str, list[Any]], config) -> None:
     """Fail before any work on a grid that cannot run: no keys, a key the config lacks (with
     close matches), an empty value list, or a non-number for a key that holds a number."""
@@ -213,7 +175,13 @@ def check_grid(grid: dict[str, list[Any]], config) -> None:
             "sweep.grid is empty: give at least one config key and its values, e.g. "
             "`sweep: {grid: {model.init_args.scaling_factor: [0.0, 0.5, 1.0]}}`."
         )
-    known = _known_keys(config)
+    known = set()
+    for key in config.keys():
+        # The sweep's own settings are not sweepable; model.init_args.pool is linked from `pool:`.
+        if key.split(".")[0] not in ("config", "sweep", "output_dir", "overwrite") and key != "model.init_args.pool":
+            parts = key.split(".")
+            known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    known = sorted(known)
     for key, values in grid.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=5, cutoff=0.6)
@@ -227,16 +195,14 @@ def check_grid(grid: dict[str, list[Any]], config) -> None:
         if not isinstance(values, list) or not values:
             raise ValueError(f"sweep.grid[{key!r}] is {values!r}: give a non-empty list of values.")
         current = config.get(key)
-        if _is_number(current):
-            bad = [v for v in values if not _is_number(v)]
-            if bad:
-                raise ValueError(
-                    f"sweep.grid[{key!r}] must list numbers ({key} is {current!r} in the config), "
-                    f"but holds {bad[0]!r} ({type(bad[0]).__name__})."
-                )
+        bad = [v for v in values if not _is_number(v)] if _is_number(current) else []
+        if bad:
+            raise ValueError(
+                f"sweep.grid[{key!r}] must list numbers ({key} is {current!r} in the config), "
+                f"but holds {bad[0]!r} ({type(bad[0]).__name__})."
+            )
 
 
-# ---- the output folder -------------------------------------------------------------------
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict) and value:
         flat = {}
@@ -246,23 +212,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _excluded(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def fingerprint_config(dumped: dict[str, Any], swept: Sequence[str]) -> dict[str, Any]:
-    """The flattened config that decides the reports: without the swept keys and ``NOT_IN_FINGERPRINT``."""
-    flat = _flatten(dumped)
-    return {k: flat[k] for k in sorted(flat) if not _excluded(k, (*NOT_IN_FINGERPRINT, *swept))}
-
-
 def weights_fingerprint(pool: Any) -> dict[str, str]:
-    """``{"weights.<model>": content hash}`` of every model of ``pool``, for the sweep fingerprint.
-
-    The content (SHA-256 of every tensor), not the path: a checkpoint replaced at the same path
-    changes the fingerprint, so a resumed sweep refuses to mix old and new points. It loads the
-    pool (the sweep needs it anyway); hashing costs about a second per GPT-2-small model.
-    """
+    """``{"weights.<model>": content hash}`` of every model of ``pool`` (SHA-256 of every tensor, not the
+    path: a checkpoint replaced at the same path changes the sweep's fingerprint). It loads the pool."""
     weights = {"weights.pretrained": pool.pretrained_fingerprint()[:16]}
     for task in pool.tasks:
         digest, pad = pool.fingerprint(task).split("|", 1)
@@ -270,17 +222,15 @@ def weights_fingerprint(pool: Any) -> dict[str, str]:
     return weights
 
 
-def fingerprint(config: dict[str, Any], swept: Sequence[str]) -> str:
+def fingerprint(dumped: dict[str, Any], swept: Sequence[str], pool: Any) -> tuple[dict[str, Any], str]:
+    """The flattened config that decides the reports (without the swept keys and ``NOT_IN_FINGERPRINT``,
+    with ``weights_fingerprint(pool)``), and its hash."""
+    flat = _flatten(dumped)
+    excluded = (*NOT_IN_FINGERPRINT, *swept)
+    config = {k: flat[k] for k in sorted(flat) if not any(k == p or k.startswith(p + ".") for p in excluded)}
+    config.update(weights_fingerprint(pool))
     text = json.dumps({"config": config, "swept": sorted(swept)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-    lines = [f"  {k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} now" for k in keys[:limit]]
-    if len(keys) > limit:
-        lines.append(f"  ... and {len(keys) - limit} more")
-    return "\n".join(lines)
+    return config, hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def is_complete(path: Path, tasks: Sequence[str]) -> bool:
@@ -292,51 +242,36 @@ def is_complete(path: Path, tasks: Sequence[str]) -> bool:
     return True
 
 
-SWEEP_FILES = ("table.md", "table.csv", "plot.png", "config.yaml", tables.SELECTION, tables.MANIFEST)
-"""The files of a sweep folder beside its points' reports and criterion files."""
-
-
-def _old_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest an earlier sweep left in ``folder``: readable JSON with a fingerprint and point
-    names that stay inside the folder, else ``BadData`` saying it is damaged (naming it)."""
-    path = folder / tables.MANIFEST
-    fix = "so the results in the folder cannot be matched to a config."
-    old = tables.read_json(path, "The sweep manifest", fix)
-    if not (isinstance(old, dict) and isinstance(old.get("fingerprint"), str) and isinstance(old.get("points", {}), dict)
-            and isinstance(old.get("config", {}), dict)):
-        raise BadData(f"The sweep manifest {str(path)!r} is damaged (no fingerprint or points); {fix}")
-    for name in old.get("points", {}):
-        tables.inside(folder, f"{name}.json", f"The sweep manifest {str(path)!r}")
-    return old
-
-
-def _links_out(folder: Path, names: Sequence[str]) -> None:
-    """Refuse a file of the sweep folder that is a link leading out of it (reading a report through
-    it would read elsewhere)."""
-    for name in names:
-        if (folder / name).is_symlink():
-            tables.inside(folder, name, f"The sweep folder {str(folder)!r}")
-
-
 def prepare_folder(folder: Path, manifest: dict[str, Any], points: Sequence[Point], overwrite: bool) -> None:
     """Check that ``folder`` holds nothing but this sweep's results (or clear it with ``overwrite``),
-    then write the manifest. Raises ``FileExistsError`` naming the differences (or the damaged
-    manifest) otherwise. ``folder`` must not be a link, nor hold links out of it."""
+    then write the manifest; else ``FileExistsError`` naming the differences (or the damaged manifest).
+    ``folder`` must not be a link, nor hold links out of it (reading a report through one would read elsewhere)."""
     tables.check_output_folder(folder, "sweep output folder (--output_dir)")
     path = folder / tables.MANIFEST
     names = {f"{p.name}.json" for p in points}
-    _links_out(folder, [*sorted(names), *(n.replace(".json", tables.CRITERION_SUFFIX) for n in sorted(names)), *SWEEP_FILES])
+    for name in [*sorted(names), *(n.replace(".json", tables.CRITERION_SUFFIX) for n in sorted(names)), *SWEEP_FILES]:
+        if (folder / name).is_symlink():
+            tables.inside(folder, name, f"The sweep folder {str(folder)!r}")
     conflict = None
     if path.is_file():
-        try:
-            old = _old_manifest(folder)
+        fix = "so the results in the folder cannot be matched to a config."
+        try:  # the manifest an earlier sweep left: damaged if not JSON, without a fingerprint, or leaving the folder
+            old = tables.read_json(path, "The sweep manifest", fix)
+            if not (isinstance(old, dict) and isinstance(old.get("fingerprint"), str)
+                    and isinstance(old.get("points", {}), dict) and isinstance(old.get("config", {}), dict)):
+                raise BadData(f"The sweep manifest {str(path)!r} is damaged (no fingerprint or points); {fix}")
+            for name in old.get("points", {}):
+                tables.inside(folder, f"{name}.json", f"The sweep manifest {str(path)!r}")
         except BadData as error:
             old, conflict = {}, str(error)
         if conflict is None and old.get("fingerprint") != manifest["fingerprint"]:
-            conflict = f"{folder} holds a sweep of another config:\n" + _differences(
-                {"sweep keys": old.get("grid_keys"), **(old.get("config") or {})},
-                {"sweep keys": manifest["grid_keys"], **manifest["config"]},
-            )
+            there = {"sweep keys": old.get("grid_keys"), **(old.get("config") or {})}
+            now = {"sweep keys": manifest["grid_keys"], **manifest["config"]}
+            keys = sorted(k for k in set(there) | set(now) if there.get(k, "<unset>") != now.get(k, "<unset>"))
+            lines = [f"  {k}: {there.get(k, '<unset>')!r} there, {now.get(k, '<unset>')!r} now" for k in keys[:6]]
+            if len(keys) > 6:
+                lines.append(f"  ... and {len(keys) - 6} more")
+            conflict = f"{folder} holds a sweep of another config:\n" + "\n".join(lines)
             names |= {f"{n}.json" for n in old.get("points", {})}
     else:
         reports = sorted(n for n in names if (folder / n).exists())
