@@ -30,8 +30,9 @@ def content_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, elsewhere: str = "another cache folder") -> Path:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half; a failure
+    is ``NotWritable`` advising to free space or choose ``elsewhere``."""
     path = Path(path)
     tmp = None
     try:
@@ -48,7 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if not isinstance(error, OSError):
             raise
         reason = os.strerror(error.errno) if error.errno else str(error)
-        raise NotWritable(f"Cannot write {str(path)!r}: {reason}. Free space or choose another cache folder.") from None
+        raise NotWritable(f"Cannot write {str(path)!r}: {reason}. Free space or choose {elsewhere}.") from None
     return path
 
 

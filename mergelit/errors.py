@@ -6,6 +6,9 @@ and keeps it. Each class also subclasses the built-in a caller expects (``ValueE
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 
 class MergelitError(ValueError):
     """A user mistake: a bad config value, model, data folder or method argument."""
@@ -43,6 +46,11 @@ class MergeFailed(MergelitError):
 
 
 # ---- argument checks shared by every method ---------------------------------------------------
+def is_number(value: Any, finite: bool = False) -> bool:
+    """``value`` is an int or float, not a bool (and with ``finite``, not NaN/inf): what a report or config may hold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (not finite or math.isfinite(value))
+
+
 def check_number(
     value: float, name: str, low: float | None = None, high: float | None = None,
     low_open: bool = False, high_open: bool = False,

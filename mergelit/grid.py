@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from mergelit import tables
-from mergelit.errors import BadData
+from mergelit.errors import BadData, is_number
 from mergelit.report import atomic_write_text
 
 # The sweep's base config needs *a* model even when the grid lists whole methods (``model: [...]``);
@@ -94,10 +94,6 @@ class Point:
     def cli_args(self) -> list[str]:
         """``--KEY=VALUE`` flags, as a user (or ``wandb agent``) would append them to ``mergelit test``."""
         return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in self.overrides.items()]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def plain(value: Any) -> Any:
@@ -195,7 +191,7 @@ def check_grid(grid: dict[str, list[Any]], config) -> None:
         if not isinstance(values, list) or not values:
             raise ValueError(f"sweep.grid[{key!r}] is {values!r}: give a non-empty list of values.")
         current = config.get(key)
-        bad = [v for v in values if not _is_number(v)] if _is_number(current) else []
+        bad = [v for v in values if not is_number(v)] if is_number(current) else []
         if bad:
             raise ValueError(
                 f"sweep.grid[{key!r}] must list numbers ({key} is {current!r} in the config), "

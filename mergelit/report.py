@@ -56,10 +56,7 @@ def make_report(per_task: Mapping[str, Mapping[str, float]], extra: Mapping[str,
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    try:
-        return atomic_write_bytes(path, text.encode())
-    except NotWritable as error:  # the cache's message advises another cache folder; this is an output
-        raise NotWritable(str(error).replace("another cache folder", "another output path")) from None
+    return atomic_write_bytes(path, text.encode(), elsewhere="another output path")
 
 
 def write_report(report: Report, path: str | os.PathLike) -> Path:

@@ -9,7 +9,6 @@ files and writes ``selection.json``, never rewriting a report.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from mergelit.errors import BadData
+from mergelit.errors import BadData, is_number
 from mergelit.glue import GLUEDataModule, rows_hash
 from mergelit.methods.base import MergeMethod
 from mergelit.methods.individual import Individual
@@ -125,10 +124,6 @@ def criterion_path(report_path: Path) -> Path:
     return report_path.with_name(report_path.name.removesuffix(".json") + CRITERION_SUFFIX)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def read_criterion(report_path: Path, select_on: str, dev: Mapping[str, Any], rescore: bool = False) -> Optional[dict[str, Any]]:
     """The point's stored criterion, or None when missing or computed for another criterion or dev rows;
     a damaged file is ``BadData`` naming it, unless ``rescore`` (a resuming sweep warns and scores again)."""
@@ -140,8 +135,9 @@ def read_criterion(report_path: Path, select_on: str, dev: Mapping[str, Any], re
         inside(path.parent, path.name, f"The sweep folder {str(path.parent)!r}")
         scored = read_json(path, "The criterion file", fix)
         per_task = scored.get("per_task") if isinstance(scored, dict) else None
-        if not (isinstance(scored.get("select_on") if isinstance(scored, dict) else None, str) and _finite(scored.get("value"))
-                and isinstance(per_task, dict) and per_task and all(_finite(v) for v in per_task.values())
+        select_on = scored.get("select_on") if isinstance(scored, dict) else None
+        if not (isinstance(select_on, str) and is_number(scored.get("value"), finite=True)
+                and isinstance(per_task, dict) and per_task and all(is_number(v, finite=True) for v in per_task.values())
                 and isinstance(scored.get("dev_sha256"), str)):
             raise BadData(f"The criterion file {str(path)!r} is damaged (expected select_on, value, per_task and dev_sha256); {fix}")
     except BadData as error:

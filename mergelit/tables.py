@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from mergelit import uncertainty
 from mergelit.configfile import load_yaml
-from mergelit.errors import BadData, FileMissing, KeyMissing, NotWritable
+from mergelit.errors import BadData, FileMissing, KeyMissing, NotWritable, is_number
 from mergelit.metrics import binary_metric
 from mergelit.report import (EXTRA_ENTRIES, EXTRA_METRICS, NON_TASK_ENTRIES, PROTOCOL, Report, atomic_write_text,
                              make_report, read_predictions, read_report)
@@ -249,11 +249,7 @@ AVERAGE_TOLERANCE = 1e-9  # relative, of ``average`` against the mean of the rep
 
 
 def _number(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _finite_number(value: Any) -> bool:
-    return _number(value) is not None and math.isfinite(value)
+    return float(value) if is_number(value) else None
 
 
 def _check_entry(name: str, values: Any) -> None:
@@ -264,7 +260,7 @@ def _check_entry(name: str, values: Any) -> None:
         if metric not in values:
             raise BadData(f"the report's {name!r} entry has no {metric!r}")
     for metric, value in values.items():
-        if not _finite_number(value):
+        if not is_number(value, finite=True):
             raise BadData(f"the report's {name}.{metric} is {value!r:.60}, not a finite number")
         low, high = METRIC_BOUNDS.get(metric, (0.0, 1.0))
         if not low <= value <= high:
@@ -309,7 +305,7 @@ def _check_protocol(protocol: Any) -> None:
         if not isinstance(accuracy, dict):
             raise BadData("the report's protocol.uncertainty has no 'accuracy' mapping of intervals")
         for entry, pair in accuracy.items():
-            if not (isinstance(pair, list) and len(pair) == 2 and all(_finite_number(v) and 0 <= v <= 1 for v in pair)
+            if not (isinstance(pair, list) and len(pair) == 2 and all(is_number(v, finite=True) and 0 <= v <= 1 for v in pair)
                     and pair[0] <= pair[1]):
                 raise BadData(f"the report's protocol.uncertainty.accuracy.{entry} is {pair!r:.60}, not an interval "
                               f"[low, high] of fractions")
@@ -498,7 +494,7 @@ def read_selection(folder: Path, manifest: Optional[dict[str, Any]] = None) -> O
         if key in picked and not isinstance(picked[key], str):
             raise BadData(f"{where} is damaged (its {key!r} is {picked[key]!r:.40}); {fix}")
     criterion = picked.get("criterion", {})
-    if not isinstance(criterion, dict) or not all(_finite_number(v) for v in criterion.values()):
+    if not isinstance(criterion, dict) or not all(is_number(v, finite=True) for v in criterion.values()):
         raise BadData(f"{where} is damaged (its 'criterion' values are not numbers); {fix}")
     for group, info in picked["groups"].items():
         names = info.get("points") if isinstance(info, dict) else None
